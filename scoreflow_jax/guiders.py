@@ -1,0 +1,42 @@
+"""Guiders: how a conditional denoiser is combined with its unconditional twin."""
+import jax
+import jax.numpy as jnp
+
+
+def identity_guider(denoise_fn):
+  """sgm's IdentityGuider: ``guided(x, sigma, cond, uncond) = denoise_fn(x, sigma, cond)``."""
+
+  def guided(x, sigma, cond, uncond=None):
+    del uncond
+    return denoise_fn(x, sigma, cond)
+
+  return guided
+
+
+def vanilla_cfg(denoise_fn, scale):
+  """sgm's VanillaCFG: one denoiser call on the doubled batch.
+
+  The batch is ``[x, x]`` with conditioning ``[uncond, cond]`` (the
+  unconditional half first, as sgm's ``prepare_inputs`` concatenates
+  ``(uc[k], c[k])``); the result is ``x_u + scale * (x_c - x_u)``.
+  Every entry of ``cond`` must have a matching entry in ``uncond``.
+  """
+
+  def guided(x, sigma, cond, uncond):
+    missing = set(cond) - set(uncond)
+    if missing:
+      raise ValueError(f"uncond lacks the conditioning keys {sorted(missing)}; "
+                       "build it with GeneralConditioner.unconditional(...)")
+    x_in = jnp.concatenate([x, x], axis=0)
+    s_in = jnp.concatenate([sigma, sigma], axis=0)
+    c_in = {k: jnp.concatenate([uncond[k], cond[k]], axis=0) for k in cond}
+    out = denoise_fn(x_in, s_in, c_in)
+    x_u, x_c = jnp.split(out, 2, axis=0)
+    return x_u + scale * (x_c - x_u)
+
+  return guided
+
+
+def close_over(guided, cond, uncond=None):
+  """Binds conditioning: returns ``denoise_fn(x, sigma)`` for the samplers."""
+  return lambda x, sigma: guided(x, sigma, cond, uncond)
