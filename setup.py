@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         # TensorFlow is only needed for the TFDS data source; it is imported lazily.
-        "tfds": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16"],
-        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16"],
+        "tfds": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
+        "test": ["pytest>=8.0", "scipy", "tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
     },
 )

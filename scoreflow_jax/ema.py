@@ -12,11 +12,10 @@ def ema_update(shadow, params, num_updates, decay=0.9999):
   the parameters closely (d = 2/11 on the first update).
   """
   num_updates = num_updates + 1
-  n = jnp.asarray(num_updates, jnp.float32)
-  d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
   def update(s, p):
-    one_minus = (1.0 - d).astype(s.dtype)
-    return s - one_minus * (s - p)
+    n = jnp.asarray(num_updates, s.dtype)  # the decay in each leaf's precision
+    d = jnp.minimum(jnp.asarray(decay, s.dtype), (1.0 + n) / (10.0 + n))
+    return s - (1.0 - d) * (s - p)
 
   return jax.tree.map(update, shadow, params), num_updates

@@ -1,0 +1,103 @@
+"""Conditioning: sgm's ClassEmbedder inside a GeneralConditioner.
+
+Each embedder turns one batch entry (``input_key``) into an embedding; the
+output's rank picks the key it is collected under ("vector" for 2-D,
+"crossattn" for 3-D, "concat" for 4-D/5-D) and embeddings sharing a key are
+concatenated (vector/concat on axis 1, crossattn on axis 2), exactly as
+sgm's ``GeneralConditioner``.
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+OUTPUT_DIM2KEYS = {2: "vector", 3: "crossattn", 4: "concat", 5: "concat"}
+KEY2CATDIM = {"vector": 1, "crossattn": 2, "concat": 1}
+
+
+class ClassEmbedder(nn.Module):
+  """sgm's ClassEmbedder: a trainable table ``(n_classes, embed_dim)``.
+
+  Returns (B, embed_dim), or (B, 1, embed_dim) with ``add_sequence_dim`` (then
+  it lands in "crossattn"). The table is initialised N(0, 1) like
+  ``torch.nn.Embedding``. sgm's own ``get_unconditional_conditioning`` for
+  this class uses label ``n_classes - 1`` as "unconditional" (a quirk: for
+  MNIST that is the digit 9); sgm's MNIST sampling instead zeroes the
+  embedding (``force_uc_zero_embeddings=["cls"]``), which is what
+  :meth:`GeneralConditioner.unconditional` does.
+  """
+  embed_dim: int
+  n_classes: int = 1000
+  add_sequence_dim: bool = False
+
+  @nn.compact
+  def __call__(self, c):
+    emb = nn.Embed(self.n_classes, self.embed_dim,
+                   embedding_init=nn.initializers.normal(1.0),
+                   name="embedding")(c)
+    if self.add_sequence_dim:
+      emb = emb[:, None, :]
+    return emb
+
+
+class GeneralConditioner(nn.Module):
+  """Runs each embedder on ``batch[input_key]`` and collects the outputs.
+
+  Classifier-free-guidance dropout: each embedder with ``ucg_rate > 0``
+  multiplies each sample's embedding by Bernoulli(1 - ucg_rate), drawn from
+  ``key`` (folded with the embedder's index). Without ``key`` no dropout is
+  applied (evaluation). Embedders named in ``force_zero_embeddings`` (by their
+  input key) return zeros, sgm's ``force_zero_embeddings``.
+  """
+  embedders: Sequence[nn.Module]
+  input_keys: Sequence[str]
+  ucg_rates: Sequence[float]
+
+  def __call__(self, batch, key: Optional[jax.Array] = None,
+               force_zero_embeddings: Sequence[str] = ()):
+    if not len(self.embedders) == len(self.input_keys) == len(self.ucg_rates):
+      raise ValueError("embedders, input_keys and ucg_rates must have one entry "
+                       "per embedder")
+    output = {}
+    for i, (embedder, input_key, rate) in enumerate(
+        zip(self.embedders, self.input_keys, self.ucg_rates)):
+      if input_key not in batch:
+        raise KeyError(f"conditioner input {input_key!r} is missing from the "
+                       f"batch (keys: {sorted(batch)})")
+      emb = embedder(batch[input_key])
+      if emb.ndim not in OUTPUT_DIM2KEYS:
+        raise ValueError(f"embedder for {input_key!r} returned rank {emb.ndim}; "
+                         "expected 2 (vector), 3 (crossattn) or 4/5 (concat)")
+      out_key = OUTPUT_DIM2KEYS[emb.ndim]
+      if rate > 0.0 and key is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
+                                    (emb.shape[0],))
+        emb = keep.astype(emb.dtype).reshape((-1,) + (1,) * (emb.ndim - 1)) * emb
+      if input_key in force_zero_embeddings:
+        emb = jnp.zeros_like(emb)
+      if out_key in output:
+        output[out_key] = jnp.concatenate([output[out_key], emb],
+                                          axis=KEY2CATDIM[out_key])
+      else:
+        output[out_key] = emb
+    return output
+
+  def unconditional(self, batch_c, batch_uc=None,
+                    force_uc_zero_embeddings: Sequence[str] = (),
+                    force_cond_zero_embeddings: Sequence[str] = ()):
+    """sgm's ``get_unconditional_conditioning``: ``(c, uc)`` without dropout."""
+    c = self(batch_c, None, force_cond_zero_embeddings)
+    uc = self(batch_c if batch_uc is None else batch_uc, None,
+              force_uc_zero_embeddings)
+    return c, uc
+
+
+def class_conditioner(embed_dim: int, n_classes: int, ucg_rate: float,
+                      input_key: str = "cls", add_sequence_dim: bool = False):
+  """The MNIST/CIFAR conditioner: one ClassEmbedder reading ``batch["cls"]``."""
+  if not 0.0 <= ucg_rate < 1.0:
+    raise ValueError(f"ucg_rate must be in [0, 1), got {ucg_rate}")
+  return GeneralConditioner(
+      embedders=(ClassEmbedder(embed_dim, n_classes, add_sequence_dim),),
+      input_keys=(input_key,), ucg_rates=(ucg_rate,))

@@ -1,0 +1,183 @@
+"""ScoreFlowNetwork: a denoiser that is the exact gradient of a flow energy.
+
+A coupling flow maps h = [u_flat, sigma_emb, class_emb] to z and defines the
+energy phi(u) = -||z||^2, u = c_in * x_noisy. Scores are ``jax.grad`` of the
+summed energy (per-sample exact, since no layer mixes samples). Two ways to
+turn the score into the network output F (the Denoiser then returns
+D = c_skip x + c_out F):
+
+* ``"seed"`` (the reference design): score = d phi / d x_noisy = c_in grad_u phi,
+  optionally refined by a score head MLP(score, sigma_emb, class_emb);
+  x0 = x_noisy + sigma^2 score and F = (x0 - c_skip x_noisy) / c_out, so the
+  Denoiser gives back x0. This multiplies the network by sigma^2 / c_out and
+  undoes EDM's preconditioning; it trains poorly.
+* ``"preconditioned"`` (default): F = grad_u phi(u), so
+  D = c_skip x + c_out grad_u phi(c_in x). D is still x + sigma^2 grad_x E for
+  the energy E(x) = -(1 - c_skip)|x|^2 / (2 sigma^2)
+  + c_out / (sigma^2 c_in) phi(c_in x), which :meth:`energy` returns.
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scoreflow_jax.edm import append_dims, edm_scaling
+from scoreflow_jax.flows import CouplingFlow, get_activation
+
+PARAMETERIZATIONS = ("preconditioned", "seed")
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """sgm's sinusoidal embedding: [cos(t f), sin(t f)], f_k = max_period^(-k/half).
+
+  t: (B,) -> (B, dim); an odd ``dim`` gets one zero column, as in sgm.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
+  args = t[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class EmbedMLP(nn.Module):
+  """Dense(hidden) -> act -> Dense(out): sgm's time_embed / label_emb blocks."""
+  hidden: int
+  out: int
+  activation: str = "silu"
+
+  @nn.compact
+  def __call__(self, x):
+    h = get_activation(self.activation)(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.out)(h)
+
+
+class ScoreHead(nn.Module):
+  """The reference design's score_enhanced MLP: [score, context] -> score."""
+  hidden: int
+  activation: str = "softplus"
+
+  @nn.compact
+  def __call__(self, h, out_features: int):
+    h = get_activation(self.activation)(nn.Dense(self.hidden)(h))
+    return nn.Dense(out_features)(h)
+
+
+class ScoreFlowNetwork(nn.Module):
+  """The reference design's ScoreFlowNetwork, in sgm's network signature.
+
+  Attributes:
+    in_channels: image channels (1 for MNIST, 3 for CIFAR, 4 for SD latents).
+    model_channels: width of the embeddings and coupling MLPs.
+    n_flows: number of affine coupling layers.
+    activation: smooth activation of the coupling MLPs and the score head.
+    num_classes: if not None, ``cond["vector"]`` is embedded (label_emb).
+    sigma_data: EDM's sigma_data, used to recover the scalings from c_noise.
+    parameterization: "preconditioned" (default) or "seed" (see module doc).
+    score_head: "seed" only: refine the score with an MLP (reference design);
+      it makes D non-conservative, so :meth:`score` ignores it.
+    dtype: matmul dtype of the coupling networks (bfloat16 for mixed
+      precision); parameters and the energy stay in the input's dtype.
+  """
+  in_channels: int = 1
+  model_channels: int = 128
+  n_flows: int = 3
+  activation: str = "softplus"
+  num_classes: Optional[int] = 10
+  sigma_data: float = 0.5
+  parameterization: str = "preconditioned"
+  score_head: bool = True
+  dtype: Optional[Any] = None
+
+  def setup(self):
+    if self.parameterization not in PARAMETERIZATIONS:
+      raise ValueError(f"unknown parameterization {self.parameterization!r}; "
+                       f"choose one of {PARAMETERIZATIONS}")
+    if self.sigma_data <= 0:
+      raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+    if self.n_flows < 1:
+      raise ValueError(f"n_flows must be >= 1, got {self.n_flows}")
+    get_activation(self.activation)
+    mc = self.model_channels
+    self.time_embed = EmbedMLP(4 * mc, mc, "silu")
+    if self.num_classes is not None:
+      self.label_emb = EmbedMLP(4 * mc, mc, "silu")
+    self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype)
+    if self.parameterization == "seed" and self.score_head:
+      self.head = ScoreHead(4 * mc, self.activation)
+
+  def _context(self, c_noise, cond):
+    """[sigma_emb, class_emb], (B, 2 mc) (or (B, mc) without classes)."""
+    embs = [self.time_embed(timestep_embedding(c_noise, self.model_channels))]
+    if self.num_classes is not None:
+      if cond is None or "vector" not in cond:
+        raise ValueError("ScoreFlowNetwork(num_classes != None) needs "
+                         "cond['vector'] from the conditioner")
+      embs.append(self.label_emb(cond["vector"]))
+    return jnp.concatenate(embs, axis=-1)
+
+  def _phi_and_grad(self, u, context):
+    """phi(u) = -||flow([u_flat, context])||^2 (B,) and grad_u phi (u's shape)."""
+    def summed_phi(flow, u_flat):
+      z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
+      phi = -jnp.sum(z**2, axis=-1)
+      return jnp.sum(phi), phi
+
+    u_flat = u.reshape(u.shape[0], -1)
+    (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u_flat,
+                                       has_aux=True)
+    return phi, grad[0].reshape(u.shape)
+
+  def __call__(self, x_in, c_noise, cond):
+    """sgm network call: x_in = c_in x_noisy (B, ...), c_noise (B,) -> F."""
+    context = self._context(c_noise, cond)
+    _, grad_u = self._phi_and_grad(x_in, context)
+    if self.parameterization == "preconditioned":
+      return grad_u
+    sigma = jnp.exp(c_noise / 0.25)
+    c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim),
+                                         self.sigma_data)
+    score = c_in * grad_u
+    if self.score_head:
+      flat = score.reshape(score.shape[0], -1)
+      flat = self.head(jnp.concatenate([flat, context], -1), flat.shape[-1])
+      score = flat.reshape(score.shape)
+    x_noisy = x_in / c_in
+    x0 = x_noisy + append_dims(sigma, x_in.ndim) ** 2 * score
+    return (x0 - x_noisy * c_skip) / c_out
+
+  def _scalings(self, x_noisy, sigma):
+    return edm_scaling(append_dims(sigma, x_noisy.ndim), self.sigma_data)
+
+  def energy(self, x_noisy, sigma, cond):
+    """The energy whose x-gradient is :meth:`score`, per sample (B,).
+
+    "seed": phi(c_in x). "preconditioned": -(1 - c_skip)|x|^2 / (2 sigma^2)
+    + c_out / (sigma^2 c_in) phi(c_in x), so that the denoiser is exactly
+    x + sigma^2 grad_x E.
+    """
+    c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
+    context = self._context(c_noise.reshape(sigma.shape), cond)
+    u = c_in * x_noisy
+    z, _ = self.flow.forward_and_log_det(
+        jnp.concatenate([u.reshape(u.shape[0], -1), context], -1))
+    phi = -jnp.sum(z**2, axis=-1)
+    if self.parameterization == "seed":
+      return phi
+    flat = lambda a: a.reshape(a.shape[0], -1)[:, 0]
+    sq = jnp.sum(x_noisy.reshape(x_noisy.shape[0], -1) ** 2, axis=-1)
+    return (-(1.0 - flat(c_skip)) * sq / (2.0 * sigma**2)
+            + flat(c_out) / (sigma**2 * flat(c_in)) * phi)
+
+  def score(self, x_noisy, sigma, cond):
+    """grad_x energy(x, sigma, cond), exact (jax.grad, no score head)."""
+    c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
+    context = self._context(c_noise.reshape(sigma.shape), cond)
+    _, grad_u = self._phi_and_grad(c_in * x_noisy, context)
+    if self.parameterization == "seed":
+      return c_in * grad_u
+    sigma_b = append_dims(sigma, x_noisy.ndim)
+    return (c_skip * x_noisy + c_out * grad_u - x_noisy) / sigma_b**2

@@ -1,0 +1,72 @@
+"""GeneralConditioner + ClassEmbedder: routing, concatenation, CFG dropout."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoreflow_jax import conditioner as cm
+
+
+def test_class_embedder_to_vector_and_table_lookup():
+  cond = cm.class_conditioner(embed_dim=6, n_classes=10, ucg_rate=0.0)
+  batch = {"cls": jnp.asarray([3, 0, 3])}
+  params = cond.init(jax.random.key(0), batch)
+  out = cond.apply(params, batch)
+  assert set(out) == {"vector"}
+  assert out["vector"].shape == (3, 6)
+  table = params["params"]["embedders_0"]["embedding"]["embedding"]
+  np.testing.assert_array_equal(out["vector"], table[np.array([3, 0, 3])])
+  # N(0, 1) init like torch.nn.Embedding
+  assert 0.7 < float(jnp.std(table)) < 1.3
+
+
+def test_keys_by_rank_and_concatenation():
+  cond = cm.GeneralConditioner(
+      embedders=(cm.ClassEmbedder(4, 5), cm.ClassEmbedder(3, 5),
+                 cm.ClassEmbedder(2, 5, add_sequence_dim=True),
+                 cm.ClassEmbedder(5, 5, add_sequence_dim=True)),
+      input_keys=("a", "b", "a", "b"), ucg_rates=(0.0, 0.0, 0.0, 0.0))
+  batch = {"a": jnp.asarray([1, 2]), "b": jnp.asarray([0, 4])}
+  params = cond.init(jax.random.key(0), batch)
+  out = cond.apply(params, batch)
+  assert out["vector"].shape == (2, 7)       # concatenated on axis 1
+  assert out["crossattn"].shape == (2, 1, 7)  # concatenated on axis 2
+  t0 = params["params"]["embedders_0"]["embedding"]["embedding"]
+  t1 = params["params"]["embedders_1"]["embedding"]["embedding"]
+  np.testing.assert_array_equal(out["vector"][:, :4], t0[np.array([1, 2])])
+  np.testing.assert_array_equal(out["vector"][:, 4:], t1[np.array([0, 4])])
+
+
+def test_ucg_dropout_rate_and_whole_sample():
+  cond = cm.class_conditioner(embed_dim=8, n_classes=10, ucg_rate=0.2)
+  n = 20000
+  batch = {"cls": jnp.asarray(np.arange(n) % 10)}
+  params = cond.init(jax.random.key(0), batch)
+  out = cond.apply(params, batch, key=jax.random.key(1))["vector"]
+  zero_rows = np.all(np.asarray(out) == 0, axis=1)
+  nonzero_entries = np.any(np.asarray(out) == 0, axis=1)
+  np.testing.assert_array_equal(zero_rows, nonzero_entries)  # all-or-nothing per sample
+  assert abs(zero_rows.mean() - 0.2) < 0.015  # 5 sigma of a Binomial(20000, .2)
+  # different keys drop different samples; no key means no dropout
+  out2 = cond.apply(params, batch, key=jax.random.key(2))["vector"]
+  assert not np.array_equal(np.all(np.asarray(out2) == 0, 1), zero_rows)
+  assert not np.any(np.all(np.asarray(cond.apply(params, batch)["vector"]) == 0, 1))
+
+
+def test_unconditional_zero_embeddings():
+  cond = cm.class_conditioner(embed_dim=4, n_classes=10, ucg_rate=0.5)
+  batch = {"cls": jnp.asarray([1, 2, 3])}
+  params = cond.init(jax.random.key(0), batch)
+  c, uc = cond.apply(params, batch, force_uc_zero_embeddings=("cls",),
+                     method="unconditional")
+  np.testing.assert_array_equal(uc["vector"], 0.0)
+  assert np.all(np.any(np.asarray(c["vector"]) != 0, axis=1))  # no dropout in c
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="ucg_rate"):
+    cm.class_conditioner(4, 10, 1.5)
+  cond = cm.class_conditioner(4, 10, 0.0)
+  with pytest.raises(KeyError, match="cls"):
+    cond.init(jax.random.key(0), {"label": jnp.zeros(2, jnp.int32)})

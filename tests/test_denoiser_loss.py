@@ -1,0 +1,81 @@
+"""Denoiser preconditioning and the per-sample EDM loss."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoreflow_jax import denoiser, edm, loss
+
+
+def _np_scalings(s, sd):
+  return (sd**2 / (s**2 + sd**2), s * sd / np.sqrt(s**2 + sd**2),
+          1 / np.sqrt(s**2 + sd**2), 0.25 * np.log(s))
+
+
+class DenoiserLossTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_denoise_any_layout(self):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(0)
+      for shape in [(3, 4, 5, 2), (3, 7), (3, 2, 3, 4, 5)]:
+        x = rng.normal(size=shape)
+        sigma = np.array([0.01, 0.9, 30.0])
+        w = rng.normal(size=shape[1:])
+        seen = {}
+
+        def net(x_in, c_noise, cond):
+          seen["c_noise_shape"] = c_noise.shape
+          bshape = (-1,) + (1,) * (x_in.ndim - 1)
+          return jnp.tanh(x_in * w) + c_noise.reshape(bshape) * cond["k"]
+
+        out = self.variant(lambda x, s: denoiser.denoise(net, x, s, {"k": 2.0}, 0.6))(
+            jnp.asarray(x), jnp.asarray(sigma))
+        s = sigma.reshape((-1,) + (1,) * (len(shape) - 1))
+        c_skip, c_out, c_in, c_noise = _np_scalings(s, 0.6)
+        ref = (np.tanh(x * c_in * w) + c_noise * 2.0) * c_out + x * c_skip
+        np.testing.assert_allclose(out, ref, rtol=1e-12)
+        self.assertEqual(seen["c_noise_shape"], (3,))
+        self.assertEqual(out.dtype, jnp.float64)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_loss_per_sample_l2_l1(self):
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(1)
+      x0 = rng.normal(size=(4, 3, 3, 2))
+      noise = rng.normal(size=x0.shape)
+      sigma = np.array([0.05, 0.5, 2.0, 20.0])
+      den = lambda x, s: 0.3 * x + jnp.reshape(s, (-1, 1, 1, 1))
+      for loss_type in ("l2", "l1"):
+        got = self.variant(lambda a, b, c: loss.diffusion_loss(
+            den, a, b, c, loss_type, 0.5))(x0, sigma, noise)
+        s = sigma.reshape(-1, 1, 1, 1)
+        d = 0.3 * (x0 + s * noise) + s
+        w = (s**2 + 0.25) / (s * 0.5) ** 2
+        err = (d - x0) ** 2 if loss_type == "l2" else np.abs(d - x0)
+        ref = (w * err).reshape(4, -1).mean(1)
+        self.assertEqual(got.shape, (4,))
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+  def test_bad_loss_type(self):
+    with pytest.raises(ValueError, match="loss_type"):
+      loss.diffusion_loss(lambda x, s: x, jnp.zeros((1, 2)), jnp.ones(1),
+                          jnp.zeros((1, 2)), "l3")
+
+  def test_sample_and_loss_draws_from_key(self):
+    x0 = jnp.ones((8, 2, 2, 1))
+    l1, s1 = loss.sample_and_loss(lambda x, s: x * 0, x0, jax.random.key(3))
+    l2, s2 = loss.sample_and_loss(lambda x, s: x * 0, x0, jax.random.key(3))
+    l3, _ = loss.sample_and_loss(lambda x, s: x * 0, x0, jax.random.key(4))
+    chex.assert_trees_all_close((l1, s1), (l2, s2))
+    self.assertFalse(np.allclose(l1, l3))
+    # D = 0 gives loss w(sigma) * mean(x0^2) = w(sigma) exactly.
+    np.testing.assert_allclose(l1, edm.edm_weighting(s1), rtol=1e-6)
+
+  def test_optimal_denoiser_of_a_point_mass_has_zero_loss(self):
+    # For data concentrated at x0 = c, the ideal denoiser returns c.
+    x0 = jnp.full((5, 3), 0.7)
+    per, _ = loss.sample_and_loss(lambda x, s: jnp.full_like(x, 0.7), x0,
+                                  jax.random.key(0))
+    np.testing.assert_allclose(per, 0.0, atol=1e-12)

@@ -1,0 +1,430 @@
+"""Tests for scoreflow_jax.samplers: sgm's sampling loops, as pure JAX functions.
+
+Every test runs with 64-bit JAX switched on through ``jax.enable_x64`` in
+``setUp``; the context is left at tearDown, so the flag does not leak into
+other test modules.
+"""
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+from scipy import integrate
+
+from scoreflow_jax import samplers
+
+SHAPE = (2, 4, 4, 1)  # (B, H, W, C)
+DATA_STD = 0.7
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def _data_mean(xp):
+  return xp.linspace(-1.0, 1.0, 16).reshape(1, 4, 4, 1)
+
+
+def gaussian_denoiser(x, sigma, xp=jnp):
+  """Exact denoiser E[x_0 | x] for data N(mu, s^2 I): mu + s^2/(s^2 + sigma^2) (x - mu)."""
+  mu = _data_mean(xp)
+  c = DATA_STD**2 / (DATA_STD**2 + sigma**2)
+  return mu + c.reshape((-1,) + (1,) * (x.ndim - 1)) * (x - mu)
+
+
+def wiggly_denoiser(x, sigma, xp=jnp):
+  """A nonlinear, sigma-dependent denoiser, so that references test more than linear maps."""
+  sig = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+  return gaussian_denoiser(x, sigma, xp) + 0.3 * xp.tanh(x) * sig / (1.0 + sig)
+
+
+def checked(denoise_fn, batch, dtype):
+  """Wraps ``denoise_fn`` to check, at trace time, sigma's shape (B,) and dtype."""
+
+  def fn(x, sigma):
+    assert sigma.shape == (batch,), sigma.shape
+    assert sigma.dtype == dtype, sigma.dtype
+    assert x.dtype == dtype, x.dtype
+    return denoise_fn(x, sigma)
+
+  return fn
+
+
+# A step-by-step numpy float64 transcription of sgm's sampling.py, kept as
+# plain as the original: Python loops, scalar sigmas, scipy quad for LMS.
+
+
+def np_schedule(num_steps):
+  ramp = np.linspace(0, 1, num_steps)
+  min_inv_rho = SIGMA_MIN ** (1 / RHO)
+  max_inv_rho = SIGMA_MAX ** (1 / RHO)
+  sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** RHO
+  return np.append(sigmas, 0.0)
+
+
+def np_get_ancestral_step(sigma_from, sigma_to, eta):
+  if not eta:
+    return sigma_to, 0.0
+  sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2)
+                                  / sigma_from**2) ** 0.5)
+  sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+  return sigma_down, sigma_up
+
+
+def np_linear_multistep_coeff(order, t, i, j):
+  def fn(tau):
+    prod = 1.0
+    for k in range(order):
+      if j == k:
+        continue
+      prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+    return prod
+
+  return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+
+
+def np_sample(name, denoiser, z, num_steps, noise=(), **options):
+  """sgm's ``sampler(denoiser, z, ...)`` in numpy; ``noise`` supplies randn_like."""
+  z = np.asarray(z, np.float64)
+  draws = iter(np.asarray(noise, np.float64))
+  den = lambda x, sigma: np.asarray(denoiser(x, np.full(z.shape[:1], sigma), np))
+  sigmas = np_schedule(num_steps)
+  x = z * np.sqrt(1.0 + sigmas[0] ** 2.0)
+  s_noise = options.get("s_noise", 1.0)
+  eta = options.get("eta", 1.0)
+  old_denoised, ds = None, []
+  for i in range(num_steps):
+    sigma, next_sigma = sigmas[i], sigmas[i + 1]
+    if name in ("euler_edm", "heun_edm"):
+      s_churn = options.get("s_churn", 0.0)
+      s_tmin = options.get("s_tmin", 0.0)
+      s_tmax = options.get("s_tmax", float("inf"))
+      gamma = (min(s_churn / num_steps, 2**0.5 - 1)
+               if s_tmin <= sigma <= s_tmax else 0.0)
+      sigma_hat = sigma * (gamma + 1.0)
+      if gamma > 0:
+        eps = next(draws) * s_noise
+        x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
+      denoised = den(x, sigma_hat)
+      d = (x - denoised) / sigma_hat
+      dt = next_sigma - sigma_hat
+      euler_step = x + dt * d
+      if name == "euler_edm" or next_sigma < 1e-14:
+        x = euler_step
+      else:
+        d_new = (euler_step - den(euler_step, next_sigma)) / next_sigma
+        x = x + (d + d_new) / 2.0 * dt
+    elif name in ("euler_ancestral", "dpmpp_2s_ancestral"):
+      sigma_down, sigma_up = np_get_ancestral_step(sigma, next_sigma, eta)
+      denoised = den(x, sigma)
+      x_euler = x + (sigma_down - sigma) * (x - denoised) / sigma
+      if name == "euler_ancestral" or sigma_down < 1e-14:
+        x = x_euler
+      else:
+        t, t_next = -np.log(sigma), -np.log(sigma_down)
+        h = t_next - t
+        s = t + 0.5 * h
+        mult1, mult2 = np.exp(-s) / np.exp(-t), np.expm1(-0.5 * h)
+        mult3, mult4 = np.exp(-t_next) / np.exp(-t), np.expm1(-h)
+        x2 = mult1 * x - mult2 * denoised
+        x = mult3 * x - mult4 * den(x2, np.exp(-s))
+      eps = next(draws)
+      if next_sigma > 0:
+        x = x + eps * s_noise * sigma_up
+    elif name == "dpmpp_2m":
+      denoised = den(x, sigma)
+      if old_denoised is None or next_sigma < 1e-14:
+        x = denoised if next_sigma == 0 else (
+            next_sigma / sigma * x - np.expm1(np.log(next_sigma / sigma)) * denoised)
+      else:
+        t, t_next = -np.log(sigma), -np.log(next_sigma)
+        h = t_next - t
+        r = (t + np.log(sigmas[i - 1])) / h
+        denoised_d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
+        x = np.exp(-t_next) / np.exp(-t) * x - np.expm1(-h) * denoised_d
+      old_denoised = denoised
+    elif name == "lms":
+      order = options.get("order", 4)
+      ds.append((x - den(x, sigma)) / sigma)
+      if len(ds) > order:
+        ds.pop(0)
+      cur_order = min(i + 1, order)
+      coeffs = [np_linear_multistep_coeff(cur_order, sigmas, i, j)
+                for j in range(cur_order)]
+      x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+  assert next(draws, None) is None, "noise left unused"
+  return x
+
+
+def pf_ode_endpoints(z):
+  """Exact PF-ODE solution for Gaussian data, started at sgm's x_T = z sqrt(1 + sigma_max^2).
+
+  x(sigma) = mu + (x_T - mu) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2).
+  Returns ``(x(0), D(x(sigma_min), sigma_min))``: the first is the ODE's end;
+  the second is what an exact integration to sigma_min followed by sgm's final
+  Euler jump to 0 (which returns D) gives. They differ by ~1e-5 relative
+  (the final jump has the fixed size sigma_min whatever num_steps is).
+  """
+  z = np.asarray(z, np.float64)
+  mu = _data_mean(np)
+  x_t = z * np.sqrt(1.0 + SIGMA_MAX**2)
+  scale = (x_t - mu) / np.sqrt(DATA_STD**2 + SIGMA_MAX**2)
+  x_0 = mu + scale * DATA_STD
+  x_min = mu + scale * np.sqrt(DATA_STD**2 + SIGMA_MIN**2)
+  return x_0, gaussian_denoiser(x_min, np.full(z.shape[:1], SIGMA_MIN), np)
+
+
+def unit_noise(num_draws, seed=0):
+  return np.random.default_rng(seed).standard_normal((num_draws,) + SHAPE)
+
+
+class X64TestCase(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.enable_x64(True))
+    self.z = jax.random.normal(jax.random.PRNGKey(0), SHAPE, jnp.float64)
+
+  def run_sampler(self, name, denoiser, z, num_steps, noise=None, key=None,
+                  **options):
+    """Runs sampler ``name`` through ``self.variant`` (jit or not)."""
+    fn = functools.partial(samplers.get_sampler(name),
+                           checked(denoiser, z.shape[0], z.dtype),
+                           num_steps=num_steps, **options)
+    return self.variant(fn)(z, noise=noise, key=key)
+
+
+class ConvergenceTest(X64TestCase):
+  """Deterministic samplers converge to the exact PF-ODE solution for Gaussian data."""
+
+  STEPS = (25, 50, 100, 200)
+
+  def errors(self, name):
+    x_0, x_0_by_jump = pf_ode_endpoints(self.z)
+    # Euler, Heun and DPM++(2M) all end with the jump sigma_min -> 0 that
+    # returns D; LMS extrapolates over it, so it converges to x(0) itself.
+    reference = x_0 if name == "lms" else x_0_by_jump
+    return np.array([
+        np.abs(self.run_sampler(name, gaussian_denoiser, self.z, n) - reference).max()
+        for n in self.STEPS])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      # name, max error at 200 steps, convergence order range
+      ("euler_edm", 0.03, (0.9, 1.1)),
+      ("heun_edm", 7e-4, (1.9, 2.2)),
+      ("dpmpp_2m", 7e-4, (1.9, 2.3)),
+      ("lms", 2e-5, (3.0, 6.0)),
+  )
+  def test_converges_to_exact_solution(self, name, max_error, order_range):
+    errors = self.errors(name)
+    self.assertLess(errors[-1], max_error)
+    self.assertTrue(np.all(np.diff(errors) < 0), errors)
+    orders = np.log2(errors[1:] / errors[:-1] * -1 + 0 * errors[1:]) if False else (
+        np.log2(errors[:-1] / errors[1:]))
+    self.assertTrue(np.all((orders[1:] > order_range[0]) & (orders[1:] < order_range[1])),
+                    orders)
+
+  @chex.variants(with_jit=True)
+  def test_heun_beats_euler_at_equal_steps(self):
+    euler, heun = self.errors("euler_edm"), self.errors("heun_edm")
+    self.assertTrue(np.all(heun * 20 < euler), (heun, euler))
+
+
+class ReferenceTest(X64TestCase):
+  """Each sampler matches a numpy float64 transcription of sgm, step by step."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("euler_churn", "euler_edm", 10, dict(s_churn=6.0, s_tmin=0.05, s_tmax=20.0,
+                                            s_noise=1.007)),
+      ("euler_churn_last_step", "euler_edm", 6, dict(s_churn=1.0, s_noise=0.9)),
+      ("heun_churn", "heun_edm", 10, dict(s_churn=6.0, s_tmin=0.05, s_tmax=20.0,
+                                          s_noise=1.007)),
+      ("heun_churn_last_step", "heun_edm", 6, dict(s_churn=40.0)),
+      ("heun_no_churn", "heun_edm", 7, dict()),
+      ("euler_ancestral", "euler_ancestral", 9, dict()),
+      ("euler_ancestral_eta", "euler_ancestral", 9, dict(eta=0.6, s_noise=0.9)),
+      ("euler_ancestral_eta0", "euler_ancestral", 5, dict(eta=0.0)),
+      ("dpmpp_2s", "dpmpp_2s_ancestral", 9, dict()),
+      ("dpmpp_2s_eta", "dpmpp_2s_ancestral", 9, dict(eta=0.5, s_noise=1.1)),
+      ("dpmpp_2s_eta_above_1", "dpmpp_2s_ancestral", 9, dict(eta=1.5)),
+      ("dpmpp_2s_one_step", "dpmpp_2s_ancestral", 1, dict()),
+      ("dpmpp_2m", "dpmpp_2m", 9, dict()),
+      ("dpmpp_2m_one_step", "dpmpp_2m", 1, dict()),
+      ("dpmpp_2m_two_steps", "dpmpp_2m", 2, dict()),
+      ("lms", "lms", 9, dict()),
+      ("lms_order2", "lms", 9, dict(order=2)),
+      ("lms_order1_is_euler", "lms", 9, dict(order=1)),
+  )
+  def test_matches_numpy_reference(self, name, num_steps, options):
+    num_draws = samplers.num_noise_draws(name, num_steps, **options)
+    noise = unit_noise(num_draws)
+    expected = np_sample(name, wiggly_denoiser, self.z, num_steps, noise, **options)
+    got = self.run_sampler(name, wiggly_denoiser, self.z, num_steps,
+                           noise=jnp.asarray(noise), **options)
+    self.assertEqual(got.dtype, jnp.float64)
+    # LMS: sgm's quad coefficients are exact for these low-degree polynomials
+    # too, so 1e-10 holds for all.
+    chex.assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-10)
+
+  def test_lms_order1_equals_euler(self):
+    lms = samplers.lms(gaussian_denoiser, self.z, num_steps=9, order=1)
+    euler = samplers.euler_edm(gaussian_denoiser, self.z, num_steps=9)
+    chex.assert_trees_all_close(lms, euler, rtol=1e-12, atol=1e-12)
+
+  @parameterized.parameters(("euler_edm", dict(s_churn=6.0, s_tmin=0.05, s_tmax=20.0)),
+                            ("dpmpp_2s_ancestral", dict()))
+  def test_key_gives_the_documented_draws(self, name, options):
+    key = jax.random.PRNGKey(3)
+    num_draws = samplers.num_noise_draws(name, 10, **options)
+    noise = jax.vmap(lambda k: jax.random.normal(k, SHAPE, jnp.float64))(
+        jax.random.split(key, num_draws))
+    sampler = functools.partial(samplers.get_sampler(name), wiggly_denoiser,
+                                num_steps=10, **options)
+    chex.assert_trees_all_close(sampler(self.z, key=key), sampler(self.z, noise=noise),
+                                rtol=1e-14, atol=1e-14)
+
+
+class LmsCoefficientsTest(parameterized.TestCase):
+
+  def test_matches_quad_and_integrates_constants(self):
+    sigmas = np_schedule(12)
+    table = samplers.lms_coefficients(sigmas, 4)
+    self.assertEqual(table.shape, (12, 4))
+    for i in range(12):
+      cur_order = min(i + 1, 4)
+      for j in range(4):
+        expected = (np_linear_multistep_coeff(cur_order, sigmas, i, j)
+                    if j < cur_order else 0.0)
+        np.testing.assert_allclose(table[i, j], expected, rtol=1e-12, atol=1e-15)
+    # The Lagrange basis sums to 1, so each row integrates to sigma_{i+1} - sigma_i.
+    np.testing.assert_allclose(table.sum(1), np.diff(sigmas), rtol=1e-12)
+
+
+class EvaluationCountTest(X64TestCase):
+  """denoise_fn is evaluated exactly as often as sgm evaluates it, and traced O(1) times."""
+
+  def count(self, name, num_steps, **options):
+    executed, traced = [0], [0]
+
+    def counted(x, sigma):
+      traced[0] += 1
+      jax.debug.callback(lambda: executed.__setitem__(0, executed[0] + 1),
+                         ordered=True)
+      return gaussian_denoiser(x, sigma)
+
+    fn = functools.partial(samplers.get_sampler(name), counted,
+                           num_steps=num_steps, **options)
+    jax.block_until_ready(self.variant(fn)(self.z, key=jax.random.PRNGKey(1)))
+    jax.effects_barrier()
+    return executed[0], traced[0]
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ("euler_edm", dict(), lambda n: n, 1),
+      ("euler_edm", dict(s_churn=5.0), lambda n: n, 1),
+      ("heun_edm", dict(), lambda n: 2 * n - 1, 2),
+      ("heun_edm", dict(s_churn=5.0), lambda n: 2 * n - 1, 2),
+      ("euler_ancestral", dict(), lambda n: n, 1),
+      ("dpmpp_2s_ancestral", dict(), lambda n: 2 * n - 1, 3),
+      ("dpmpp_2m", dict(), lambda n: n, 1),
+      ("lms", dict(), lambda n: n, 1),
+  )
+  def test_counts(self, name, options, expected, num_traces):
+    for num_steps in (1, 3, 12):
+      executed, traced = self.count(name, num_steps, **options)
+      self.assertEqual(executed, expected(num_steps))
+      if num_steps > 1:
+        self.assertEqual(traced, num_traces)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dpmpp_2s_skips_the_second_evaluation_where_sigma_down_is_zero(self):
+    sigmas = np_schedule(12)
+    sigma_down = np.array([np_get_ancestral_step(sigmas[i], sigmas[i + 1], 1.5)[0]
+                           for i in range(12)])
+    self.assertBetween(int((sigma_down > 0).sum()), 1, 10)  # some, not all, skip
+    executed, _ = self.count("dpmpp_2s_ancestral", 12, eta=1.5)
+    self.assertEqual(executed, 12 + int((sigma_down > 0).sum()))
+
+
+class PosteriorTest(chex.TestCase):
+
+  @parameterized.parameters("euler_ancestral", "dpmpp_2s_ancestral")
+  def test_samples_gaussian_data(self, name):
+    num_samples = 4096
+    mu = _data_mean(jnp)[:, :2, :2]  # (1, 2, 2, 1)
+
+    def denoiser(x, sigma):
+      c = DATA_STD**2 / (DATA_STD**2 + sigma**2)
+      return mu + c[:, None, None, None] * (x - mu)
+
+    z = jax.random.normal(jax.random.PRNGKey(5), (num_samples, 2, 2, 1))
+    sampler = jax.jit(functools.partial(samplers.get_sampler(name), denoiser,
+                                        num_steps=100))
+    x = sampler(z, key=jax.random.PRNGKey(6))
+    # 5 standard errors: mean s/sqrt(N) ~ 0.011, std s/sqrt(2N) ~ 0.0077.
+    np.testing.assert_allclose(x.mean(0), mu[0], atol=5 * DATA_STD / math.sqrt(num_samples))
+    np.testing.assert_allclose(x.std(0), DATA_STD,
+                               atol=5 * DATA_STD / math.sqrt(2 * num_samples))
+
+
+class ApiTest(X64TestCase):
+
+  def test_get_sampler(self):
+    self.assertIs(samplers.get_sampler("heun_edm"), samplers.heun_edm)
+    self.assertEqual(set(samplers.SAMPLERS), {"euler_edm", "heun_edm", "euler_ancestral",
+                                              "dpmpp_2s_ancestral", "dpmpp_2m", "lms"})
+    with self.assertRaisesRegex(ValueError, "unknown sampler 'euler'.*dpmpp_2m.*heun_edm"):
+      samplers.get_sampler("euler")
+
+  @parameterized.parameters(("euler_ancestral", dict()), ("dpmpp_2s_ancestral", dict()),
+                            ("euler_edm", dict(s_churn=1.0)), ("heun_edm", dict(s_churn=1.0)))
+  def test_stochastic_sampler_without_key_or_noise_raises(self, name, options):
+    with self.assertRaisesRegex(ValueError, "key.*noise"):
+      samplers.get_sampler(name)(gaussian_denoiser, self.z, num_steps=4, **options)
+
+  def test_deterministic_samplers_need_no_key(self):
+    for name in ("euler_edm", "heun_edm", "dpmpp_2m", "lms"):
+      x = samplers.get_sampler(name)(gaussian_denoiser, self.z, num_steps=3)
+      self.assertTrue(np.all(np.isfinite(x)))
+      self.assertEqual(samplers.num_noise_draws(name, 3), 0)
+
+  def test_num_noise_draws(self):
+    sigmas = np_schedule(20)[:-1]
+    inside = int(((sigmas >= 0.05) & (sigmas <= 20.0)).sum())
+    self.assertBetween(inside, 1, 19)
+    self.assertEqual(samplers.num_noise_draws("euler_edm", 20, s_churn=3.0, s_tmin=0.05,
+                                              s_tmax=20.0), inside)
+    self.assertEqual(samplers.num_noise_draws("heun_edm", 20, s_churn=3.0), 20)
+    self.assertEqual(samplers.num_noise_draws("euler_ancestral", 20, eta=0.5), 20)
+    self.assertEqual(samplers.num_noise_draws("dpmpp_2s_ancestral", 20), 20)
+    self.assertEqual(samplers.num_noise_draws("lms", 20, order=3), 0)
+    with self.assertRaises(TypeError):
+      samplers.num_noise_draws("dpmpp_2m", 20, eta=0.5)
+
+  def test_wrong_noise_shape_raises(self):
+    with self.assertRaisesRegex(ValueError, r"noise must have shape \(4, 2, 4, 4, 1\)"):
+      samplers.euler_ancestral(gaussian_denoiser, self.z, num_steps=4,
+                               noise=unit_noise(3))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(name=tuple(samplers.SAMPLERS), dtype=(jnp.float32, jnp.float64))
+  def test_dtype_is_preserved(self, name, dtype):
+    z = self.z.astype(dtype)
+    x = self.run_sampler(name, wiggly_denoiser, z, 4, key=jax.random.PRNGKey(2),
+                         s_churn=1.0) if name.endswith("_edm") else self.run_sampler(
+                             name, wiggly_denoiser, z, 4, key=jax.random.PRNGKey(2))
+    self.assertEqual(x.dtype, dtype)
+    self.assertEqual(x.shape, SHAPE)
+    x64 = np_sample(name, wiggly_denoiser, self.z, 4,
+                    jax.vmap(lambda k: jax.random.normal(k, SHAPE, dtype))(
+                        jax.random.split(jax.random.PRNGKey(2), 4)),
+                    **(dict(s_churn=1.0) if name.endswith("_edm") else {}))
+    tol = 1e-4 if dtype == jnp.float32 else 1e-10
+    chex.assert_trees_all_close(x.astype(jnp.float64), x64, rtol=tol, atol=tol)
+
+
+if __name__ == "__main__":
+  absltest.main()
