@@ -46,8 +46,10 @@ class GeneralConditioner(nn.Module):
 
   Classifier-free-guidance dropout: each embedder with ``ucg_rate > 0``
   multiplies each sample's embedding by Bernoulli(1 - ucg_rate), drawn from
-  ``key`` (folded with the embedder's index). Without ``key`` no dropout is
-  applied (evaluation). Embedders named in ``force_zero_embeddings`` (by their
+  ``key`` (folded with the embedder's index). ``key`` is one typed key, or a
+  (B,) array of typed keys, one per sample (then each sample's draw is
+  independent of how the batch is split over devices). Without ``key`` no
+  dropout is applied (evaluation). Embedders named in ``force_zero_embeddings`` (by their
   input key) return zeros, sgm's ``force_zero_embeddings``.
   """
   embedders: Sequence[nn.Module]
@@ -71,8 +73,12 @@ class GeneralConditioner(nn.Module):
                          "expected 2 (vector), 3 (crossattn) or 4/5 (concat)")
       out_key = OUTPUT_DIM2KEYS[emb.ndim]
       if rate > 0.0 and key is not None:
-        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
-                                    (emb.shape[0],))
+        if key.ndim == 0:
+          keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
+                                      (emb.shape[0],))
+        else:
+          keep = jax.vmap(lambda k: jax.random.bernoulli(
+              jax.random.fold_in(k, i), 1.0 - rate))(key)
         emb = keep.astype(emb.dtype).reshape((-1,) + (1,) * (emb.ndim - 1)) * emb
       if input_key in force_zero_embeddings:
         emb = jnp.zeros_like(emb)

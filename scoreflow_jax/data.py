@@ -435,13 +435,16 @@ def load_dataset(config_data):
 
   Reads ``name`` ("mnist" | "cifar10" | "synthetic"), ``split``, and
   ``source`` and ``data_dir`` for real data or ``num_examples`` for synthetic
-  data (28x28x1, 10 classes; the test split uses another seed).
+  data (``image_size`` x ``image_size`` x ``channels`` when the config has
+  them, else 28x28x1; 10 classes; the test split uses another seed).
   """
   name = config_data.name
   _check_choice("dataset", name, DATASETS + ("synthetic",))
   if name == "synthetic":
     _check_choice("split", config_data.split, SPLITS)
     return make_synthetic(config_data.num_examples,
+                          image_size=config_data.get("image_size", 28),
+                          channels=config_data.get("channels", 1),
                           seed=SPLITS.index(config_data.split))
   return load_split(name, config_data.split, config_data.source,
                     config_data.data_dir)

@@ -25,6 +25,21 @@ def diffusion_loss(denoise_fn, x0, sigma, noise, loss_type="l2", sigma_data=0.5)
   return jnp.mean((w * err).reshape(x0.shape[0], -1), axis=1)
 
 
+def per_sample_sigma_and_noise(keys, shape, dtype=jnp.float32, p_mean=-1.2,
+                               p_std=1.2):
+  """EDMSampling sigma (B,) and unit noise ``shape`` from one key per sample.
+
+  Sample i's draws depend only on ``keys[i]``, so a global batch gets the same
+  noise however it is split over devices.
+  """
+  def draw(k):
+    k_sigma, k_noise = jax.random.split(k)
+    rand = jax.random.normal(k_sigma, (), dtype)
+    return jnp.exp(p_mean + p_std * rand), jax.random.normal(k_noise, shape[1:], dtype)
+
+  return jax.vmap(draw)(keys)
+
+
 def sample_and_loss(denoise_fn, x0, key, loss_type="l2", sigma_data=0.5,
                     p_mean=-1.2, p_std=1.2):
   """The training entry: draws sigma (EDMSampling) and unit noise from ``key``.

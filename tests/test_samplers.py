@@ -134,15 +134,16 @@ def np_sample(name, denoiser, z, num_steps, noise=(), **options):
         x = x + eps * s_noise * sigma_up
     elif name == "dpmpp_2m":
       denoised = den(x, sigma)
-      if old_denoised is None or next_sigma < 1e-14:
-        x = denoised if next_sigma == 0 else (
-            next_sigma / sigma * x - np.expm1(np.log(next_sigma / sigma)) * denoised)
-      else:
+      with np.errstate(divide="ignore"):  # sgm's t_next = -log(0) = inf at the end
         t, t_next = -np.log(sigma), -np.log(next_sigma)
-        h = t_next - t
-        r = (t + np.log(sigmas[i - 1])) / h
+      h = t_next - t
+      mult1, mult2 = np.exp(-t_next) / np.exp(-t), np.expm1(-h)
+      if old_denoised is None or next_sigma < 1e-14:
+        x = mult1 * x - mult2 * denoised
+      else:
+        r = (t - (-np.log(sigmas[i - 1]))) / h
         denoised_d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
-        x = np.exp(-t_next) / np.exp(-t) * x - np.expm1(-h) * denoised_d
+        x = mult1 * x - mult2 * denoised_d
       old_denoised = denoised
     elif name == "lms":
       order = options.get("order", 4)
@@ -221,15 +222,16 @@ class ConvergenceTest(X64TestCase):
     errors = self.errors(name)
     self.assertLess(errors[-1], max_error)
     self.assertTrue(np.all(np.diff(errors) < 0), errors)
-    orders = np.log2(errors[1:] / errors[:-1] * -1 + 0 * errors[1:]) if False else (
-        np.log2(errors[:-1] / errors[1:]))
-    self.assertTrue(np.all((orders[1:] > order_range[0]) & (orders[1:] < order_range[1])),
-                    orders)
+    # Empirical order log2(err(n) / err(2n)), past the coarsest pair.
+    orders = np.log2(errors[:-1] / errors[1:])[1:]
+    self.assertTrue(np.all((orders > order_range[0]) & (orders < order_range[1])), orders)
 
   @chex.variants(with_jit=True)
   def test_heun_beats_euler_at_equal_steps(self):
     euler, heun = self.errors("euler_edm"), self.errors("heun_edm")
-    self.assertTrue(np.all(heun * 20 < euler), (heun, euler))
+    ratios = euler / heun  # ~4.4, 9.7, 20, 41: second order pulls away
+    self.assertTrue(np.all(ratios > 4) and np.all(np.diff(ratios) > 0), ratios)
+    self.assertGreater(ratios[-1], 30)
 
 
 class ReferenceTest(X64TestCase):
@@ -249,14 +251,16 @@ class ReferenceTest(X64TestCase):
       ("euler_ancestral_eta0", "euler_ancestral", 5, dict(eta=0.0)),
       ("dpmpp_2s", "dpmpp_2s_ancestral", 9, dict()),
       ("dpmpp_2s_eta", "dpmpp_2s_ancestral", 9, dict(eta=0.5, s_noise=1.1)),
-      ("dpmpp_2s_eta_above_1", "dpmpp_2s_ancestral", 9, dict(eta=1.5)),
+      # eta > 1: sigma_down = 0 (an Euler step) on steps 4..8, on all with 1.5.
+      ("dpmpp_2s_eta_above_1", "dpmpp_2s_ancestral", 9, dict(eta=1.05)),
+      ("dpmpp_2s_eta_1.5", "dpmpp_2s_ancestral", 9, dict(eta=1.5)),
       ("dpmpp_2s_one_step", "dpmpp_2s_ancestral", 1, dict()),
       ("dpmpp_2m", "dpmpp_2m", 9, dict()),
       ("dpmpp_2m_one_step", "dpmpp_2m", 1, dict()),
       ("dpmpp_2m_two_steps", "dpmpp_2m", 2, dict()),
       ("lms", "lms", 9, dict()),
       ("lms_order2", "lms", 9, dict(order=2)),
-      ("lms_order1_is_euler", "lms", 9, dict(order=1)),
+      ("lms_order1", "lms", 9, dict(order=1)),
   )
   def test_matches_numpy_reference(self, name, num_steps, options):
     num_draws = samplers.num_noise_draws(name, num_steps, **options)
@@ -325,14 +329,15 @@ class EvaluationCountTest(X64TestCase):
   @parameterized.parameters(
       ("euler_edm", dict(), lambda n: n, 1),
       ("euler_edm", dict(s_churn=5.0), lambda n: n, 1),
-      ("heun_edm", dict(), lambda n: 2 * n - 1, 2),
-      ("heun_edm", dict(s_churn=5.0), lambda n: 2 * n - 1, 2),
+      ("heun_edm", dict(), lambda n: 2 * n - 1, 3),
+      ("heun_edm", dict(s_churn=5.0), lambda n: 2 * n - 1, 3),
       ("euler_ancestral", dict(), lambda n: n, 1),
       ("dpmpp_2s_ancestral", dict(), lambda n: 2 * n - 1, 3),
       ("dpmpp_2m", dict(), lambda n: n, 1),
       ("lms", dict(), lambda n: n, 1),
   )
   def test_counts(self, name, options, expected, num_traces):
+    # num_traces: scan body plus a peeled last step, whatever num_steps.
     for num_steps in (1, 3, 12):
       executed, traced = self.count(name, num_steps, **options)
       self.assertEqual(executed, expected(num_steps))
@@ -342,32 +347,66 @@ class EvaluationCountTest(X64TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_dpmpp_2s_skips_the_second_evaluation_where_sigma_down_is_zero(self):
     sigmas = np_schedule(12)
-    sigma_down = np.array([np_get_ancestral_step(sigmas[i], sigmas[i + 1], 1.5)[0]
+    sigma_down = np.array([np_get_ancestral_step(sigmas[i], sigmas[i + 1], 1.1)[0]
                            for i in range(12)])
-    self.assertBetween(int((sigma_down > 0).sum()), 1, 10)  # some, not all, skip
-    executed, _ = self.count("dpmpp_2s_ancestral", 12, eta=1.5)
-    self.assertEqual(executed, 12 + int((sigma_down > 0).sum()))
+    self.assertEqual(int((sigma_down > 0).sum()), 6)  # steps 0..5
+    executed, _ = self.count("dpmpp_2s_ancestral", 12, eta=1.1)
+    self.assertEqual(executed, 12 + 6)
+
+
+def euler_ancestral_moments(num_steps):
+  """Exact mean and std of euler_ancestral's output for the Gaussian denoiser.
+
+  With D - mu = k (x - mu), k = s^2/(s^2 + sigma^2), every step maps x - mu to
+  (1 + (sigma_down - sigma)(1 - k)/sigma)(x - mu) and adds noise of variance
+  sigma_up^2; x starts with mean 0 and variance 1 + sigma_0^2.
+  """
+  sigmas = np_schedule(num_steps)
+  gain, var = 1.0, 1.0 + sigmas[0] ** 2
+  for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+    sigma_down, sigma_up = np_get_ancestral_step(sigma, next_sigma, 1.0)
+    k = DATA_STD**2 / (DATA_STD**2 + sigma**2)
+    a = 1.0 + (sigma_down - sigma) * (1.0 - k) / sigma
+    gain, var = gain * a, var * a**2 + sigma_up**2
+  return lambda mu: mu - gain * mu, math.sqrt(var)
 
 
 class PosteriorTest(chex.TestCase):
+  """Ancestral samplers draw from the data distribution N(mu, s^2)."""
 
-  @parameterized.parameters("euler_ancestral", "dpmpp_2s_ancestral")
-  def test_samples_gaussian_data(self, name):
-    num_samples = 4096
+  NUM_SAMPLES = 16384
+
+  def sample(self, name, num_steps):
     mu = _data_mean(jnp)[:, :2, :2]  # (1, 2, 2, 1)
 
     def denoiser(x, sigma):
       c = DATA_STD**2 / (DATA_STD**2 + sigma**2)
       return mu + c[:, None, None, None] * (x - mu)
 
-    z = jax.random.normal(jax.random.PRNGKey(5), (num_samples, 2, 2, 1))
+    z = jax.random.normal(jax.random.PRNGKey(5), (self.NUM_SAMPLES, 2, 2, 1))
     sampler = jax.jit(functools.partial(samplers.get_sampler(name), denoiser,
-                                        num_steps=100))
-    x = sampler(z, key=jax.random.PRNGKey(6))
-    # 5 standard errors: mean s/sqrt(N) ~ 0.011, std s/sqrt(2N) ~ 0.0077.
-    np.testing.assert_allclose(x.mean(0), mu[0], atol=5 * DATA_STD / math.sqrt(num_samples))
-    np.testing.assert_allclose(x.std(0), DATA_STD,
-                               atol=5 * DATA_STD / math.sqrt(2 * num_samples))
+                                        num_steps=num_steps))
+    return np.asarray(mu[0]), sampler(z, key=jax.random.PRNGKey(6))
+
+  def assert_moments(self, x, mean, std):
+    # 5 standard errors: s/sqrt(N) ~ 0.0055 for the mean, s/sqrt(2N) ~ 0.0039 for the std.
+    np.testing.assert_allclose(x.mean(0), mean, atol=5 * DATA_STD / math.sqrt(self.NUM_SAMPLES))
+    np.testing.assert_allclose(x.std(0), std,
+                               atol=5 * DATA_STD / math.sqrt(2 * self.NUM_SAMPLES))
+
+  def test_dpmpp_2s_ancestral(self):
+    mu, x = self.sample("dpmpp_2s_ancestral", 100)
+    self.assert_moments(x, mu, DATA_STD)
+
+  def test_euler_ancestral(self):
+    # Euler ancestral is first order in distribution too: at 100 steps its
+    # exact output std is ~0.66, not 0.7 (sgm's sampler has the same bias).
+    mean_fn, std = euler_ancestral_moments(100)
+    self.assertBetween(std, 0.64, 0.68)
+    self.assertBetween(euler_ancestral_moments(1000)[1], 0.695, 0.7)
+    mu, x = self.sample("euler_ancestral", 100)
+    self.assert_moments(x, mean_fn(mu), std)
+    np.testing.assert_allclose(mean_fn(mu), mu, atol=1e-3)
 
 
 class ApiTest(X64TestCase):
@@ -412,19 +451,17 @@ class ApiTest(X64TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(name=tuple(samplers.SAMPLERS), dtype=(jnp.float32, jnp.float64))
   def test_dtype_is_preserved(self, name, dtype):
+    options = dict(s_churn=1.0) if name.endswith("_edm") else {}
+    num_draws = samplers.num_noise_draws(name, 4, **options)
+    noise = jax.random.normal(jax.random.PRNGKey(2), (num_draws,) + SHAPE, dtype)
     z = self.z.astype(dtype)
-    x = self.run_sampler(name, wiggly_denoiser, z, 4, key=jax.random.PRNGKey(2),
-                         s_churn=1.0) if name.endswith("_edm") else self.run_sampler(
-                             name, wiggly_denoiser, z, 4, key=jax.random.PRNGKey(2))
+    x = self.run_sampler(name, wiggly_denoiser, z, 4, noise=noise, **options)
     self.assertEqual(x.dtype, dtype)
     self.assertEqual(x.shape, SHAPE)
-    x64 = np_sample(name, wiggly_denoiser, self.z, 4,
-                    jax.vmap(lambda k: jax.random.normal(k, SHAPE, dtype))(
-                        jax.random.split(jax.random.PRNGKey(2), 4)),
-                    **(dict(s_churn=1.0) if name.endswith("_edm") else {}))
+    # The value is right too: float32 agrees with the float64 reference.
+    expected = np_sample(name, wiggly_denoiser, z, 4, noise, **options)
     tol = 1e-4 if dtype == jnp.float32 else 1e-10
-    chex.assert_trees_all_close(x.astype(jnp.float64), x64, rtol=tol, atol=tol)
-
+    chex.assert_trees_all_close(np.asarray(x, np.float64), expected, rtol=tol, atol=tol)
 
 if __name__ == "__main__":
   absltest.main()

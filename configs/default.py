@@ -1,0 +1,98 @@
+"""Every config field with its default. Other configs import this and override.
+
+Run: python train.py --config configs/mnist.py --config.training.batch_size=64
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.run_name = "default"            # the run folder is logs/<timestamp>-<run_name>
+  config.seed = 0                        # one key for init, data order and noise
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "mnist"                    # mnist | cifar10 | synthetic
+  data.source = "tfds"                   # tfds | offline (a directory of the original files)
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir, or the offline directory
+  data.split = "train"                   # split to train on
+  data.num_examples = 1024               # synthetic only: how many examples to make
+  data.image_size = 28                   # synthetic only: image height and width
+  data.channels = 1                      # synthetic only: image channels
+  data.prefetch = 2                      # batches prepared ahead by a background thread
+
+  config.model = model = ml_collections.ConfigDict()
+  model.first_stage = "identity"         # identity (pixels); only identity is implemented
+  model.sigma_data = 0.5                 # EDMScaling(sigma_data) of the Denoiser
+  model.network = "score_flow"           # score_flow
+  model.score_flow = sf = ml_collections.ConfigDict()
+  sf.in_channels = 1                     # image channels
+  sf.model_channels = 128                # embedding and coupling-MLP width
+  sf.n_flows = 3                         # affine coupling layers
+  sf.activation = "softplus"             # smooth activation of the coupling MLPs
+  sf.parameterization = "preconditioned" # preconditioned | seed (the reference design)
+  sf.score_head = True                   # seed only: the reference design's score MLP
+  sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
+  model.conditioner = cond = ml_collections.ConfigDict()
+  cond.embed_dim = 512                   # ClassEmbedder width (the network's adm "vector" width)
+  cond.n_classes = 10                    # number of labels
+  cond.ucg_rate = 0.2                    # classifier-free-guidance label dropout
+
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.type = "l2"                       # l2 | l1 (StandardDiffusionLoss)
+  loss.sigma_data = 0.5                  # EDMWeighting(sigma_data)
+  loss.p_mean = -1.2                     # EDMSampling: log sigma ~ N(p_mean, p_std^2)
+  loss.p_std = 1.2
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4             # AdamW peak learning rate (sgm's base_learning_rate)
+  optim.weight_decay = 0.01              # torch.optim.AdamW's default, as sgm uses
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.warmup_steps = 0                 # linear warmup from 0 (0: constant rate)
+  optim.grad_clip_norm = 0.0             # global-norm clipping (0: off)
+
+  config.ema = ema = ml_collections.ConfigDict()
+  ema.decay = 0.9999                     # LitEma decay (with its (1+n)/(10+n) warm-up)
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128              # global batch, split over all devices of all processes
+  training.num_steps = 20_000            # total optimisation steps
+  training.log_every = 100               # metrics to TensorBoard and the progress line
+  training.checkpoint_every = 1000       # latest checkpoint (also written at the end)
+  training.keep_every = 5000             # checkpoints at multiples of this are kept for good
+  training.max_to_keep = 2               # other checkpoints kept
+  training.image_every = 1000            # EMA sample grid to images/train (0: off)
+  training.images_per_class = 8          # grid columns; one row per class
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "heun_edm"          # euler_edm | heun_edm | euler_ancestral | dpmpp_2s_ancestral | dpmpp_2m | lms
+  sampling.num_steps = 18                # sampler steps (EDM discretization)
+  sampling.sigma_min = 0.002
+  sampling.sigma_max = 80.0
+  sampling.rho = 7.0
+  sampling.cfg_scale = 1.0               # 1.0: no guidance (one denoiser call per step)
+  sampling.batch_size = 256              # images per sampler call
+  return config
+
+
+def tiny(config):
+  """Shrinks a config to seconds-long runs (tests, smoke checks); big_vision's runlocal idea."""
+  config.run_name = config.run_name + "-tiny"
+  config.data.name = "synthetic"
+  config.data.num_examples = 256
+  config.data.prefetch = 0
+  config.model.score_flow.model_channels = 16
+  config.model.score_flow.n_flows = 2
+  config.model.conditioner.embed_dim = 16
+  config.training.batch_size = 16
+  config.training.num_steps = 20
+  config.training.log_every = 5
+  config.training.checkpoint_every = 10
+  config.training.keep_every = 0
+  config.training.image_every = 10
+  config.training.images_per_class = 2
+  config.sampling.num_steps = 4
+  config.sampling.batch_size = 32
+  config.optim.learning_rate = 1e-3
+  return config

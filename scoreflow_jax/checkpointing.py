@@ -1,0 +1,96 @@
+"""Checkpoints with orbax: the train state plus the config that made it.
+
+Each checkpoint holds ``state`` (params, optimizer, EMA, RNG, step; the data
+position is the step, since batches are a function of it) and ``meta`` (the
+model config), so a resume with a different model is refused with a clear
+message instead of failing deep inside orbax or silently mixing runs.
+"""
+import json
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def model_signature(config) -> dict:
+  """The config fields a checkpoint's parameters depend on."""
+  return json.loads(config.model.to_json())
+
+
+def _diff(a, b, prefix="model"):
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{prefix}.{k}")
+    elif va != vb:
+      out.append(f"{prefix}.{k}: checkpoint {va!r} vs config {vb!r}")
+  return out
+
+
+class Checkpointer:
+  """Latest checkpoints (``max_to_keep``) plus every ``keep_every`` steps for good."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2, keep_every: int = 0,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_every or None, create=not read_only,
+        read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self):
+    return list(self.manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, state, config):
+    step = int(jax.device_get(state.step))
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"model": model_signature(config), "step": step})))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def restore(self, abstract_state, config, step: Optional[int] = None):
+    """Restores ``step`` (default latest) into the structure of ``abstract_state``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    path = os.path.join(self.directory, str(step))
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for unreadable files
+      raise CheckpointError(
+          f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was "
+          "left as it is. To resume from an earlier checkpoint, move this step's "
+          f"folder out of {self.directory} (steps there: {self.steps()}), or "
+          "start a new run with another --workdir.") from e
+    diffs = _diff(meta.get("model", {}), model_signature(config))
+    if diffs:
+      raise CheckpointError(
+          f"the checkpoint in {path} was made with a different model config:\n  "
+          + "\n  ".join(diffs) + "\nPass the run's own config (saved in its "
+          "configs/ folder) to resume it, or use a new --workdir for this config. "
+          "Nothing was changed.")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:
+      raise CheckpointError(
+          f"checkpoint {path} could not be restored into this model's train state "
+          f"({type(e).__name__}: {str(e)[:500]}). It was left as it is; if it is "
+          f"corrupt, move it out of {self.directory} to resume from an earlier "
+          f"step (steps there: {self.steps()}).") from e
+    return restored["state"]
+
+  def close(self):
+    self.manager.close()

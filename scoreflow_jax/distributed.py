@@ -1,0 +1,31 @@
+"""Multi-process start-up through JAX's own runtime (jax.distributed)."""
+import os
+
+import jax
+
+
+def maybe_initialize(enabled=False, coordinator_address=None, num_processes=None,
+                     process_id=None, cpu_collectives="gloo"):
+  """Calls ``jax.distributed.initialize`` when the run is multi-process.
+
+  Multi-process means: ``enabled`` (auto-detection: TPU pods, SLURM, ...), or an
+  explicit ``coordinator_address`` with ``num_processes`` and ``process_id``
+  (flags or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  environment variables). On CPU the collectives go through ``gloo``.
+  Returns True if it initialised.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator_address is None and not enabled:
+    return False
+  if coordinator_address is not None and (num_processes is None or process_id is None):
+    raise ValueError("a coordinator address needs --num_processes and --process_id "
+                     "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True

@@ -1,0 +1,120 @@
+"""The diffusion model as one object: first stage, conditioner, network, denoiser.
+
+Parameters are one pytree ``{"conditioner": ..., "network": ...}``; every
+method is a pure function of them, so it can be jitted, sharded and
+differentiated like any JAX function.
+"""
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scoreflow_jax import conditioner as conditioner_lib
+from scoreflow_jax import first_stage as first_stage_lib
+from scoreflow_jax import loss as loss_lib
+from scoreflow_jax.denoiser import denoise
+from scoreflow_jax.networks import ScoreFlowNetwork
+
+NETWORKS = ("score_flow",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionModel:
+  network: nn.Module
+  conditioner: conditioner_lib.GeneralConditioner
+  first_stage: Any
+  sigma_data: float
+  loss_type: str = "l2"
+  loss_sigma_data: float = 0.5
+  p_mean: float = -1.2
+  p_std: float = 1.2
+
+  def init(self, key, batch):
+    """Parameters for a batch like ``{"jpg": (B, H, W, C), "cls": (B,)}``."""
+    k_cond, k_net = jax.random.split(key)
+    cond_params = self.conditioner.init(k_cond, batch)
+    cond = self.conditioner.apply(cond_params, batch)
+    x = self.first_stage.encode(batch["jpg"])
+    sigma = jnp.ones((x.shape[0],), x.dtype)
+    net_params = self.network.init(k_net, x, jnp.log(sigma), cond)
+    return {"conditioner": cond_params["params"], "network": net_params["params"]}
+
+  def condition(self, params, batch, key=None, force_zero_embeddings=()):
+    return self.conditioner.apply({"params": params["conditioner"]}, batch,
+                                  key, force_zero_embeddings)
+
+  def unconditional(self, params, batch, force_uc_zero_embeddings=("cls",)):
+    """``(cond, uncond)`` for sampling, sgm's MNIST choice of zero embeddings."""
+    return self.conditioner.apply(
+        {"params": params["conditioner"]}, batch,
+        force_uc_zero_embeddings=force_uc_zero_embeddings, method="unconditional")
+
+  def denoiser(self, params):
+    """``D(x, sigma, cond)`` with EDM preconditioning."""
+    net = lambda x_in, c_noise, cond: self.network.apply(
+        {"params": params["network"]}, x_in, c_noise, cond)
+    return lambda x, sigma, cond: denoise(net, x, sigma, cond, self.sigma_data)
+
+  def per_sample_loss(self, params, batch, keys):
+    """Training loss (B,) and sigma (B,) with one typed key per sample.
+
+    Each sample's key gives its sigma, its noise and its label dropout, so the
+    result for a global batch does not depend on how it is sharded.
+    """
+    x0 = self.first_stage.encode(batch["jpg"])
+    sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    cond = self.condition(params, batch, sub[:, 0])
+    sigma, noise = loss_lib.per_sample_sigma_and_noise(
+        sub[:, 1], x0.shape, x0.dtype, self.p_mean, self.p_std)
+    den = self.denoiser(params)
+    per_sample = loss_lib.diffusion_loss(
+        lambda x, s: den(x, s, cond), x0, sigma, noise, self.loss_type,
+        self.loss_sigma_data)
+    return per_sample, sigma
+
+
+def build_model(config) -> DiffusionModel:
+  """Builds the model of ``config.model`` (and the loss settings of ``config.loss``)."""
+  m = config.model
+  if m.network not in NETWORKS:
+    raise ValueError(f"unknown network {m.network!r}; choose one of {NETWORKS} "
+                     "(config.model.network)")
+  if m.sigma_data <= 0 or config.loss.sigma_data <= 0:
+    raise ValueError("config.model.sigma_data and config.loss.sigma_data must be "
+                     f"> 0, got {m.sigma_data} and {config.loss.sigma_data}")
+  if config.loss.type not in loss_lib.LOSS_TYPES:
+    raise ValueError(f"config.loss.type must be one of {loss_lib.LOSS_TYPES}, "
+                     f"got {config.loss.type!r}")
+  if config.loss.p_std <= 0:
+    raise ValueError(f"config.loss.p_std must be > 0, got {config.loss.p_std}")
+  sf = m.score_flow
+  if sf.dtype not in DTYPES:
+    raise ValueError(f"config.model.score_flow.dtype must be one of "
+                     f"{sorted(DTYPES)}, got {sf.dtype!r}")
+  if sf.n_flows < 1 or sf.model_channels < 1:
+    raise ValueError("config.model.score_flow.n_flows and model_channels must be "
+                     f">= 1, got {sf.n_flows} and {sf.model_channels}")
+  c = m.conditioner
+  cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate)
+  network = ScoreFlowNetwork(
+      in_channels=sf.in_channels, model_channels=sf.model_channels,
+      n_flows=sf.n_flows, activation=sf.activation, num_classes=c.n_classes,
+      sigma_data=m.sigma_data, parameterization=sf.parameterization,
+      score_head=sf.score_head,
+      dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
+  # Fail fast on names the modules would only check when first called.
+  from scoreflow_jax.flows import get_activation
+  from scoreflow_jax.networks.score_flow import PARAMETERIZATIONS
+  get_activation(sf.activation)
+  if sf.parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {sf.parameterization!r}; choose "
+                     f"one of {PARAMETERIZATIONS}")
+  return DiffusionModel(
+      network=network, conditioner=cond,
+      first_stage=first_stage_lib.get_first_stage(m.first_stage),
+      sigma_data=m.sigma_data, loss_type=config.loss.type,
+      loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
+      p_std=config.loss.p_std)

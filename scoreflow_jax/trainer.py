@@ -1,0 +1,249 @@
+"""The training loop: data -> train step -> EMA -> checkpoints, logs and sample grids.
+
+Run folder (the reference design's layout)::
+
+  logs/<timestamp>-<run_name>/
+    checkpoints/<step>/   orbax: train state (params, optimizer, EMA, RNG, step)
+    configs/              the resolved config of every start, as JSON
+    images/train/         EMA sample grids, one row per class
+    events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scoreflow_jax import checkpointing, data as data_lib, generate, run_logging
+from scoreflow_jax import samplers
+from scoreflow_jax import train_step as ts
+from scoreflow_jax.model import build_model
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+def validate_config(config):
+  """Checks values a run would otherwise fail on late or silently; raises ValueError."""
+  t = config.training
+  n_dev = jax.device_count()
+  problems = []
+  if t.batch_size < 1 or t.batch_size % n_dev:
+    problems.append(
+        f"training.batch_size={t.batch_size} must be a positive multiple of the "
+        f"device count {n_dev}; e.g. --config.training.batch_size="
+        f"{max(n_dev, t.batch_size // n_dev * n_dev)}")
+  if t.batch_size % jax.process_count():
+    problems.append(f"training.batch_size={t.batch_size} must divide over "
+                    f"{jax.process_count()} processes")
+  for name in ("num_steps", "log_every", "checkpoint_every"):
+    if t[name] < 1:
+      problems.append(f"training.{name} must be >= 1, got {t[name]}")
+  for name in ("image_every", "keep_every"):
+    if t[name] < 0:
+      problems.append(f"training.{name} must be >= 0, got {t[name]}")
+  if not 0.0 <= config.ema.decay < 1.0:
+    problems.append(f"ema.decay must be in [0, 1), got {config.ema.decay}")
+  if config.optim.learning_rate <= 0:
+    problems.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+  if config.sampling.sampler not in samplers.SAMPLERS:
+    problems.append(f"unknown sampling.sampler {config.sampling.sampler!r}; choose one "
+                    f"of {sorted(samplers.SAMPLERS)}")
+  if config.data.source not in data_lib.SOURCES:
+    problems.append(f"unknown data.source {config.data.source!r}; choose one of "
+                    f"{data_lib.SOURCES}")
+  if config.data.name not in data_lib.DATASETS + ("synthetic",):
+    problems.append(f"unknown data.name {config.data.name!r}; choose one of "
+                    f"{data_lib.DATASETS + ('synthetic',)}")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+  build_model(config)  # raises on bad model values
+
+
+def _is_run_folder(workdir):
+  return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
+      os.path.join(workdir, "configs"))
+
+
+def prepare_workdir(config, workdir=None, logdir="logs"):
+  """Returns the run folder: ``workdir`` (resumed if it holds a run) or a new one.
+
+  A new run never reuses a folder with other content, so nothing a user had
+  is overwritten.
+  """
+  if workdir is None:
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    workdir = os.path.join(logdir, f"{stamp}-{config.run_name}")
+  workdir = os.path.abspath(workdir)
+  if (os.path.isdir(workdir) and os.listdir(workdir)
+      and not _is_run_folder(workdir)):
+    raise FileExistsError(
+        f"--workdir {workdir} exists and is not a scoreflow run folder (no "
+        "checkpoints/ or configs/). Choose a new or empty folder; nothing was "
+        "written.")
+  return workdir
+
+
+def _write_config(config, workdir):
+  os.makedirs(os.path.join(workdir, "configs"), exist_ok=True)
+  stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+  path = os.path.join(workdir, "configs", f"{stamp}-config.json")
+  i = 0
+  while os.path.exists(path):  # never overwrite an earlier start's config
+    i += 1
+    path = os.path.join(workdir, "configs", f"{stamp}-{i}-config.json")
+  with open(path, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return path
+
+
+def _summarize(metrics_list):
+  """Host-side means over a log interval of per-step device metrics."""
+  m = jax.device_get(metrics_list)
+  out = {
+      "train/loss": float(np.mean([x["loss"] for x in m])),
+      "train/grad_norm": float(np.mean([x["grad_norm"] for x in m])),
+      "train/learning_rate": float(m[-1]["learning_rate"]),
+  }
+  sums = np.sum([x["loss_bin_sum"] for x in m], 0)
+  counts = np.sum([x["loss_bin_count"] for x in m], 0)
+  lo = 0.0
+  for hi, s, c in zip(ts.SIGMA_BINS, sums, counts):
+    if c > 0:
+      out[f"train/loss_sigma_{lo:g}-{hi:g}"] = float(s / c)
+    lo = hi
+  finite = all(bool(x["finite"]) for x in m)
+  return out, finite
+
+
+def sample_grid(model, params, config, mesh, key, step_images_path=None):
+  """An EMA sample grid, one row per class; returns uint8 grid."""
+  n_classes = config.model.conditioner.n_classes
+  per = config.training.images_per_class
+  labels = np.repeat(np.arange(n_classes), per)
+  shape = _image_shape(config)
+  images = generate.generate_images(model, params, config.sampling, labels, key,
+                                    shape, config.sampling.batch_size, mesh=mesh)
+  grid = generate.image_grid(images, rows=n_classes)
+  if step_images_path:
+    generate.save_png(grid, step_images_path)
+  return grid
+
+
+def _image_shape(config):
+  if config.data.name == "synthetic":
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+  return data_lib.IMAGE_SHAPES[config.data.name]
+
+
+def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
+  """Trains ``config`` in ``workdir`` (resuming it if it holds checkpoints).
+
+  Returns a summary dict (workdir, final step, last logged metrics).
+  """
+  validate_config(config)
+  workdir = prepare_workdir(config, workdir, logdir)
+  is_writer = jax.process_index() == 0
+  t = config.training
+  mesh = ts.make_mesh()
+
+  images, labels = data_lib.load_dataset(config.data)
+  if images.shape[1:] != _image_shape(config):
+    raise ValueError(f"data images are {images.shape[1:]}, expected "
+                     f"{_image_shape(config)} for data.name={config.data.name!r}")
+  if images.shape[-1] != config.model.score_flow.in_channels:
+    raise ValueError(f"the data has {images.shape[-1]} channels but "
+                     f"model.score_flow.in_channels={config.model.score_flow.in_channels}")
+  if int(labels.max()) >= config.model.conditioner.n_classes:
+    raise ValueError(f"labels go up to {int(labels.max())} but "
+                     f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
+
+  model = build_model(config)
+  tx, schedule = ts.make_optimizer(config.optim, t.num_steps)
+  sample = data_lib.to_model_batch(images[:1], labels[:1])
+  init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=t.max_to_keep, keep_every=t.keep_every)
+  if ckpt.latest_step() is not None:
+    abstract = jax.eval_shape(init_state)
+    state = ckpt.restore(abstract, config)
+    log(f"resumed {workdir} at step {int(state.step)}")
+  else:
+    state = init_state()
+    log(f"new run {workdir}")
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+  state = ts.replicate(state, mesh)
+  start_step = int(jax.device_get(state.step))
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  log(f"{n_params:,} parameters | {jax.device_count()} devices "
+      f"({jax.devices()[0].platform}) | {jax.process_count()} processes | global batch "
+      f"{t.batch_size}")
+
+  step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
+  batches = data_lib.BatchIterator(
+      images, labels, t.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      start_step=start_step, prefetch=config.data.prefetch)
+  writer = run_logging.MetricWriter(workdir) if is_writer else None
+  progress = run_logging.Progress(start_step, t.num_steps, t.batch_size)
+  image_dir = os.path.join(workdir, "images", "train")
+  pending, last = [], {}
+  step = start_step
+  try:
+    while step < t.num_steps:
+      if step == start_step:
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+        jax.block_until_ready(metrics)
+        log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
+        progress.skip()
+      else:
+        state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+      pending.append(metrics)
+      step += 1
+      at_log = step % t.log_every == 0 or step == t.num_steps
+      at_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps
+      if at_log or at_ckpt:
+        scalars, finite = _summarize(pending)
+        pending = []
+        if not finite:
+          raise NonFiniteError(
+              f"non-finite loss or gradient between steps {step - t.log_every} and "
+              f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
+              f"the last good checkpoint in {ckpt.directory} (step "
+              f"{ckpt.latest_step()}) is intact. Try a lower "
+              "--config.optim.learning_rate or --config.optim.grad_clip_norm=1.0.")
+        text, steps_per_s = progress.line(step, scalars["train/loss"])
+        scalars["train/steps_per_s"] = steps_per_s
+        scalars["train/images_per_s"] = steps_per_s * t.batch_size
+        last = scalars
+        log(text)
+        if writer:
+          writer.write(step, scalars)
+      if at_ckpt:
+        ckpt.save(state, config)
+        progress.skip()
+        if writer:
+          run_logging.plot_loss_curve(writer.jsonl_path,
+                                      os.path.join(workdir, "loss_curve.png"),
+                                      config.run_name)
+      if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
+        t0 = time.perf_counter()
+        path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
+        sample_grid(model, state.ema_params, config, mesh,
+                    jax.random.fold_in(jax.random.key(config.seed + 1), step), path)
+        log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
+        progress.skip()
+  finally:
+    batches.close()
+    ckpt.wait()
+    ckpt.close()
+    if writer:
+      writer.close()
+  return {"workdir": workdir, "step": step, "metrics": last}
