@@ -1,6 +1,7 @@
 """Class-conditional generation with any sampler and optional CFG, plus image grids."""
 import math
 import os
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -91,3 +92,76 @@ def save_png(grid: np.ndarray, path: str):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = grid[..., 0] if grid.shape[-1] == 1 else grid
   Image.fromarray(img).save(path)
+
+
+def load_run_config(workdir: str):
+  """The newest resolved config in ``workdir/configs`` as a ConfigDict."""
+  import json
+  import ml_collections
+  cdir = os.path.join(workdir, "configs")
+  files = sorted(f for f in os.listdir(cdir) if f.endswith(".json")) if os.path.isdir(cdir) else []
+  if not files:
+    raise FileNotFoundError(
+        f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
+        "(pass the folder printed as 'new run ...' when training started)")
+  with open(os.path.join(cdir, files[-1])) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
+                    cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
+                    use_ema=True, batch_size=256, log=print, **sampler_options):
+  """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
+
+  The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
+  Returns the images.
+  """
+  from scoreflow_jax import checkpointing, train_step as ts
+  from scoreflow_jax import data as data_lib
+  from scoreflow_jax.model import build_model
+  from scoreflow_jax.trainer import _image_shape
+  config = load_run_config(workdir)
+  if sampler is not None:
+    samplers.get_sampler(sampler)
+    config.sampling.sampler = sampler
+  if num_steps is not None:
+    if num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    config.sampling.num_steps = num_steps
+  n_classes = config.model.conditioner.n_classes
+  classes = list(range(n_classes)) if classes is None else list(classes)
+  bad = [c for c in classes if not 0 <= c < n_classes]
+  if bad:
+    raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
+  if num_per_class < 1:
+    raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+  model = build_model(config)
+  shape = _image_shape(config)
+  tx, _ = ts.make_optimizer(config.optim, config.training.num_steps)
+  sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
+  abstract = jax.eval_shape(
+      lambda: ts.create_train_state(model, tx, jax.random.key(0), sample))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  if step is not None and step not in ckpt.steps():
+    raise ValueError(f"no checkpoint at step {step}; steps there: {ckpt.steps()}")
+  state = ckpt.restore(abstract, config, step)
+  ckpt.close()
+  params = state.ema_params if use_ema else state.params
+  labels = np.repeat(np.asarray(classes, np.int32), num_per_class)
+  mesh = ts.make_mesh()
+  t0 = time.perf_counter()
+  images = generate_images(
+      model, params, config.sampling, labels, jax.random.key(seed), shape,
+      batch_size, cfg_scale=cfg_scale, mesh=mesh,
+      progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
+      **sampler_options)
+  grid = image_grid(images, rows=len(classes))
+  save_png(grid, out)
+  npz = os.path.splitext(out)[0] + ".npz"
+  np.savez(npz, images=images.astype(np.float32), labels=labels)
+  log(f"step {int(state.step)} ({'EMA' if use_ema else 'raw'} weights), "
+      f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}: "
+      f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {out}, {npz}")
+  return images

@@ -54,11 +54,14 @@ def _noise_source(name, num_draws, z, key, noise):
   """Returns ``draw(k)``, the k-th unit normal shaped like z, or None if no draws."""
   if noise is not None:
     noise = jnp.asarray(noise).astype(z.dtype)
+    if num_draws == 0 and noise.size == 0:
+      return None
     expected = (num_draws,) + z.shape
     if noise.shape != expected:
-      raise ValueError(f"{name} consumes {num_draws} unit normals shaped like z: "
-                       f"noise must have shape {expected}, got {noise.shape}")
-    return None if num_draws == 0 else (lambda k: noise[k])
+      raise ValueError(f"{name} consumes {num_draws} unit normals shaped like z "
+                       f"with these options: noise must have shape {expected}, "
+                       f"got {noise.shape}")
+    return lambda k: noise[k]
   if num_draws == 0:
     return None
   if key is None:
@@ -266,7 +269,7 @@ def dpmpp_2m(denoise_fn, z, *, num_steps, sigma_min=0.002, sigma_max=80.0,
   (1/2r) D_{i-1}, r = h_{i-1}/h_i in log sigma; the first step and the last
   (to sigma = 0, where it returns D exactly) use D' = D_i, as sgm does. The
   coefficients are static, so log(0) never reaches the program. num_steps
-  evaluations, no draws (``key`` and ``noise`` are accepted and unused).
+  evaluations, no draws (``key`` is ignored; ``noise``, if given, must be empty).
   """
   del key
   z = jnp.asarray(z)
@@ -276,7 +279,7 @@ def dpmpp_2m(denoise_fn, z, *, num_steps, sigma_min=0.002, sigma_max=80.0,
   last = next_sigma == 0
   safe_next = np.where(last, 1.0, next_sigma)
   h = np.where(last, np.inf, np.log(sigma) - np.log(safe_next))
-  mult1 = np.where(last, 0.0, next_sigma / sigma)
+  mult1 = next_sigma / sigma
   mult2 = np.expm1(-h)
   multistep = (np.arange(num_steps) > 0) & ~last
   r = np.ones(num_steps)
@@ -331,7 +334,7 @@ def lms(denoise_fn, z, *, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0,
 
   x <- x + sum_j c_ij d_{i-j} over the last min(i + 1, order) derivatives
   d = (x - D)/sigma, with c from ``lms_coefficients``. num_steps evaluations,
-  no draws (``key`` and ``noise`` are accepted and unused).
+  no draws (``key`` is ignored; ``noise``, if given, must be empty).
   """
   del key
   if order < 1:

@@ -1,5 +1,12 @@
-import jax
-import pytest
+import os
+
+# Four virtual CPU devices for the data-parallel tests; must precede JAX's start.
+_flag = "--xla_force_host_platform_device_count=4"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,184 @@
+"""The train step and the training loop: equivalence, learning, resume, errors."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import mnist
+from scoreflow_jax import checkpointing, data, model as model_lib, trainer
+from scoreflow_jax import train_step as ts
+
+
+def tiny_config(**training):
+  config = mnist.get_config("tiny")
+  config.training.image_every = 0
+  for k, v in training.items():
+    config.training[k] = v
+  return config
+
+
+def _setup(config, n):
+  model = model_lib.build_model(config)
+  tx, schedule = ts.make_optimizer(config.optim, 100)
+  images, labels = data.make_synthetic(64)
+  batch = data.to_model_batch(images[:16], labels[:16])
+  state = ts.create_train_state(model, tx, jax.random.key(0), batch)
+  mesh = ts.make_mesh(jax.devices()[:n])
+  step = ts.make_train_step(model, tx, schedule, mesh, 0.99)
+  return model, tx, batch, ts.replicate(state, mesh), mesh, step
+
+
+def test_same_result_on_1_2_4_devices():
+  assert jax.device_count() >= 4
+  config = tiny_config()
+  results = {}
+  for n in (1, 2, 4):
+    _, _, batch, state, mesh, step = _setup(config, n)
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, ts.global_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+    results[n] = (jax.device_get(state.params), jax.device_get(state.ema_params), losses)
+  for n in (2, 4):
+    chex.assert_trees_all_close(results[n][0], results[1][0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(results[n][1], results[1][1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[n][2], results[1][2], rtol=1e-5)
+  assert results[1][2][0] != results[1][2][1]  # the parameters did move
+
+
+def test_step_matches_direct_gradient():
+  """Loss, gradient norm and the AdamW update equal a direct single-device computation."""
+  config = tiny_config()
+  model, tx, batch, state, mesh, step = _setup(config, 4)
+  params0 = jax.device_get(state.params)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(16))
+  loss_fn = lambda p: jnp.mean(model.per_sample_loss(p, batch, keys)[0])
+  loss, grads = jax.value_and_grad(loss_fn)(params0)
+  updates, _ = tx.update(grads, tx.init(params0), params0)
+  expected = optax.apply_updates(params0, updates)
+  new_state, metrics = step(state, ts.global_batch(batch, mesh))
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-4)
+  chex.assert_trees_all_close(jax.device_get(new_state.params), expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.sum(metrics["loss_bin_count"]), 16)
+  np.testing.assert_allclose(np.sum(metrics["loss_bin_sum"]) / 16, loss, rtol=1e-5)
+  assert int(new_state.step) == 1 and int(new_state.ema_num_updates) == 1
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows}
+
+
+def test_tiny_training_learns(tmp_path):
+  config = tiny_config(num_steps=100, log_every=10, checkpoint_every=100)
+  out = trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
+  losses = _losses(out["workdir"])
+  assert out["step"] == 100
+  assert losses[100] < 0.5 * losses[10], losses
+
+
+def test_resume_continues_exactly(tmp_path):
+  quiet = lambda s: None
+  full = trainer.train_and_evaluate(
+      tiny_config(num_steps=20, log_every=1, checkpoint_every=10), str(tmp_path / "a"), log=quiet)
+  part = str(tmp_path / "b")
+  trainer.train_and_evaluate(tiny_config(num_steps=10, log_every=1, checkpoint_every=10), part, log=quiet)
+  msgs = []
+  trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=1, checkpoint_every=10), part, log=msgs.append)
+  assert any("resumed" in m and "step 10" in m for m in msgs)
+  a, b = _losses(full["workdir"]), _losses(part)
+  assert sorted(b) == list(range(1, 21))
+  np.testing.assert_allclose([b[s] for s in range(11, 21)], [a[s] for s in range(11, 21)], rtol=1e-6)
+  # two starts, two config files; none overwritten
+  assert len(os.listdir(os.path.join(part, "configs"))) == 2
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=10, checkpoint_every=10), workdir, log=lambda s: None)
+  config = tiny_config(num_steps=40, log_every=5, checkpoint_every=5)
+  config.optim.learning_rate = 1e30
+  with pytest.raises(trainer.NonFiniteError, match="last good checkpoint"):
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).steps()
+  assert 10 in steps
+  # the run can still be resumed from what is there
+  trainer.train_and_evaluate(tiny_config(num_steps=max(steps) + 5, log_every=5, checkpoint_every=5),
+                             workdir, log=lambda s: None)
+
+
+@pytest.mark.parametrize("override, match", [
+    (lambda c: c.training.update(batch_size=6), "multiple of the device count"),
+    (lambda c: c.sampling.update(sampler="ddim"), "sampler"),
+    (lambda c: c.data.update(name="imagenet"), "data.name"),
+    (lambda c: c.data.update(source="web"), "data.source"),
+    (lambda c: c.model.update(sigma_data=0.0), "sigma_data"),
+    (lambda c: c.model.score_flow.update(n_flows=0), "n_flows"),
+    (lambda c: c.model.update(network="dit"), "network"),
+    (lambda c: c.model.score_flow.update(parameterization="eps"), "parameterization"),
+    (lambda c: c.training.update(num_steps=0), "num_steps"),
+])
+def test_bad_config_values(tmp_path, override, match):
+  config = tiny_config()
+  override(config)
+  with pytest.raises(ValueError, match=match):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_offline_data_dir(tmp_path):
+  config = tiny_config()
+  config.data.name, config.data.source = "mnist", "offline"
+  config.data.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
+
+
+def test_workdir_that_is_not_a_run_is_left_alone(tmp_path):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("precious")
+  with pytest.raises(FileExistsError, match="not a scoreflow run"):
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path / "mine"), log=lambda s: None)
+  assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def _tree_snapshot(path):
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      out[os.path.relpath(p, path)] = open(p, "rb").read()
+  return out
+
+
+def test_mismatched_config_is_refused_and_checkpoint_untouched(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=5, checkpoint_every=5), workdir, log=lambda s: None)
+  before = _tree_snapshot(os.path.join(workdir, "checkpoints"))
+  config = tiny_config(num_steps=10)
+  config.model.score_flow.model_channels = 32
+  with pytest.raises(checkpointing.CheckpointError, match="model_channels"):
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  assert _tree_snapshot(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=5, checkpoint_every=5), workdir, log=lambda s: None)
+  state_dir = os.path.join(workdir, "checkpoints", "5", "state")
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      if f != "commit_success.txt":
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+  with pytest.raises(checkpointing.CheckpointError, match="move it out"):
+    trainer.train_and_evaluate(tiny_config(num_steps=10), workdir, log=lambda s: None)
+  assert os.path.isdir(state_dir)
