@@ -23,7 +23,7 @@ def get_config():
   config.model = model = ml_collections.ConfigDict()
   model.first_stage = "identity"         # identity (pixels); only identity is implemented
   model.sigma_data = 0.5                 # EDMScaling(sigma_data) of the Denoiser
-  model.network = "score_flow"           # score_flow
+  model.network = "score_flow"           # score_flow | unet
   model.score_flow = sf = ml_collections.ConfigDict()
   sf.in_channels = 1                     # image channels
   sf.model_channels = 128                # embedding and coupling-MLP width
@@ -32,6 +32,16 @@ def get_config():
   sf.parameterization = "preconditioned" # preconditioned | seed (the reference design)
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
+  model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml
+  unet.in_channels = 1                   # image channels (the output has as many)
+  unet.model_channels = 32               # base width; the time/label embedding is 4x this
+  unet.num_res_blocks = 4                # ResBlocks per level (one more on the way up)
+  unet.channel_mult = (1, 2, 2)          # width multiplier per level; all but the last halve H, W
+  unet.attention_resolutions = ()        # downsample rates with a SpatialTransformer per ResBlock
+  unet.num_head_channels = 32            # channels per attention head
+  unet.transformer_depth = 1             # transformer blocks per SpatialTransformer
+  unet.disable_middle_transformer = False  # True: no SpatialTransformer in the middle block
+  unet.num_groups = 32                   # GroupNorm groups (sgm fixes 32); must divide model_channels
   model.conditioner = cond = ml_collections.ConfigDict()
   cond.embed_dim = 512                   # ClassEmbedder width (the network's adm "vector" width)
   cond.n_classes = 10                    # number of labels

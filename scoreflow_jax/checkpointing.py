@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -51,7 +52,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, state, config):
-    step = int(jax.device_get(state.step))
+    step = int(np.asarray(state.step.addressable_data(0)))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"model": model_signature(config), "step": step})))

@@ -25,7 +25,8 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
   scale = sc.cfg_scale if cfg_scale is None else cfg_scale
   sampler = samplers.get_sampler(sc.sampler)
 
-  def generate(params, labels, z, key):
+  def generate(params, labels, z, key_data):
+    key = jax.random.wrap_key_data(key_data)
     batch = {"cls": labels}
     cond, uncond = model.unconditional(params, batch)
     den = model.denoiser(params)
@@ -38,15 +39,29 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
   if mesh is None:
     jitted = jax.jit(generate)
+    place = lambda x, spec: x
   else:
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     jitted = jax.jit(generate, in_shardings=(rep, shard, shard, rep),
                      out_shardings=shard)
 
+    def place(x, spec):
+      # Every process holds the whole host array; each device takes its slice
+      # (works with one process or several).
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
+                                          lambda idx: x[idx])
+
   def fn(params, labels, key, image_shape):
     k_z, k_s = jax.random.split(key)
-    z = jax.random.normal(k_z, (len(labels),) + tuple(image_shape), jnp.float32)
-    return jitted(params, jnp.asarray(labels, jnp.int32), z, k_s)
+    z = np.asarray(jax.random.normal(k_z, (len(labels),) + tuple(image_shape),
+                                     jnp.float32))
+    out = jitted(params, place(np.asarray(labels, np.int32), P(AXIS)),
+                 place(z, P(AXIS)), place(jax.random.key_data(k_s), P()))
+    if not out.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    return out
 
   return fn
 

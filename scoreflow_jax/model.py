@@ -15,9 +15,9 @@ from scoreflow_jax import conditioner as conditioner_lib
 from scoreflow_jax import first_stage as first_stage_lib
 from scoreflow_jax import loss as loss_lib
 from scoreflow_jax.denoiser import denoise
-from scoreflow_jax.networks import ScoreFlowNetwork
+from scoreflow_jax.networks import ScoreFlowNetwork, UNetModel
 
-NETWORKS = ("score_flow",)
+NETWORKS = ("score_flow", "unet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -76,6 +76,18 @@ class DiffusionModel:
     return per_sample, sigma
 
 
+def _build_unet(u) -> UNetModel:
+  """sgm's UNetModel from ``config.model.unet``; out_channels = in_channels."""
+  return UNetModel(
+      in_channels=u.in_channels, model_channels=u.model_channels,
+      num_res_blocks=u.num_res_blocks, channel_mult=tuple(u.channel_mult),
+      attention_resolutions=tuple(u.attention_resolutions),
+      num_head_channels=u.num_head_channels,
+      transformer_depth=u.transformer_depth,
+      disable_middle_transformer=u.disable_middle_transformer,
+      num_classes="sequential", num_groups=u.num_groups)
+
+
 def build_model(config) -> DiffusionModel:
   """Builds the model of ``config.model`` (and the loss settings of ``config.loss``)."""
   m = config.model
@@ -90,28 +102,31 @@ def build_model(config) -> DiffusionModel:
                      f"got {config.loss.type!r}")
   if config.loss.p_std <= 0:
     raise ValueError(f"config.loss.p_std must be > 0, got {config.loss.p_std}")
-  sf = m.score_flow
-  if sf.dtype not in DTYPES:
-    raise ValueError(f"config.model.score_flow.dtype must be one of "
-                     f"{sorted(DTYPES)}, got {sf.dtype!r}")
-  if sf.n_flows < 1 or sf.model_channels < 1:
-    raise ValueError("config.model.score_flow.n_flows and model_channels must be "
-                     f">= 1, got {sf.n_flows} and {sf.model_channels}")
   c = m.conditioner
   cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate)
-  network = ScoreFlowNetwork(
-      in_channels=sf.in_channels, model_channels=sf.model_channels,
-      n_flows=sf.n_flows, activation=sf.activation, num_classes=c.n_classes,
-      sigma_data=m.sigma_data, parameterization=sf.parameterization,
-      score_head=sf.score_head,
-      dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
-  # Fail fast on names the modules would only check when first called.
-  from scoreflow_jax.flows import get_activation
-  from scoreflow_jax.networks.score_flow import PARAMETERIZATIONS
-  get_activation(sf.activation)
-  if sf.parameterization not in PARAMETERIZATIONS:
-    raise ValueError(f"unknown parameterization {sf.parameterization!r}; choose "
-                     f"one of {PARAMETERIZATIONS}")
+  if m.network == "score_flow":
+    sf = m.score_flow
+    if sf.dtype not in DTYPES:
+      raise ValueError(f"config.model.score_flow.dtype must be one of "
+                       f"{sorted(DTYPES)}, got {sf.dtype!r}")
+    if sf.n_flows < 1 or sf.model_channels < 1:
+      raise ValueError("config.model.score_flow.n_flows and model_channels must be "
+                       f">= 1, got {sf.n_flows} and {sf.model_channels}")
+    network = ScoreFlowNetwork(
+        in_channels=sf.in_channels, model_channels=sf.model_channels,
+        n_flows=sf.n_flows, activation=sf.activation, num_classes=c.n_classes,
+        sigma_data=m.sigma_data, parameterization=sf.parameterization,
+        score_head=sf.score_head,
+        dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
+    # Fail fast on names the modules would only check when first called.
+    from scoreflow_jax.flows import get_activation
+    from scoreflow_jax.networks.score_flow import PARAMETERIZATIONS
+    get_activation(sf.activation)
+    if sf.parameterization not in PARAMETERIZATIONS:
+      raise ValueError(f"unknown parameterization {sf.parameterization!r}; choose "
+                       f"one of {PARAMETERIZATIONS}")
+  else:
+    network = _build_unet(m.unet)
   return DiffusionModel(
       network=network, conditioner=cond,
       first_stage=first_stage_lib.get_first_stage(m.first_stage),

@@ -100,7 +100,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float):
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_n = ema_update(state.ema_params, params,
                                    state.ema_num_updates, ema_decay)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     bin_sum, bin_count = _sigma_bin_stats(per_sample, sigma)
     metrics = {
         "loss": loss,
@@ -124,8 +124,21 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float):
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a host pytree on every device of ``mesh`` (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Places a pytree, identical on every process, on every device of ``mesh``."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda idx, x=np.asarray(x): x[idx]),
+      jax.device_get(tree))
+
+
+def host(tree):
+  """Replicated (possibly multi-process) arrays -> numpy, from this process's copy."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
 
 
 def global_batch(local_batch, mesh: Mesh):

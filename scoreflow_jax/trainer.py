@@ -102,7 +102,7 @@ def _write_config(config, workdir):
 
 def _summarize(metrics_list):
   """Host-side means over a log interval of per-step device metrics."""
-  m = jax.device_get(metrics_list)
+  m = ts.host(metrics_list)
   out = {
       "train/loss": float(np.mean([x["loss"] for x in m])),
       "train/grad_norm": float(np.mean([x["grad_norm"] for x in m])),
@@ -154,9 +154,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   if images.shape[1:] != _image_shape(config):
     raise ValueError(f"data images are {images.shape[1:]}, expected "
                      f"{_image_shape(config)} for data.name={config.data.name!r}")
-  if images.shape[-1] != config.model.score_flow.in_channels:
+  net = config.model.network
+  if images.shape[-1] != config.model[net].in_channels:
     raise ValueError(f"the data has {images.shape[-1]} channels but "
-                     f"model.score_flow.in_channels={config.model.score_flow.in_channels}")
+                     f"model.{net}.in_channels={config.model[net].in_channels}")
   if int(labels.max()) >= config.model.conditioner.n_classes:
     raise ValueError(f"labels go up to {int(labels.max())} but "
                      f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
@@ -169,7 +170,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=t.max_to_keep, keep_every=t.keep_every)
   if ckpt.latest_step() is not None:
-    abstract = jax.eval_shape(init_state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(init_state))
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
   else:
@@ -179,7 +183,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
   state = ts.replicate(state, mesh)
-  start_step = int(jax.device_get(state.step))
+  start_step = int(ts.host(state.step))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   log(f"{n_params:,} parameters | {jax.device_count()} devices "
       f"({jax.devices()[0].platform}) | {jax.process_count()} processes | global batch "
@@ -246,4 +250,4 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     ckpt.close()
     if writer:
       writer.close()
-  return {"workdir": workdir, "step": step, "metrics": last}
+  return {"workdir": workdir, "step": step, "metrics": last, "state": state}

@@ -1,0 +1,1 @@
+"""Sample quality: an MNIST classifier, Frechet distance and class accuracy."""

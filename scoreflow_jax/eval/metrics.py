@@ -1,0 +1,229 @@
+"""Sample quality: Frechet distance in classifier features and class accuracy.
+
+FD is biased upward at small sample counts, so every FD is printed with its
+floor: the FD between two disjoint sets of real images of the same size.
+"""
+import json
+import os
+
+import numpy as np
+import scipy.linalg
+
+from scoreflow_jax.eval import classifier as classifier_lib
+
+SAMPLES_HINT = ("Make one with: python sample.py --workdir RUN"
+                " --num_per_class 1000 --out grid.png (writes grid.npz).")
+
+
+def frechet_distance(feats_a, feats_b):
+  """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)) of ``(N, D)`` features.
+
+  In float64 with unbiased covariances. ``sqrtm`` is retried with 1e-6 added
+  to the diagonals when it is not finite or has a large imaginary part (as
+  pytorch-fid does for near-singular covariances); the real part is used.
+  """
+  a = np.asarray(feats_a, np.float64)
+  b = np.asarray(feats_b, np.float64)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+    raise ValueError(f"features must be (N, D) with the same D, got {a.shape}"
+                     f" and {b.shape}.")
+  if min(a.shape[0], b.shape[0]) < 2:
+    raise ValueError(f"need >= 2 feature vectors per set, got {a.shape[0]} and"
+                     f" {b.shape[0]}.")
+  diff = a.mean(0) - b.mean(0)
+  # Features constant in both sets (dead ReLUs) add nothing to the trace
+  # term; dropping them keeps the covariances from being singular for that.
+  live = np.ptp(a, 0) + np.ptp(b, 0) > 0
+  if not live.any():
+    return float(diff @ diff)
+  cov_a = np.atleast_2d(np.cov(a[:, live], rowvar=False))
+  cov_b = np.atleast_2d(np.cov(b[:, live], rowvar=False))
+  covmean = _sqrtm_product(cov_a, cov_b)
+  return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b)
+               - 2.0 * np.trace(covmean))
+
+
+def _sqrtm_product(cov_a, cov_b):
+  """Real part of sqrtm(cov_a @ cov_b), regularized if needed."""
+
+  def ok(m):
+    scale = max(1.0, float(np.abs(m.real).max()))
+    return np.isfinite(m).all() and float(np.abs(np.imag(m)).max()) < 1e-3 * scale
+
+  covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+  if not ok(covmean):
+    eps = 1e-6 * np.eye(cov_a.shape[0])
+    covmean = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    if not ok(covmean):
+      raise ValueError("sqrtm(S_a S_b) is not finite or not real even with"
+                       " 1e-6 added to the diagonals; are the features finite?")
+  return np.real(covmean)
+
+
+def class_accuracy(logits_or_preds, labels, num_classes=10):
+  """Returns ``(accuracy, per_class)``: the fraction correct over all items
+  and a float64 ``(num_classes,)`` array per true class (NaN for a class with
+  no items). Takes logits ``(N, K)`` (argmax) or predicted labels ``(N,)``."""
+  preds = np.asarray(logits_or_preds)
+  if preds.ndim == 2:
+    preds = preds.argmax(-1)
+  labels = np.asarray(labels)
+  if preds.shape != labels.shape or labels.ndim != 1 or not labels.size:
+    raise ValueError(f"need N > 0 predictions and N labels, got shapes"
+                     f" {np.shape(logits_or_preds)} and {labels.shape}.")
+  correct = preds == labels
+  per_class = np.full(num_classes, np.nan)
+  for k in range(num_classes):
+    if np.any(labels == k):
+      per_class[k] = correct[labels == k].mean()
+  return float(correct.mean()), per_class
+
+
+def evaluate_samples(classifier_params, sample_images, sample_labels,
+                     ref_images, ref_labels=None, n=10_000, floor_images=None,
+                     seed=0):
+  """FD of samples to real images, its real-vs-real floor, class accuracy.
+
+  Images are uint8 or [-1, 1] ``(N, H, W, C)``. With ``n`` capped at the
+  number of samples and of reference images, ``n`` random samples are
+  compared with ``n`` random reference images R (``fd``), and a disjoint set
+  of ``n`` real images is compared with the same R (``fd_floor``). That set
+  comes from the reference itself when it has >= 2n images, else from
+  ``floor_images`` (e.g. MNIST train when the reference is its 10k test set
+  and n = 10k); ``floor_source`` says which. Class accuracy is over the same
+  ``n`` samples (None without ``sample_labels``); ``reference_class_accuracy``
+  is the classifier's accuracy on R (with ``ref_labels``), its ceiling.
+  """
+  sample_images, ref_images = np.asarray(sample_images), np.asarray(ref_images)
+  num_samples, num_ref = len(sample_images), len(ref_images)
+  n = min(n, num_samples, num_ref)
+  if n < 2:
+    raise ValueError(f"need >= 2 samples and reference images, got"
+                     f" {num_samples} and {num_ref}.")
+  classifier_lib.check_input_shape(classifier_params, sample_images.shape[1:])
+  classifier_lib.check_input_shape(classifier_params, ref_images.shape[1:])
+  rng = np.random.default_rng(seed)
+  pick = rng.permutation(num_samples)[:n]
+  ref_perm = rng.permutation(num_ref)
+  ref_idx = ref_perm[:n]
+  if num_ref >= 2 * n:
+    floor_set, floor_source = ref_images[ref_perm[n:2 * n]], "reference"
+  elif floor_images is not None and len(floor_images) >= n:
+    floor_set = np.asarray(floor_images)[
+        rng.permutation(len(floor_images))[:n]]
+    floor_source = "floor_images"
+  else:
+    have = 0 if floor_images is None else len(floor_images)
+    raise ValueError(
+        f"the floor needs a second set of {n} real images: the reference has"
+        f" {num_ref} < 2n = {2 * n} and floor_images has {have}. Pass"
+        " floor_images (e.g. the train split) or a smaller n.")
+  features = lambda x: classifier_lib.extract_features(classifier_params, x)
+  ref_feats = features(ref_images[ref_idx])
+  results = {
+      "fd": frechet_distance(features(sample_images[pick]),
+                             ref_feats),
+      "fd_floor": frechet_distance(features(floor_set), ref_feats),
+      "floor_source": floor_source,
+      "num_samples": int(n),
+      "class_accuracy": None,
+      "per_class_accuracy": None,
+  }
+  num_classes = classifier_lib.classifier_from_params(
+      classifier_params).num_classes
+  if sample_labels is not None:
+    logits = classifier_lib.predict_logits(
+        classifier_params, sample_images[pick])
+    acc, per_class = class_accuracy(
+        logits, np.asarray(sample_labels)[pick], num_classes)
+    results["class_accuracy"] = acc
+    results["per_class_accuracy"] = [_nan_to_none(x) for x in per_class]
+  if ref_labels is not None:
+    logits = classifier_lib.predict_logits(classifier_params,
+                                           ref_images[ref_idx])
+    results["reference_class_accuracy"] = class_accuracy(
+        logits, np.asarray(ref_labels)[ref_idx], num_classes)[0]
+  return results
+
+
+def _nan_to_none(x):
+  return None if np.isnan(x) else float(x)
+
+
+def load_samples(path):
+  """Returns ``(images, labels or None)`` from a sample.py .npz."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"samples file {path} not found. {SAMPLES_HINT}")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      images = f["images"]
+      labels = f["labels"] if "labels" in f.files else None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} is not a samples .npz with an 'images' array"
+                     f" ({e!r}). {SAMPLES_HINT}") from e
+  if images.ndim != 4 or not len(images):
+    raise ValueError(f"{path}: 'images' must be (N, H, W, C) with N > 0, got"
+                     f" {images.shape}.")
+  if images.dtype != np.uint8:
+    images = images.astype(np.float32)
+    lo, hi = float(images.min()), float(images.max())
+    if not (np.isfinite(images).all() and lo >= -1.001 and hi <= 1.001):
+      raise ValueError(f"{path}: float 'images' must be finite and in [-1, 1],"
+                       f" got [{lo}, {hi}].")
+  if labels is not None and labels.shape != (len(images),):
+    raise ValueError(f"{path}: 'labels' must have shape ({len(images)},), got"
+                     f" {labels.shape}.")
+  return images, labels
+
+
+def evaluate_sample_file(samples_path, classifier_path, data_dir,
+                         source="offline", num_samples=10_000, out=None, seed=0,
+                         log=print):
+  """Evaluates a sample.py .npz against MNIST test; writes and returns results.
+
+  The floor's second real set is MNIST train when the test set has fewer
+  than 2 * num_samples images. ``out`` defaults to ``<samples>_eval.json``.
+  """
+  from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  images, labels = load_samples(samples_path)
+  params, header = classifier_lib.load_classifier(classifier_path)
+  classifier_lib.check_input_shape(params, images.shape[1:])
+  ref_images, ref_labels = data_lib.load_split("mnist", "test", source,
+                                               data_dir)
+  n = min(num_samples, len(images), len(ref_images))
+  floor_images = None
+  if len(ref_images) < 2 * n:
+    floor_images = data_lib.load_split("mnist", "train", source, data_dir)[0]
+  results = evaluate_samples(params, images, labels, ref_images, ref_labels,
+                             n, floor_images, seed)
+  if results["floor_source"] == "floor_images":
+    results["floor_source"] = "mnist train vs test"
+  else:
+    results["floor_source"] = "mnist test vs test (disjoint)"
+  results.update(samples=os.path.abspath(samples_path),
+                 classifier=os.path.abspath(classifier_path),
+                 classifier_test_accuracy=header.get("test_accuracy"),
+                 seed=seed)
+  if out is None:
+    out = os.path.splitext(samples_path)[0] + "_eval.json"
+  with open(out, "w") as f:
+    json.dump(results, f, indent=2)
+  log(format_results(results))
+  log(f"wrote {out}")
+  return results
+
+
+def format_results(results):
+  """A few lines of text for the results of ``evaluate_samples``."""
+  lines = [f"FD {results['fd']:.3f} | real-vs-real floor"
+           f" {results['fd_floor']:.3f} at n = {results['num_samples']}"
+           f" ({results['floor_source']})"]
+  if results.get("class_accuracy") is not None:
+    ref = results.get("reference_class_accuracy")
+    lines.append(f"class accuracy {results['class_accuracy']:.4f}"
+                 + ("" if ref is None else f" (real images: {ref:.4f})"))
+    lines.append("per class: " + " | ".join(
+        f"{k} {'-' if a is None else f'{a:.3f}'}"
+        for k, a in enumerate(results["per_class_accuracy"])))
+  return "\n".join(lines)

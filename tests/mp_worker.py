@@ -1,0 +1,26 @@
+"""One process of the two-process training test (run by test_multiprocess.py)."""
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(process_id, port, workdir, out, num_steps):
+  from flax import traverse_util
+  import numpy as np
+  from configs import mnist
+  from scoreflow_jax import distributed, trainer, train_step as ts
+  distributed.maybe_initialize(coordinator_address=f"127.0.0.1:{port}",
+                               num_processes=2, process_id=process_id)
+  config = mnist.get_config("tiny")
+  config.training.update(num_steps=num_steps, log_every=3, checkpoint_every=3,
+                         image_every=0)
+  result = trainer.train_and_evaluate(config, workdir, log=print)
+  params = traverse_util.flatten_dict(ts.host(result["state"].params), sep="/")
+  np.savez(f"{out}.{process_id}.npz", **params)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))

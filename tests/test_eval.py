@@ -1,0 +1,233 @@
+"""Tests for scoreflow_jax.eval: Frechet distance, class accuracy, classifier."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from scoreflow_jax import data
+from scoreflow_jax.eval import classifier as classifier_lib
+from scoreflow_jax.eval import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(widths=(8, 16, 16), hidden=32, dropout=0.0, batch_size=32)
+
+
+def _with_moments(rng, n, mean, cov):
+  """n samples whose sample mean and (unbiased) covariance are exactly given."""
+  z = rng.standard_normal((n, len(mean)))
+  z -= z.mean(0)
+  z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+  return z @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_of_identical_sets_is_zero():
+  feats = np.random.default_rng(0).standard_normal((500, 16))
+  assert abs(metrics.frechet_distance(feats, feats)) < 1e-8
+
+
+def test_frechet_distance_is_symmetric():
+  rng = np.random.default_rng(1)
+  a = rng.standard_normal((400, 8))
+  b = 0.5 * rng.standard_normal((300, 8)) @ rng.standard_normal((8, 8)) + 1.0
+  fd = metrics.frechet_distance(a, b)
+  assert fd > 1.0
+  np.testing.assert_allclose(metrics.frechet_distance(b, a), fd, rtol=1e-9)
+
+
+def test_frechet_distance_diagonal_gaussians_closed_form():
+  """|mu_a - mu_b|^2 + sum (sqrt(var_a) - sqrt(var_b))^2 for diagonal covs."""
+  rng = np.random.default_rng(2)
+  mu_a, mu_b = rng.standard_normal(5), rng.standard_normal(5)
+  var_a, var_b = rng.uniform(0.2, 3.0, 5), rng.uniform(0.2, 3.0, 5)
+  a = _with_moments(rng, 300, mu_a, np.diag(var_a))
+  b = _with_moments(rng, 200, mu_b, np.diag(var_b))
+  expected = (np.sum((mu_a - mu_b) ** 2)
+              + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2))
+  np.testing.assert_allclose(metrics.frechet_distance(a, b), expected,
+                             rtol=1e-9)
+
+
+def test_frechet_distance_general_gaussians_closed_form():
+  """Tr sqrtm(Sa Sb) = Tr sqrtm(Sa^1/2 Sb Sa^1/2), computed another way."""
+  rng = np.random.default_rng(3)
+  m_a, m_b = rng.standard_normal((2, 6, 6))
+  cov_a, cov_b = m_a @ m_a.T + 0.1 * np.eye(6), m_b @ m_b.T + 0.1 * np.eye(6)
+  mu_a, mu_b = rng.standard_normal(6), rng.standard_normal(6)
+  a = _with_moments(rng, 250, mu_a, cov_a)
+  b = _with_moments(rng, 250, mu_b, cov_b)
+  root_a = scipy.linalg.sqrtm(cov_a).real
+  cross = np.sum(np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a)))
+  expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
+              - 2 * cross)
+  np.testing.assert_allclose(metrics.frechet_distance(a, b), expected,
+                             rtol=1e-8)
+
+
+def test_frechet_distance_grows_with_mean_shift():
+  feats = np.random.default_rng(4).standard_normal((300, 4))
+  shifts = [0.1, 0.5, 2.0]
+  fds = [metrics.frechet_distance(feats, feats + s) for s in shifts]
+  np.testing.assert_allclose(fds, [4 * s ** 2 for s in shifts], rtol=1e-6)
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match="same D"):
+    metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_class_accuracy_known_inputs():
+  labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+  preds = np.array([0, 0, 1, 0, 1, 0, 2, 2, 2, 2])
+  acc, per_class = metrics.class_accuracy(preds, labels, num_classes=4)
+  assert acc == pytest.approx(0.8)
+  np.testing.assert_array_equal(per_class[:3], [0.75, 0.5, 1.0])
+  assert np.isnan(per_class[3])  # no items of class 3
+  logits = np.eye(4)[preds] * 3.0 - 1.0
+  acc_l, per_class_l = metrics.class_accuracy(logits, labels, num_classes=4)
+  assert acc_l == acc
+  np.testing.assert_array_equal(per_class_l, per_class)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny classifier trained on synthetic gratings; its held-out data."""
+  images, labels = data.make_synthetic(600, seed=0)
+  test_images, test_labels = data.make_synthetic(400, seed=1)
+  logs = []
+  params, acc = classifier_lib.train_classifier(
+      images, labels, test_images, test_labels, steps=40, seed=0,
+      log=logs.append, max_shift=2, learning_rate=3e-3, **TINY)
+  return params, acc, test_images, test_labels, logs
+
+
+def test_classifier_learns_synthetic_classes(trained):
+  params, acc, test_images, test_labels, logs = trained
+  assert acc >= 0.95
+  assert acc == classifier_lib.accuracy(params, test_images, test_labels)
+  assert "test accuracy" in logs[-1]
+  feats = classifier_lib.extract_features(params, test_images[:5])
+  assert feats.shape == (5, TINY["hidden"])
+  assert feats.min() >= 0.0  # post-ReLU
+
+
+def test_classifier_accepts_uint8_or_minus1_1(trained):
+  params, _, test_images, _, _ = trained
+  np.testing.assert_array_equal(
+      classifier_lib.predict_logits(params, test_images[:7]),
+      classifier_lib.predict_logits(
+          params, data.to_model_batch(test_images[:7], np.zeros(7))["jpg"]))
+
+
+def test_save_load_round_trip(trained, tmp_path):
+  params, acc, test_images, _, _ = trained
+  path = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, path, test_accuracy=acc)
+  loaded, header = classifier_lib.load_classifier(path)
+  assert header["test_accuracy"] == acc
+  assert header["arch_version"] == classifier_lib.ARCH_VERSION
+  assert header["widths"] == list(TINY["widths"])
+  np.testing.assert_array_equal(
+      classifier_lib.predict_logits(loaded, test_images[:50]),
+      classifier_lib.predict_logits(params, test_images[:50]))
+
+
+def test_load_garbage_names_path_and_fix(tmp_path):
+  path = tmp_path / "garbage.npz"
+  path.write_bytes(b"not a classifier" * 10)
+  with pytest.raises(ValueError, match=r"garbage\.npz.*train_classifier\.py"
+                     r" --data_dir .* --out .*garbage\.npz"):
+    classifier_lib.load_classifier(path)
+  other = tmp_path / "other.npz"
+  np.savez(other, images=np.zeros((2, 28, 28, 1)))
+  with pytest.raises(ValueError, match=r"other\.npz.*train_classifier\.py"):
+    classifier_lib.load_classifier(other)
+  with pytest.raises(FileNotFoundError, match=r"missing\.npz.*--out"):
+    classifier_lib.load_classifier(tmp_path / "missing.npz")
+
+
+def test_wrong_image_shape_is_refused(trained):
+  params = trained[0]
+  with pytest.raises(ValueError, match="do not fit this classifier"):
+    classifier_lib.extract_features(params, np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_real_samples_score_near_floor_and_noise_far(trained):
+  params, _, test_images, test_labels, _ = trained
+  held_out, held_labels = data.make_synthetic(200, seed=2)
+  real = metrics.evaluate_samples(params, held_out, held_labels, test_images,
+                                  test_labels, n=200)
+  assert real["floor_source"] == "reference"  # 400 >= 2 * 200
+  assert real["num_samples"] == 200
+  assert real["fd"] < 2.0 * real["fd_floor"]
+  assert real["class_accuracy"] >= 0.95
+  assert len(real["per_class_accuracy"]) == 10
+  noise = np.random.default_rng(0).uniform(-1, 1, (200, 28, 28, 1))
+  bad = metrics.evaluate_samples(params, noise, held_labels, test_images,
+                                 test_labels, n=200)
+  assert bad["fd"] > 20.0 * bad["fd_floor"]
+  assert bad["fd_floor"] == real["fd_floor"]  # same seed, same real subsets
+  assert bad["class_accuracy"] < 0.5
+
+
+def test_floor_uses_second_set_when_reference_is_small(trained):
+  params, _, test_images, _, _ = trained
+  samples, _ = data.make_synthetic(300, seed=3)
+  with pytest.raises(ValueError, match="floor_images"):
+    metrics.evaluate_samples(params, samples, None, test_images, n=300)
+  train_images, _ = data.make_synthetic(300, seed=0)
+  res = metrics.evaluate_samples(params, samples, None, test_images, n=300,
+                                 floor_images=train_images)
+  assert res["floor_source"] == "floor_images"
+  assert res["class_accuracy"] is None
+  assert 0 < res["fd"] < 3.0 * res["fd_floor"]
+
+
+def _write_mnist(directory, images, labels, prefix):
+  for kind, magic, array in (("images-idx3", 2051, images[..., 0]),
+                             ("labels-idx1", 2049, labels)):
+    raw = magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
+    (directory / f"{prefix}-{kind}-ubyte").write_bytes(
+        raw + np.asarray(array, np.uint8).tobytes())
+
+
+def test_evaluate_cli_writes_json(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  _write_mnist(tmp_path, test_images, test_labels, "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(100, seed=4), "train")
+  clf = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  images, labels = data.make_synthetic(300, seed=5)
+  samples = tmp_path / "grid.npz"
+  np.savez(samples, images=data.to_model_batch(images, labels)["jpg"],
+           labels=labels)
+  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--samples",
+         str(samples), "--classifier", str(clf), "--data_dir", str(tmp_path),
+         "--num_samples", "150"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                        timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "FD" in proc.stdout and "floor" in proc.stdout
+  with open(tmp_path / "grid_eval.json") as f:
+    results = json.load(f)
+  assert results["num_samples"] == 150
+  assert results["floor_source"] == "mnist test vs test (disjoint)"
+  assert results["classifier_test_accuracy"] == acc
+  assert results["class_accuracy"] >= 0.95
+  assert results["fd"] < 2.0 * results["fd_floor"]
+
+
+def test_bad_samples_files_are_clear(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"nope\.npz not found.*sample\.py"):
+    metrics.load_samples(tmp_path / "nope.npz")
+  garbage = tmp_path / "garbage.npz"
+  garbage.write_bytes(b"\x00" * 64)
+  with pytest.raises(ValueError, match=r"garbage\.npz is not a samples \.npz"):
+    metrics.load_samples(garbage)
+  out_of_range = tmp_path / "range.npz"
+  np.savez(out_of_range, images=np.full((2, 28, 28, 1), 255.0), labels=[0, 1])
+  with pytest.raises(ValueError, match=r"range\.npz.*\[-1, 1\]"):
+    metrics.load_samples(out_of_range)

@@ -1,0 +1,29 @@
+"""Train the MNIST classifier that evaluate.py uses (never downloads).
+
+python train_classifier.py --data_dir /path/to/mnist_idx --out classifier.npz \
+  [--steps 3000] [--source offline|tfds]
+Prints the MNIST test accuracy and stores it in the file's header.
+"""
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Folder of MNIST's four IDX files (offline), "
+                    "or the TFDS data dir (tfds).")
+flags.DEFINE_string("out", None, "Output classifier file (.npz).")
+flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
+flags.DEFINE_integer("steps", 3000, "Training steps.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("seed", 0, "Seed of initialization, batches and augmentation.")
+flags.mark_flags_as_required(["out"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from scoreflow_jax.eval import classifier
+  classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
+                            FLAGS.batch_size, FLAGS.seed)
+
+
+if __name__ == "__main__":
+  app.run(main)
