@@ -30,8 +30,8 @@ MAKE_HINT = ("Make one with: python train_classifier.py"
 class Classifier(nn.Module):
   """conv(w0) - pool - conv(w1) - pool - conv(w2) - dense(hidden) - dense(classes).
 
-  Pooling early keeps a step cheap on a CPU (about 9M multiply-adds per
-  28x28 image, a third of pooling after the second conv).
+  Pooling early keeps a step cheap on a CPU: about 9M multiply-adds per
+  28x28 image, a third of what pooling after the second conv costs.
   """
   widths: Sequence[int] = (32, 64, 128)
   hidden: int = 256
@@ -72,6 +72,9 @@ def classifier_from_params(params, dropout: float = 0.0) -> Classifier:
 
 def check_input_shape(params, image_shape):
   """Raises ValueError unless images of ``(H, W, C)`` fit these parameters."""
+  if len(image_shape) != 3:
+    raise ValueError(f"images must be (N, H, W, C), got per-image shape"
+                     f" {tuple(image_shape)}.")
   h, w, c = image_shape
   c_in = params["conv0"]["kernel"].shape[-2]
   flat = params["dense"]["kernel"].shape[0]
@@ -154,7 +157,8 @@ def train_classifier(images, labels, test_images=None, test_labels=None,
   ``images`` are uint8 or [-1, 1] ``(N, H, W, C)``; batches are drawn from a
   fresh permutation each epoch of ``np.random.default_rng(seed)``; each batch
   is shifted by up to ``max_shift`` pixels (0: no augmentation).
-  Returns ``(params, test_accuracy)`` (accuracy None without a test set).
+  The output has max(10, labels.max() + 1) classes. Returns
+  ``(params, test_accuracy)`` (accuracy None without a test set).
   """
   images = to_inputs(images)
   labels = np.asarray(labels, np.int32)
@@ -167,7 +171,7 @@ def train_classifier(images, labels, test_images=None, test_labels=None,
   num_classes = max(10, int(labels.max()) + 1)
   model = Classifier(tuple(widths), hidden, num_classes, dropout)
   key = jax.random.key(seed)
-  params = model.init(jax.random.fold_in(key, 0), images[:1])["params"]
+  params = jax.jit(model.init)(jax.random.fold_in(key, 0), images[:1])["params"]
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, 0.01))
   opt_state = tx.init(params)
 
@@ -252,7 +256,7 @@ def load_classifier(path):
     model = classifier_from_params(params)
     shapes = jax.eval_shape(
         model.init, jax.random.key(0),
-        jnp.zeros((1, 4 * 7, 4 * 7, params["conv0"]["kernel"].shape[-2])))
+        jnp.zeros((1, 28, 28, params["conv0"]["kernel"].shape[-2])))
     expected = jax.tree.map(lambda s: s.shape, shapes["params"])
     del expected["dense"]["kernel"]  # its size depends on the image size
     for name, leaves in expected.items():
@@ -270,7 +274,7 @@ def train_and_save(data_dir, out, source="offline", steps=3000, batch_size=128,
                    seed=0, log=print):
   """Trains on MNIST train, tests on MNIST test, writes ``out``; returns accuracy.
 
-  Never downloads: ``source="offline"`` reads the IDX files in ``data_dir``.
+  ``source="offline"`` reads the IDX files in ``data_dir`` (no network).
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   images, labels = data_lib.load_split("mnist", "train", source, data_dir)
