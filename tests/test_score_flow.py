@@ -12,9 +12,11 @@ SIGMA = np.array([0.002, 0.3, 5.0, 80.0])
 
 
 def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2):
+  flow_type = "conditional" if parameterization == "density" else "joint"
   net = ScoreFlowNetwork(in_channels=channels, model_channels=8, n_flows=2,
                          activation="softplus", num_classes=10, sigma_data=0.5,
-                         parameterization=parameterization, score_head=score_head)
+                         parameterization=parameterization, score_head=score_head,
+                         flow_type=flow_type)
   key = jax.random.key(0)
   x = jax.random.normal(key, (4, 3, 3, channels), dtype)
   cond = {"vector": jax.random.normal(jax.random.key(1), (4, 6), dtype)}
@@ -37,7 +39,7 @@ def test_timestep_embedding_matches_sgm():
   assert timestep_embedding(t, 7).shape == (3, 7)
 
 
-@pytest.mark.parametrize("parameterization", ["seed", "preconditioned"])
+@pytest.mark.parametrize("parameterization", ["seed", "preconditioned", "density"])
 def test_score_is_finite_difference_of_energy(x64, parameterization):
   net, params, x, cond = _setup(parameterization)
   sigma = jnp.asarray(SIGMA)
@@ -92,7 +94,7 @@ def test_per_sample_score_independent_of_batch(x64):
   np.testing.assert_allclose(full[1:2], one, rtol=1e-12)
 
 
-@pytest.mark.parametrize("parameterization", ["seed", "preconditioned"])
+@pytest.mark.parametrize("parameterization", ["seed", "preconditioned", "density"])
 def test_parameter_gradients_finite_and_second_order(x64, parameterization):
   net, params, x, cond = _setup(parameterization)
   sigma = jnp.asarray(SIGMA)
@@ -147,3 +149,53 @@ def test_bfloat16_couplings_keep_float32_params_and_score():
   assert s16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(s16 - s32) / jnp.linalg.norm(s32))
   assert 1e-6 < rel < 5e-2, rel  # the bf16 path is really taken, and is close
+
+
+def test_density_denoiser_is_tweedie_and_starts_at_c_skip(x64):
+  net, params, x, cond = _setup("density")
+  sigma = jnp.asarray(SIGMA)
+  den = denoise(lambda a, b, c: net.apply(params, a, b, c), x, sigma, cond, 0.5)
+  score = net.apply(params, x, sigma, cond, method="score")
+  np.testing.assert_allclose(den, x + sigma[:, None, None, None] ** 2 * score,
+                             rtol=1e-9, atol=1e-9)
+  fresh = net.init(jax.random.key(5), x, jnp.zeros(4), cond)  # identity flow
+  fresh = jax.tree.map(lambda p: p.astype(jnp.float64), fresh)
+  den0 = denoise(lambda a, b, c: net.apply(fresh, a, b, c), x, sigma, cond, 0.5)
+  c_skip = 0.25 / (sigma**2 + 0.25)
+  np.testing.assert_allclose(den0, c_skip[:, None, None, None] * x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 1.0])
+def test_density_is_normalised(x64, sigma):
+  """log q(x | sigma, c) integrates to 1: a 2-D case on a grid."""
+  net = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
+                         parameterization="density", flow_type="conditional")
+  cond = {"vector": jnp.ones((1, 6))}
+  params = net.init(jax.random.key(0), jnp.zeros((1, 1, 1, 2)), jnp.zeros(1), cond)
+  leaves, tree = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [(l + 0.15 * jax.random.normal(k, l.shape)).astype(jnp.float64)
+                                     for l, k in zip(leaves, ks)])
+  scale = np.sqrt(sigma**2 + 0.25)  # q is about N(0, scale^2) before training
+  g = np.linspace(-9 * scale, 9 * scale, 601)
+  xx, yy = np.meshgrid(g, g, indexing="ij")
+  pts = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1).reshape(-1, 1, 1, 2))
+  n = pts.shape[0]
+  logq = net.apply(params, pts, jnp.full((n,), sigma), {"vector": jnp.ones((n, 6))},
+                   method="log_prob")
+  total = float(jnp.sum(jnp.exp(logq))) * (g[1] - g[0]) ** 2
+  np.testing.assert_allclose(total, 1.0, atol=1e-6)
+  # a real transformation: not the Gaussian it starts as
+  gauss = -0.5 * np.sum(np.asarray(pts).reshape(n, 2) ** 2, 1) / scale**2 - np.log(2 * np.pi * scale**2)
+  assert np.max(np.abs(np.asarray(logq) - gauss)) > 0.1
+
+
+def test_density_needs_conditional_flow_and_log_prob_needs_density():
+  x = jnp.zeros((1, 2, 2, 1))
+  with pytest.raises(ValueError, match="conditional"):
+    ScoreFlowNetwork(parameterization="density").init(jax.random.key(0), x, jnp.zeros(1),
+                                                      {"vector": jnp.ones((1, 4))})
+  net = ScoreFlowNetwork(model_channels=4, n_flows=1)
+  p = net.init(jax.random.key(0), x, jnp.zeros(1), {"vector": jnp.ones((1, 4))})
+  with pytest.raises(ValueError, match="density"):
+    net.apply(p, x, jnp.ones(1), {"vector": jnp.ones((1, 4))}, method="log_prob")

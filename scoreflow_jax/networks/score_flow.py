@@ -15,6 +15,13 @@ D = c_skip x + c_out F):
   D = c_skip x + c_out grad_u phi(c_in x). D is still x + sigma^2 grad_x E for
   the energy E(x) = -(1 - c_skip)|x|^2 / (2 sigma^2)
   + c_out / (sigma^2 c_in) phi(c_in x), which :meth:`energy` returns.
+* ``"density"`` (exact likelihood, needs ``flow_type="conditional"``): the
+  flow is a bijection of u alone, its coupling networks take [sigma_emb,
+  class_emb] as context, and phi(u) = log N(f(u); 0, I) + log|det df/du| is a
+  normalised log-density. The energy is log q(x | sigma, c) = phi(c_in x) +
+  D log c_in (normalised in x) and D = x + sigma^2 grad_x log q exactly
+  (Tweedie). With the identity flow at initialisation, q = N(0, (sigma^2 +
+  sd^2) I) and D = c_skip x: EDM's denoiser for data N(0, sd^2 I).
 """
 import math
 from typing import Any, Optional
@@ -26,7 +33,8 @@ import jax.numpy as jnp
 from scoreflow_jax.edm import append_dims, edm_scaling
 from scoreflow_jax.flows import CouplingFlow, get_activation
 
-PARAMETERIZATIONS = ("preconditioned", "seed")
+PARAMETERIZATIONS = ("preconditioned", "seed", "density")
+FLOW_TYPES = ("joint", "conditional")
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -81,6 +89,8 @@ class ScoreFlowNetwork(nn.Module):
       it makes D non-conservative, so :meth:`score` ignores it.
     dtype: matmul dtype of the coupling networks (bfloat16 for mixed
       precision); parameters and the energy stay in the input's dtype.
+    flow_type: "joint" (the reference design: the flow runs over [u, context])
+      or "conditional" (over u only, context fed to the coupling networks).
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -91,11 +101,19 @@ class ScoreFlowNetwork(nn.Module):
   parameterization: str = "preconditioned"
   score_head: bool = True
   dtype: Optional[Any] = None
+  flow_type: str = "joint"
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
       raise ValueError(f"unknown parameterization {self.parameterization!r}; "
                        f"choose one of {PARAMETERIZATIONS}")
+    if self.flow_type not in FLOW_TYPES:
+      raise ValueError(f"unknown flow_type {self.flow_type!r}; choose one of "
+                       f"{FLOW_TYPES}")
+    if self.parameterization == "density" and self.flow_type != "conditional":
+      raise ValueError("parameterization='density' needs flow_type='conditional' "
+                       "(a joint flow over [x, embeddings] has no normalised "
+                       "density of x)")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -119,11 +137,19 @@ class ScoreFlowNetwork(nn.Module):
       embs.append(self.label_emb(cond["vector"]))
     return jnp.concatenate(embs, axis=-1)
 
-  def _phi_and_grad(self, u, context):
-    """phi(u) = -||flow([u_flat, context])||^2 (B,) and grad_u phi (u's shape)."""
-    def summed_phi(flow, u_flat):
+  def _phi(self, flow, u_flat, context):
+    """The flow energy per sample (B,) of flattened u."""
+    if self.flow_type == "joint":
       z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
-      phi = -jnp.sum(z**2, axis=-1)
+      return -jnp.sum(z**2, axis=-1)
+    z, log_det = flow.forward_and_log_det(u_flat, context)
+    d = u_flat.shape[-1]
+    return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi) + log_det
+
+  def _phi_and_grad(self, u, context):
+    """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
+    def summed_phi(flow, u_flat):
+      phi = self._phi(flow, u_flat, context)
       return jnp.sum(phi), phi
 
     u_flat = u.reshape(u.shape[0], -1)
@@ -137,11 +163,12 @@ class ScoreFlowNetwork(nn.Module):
     _, grad_u = self._phi_and_grad(x_in, context)
     if self.parameterization == "preconditioned":
       return grad_u
+    # "seed" and "density": x0 = x_noisy + sigma^2 score, returned as F.
     sigma = jnp.exp(c_noise / 0.25)
     c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim),
                                          self.sigma_data)
     score = c_in * grad_u
-    if self.score_head:
+    if self.parameterization == "seed" and self.score_head:
       flat = score.reshape(score.shape[0], -1)
       flat = self.head(jnp.concatenate([flat, context], -1), flat.shape[-1])
       score = flat.reshape(score.shape)
@@ -157,27 +184,35 @@ class ScoreFlowNetwork(nn.Module):
 
     "seed": phi(c_in x). "preconditioned": -(1 - c_skip)|x|^2 / (2 sigma^2)
     + c_out / (sigma^2 c_in) phi(c_in x), so that the denoiser is exactly
-    x + sigma^2 grad_x E.
+    x + sigma^2 grad_x E. "density": log q(x | sigma, c), normalised.
     """
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
-    z, _ = self.flow.forward_and_log_det(
-        jnp.concatenate([u.reshape(u.shape[0], -1), context], -1))
-    phi = -jnp.sum(z**2, axis=-1)
+    phi = self._phi(self.flow, u.reshape(u.shape[0], -1), context)
+    flat = lambda a: a.reshape(a.shape[0], -1)[:, 0]
     if self.parameterization == "seed":
       return phi
-    flat = lambda a: a.reshape(a.shape[0], -1)[:, 0]
+    if self.parameterization == "density":
+      d = math.prod(x_noisy.shape[1:])
+      return phi + d * jnp.log(flat(c_in))
     sq = jnp.sum(x_noisy.reshape(x_noisy.shape[0], -1) ** 2, axis=-1)
     return (-(1.0 - flat(c_skip)) * sq / (2.0 * sigma**2)
             + flat(c_out) / (sigma**2 * flat(c_in)) * phi)
+
+  def log_prob(self, x, sigma, cond):
+    """log q(x | sigma, c), (B,): exact, one forward pass ("density" only)."""
+    if self.parameterization != "density":
+      raise ValueError("log_prob needs parameterization='density' (a normalised "
+                       f"flow density); this network is {self.parameterization!r}")
+    return self.energy(x, sigma, cond)
 
   def score(self, x_noisy, sigma, cond):
     """grad_x energy(x, sigma, cond), exact (jax.grad, no score head)."""
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
     _, grad_u = self._phi_and_grad(c_in * x_noisy, context)
-    if self.parameterization == "seed":
+    if self.parameterization in ("seed", "density"):
       return c_in * grad_u
     sigma_b = append_dims(sigma, x_noisy.ndim)
     return (c_skip * x_noisy + c_out * grad_u - x_noisy) / sigma_b**2

@@ -1,0 +1,41 @@
+"""Exact bits/dim of 8-bit images under the "density" ScoreFlowNetwork.
+
+Pixels p in {0..255} are dequantised uniformly, y = p + u, u ~ U[0, 1)^D, and
+mapped to x = y / 128 - 1 in [-1, 1). Then -log P(p) <= E_u[-log q_y(y)] with
+log q_y(y) = log q(x | sigma, c) - D log 128, so the reported bits/dim,
+E[-log q_y(y)] / (D log 2), is an upper bound on the model's discrete NLL.
+q(x | sigma, c) is the flow's normalised conditional density at a small
+sigma (default sigma_min = 0.002), evaluated in one forward pass per image.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
+                 batch_size=500):
+  """Mean bits/dim (class-conditional) and per-image values, numpy."""
+  network = model.network
+  if getattr(network, "parameterization", None) != "density":
+    raise ValueError("bits/dim needs a network with parameterization='density' "
+                     "(flow_type='conditional'); see configs/mnist_density.py")
+
+  @jax.jit
+  def log_prob(params, pix, labels, key):
+    y = pix.astype(jnp.float32) + jax.random.uniform(key, pix.shape)
+    x = y / 128.0 - 1.0
+    cond = model.condition(params, {"cls": labels})
+    s = jnp.full((x.shape[0],), sigma, x.dtype)
+    logq = network.apply({"params": params["network"]}, x, s, cond, method="log_prob")
+    d = math.prod(x.shape[1:])
+    return (-(logq - d * math.log(128.0))) / (d * math.log(2.0))
+
+  out = []
+  for i in range(0, len(images_uint8), batch_size):
+    out.append(np.asarray(log_prob(params, jnp.asarray(images_uint8[i:i + batch_size]),
+                                   jnp.asarray(labels[i:i + batch_size]),
+                                   jax.random.fold_in(key, i))))
+  bpd = np.concatenate(out)
+  return float(bpd.mean()), bpd
