@@ -26,6 +26,9 @@ flags.mark_flags_as_required(["samples", "classifier"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.source == "offline" and not FLAGS.data_dir:
+    raise app.UsageError("--source=offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files.")
   from scoreflow_jax.eval import metrics
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
                                FLAGS.source, FLAGS.num_samples, FLAGS.out, FLAGS.seed)

@@ -20,6 +20,7 @@ setup(
         "pillow>=10.0",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "scipy>=1.11",
     ],
     extras_require={
         # TensorFlow is only needed for the TFDS data source; it is imported lazily.

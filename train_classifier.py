@@ -20,6 +20,9 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.source == "offline" and not FLAGS.data_dir:
+    raise app.UsageError("--source=offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files.")
   from scoreflow_jax.eval import classifier
   classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
                             FLAGS.batch_size, FLAGS.seed)

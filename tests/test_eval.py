@@ -74,6 +74,17 @@ def test_frechet_distance_grows_with_mean_shift():
   np.testing.assert_allclose(fds, [4 * s ** 2 for s in shifts], rtol=1e-6)
 
 
+def test_frechet_distance_ignores_features_constant_in_both_sets():
+  rng = np.random.default_rng(5)
+  a, b = rng.standard_normal((200, 4)), rng.standard_normal((150, 4)) + 0.5
+  fd = metrics.frechet_distance(a, b)
+  pad = lambda x, v: np.concatenate([x, np.full((len(x), 3), v)], 1)
+  np.testing.assert_allclose(metrics.frechet_distance(pad(a, 0.0), pad(b, 0.0)),
+                             fd, rtol=1e-12)
+  np.testing.assert_allclose(metrics.frechet_distance(pad(a, 0.0), pad(b, 2.0)),
+                             fd + 3 * 4.0, rtol=1e-12)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="same D"):
     metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
@@ -214,7 +225,7 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
   with open(tmp_path / "grid_eval.json") as f:
     results = json.load(f)
   assert results["num_samples"] == 150
-  assert results["floor_source"] == "mnist test vs test (disjoint)"
+  assert results["floor_source"] == "mnist test vs disjoint test"
   assert results["classifier_test_accuracy"] == acc
   assert results["class_accuracy"] >= 0.95
   assert results["fd"] < 2.0 * results["fd_floor"]
