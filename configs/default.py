@@ -29,7 +29,8 @@ def get_config():
   sf.model_channels = 128                # embedding and coupling-MLP width
   sf.n_flows = 3                         # affine coupling layers
   sf.activation = "softplus"             # smooth activation of the coupling MLPs
-  sf.parameterization = "preconditioned" # preconditioned | seed (the reference design)
+  sf.parameterization = "preconditioned" # preconditioned | seed (the reference design) | density (exact likelihood)
+  sf.flow_type = "joint"                 # joint: flow over [x, embeddings] | conditional: over x, embeddings as context
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
   model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml
@@ -74,6 +75,7 @@ def get_config():
   training.max_to_keep = 2               # other checkpoints kept
   training.image_every = 1000            # EMA sample grid to images/train (0: off)
   training.images_per_class = 8          # grid columns; one row per class
+  training.time_limit_s = 0.0            # stop (with a checkpoint) after this many seconds of this start (0: no limit)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "heun_edm"          # euler_edm | heun_edm | euler_ancestral | dpmpp_2s_ancestral | dpmpp_2m | lms

@@ -18,9 +18,25 @@ class CheckpointError(RuntimeError):
   pass
 
 
+# Fields added after checkpoints were first written, with the value that
+# reproduces the older behaviour: a checkpoint without them has that value.
+LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint"}}
+
+
+def _signature(model: dict) -> dict:
+  """The model fields parameters depend on: the shared ones and the selected
+  network's own section (other networks' sections do not matter)."""
+  network = model.get("network", "score_flow")
+  sig = {k: v for k, v in model.items() if not isinstance(v, dict) or k == "conditioner"}
+  section = dict(LEGACY_DEFAULTS.get(network, {}))
+  section.update(model.get(network, {}))
+  sig[network] = section
+  return sig
+
+
 def model_signature(config) -> dict:
   """The config fields a checkpoint's parameters depend on."""
-  return json.loads(config.model.to_json())
+  return _signature(json.loads(config.model.to_json()))
 
 
 def _diff(a, b, prefix="model"):
@@ -75,7 +91,7 @@ class Checkpointer:
           "left as it is. To resume from an earlier checkpoint, move this step's "
           f"folder out of {self.directory} (steps there: {self.steps()}), or "
           "start a new run with another --workdir.") from e
-    diffs = _diff(meta.get("model", {}), model_signature(config))
+    diffs = _diff(_signature(meta.get("model", {})), model_signature(config))
     if diffs:
       raise CheckpointError(
           f"the checkpoint in {path} was made with a different model config:\n  "

@@ -116,15 +116,20 @@ def build_model(config) -> DiffusionModel:
         in_channels=sf.in_channels, model_channels=sf.model_channels,
         n_flows=sf.n_flows, activation=sf.activation, num_classes=c.n_classes,
         sigma_data=m.sigma_data, parameterization=sf.parameterization,
-        score_head=sf.score_head,
+        score_head=sf.score_head, flow_type=sf.flow_type,
         dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
     # Fail fast on names the modules would only check when first called.
     from scoreflow_jax.flows import get_activation
-    from scoreflow_jax.networks.score_flow import PARAMETERIZATIONS
+    from scoreflow_jax.networks.score_flow import FLOW_TYPES, PARAMETERIZATIONS
     get_activation(sf.activation)
     if sf.parameterization not in PARAMETERIZATIONS:
       raise ValueError(f"unknown parameterization {sf.parameterization!r}; choose "
                        f"one of {PARAMETERIZATIONS}")
+    if sf.flow_type not in FLOW_TYPES:
+      raise ValueError(f"unknown flow_type {sf.flow_type!r}; choose one of {FLOW_TYPES}")
+    if sf.parameterization == "density" and sf.flow_type != "conditional":
+      raise ValueError("parameterization 'density' needs "
+                       "--config.model.score_flow.flow_type=conditional")
   else:
     network = _build_unet(m.unet)
   return DiffusionModel(

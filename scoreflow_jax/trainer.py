@@ -42,7 +42,7 @@ def validate_config(config):
   for name in ("num_steps", "log_every", "checkpoint_every"):
     if t[name] < 1:
       problems.append(f"training.{name} must be >= 1, got {t[name]}")
-  for name in ("image_every", "keep_every"):
+  for name in ("image_every", "keep_every", "time_limit_s"):
     if t[name] < 0:
       problems.append(f"training.{name} must be >= 0, got {t[name]}")
   if not 0.0 <= config.ema.decay < 1.0:
@@ -199,8 +199,13 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   image_dir = os.path.join(workdir, "images", "train")
   pending, last = [], {}
   step = start_step
+  started = time.perf_counter()
   try:
     while step < t.num_steps:
+      if t.time_limit_s and time.perf_counter() - started > t.time_limit_s:
+        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
+        ckpt.save(state, config)
+        break
       if step == start_step:
         t0 = time.perf_counter()
         state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))

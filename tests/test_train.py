@@ -182,3 +182,16 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match="move it out"):
     trainer.train_and_evaluate(tiny_config(num_steps=10), workdir, log=lambda s: None)
   assert os.path.isdir(state_dir)
+
+
+def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
+  config = tiny_config()
+  old = json.loads(config.model.to_json())
+  del old["unet"]                            # written before the UNet existed
+  del old["score_flow"]["flow_type"]         # written before flow_type existed
+  assert checkpointing._diff(checkpointing._signature(old),
+                             checkpointing.model_signature(config)) == []
+  old["score_flow"]["n_flows"] = 7
+  assert checkpointing._diff(checkpointing._signature(old),
+                             checkpointing.model_signature(config)) == [
+      "model.score_flow.n_flows: checkpoint 7 vs config 2"]
