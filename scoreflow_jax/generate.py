@@ -1,4 +1,5 @@
 """Class-conditional generation with any sampler and optional CFG, plus image grids."""
+import json
 import math
 import os
 import time
@@ -111,7 +112,6 @@ def save_png(grid: np.ndarray, path: str):
 
 def load_run_config(workdir: str):
   """The newest resolved config in ``workdir/configs`` as a ConfigDict."""
-  import json
   import ml_collections
   cdir = os.path.join(workdir, "configs")
   files = sorted(f for f in os.listdir(cdir) if f.endswith(".json")) if os.path.isdir(cdir) else []
@@ -120,7 +120,25 @@ def load_run_config(workdir: str):
         f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
         "(pass the folder printed as 'new run ...' when training started)")
   with open(os.path.join(cdir, files[-1])) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_merge(_defaults(), saved))
+
+
+def _defaults() -> dict:
+  """configs/default.py as a dict: fields added after a run was made get their
+  defaults (which reproduce the older behaviour). Empty outside a checkout."""
+  try:
+    from configs import default
+  except ImportError:
+    return {}
+  return json.loads(default.get_config().to_json())
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
 
 
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
