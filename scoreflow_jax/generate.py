@@ -141,16 +141,12 @@ def _merge(base: dict, over: dict) -> dict:
   return out
 
 
-def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
-                    cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
-                    use_ema=True, batch_size=256, log=print, **sampler_options):
-  """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
+def load_run(workdir: str, step=None, sampler=None, num_steps=None):
+  """A run's model, restored train state (at ``step``, default latest) and config.
 
-  The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
-  Returns the images.
+  ``sampler``/``num_steps`` override the run's sampling config.
   """
   from scoreflow_jax import checkpointing, train_step as ts
-  from scoreflow_jax import data as data_lib
   from scoreflow_jax.model import build_model
   from scoreflow_jax.trainer import _image_shape
   config = load_run_config(workdir)
@@ -161,13 +157,6 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     config.sampling.num_steps = num_steps
-  n_classes = config.model.conditioner.n_classes
-  classes = list(range(n_classes)) if classes is None else list(classes)
-  bad = [c for c in classes if not 0 <= c < n_classes]
-  if bad:
-    raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
-  if num_per_class < 1:
-    raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
   model = build_model(config)
   shape = _image_shape(config)
   tx, _ = ts.make_optimizer(config.optim, config.training.num_steps)
@@ -181,6 +170,28 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"no checkpoint at step {step}; steps there: {ckpt.steps()}")
   state = ckpt.restore(abstract, config, step)
   ckpt.close()
+  return model, state, config
+
+
+def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
+                    cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
+                    use_ema=True, batch_size=256, log=print, **sampler_options):
+  """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
+
+  The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
+  Returns the images.
+  """
+  model, state, config = load_run(workdir, step, sampler, num_steps)
+  n_classes = config.model.conditioner.n_classes
+  classes = list(range(n_classes)) if classes is None else list(classes)
+  bad = [c for c in classes if not 0 <= c < n_classes]
+  if bad:
+    raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
+  if num_per_class < 1:
+    raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+  from scoreflow_jax import train_step as ts
+  from scoreflow_jax.trainer import _image_shape
+  shape = _image_shape(config)
   params = state.ema_params if use_ema else state.params
   labels = np.repeat(np.asarray(classes, np.int32), num_per_class)
   mesh = ts.make_mesh()
