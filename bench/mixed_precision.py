@@ -1,6 +1,6 @@
 """How much bfloat16 matmuls in the coupling networks change the loss and the score.
 
-python bench/mixed_precision.py [--train_steps 0] [--workdir logs/<run>]
+python bench/mixed_precision.py [--workdir logs/<run>] [--data_dir /path/to/mnist]
 Same float32 parameters, same batch and noise; the network is evaluated with
 dtype float32 and bfloat16 (parameters, energy and score stay float32).
 With --workdir, the run's EMA parameters are used (a trained network);
@@ -19,6 +19,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--workdir", default=None)
   p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--data_dir", default=None,
+                 help="MNIST IDX folder: evaluate on test images (default: synthetic data)")
   a = p.parse_args()
   import jax
   import jax.numpy as jnp
@@ -26,7 +28,11 @@ def main():
   from configs import mnist
   from scoreflow_jax import data, model as model_lib
   config = mnist.get_config()
-  images, labels = data.make_synthetic(a.batch, seed=3)
+  if a.data_dir:
+    images, labels = data.load_split("mnist", "test", "offline", a.data_dir)
+    images, labels = images[:a.batch], labels[:a.batch]
+  else:
+    images, labels = data.make_synthetic(a.batch, seed=3)
   batch = data.to_model_batch(images, labels)
   f32 = model_lib.build_model(config)
   if a.workdir:
@@ -43,7 +49,8 @@ def main():
   config.model.score_flow.dtype = "bfloat16"
   bf16 = model_lib.build_model(config)
   keys = jax.random.split(jax.random.key(1), a.batch)
-  out = {"source": a.workdir or "init", "device": jax.devices()[0].device_kind}
+  out = {"params": a.workdir or "init", "data": "mnist test" if a.data_dir else "synthetic",
+         "device": jax.devices()[0].device_kind}
   l32, sig = jax.jit(f32.per_sample_loss)(params, batch, keys)
   l16, _ = jax.jit(bf16.per_sample_loss)(params, batch, keys)
   out["loss_f32"] = float(jnp.mean(l32))

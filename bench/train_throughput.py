@@ -47,11 +47,12 @@ def direct_network(network):
     """F from the flow output itself: no inner gradient."""
 
     def _phi_and_grad(self, u, context):
-      u_flat = u.reshape(u.shape[0], -1)                 # (B, D)
-      z, _ = self.flow.forward_and_log_det(
-          jnp.concatenate([u_flat, context], -1))  # (B, D + K)
-      phi = -jnp.sum(z**2, axis=-1)
-      return phi, z[:, :u_flat.shape[-1]].reshape(u.shape)
+      u_flat = u.reshape(u.shape[0], -1)  # (B, D)
+      if self.flow_type == "joint":       # z: (B, D + K)
+        z, _ = self.flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
+      else:                               # z: (B, D)
+        z, _ = self.flow.forward_and_log_det(u_flat, context)
+      return -jnp.sum(z**2, axis=-1), z[:, :u_flat.shape[-1]].reshape(u.shape)
 
   fields = {f.name: getattr(network, f.name)
             for f in dataclasses.fields(network) if f.name not in ("parent", "name")}
