@@ -24,7 +24,6 @@ def main():
   a = p.parse_args()
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from configs import mnist
   from scoreflow_jax import data, model as model_lib
   config = mnist.get_config()

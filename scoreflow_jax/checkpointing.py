@@ -9,7 +9,6 @@ import json
 import os
 from typing import Optional
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 

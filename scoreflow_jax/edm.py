@@ -5,8 +5,6 @@ Pure functions with the semantics of sgm's ``EDMScaling``, ``EDMWeighting``,
 is elementwise in ``sigma`` and keeps its dtype (float64 in, float64 out when
 x64 is enabled).
 """
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,4 @@
 """Guiders: how a conditional denoiser is combined with its unconditional twin."""
-import jax
 import jax.numpy as jnp
 
 

@@ -5,7 +5,7 @@ method is a pure function of them, so it can be jitted, sharded and
 differentiated like any JAX function.
 """
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,6 @@ batch's loss, ``pmean``s the gradient over every device (of every process),
 and applies AdamW and the EMA. The score inside the loss is ``jax.grad`` of
 the energy, so parameter gradients are second order.
 """
-import functools
 from typing import Any
 
 import flax

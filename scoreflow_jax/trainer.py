@@ -8,12 +8,10 @@ Run folder (the reference design's layout)::
     images/train/         EMA sample grids, one row per class
     events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
 """
-import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from scoreflow_jax import checkpointing, data as data_lib, generate, run_logging

@@ -1,5 +1,4 @@
 """GeneralConditioner + ClassEmbedder: routing, concatenation, CFG dropout."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,8 +1,5 @@
 """Bits/dim of the exact-likelihood model."""
-import math
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

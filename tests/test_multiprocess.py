@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from flax import traverse_util
 
 from configs import mnist

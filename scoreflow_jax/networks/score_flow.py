@@ -27,7 +27,6 @@ import math
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from scoreflow_jax.edm import append_dims, edm_scaling
