@@ -212,6 +212,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         progress.skip()
       else:
         state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+        if t.time_limit_s:
+          # Without this, asynchronous dispatch lets the host queue many steps
+          # ahead and the time limit would be overrun by the queue.
+          jax.block_until_ready(metrics)
       pending.append(metrics)
       step += 1
       at_log = step % t.log_every == 0 or step == t.num_steps
