@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from flax import traverse_util
@@ -33,6 +34,7 @@ def _flat(state):
 def test_two_processes_match_one(tmp_path):
   workdir, out = str(tmp_path / "mp_run"), str(tmp_path / "params")
   port = _free_port()
+  t0 = time.perf_counter()
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), workdir, out, "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -43,6 +45,7 @@ def test_two_processes_match_one(tmp_path):
       if p.poll() is None:
         p.kill()
         p.wait()
+  print(f"two-process phase: {time.perf_counter() - t0:.1f} s")
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
   assert "2 processes" in logs[0] and "4 devices" in logs[0]
