@@ -430,6 +430,14 @@ def make_synthetic(n, image_size=28, channels=1, num_classes=10, seed=0):
   return images.astype(np.uint8), labels
 
 
+def image_shape(config_data):
+  """(H, W, C) of the data set named by ``config.data``."""
+  if config_data.name == "synthetic":
+    return (config_data.image_size, config_data.image_size, config_data.channels)
+  _check_choice("dataset", config_data.name, DATASETS + ("synthetic",))
+  return IMAGE_SHAPES[config_data.name]
+
+
 def load_dataset(config_data):
   """Loads the split named by ``config.data``.
 

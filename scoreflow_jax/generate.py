@@ -147,8 +147,8 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None):
   ``sampler``/``num_steps`` override the run's sampling config.
   """
   from scoreflow_jax import checkpointing, train_step as ts
+  from scoreflow_jax import data as data_lib
   from scoreflow_jax.model import build_model
-  from scoreflow_jax.trainer import _image_shape
   config = load_run_config(workdir)
   if sampler is not None:
     samplers.get_sampler(sampler)
@@ -158,7 +158,7 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None):
       raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     config.sampling.num_steps = num_steps
   model = build_model(config)
-  shape = _image_shape(config)
+  shape = data_lib.image_shape(config.data)
   tx, _ = ts.make_optimizer(config.optim, config.training.num_steps)
   sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
   abstract = jax.eval_shape(
@@ -189,9 +189,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
   if num_per_class < 1:
     raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
-  from scoreflow_jax import train_step as ts
-  from scoreflow_jax.trainer import _image_shape
-  shape = _image_shape(config)
+  from scoreflow_jax import data as data_lib, train_step as ts
+  shape = data_lib.image_shape(config.data)
   params = state.ema_params if use_ema else state.params
   labels = np.repeat(np.asarray(classes, np.int32), num_per_class)
   mesh = ts.make_mesh()

@@ -122,19 +122,13 @@ def sample_grid(model, params, config, mesh, key, step_images_path=None):
   n_classes = config.model.conditioner.n_classes
   per = config.training.images_per_class
   labels = np.repeat(np.arange(n_classes), per)
-  shape = _image_shape(config)
+  shape = data_lib.image_shape(config.data)
   images = generate.generate_images(model, params, config.sampling, labels, key,
                                     shape, config.sampling.batch_size, mesh=mesh)
   grid = generate.image_grid(images, rows=n_classes)
   if step_images_path:
     generate.save_png(grid, step_images_path)
   return grid
-
-
-def _image_shape(config):
-  if config.data.name == "synthetic":
-    return (config.data.image_size, config.data.image_size, config.data.channels)
-  return data_lib.IMAGE_SHAPES[config.data.name]
 
 
 def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
@@ -149,9 +143,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   mesh = ts.make_mesh()
 
   images, labels = data_lib.load_dataset(config.data)
-  if images.shape[1:] != _image_shape(config):
+  if images.shape[1:] != data_lib.image_shape(config.data):
     raise ValueError(f"data images are {images.shape[1:]}, expected "
-                     f"{_image_shape(config)} for data.name={config.data.name!r}")
+                     f"{data_lib.image_shape(config.data)} for data.name={config.data.name!r}")
   net = config.model.network
   if images.shape[-1] != config.model[net].in_channels:
     raise ValueError(f"the data has {images.shape[-1]} channels but "
