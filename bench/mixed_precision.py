@@ -33,17 +33,12 @@ def main():
   else:
     images, labels = data.make_synthetic(a.batch, seed=3)
   batch = data.to_model_batch(images, labels)
-  f32 = model_lib.build_model(config)
   if a.workdir:
     from scoreflow_jax import generate
-    from scoreflow_jax import checkpointing, train_step as ts
-    config = generate.load_run_config(a.workdir)
-    f32 = model_lib.build_model(config)
-    tx, _ = ts.make_optimizer(config.optim, 1)
-    abstract = jax.eval_shape(lambda: ts.create_train_state(f32, tx, jax.random.key(0), batch))
-    ck = checkpointing.Checkpointer(os.path.join(a.workdir, "checkpoints"), read_only=True)
-    params = ck.restore(abstract, config).ema_params
+    f32, state, config = generate.load_run(a.workdir)
+    params = state.ema_params
   else:
+    f32 = model_lib.build_model(config)
     params = f32.init(jax.random.key(0), batch)
   config.model.score_flow.dtype = "bfloat16"
   bf16 = model_lib.build_model(config)
