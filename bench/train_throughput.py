@@ -1,9 +1,10 @@
 """Throughput of the real MNIST train step, exact score or direct flow.
 
 python bench/train_throughput.py --parameterization preconditioned --batch 128
-  [--steps 50] [--warmup 5] [--mode exact|direct] [--devices 1]
+  [--steps 50] [--warmup 5] [--mode exact|direct] [--devices 1] [--config mnist]
 
-Builds configs/mnist.py's model (parameterization overridden) and times
+Builds configs/<config>.py's model (mnist by default; mnist_conv, mnist_unet,
+...; the parameterization is overridden for ScoreFlowNetworks) and times
 train_step.make_train_step on one fixed random MNIST-shaped batch. The first
 call (tracing + XLA compile + one step) is timed apart from the steady state.
 ``--mode direct`` replaces the score grad_u phi by the flow's image features
@@ -35,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument("--devices", type=int, default=1,
                  help="data-parallel devices (on CPU: virtual host devices)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--config", default="mnist",
+                 help="a module of configs/ (mnist, mnist_conv, mnist_unet, ...)")
   return p.parse_args(argv)
 
 
@@ -50,8 +53,10 @@ def direct_network(network):
       u_flat = u.reshape(u.shape[0], -1)  # (B, D)
       if self.flow_type == "joint":       # z: (B, D + K)
         z, _ = self.flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
-      else:                               # z: (B, D)
-        z, _ = self.flow.forward_and_log_det(u_flat, context)
+      else:                               # z: (B, D) or u's shape (conv)
+        z, _ = self.flow.forward_and_log_det(
+            u if self.flow_type == "conv" else u_flat, context)
+        z = z.reshape(z.shape[0], -1)
       return -jnp.sum(z**2, axis=-1), z[:, :u_flat.shape[-1]].reshape(u.shape)
 
   fields = {f.name: getattr(network, f.name)
@@ -59,13 +64,14 @@ def direct_network(network):
   return DirectFlowNetwork(**fields)
 
 
-def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0):
-  """(step_fn, state, batch, n_params) for the MNIST config, placed on a mesh."""
+def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
+          config_name="mnist"):
+  """(step_fn, state, batch, n_params) for an MNIST config, placed on a mesh."""
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
+  import importlib
   import jax
   import numpy as np
-  from configs import mnist
   from scoreflow_jax import train_step as ts
   from scoreflow_jax.model import build_model
 
@@ -74,8 +80,13 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0):
   if jax.device_count() < devices or batch_size % devices:
     raise ValueError(f"need {devices} devices dividing batch {batch_size}; "
                      f"JAX sees {jax.device_count()} (set --devices before JAX starts)")
-  config = mnist.get_config()
-  config.model.score_flow.parameterization = parameterization
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  if config.model.network != "score_flow":
+    if mode == "direct":
+      raise ValueError("--mode direct is for ScoreFlowNetworks")
+    parameterization = "-"
+  else:
+    config.model.score_flow.parameterization = parameterization
   model = build_model(config)
   if mode == "direct":
     model = dataclasses.replace(model, network=direct_network(model.network))
@@ -120,7 +131,8 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   import jax
   step_fn, state, batch, n_params = build(
-      args.parameterization, args.mode, args.batch, args.devices, args.seed)
+      args.parameterization, args.mode, args.batch, args.devices, args.seed,
+      args.config)
   compile_s, times = measure(step_fn, state, batch, args.steps, args.warmup)
   median = statistics.median(times)
   dev = jax.devices()[0]
@@ -131,6 +143,7 @@ def main(argv=None):
       "compile_s": round(compile_s, 3),
       "peak_rss_mb": round(peak_rss_mb(), 1),
       "params": n_params,
+      "config": args.config,
       "parameterization": args.parameterization,
       "mode": args.mode,
       "batch": args.batch,
@@ -139,7 +152,7 @@ def main(argv=None):
       "device": f"{dev.platform}:{dev.device_kind}",
       "jax_version": jax.__version__,
   }
-  print(f"{args.parameterization}/{args.mode} batch {args.batch}: "
+  print(f"{args.config} {args.parameterization}/{args.mode} batch {args.batch}: "
         f"{n_params:,} params | compile {compile_s:.2f} s | median step "
         f"{median * 1e3:.2f} ms | {result['images_per_s']:.0f} img/s | "
         f"peak RSS {result['peak_rss_mb']:.0f} MB")

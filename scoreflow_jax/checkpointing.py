@@ -19,7 +19,8 @@ class CheckpointError(RuntimeError):
 
 # Fields added after checkpoints were first written, with the value that
 # reproduces the older behaviour: a checkpoint without them has that value.
-LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint"}}
+LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
+                                  "conv_blocks": 2}}
 
 
 def _signature(model: dict) -> dict:

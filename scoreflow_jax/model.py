@@ -117,6 +117,7 @@ def build_model(config) -> DiffusionModel:
         n_flows=sf.n_flows, activation=sf.activation, num_classes=c.n_classes,
         sigma_data=m.sigma_data, parameterization=sf.parameterization,
         score_head=sf.score_head, flow_type=sf.flow_type,
+        conv_channels=sf.conv_channels, conv_blocks=sf.conv_blocks,
         dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
     # Fail fast on names the modules would only check when first called.
     from scoreflow_jax.flows import get_activation
@@ -127,9 +128,12 @@ def build_model(config) -> DiffusionModel:
                        f"one of {PARAMETERIZATIONS}")
     if sf.flow_type not in FLOW_TYPES:
       raise ValueError(f"unknown flow_type {sf.flow_type!r}; choose one of {FLOW_TYPES}")
-    if sf.parameterization == "density" and sf.flow_type != "conditional":
+    if sf.parameterization == "density" and sf.flow_type == "joint":
       raise ValueError("parameterization 'density' needs "
-                       "--config.model.score_flow.flow_type=conditional")
+                       "--config.model.score_flow.flow_type=conditional (or conv)")
+    if sf.flow_type == "conv" and (sf.conv_channels < 1 or sf.conv_blocks < 0):
+      raise ValueError("config.model.score_flow.conv_channels must be >= 1 and "
+                       f"conv_blocks >= 0, got {sf.conv_channels} and {sf.conv_blocks}")
   else:
     network = _build_unet(m.unet)
   return DiffusionModel(

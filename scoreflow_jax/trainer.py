@@ -206,10 +206,11 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         progress.skip()
       else:
         state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-        if t.time_limit_s:
-          # Without this, asynchronous dispatch lets the host queue many steps
-          # ahead and the time limit would be overrun by the queue.
-          jax.block_until_ready(metrics)
+        if t.time_limit_s and pending:
+          # Asynchronous dispatch would let the host queue many steps ahead and
+          # overrun the time limit; waiting for the previous step keeps one
+          # step in flight (the device stays busy) and the overrun to one step.
+          jax.block_until_ready(pending[-1])
       pending.append(metrics)
       step += 1
       at_log = step % t.log_every == 0 or step == t.num_steps

@@ -11,14 +11,17 @@ from scoreflow_jax.networks import ScoreFlowNetwork, timestep_embedding
 SIGMA = np.array([0.002, 0.3, 5.0, 80.0])
 
 
-def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2):
-  flow_type = "conditional" if parameterization == "density" else "joint"
-  net = ScoreFlowNetwork(in_channels=channels, model_channels=8, n_flows=2,
+def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2,
+           flow_type=None):
+  if flow_type is None:
+    flow_type = "conditional" if parameterization == "density" else "joint"
+  net = ScoreFlowNetwork(in_channels=channels, model_channels=8, n_flows=3,
                          activation="softplus", num_classes=10, sigma_data=0.5,
                          parameterization=parameterization, score_head=score_head,
-                         flow_type=flow_type)
+                         flow_type=flow_type, conv_channels=4, conv_blocks=1)
   key = jax.random.key(0)
-  x = jax.random.normal(key, (4, 3, 3, channels), dtype)
+  hw = (2, 4) if flow_type == "conv" else (3, 3)  # the conv flow squeezes 2x2 blocks
+  x = jax.random.normal(key, (4, *hw, channels), dtype)
   cond = {"vector": jax.random.normal(jax.random.key(1), (4, 6), dtype)}
   params = net.init(jax.random.key(2), x, jnp.zeros(4, dtype), cond)
   # perturb the zero-initialised coupling outputs so the flow is not trivial
@@ -39,9 +42,11 @@ def test_timestep_embedding_matches_sgm():
   assert timestep_embedding(t, 7).shape == (3, 7)
 
 
-@pytest.mark.parametrize("parameterization", ["seed", "preconditioned", "density"])
-def test_score_is_finite_difference_of_energy(x64, parameterization):
-  net, params, x, cond = _setup(parameterization)
+@pytest.mark.parametrize("parameterization,flow_type", [
+    ("seed", None), ("preconditioned", None), ("density", None),
+    ("preconditioned", "conv"), ("density", "conv")])
+def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type):
+  net, params, x, cond = _setup(parameterization, flow_type=flow_type)
   sigma = jnp.asarray(SIGMA)
   score = net.apply(params, x, sigma, cond, method="score")
   energy = lambda xx: net.apply(params, xx, sigma, cond, method="energy")
@@ -71,8 +76,9 @@ def test_seed_head_changes_output(x64):
   assert not np.allclose(den, x + sigma[:, None, None, None] ** 2 * score)
 
 
-def test_preconditioned_is_exactly_conservative(x64):
-  net, params, x, cond = _setup("preconditioned")
+@pytest.mark.parametrize("flow_type", ["joint", "conv"])
+def test_preconditioned_is_exactly_conservative(x64, flow_type):
+  net, params, x, cond = _setup("preconditioned", flow_type=flow_type)
   sigma = jnp.asarray(SIGMA)
   den = denoise(lambda a, b, c: net.apply(params, a, b, c), x, sigma, cond, 0.5)
   grad_e = jax.grad(lambda xx: jnp.sum(net.apply(params, xx, sigma, cond,
@@ -94,9 +100,11 @@ def test_per_sample_score_independent_of_batch(x64):
   np.testing.assert_allclose(full[1:2], one, rtol=1e-12)
 
 
-@pytest.mark.parametrize("parameterization", ["seed", "preconditioned", "density"])
-def test_parameter_gradients_finite_and_second_order(x64, parameterization):
-  net, params, x, cond = _setup(parameterization)
+@pytest.mark.parametrize("parameterization,flow_type", [
+    ("seed", None), ("preconditioned", None), ("density", None),
+    ("preconditioned", "conv")])
+def test_parameter_gradients_finite_and_second_order(x64, parameterization, flow_type):
+  net, params, x, cond = _setup(parameterization, flow_type=flow_type)
   sigma = jnp.asarray(SIGMA)
 
   def loss(p):
@@ -117,7 +125,8 @@ def test_parameter_gradients_finite_and_second_order(x64, parameterization):
   dd = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
   np.testing.assert_allclose(fd, dd, rtol=1e-6)
   # flow coupling weights get gradient only via the score (second order)
-  flow_g = g["params"]["flow"]["layers_0"]["net"]["Dense_0"]["kernel"]
+  first = "Conv_0" if flow_type == "conv" else "Dense_0"
+  flow_g = g["params"]["flow"]["layers_0"]["net"][first]["kernel"]
   assert float(jnp.max(jnp.abs(flow_g))) > 0
 
 
@@ -137,7 +146,7 @@ def test_float32_default_and_bad_config():
 
 def test_bfloat16_couplings_keep_float32_params_and_score():
   net, params, x, cond = _setup("preconditioned", dtype=jnp.float32)
-  bf16 = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=2, num_classes=10,
+  bf16 = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
                           parameterization="preconditioned", dtype=jnp.bfloat16)
   # the same parameter tree, all float32
   p16 = bf16.init(jax.random.key(2), x, jnp.zeros(4), cond)
@@ -151,8 +160,9 @@ def test_bfloat16_couplings_keep_float32_params_and_score():
   assert 1e-6 < rel < 5e-2, rel  # the bf16 path is really taken, and is close
 
 
-def test_density_denoiser_is_tweedie_and_starts_at_c_skip(x64):
-  net, params, x, cond = _setup("density")
+@pytest.mark.parametrize("flow_type", ["conditional", "conv"])
+def test_density_denoiser_is_tweedie_and_starts_at_c_skip(x64, flow_type):
+  net, params, x, cond = _setup("density", flow_type=flow_type)
   sigma = jnp.asarray(SIGMA)
   den = denoise(lambda a, b, c: net.apply(params, a, b, c), x, sigma, cond, 0.5)
   score = net.apply(params, x, sigma, cond, method="score")
@@ -192,10 +202,36 @@ def test_density_is_normalised(x64, sigma):
 
 def test_density_needs_conditional_flow_and_log_prob_needs_density():
   x = jnp.zeros((1, 2, 2, 1))
-  with pytest.raises(ValueError, match="conditional"):
+  with pytest.raises(ValueError, match="conditional' or 'conv'"):
     ScoreFlowNetwork(parameterization="density").init(jax.random.key(0), x, jnp.zeros(1),
                                                       {"vector": jnp.ones((1, 4))})
   net = ScoreFlowNetwork(model_channels=4, n_flows=1)
   p = net.init(jax.random.key(0), x, jnp.zeros(1), {"vector": jnp.ones((1, 4))})
   with pytest.raises(ValueError, match="density"):
     net.apply(p, x, jnp.ones(1), {"vector": jnp.ones((1, 4))}, method="log_prob")
+
+
+def test_conv_density_is_normalised(x64):
+  """The conv flow's log q(x | sigma, c) integrates to 1: a 2x2x1 image (4-D) on a grid."""
+  sigma = 0.5
+  net = ScoreFlowNetwork(in_channels=1, model_channels=8, n_flows=4, num_classes=10,
+                         parameterization="density", flow_type="conv",
+                         conv_channels=4, conv_blocks=1)
+  cond = {"vector": jnp.ones((1, 6))}
+  params = net.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), jnp.zeros(1), cond)
+  leaves, tree = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [(l + 0.15 * jax.random.normal(k, l.shape)).astype(jnp.float64)
+                                     for l, k in zip(leaves, ks)])
+  scale = np.sqrt(sigma**2 + 0.25)
+  g = np.linspace(-7 * scale, 7 * scale, 29)  # Riemann sums of smooth, fast-decaying
+  pts = np.stack(np.meshgrid(g, g, g, g, indexing="ij"), -1).reshape(-1, 2, 2, 1)
+  n = pts.shape[0]                            # densities converge fast in the spacing
+  logq = jax.jit(lambda p: net.apply(params, p, jnp.full((n,), sigma),
+                                     {"vector": jnp.ones((n, 6))}, method="log_prob"))(
+                                         jnp.asarray(pts))
+  total = float(jnp.sum(jnp.exp(logq))) * (g[1] - g[0]) ** 4
+  np.testing.assert_allclose(total, 1.0, atol=2e-4)
+  gauss = (-0.5 * np.sum(pts.reshape(n, 4) ** 2, 1) / scale**2
+           - 2 * np.log(2 * np.pi * scale**2))
+  assert np.max(np.abs(np.asarray(logq) - gauss)) > 0.1  # not the Gaussian it starts as

@@ -15,13 +15,20 @@ D = c_skip x + c_out F):
   D = c_skip x + c_out grad_u phi(c_in x). D is still x + sigma^2 grad_x E for
   the energy E(x) = -(1 - c_skip)|x|^2 / (2 sigma^2)
   + c_out / (sigma^2 c_in) phi(c_in x), which :meth:`energy` returns.
-* ``"density"`` (exact likelihood, needs ``flow_type="conditional"``): the
+* ``"density"`` (exact likelihood, needs ``flow_type="conditional"`` or
+  ``"conv"``): the
   flow is a bijection of u alone, its coupling networks take [sigma_emb,
   class_emb] as context, and phi(u) = log N(f(u); 0, I) + log|det df/du| is a
   normalised log-density. The energy is log q(x | sigma, c) = phi(c_in x) +
   D log c_in (normalised in x) and D = x + sigma^2 grad_x log q exactly
   (Tweedie). With the identity flow at initialisation, q = N(0, (sigma^2 +
   sd^2) I) and D = c_skip x: EDM's denoiser for data N(0, sd^2 I).
+
+Flow types: ``"joint"`` (the reference design: an MLP coupling flow over
+[u_flat, context]), ``"conditional"`` (the MLP flow over u_flat, context fed
+to the coupling networks) and ``"conv"`` (a conditional flow of the image
+whose coupling networks are CNNs with FiLM context, flows.ConvCouplingFlow).
+The conditional flows use phi = log N(f(u); 0, I) + log|det df/du|.
 """
 import math
 from typing import Any, Optional
@@ -30,10 +37,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scoreflow_jax.edm import append_dims, edm_scaling
-from scoreflow_jax.flows import CouplingFlow, get_activation
+from scoreflow_jax.flows import ConvCouplingFlow, CouplingFlow, get_activation
 
 PARAMETERIZATIONS = ("preconditioned", "seed", "density")
-FLOW_TYPES = ("joint", "conditional")
+FLOW_TYPES = ("joint", "conditional", "conv")
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -88,8 +95,11 @@ class ScoreFlowNetwork(nn.Module):
       it makes D non-conservative, so :meth:`score` ignores it.
     dtype: matmul dtype of the coupling networks (bfloat16 for mixed
       precision); parameters and the energy stay in the input's dtype.
-    flow_type: "joint" (the reference design: the flow runs over [u, context])
-      or "conditional" (over u only, context fed to the coupling networks).
+    flow_type: "joint" (the reference design: the flow runs over [u, context]),
+      "conditional" (over u only, context fed to the coupling networks) or
+      "conv" (over the image u, CNN coupling networks with FiLM context).
+    conv_channels: "conv" only: width of the coupling CNNs.
+    conv_blocks: "conv" only: residual blocks per coupling CNN.
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -101,6 +111,8 @@ class ScoreFlowNetwork(nn.Module):
   score_head: bool = True
   dtype: Optional[Any] = None
   flow_type: str = "joint"
+  conv_channels: int = 64
+  conv_blocks: int = 2
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -109,10 +121,10 @@ class ScoreFlowNetwork(nn.Module):
     if self.flow_type not in FLOW_TYPES:
       raise ValueError(f"unknown flow_type {self.flow_type!r}; choose one of "
                        f"{FLOW_TYPES}")
-    if self.parameterization == "density" and self.flow_type != "conditional":
+    if self.parameterization == "density" and self.flow_type == "joint":
       raise ValueError("parameterization='density' needs flow_type='conditional' "
-                       "(a joint flow over [x, embeddings] has no normalised "
-                       "density of x)")
+                       "or 'conv' (a joint flow over [x, embeddings] has no "
+                       "normalised density of x)")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -122,7 +134,11 @@ class ScoreFlowNetwork(nn.Module):
     self.time_embed = EmbedMLP(4 * mc, mc, "silu")
     if self.num_classes is not None:
       self.label_emb = EmbedMLP(4 * mc, mc, "silu")
-    self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype)
+    if self.flow_type == "conv":
+      self.flow = ConvCouplingFlow(self.n_flows, self.conv_channels, self.conv_blocks,
+                                   self.activation, self.dtype)
+    else:
+      self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype)
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
 
@@ -136,25 +152,26 @@ class ScoreFlowNetwork(nn.Module):
       embs.append(self.label_emb(cond["vector"]))
     return jnp.concatenate(embs, axis=-1)
 
-  def _phi(self, flow, u_flat, context):
-    """The flow energy per sample (B,) of flattened u."""
+  def _phi(self, flow, u, context):
+    """The flow energy per sample (B,) of u (B, H, W, C)."""
+    u_flat = u.reshape(u.shape[0], -1)
     if self.flow_type == "joint":
       z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
       return -jnp.sum(z**2, axis=-1)
-    z, log_det = flow.forward_and_log_det(u_flat, context)
-    d = u_flat.shape[-1]
+    z, log_det = flow.forward_and_log_det(u if self.flow_type == "conv" else u_flat,
+                                          context)
+    z = z.reshape(z.shape[0], -1)
+    d = z.shape[-1]
     return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi) + log_det
 
   def _phi_and_grad(self, u, context):
     """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
-    def summed_phi(flow, u_flat):
-      phi = self._phi(flow, u_flat, context)
+    def summed_phi(flow, u):
+      phi = self._phi(flow, u, context)
       return jnp.sum(phi), phi
 
-    u_flat = u.reshape(u.shape[0], -1)
-    (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u_flat,
-                                       has_aux=True)
-    return phi, grad[0].reshape(u.shape)
+    (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u, has_aux=True)
+    return phi, grad[0]
 
   def __call__(self, x_in, c_noise, cond):
     """sgm network call: x_in = c_in x_noisy (B, ...), c_noise (B,) -> F."""
@@ -188,7 +205,7 @@ class ScoreFlowNetwork(nn.Module):
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
-    phi = self._phi(self.flow, u.reshape(u.shape[0], -1), context)
+    phi = self._phi(self.flow, u, context)
     flat = lambda a: a.reshape(a.shape[0], -1)[:, 0]
     if self.parameterization == "seed":
       return phi
