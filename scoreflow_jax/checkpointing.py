@@ -20,7 +20,8 @@ class CheckpointError(RuntimeError):
 # Fields added after checkpoints were first written, with the value that
 # reproduces the older behaviour: a checkpoint without them has that value.
 LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
-                                  "conv_blocks": 2}}
+                                  "conv_blocks": 2, "max_log_scale": 1.0,
+                                  "energy_scale": False}}
 
 
 def _signature(model: dict) -> dict:

@@ -29,6 +29,13 @@ def get_activation(name: str):
   return ACTIVATIONS[name]
 
 
+def bounded_log_scale(raw, max_log_scale: float = 1.0):
+  """m tanh(raw / m): a smooth bound |log_s| < m (m = 1 is the reference's tanh)."""
+  if max_log_scale == 1.0:
+    return jnp.tanh(raw)
+  return max_log_scale * jnp.tanh(raw / max_log_scale)
+
+
 class CouplingNet(nn.Module):
   """MLP a[, context] -> (log_s, t): two hidden layers, zero-initialised output.
 
@@ -38,6 +45,7 @@ class CouplingNet(nn.Module):
   hidden: int
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   @nn.compact
   def __call__(self, a, context, out_features: int):
@@ -50,24 +58,26 @@ class CouplingNet(nn.Module):
                    bias_init=nn.initializers.zeros)(h)
     raw = raw.astype(a.dtype)
     log_s, t = jnp.split(raw, 2, axis=-1)
-    return jnp.tanh(log_s), t
+    return bounded_log_scale(log_s, self.max_log_scale), t
 
 
 class AffineCoupling(nn.Module):
   """y = reverse([a, b * exp(log_s(a)) + t(a)]) with a, b the two halves.
 
   ``a`` is the first ``D // 2`` features. The reversal (a permutation, log-det
-  0) lets the next layer transform the other half. log_s = tanh(raw) bounds
-  the per-feature scale to [1/e, e]. ``context`` (B, K), if given, is an
+  0) lets the next layer transform the other half. log_s = m tanh(raw / m)
+  bounds the per-feature scale to [e^-m, e^m] (m = ``max_log_scale``, 1 in
+  the reference design). ``context`` (B, K), if given, is an
   extra input of the coupling network only, so the map stays a bijection of
   x for each context (a conditional flow).
   """
   hidden: int
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   def setup(self):
-    self.net = CouplingNet(self.hidden, self.activation, self.dtype)
+    self.net = CouplingNet(self.hidden, self.activation, self.dtype, self.max_log_scale)
 
   def forward_and_log_det(self, x, context=None):
     na = x.shape[-1] // 2
@@ -94,11 +104,15 @@ class CouplingFlow(nn.Module):
   hidden: int
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   def setup(self):
     if self.n_layers < 1:
       raise ValueError(f"a flow needs n_layers >= 1, got {self.n_layers}")
-    self.layers = [AffineCoupling(self.hidden, self.activation, self.dtype)
+    if self.max_log_scale <= 0:
+      raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
+    self.layers = [AffineCoupling(self.hidden, self.activation, self.dtype,
+                                  self.max_log_scale)
                    for _ in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):
@@ -177,6 +191,7 @@ class ConvCouplingNet(nn.Module):
   num_blocks: int = 2
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   @nn.compact
   def __call__(self, a, context, out_channels: int):
@@ -196,7 +211,7 @@ class ConvCouplingNet(nn.Module):
                bias_init=nn.initializers.zeros)(act(h))
     raw = raw.astype(a.dtype)
     log_s, t = jnp.split(raw, 2, axis=-1)
-    return jnp.tanh(log_s), t
+    return bounded_log_scale(log_s, self.max_log_scale), t
 
 
 class ConvAffineCoupling(nn.Module):
@@ -211,9 +226,11 @@ class ConvAffineCoupling(nn.Module):
   num_blocks: int = 2
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   def setup(self):
-    self.net = ConvCouplingNet(self.hidden, self.num_blocks, self.activation, self.dtype)
+    self.net = ConvCouplingNet(self.hidden, self.num_blocks, self.activation, self.dtype,
+                               self.max_log_scale)
 
   def _apply(self, x, context, sign):
     kept, moved = channel_split(x.shape[-1], self.index)
@@ -244,12 +261,15 @@ class ConvCouplingFlow(nn.Module):
   num_blocks: int = 2
   activation: str = "softplus"
   dtype: Optional[Any] = None
+  max_log_scale: float = 1.0
 
   def setup(self):
     if self.n_layers < 1:
       raise ValueError(f"a flow needs n_layers >= 1, got {self.n_layers}")
+    if self.max_log_scale <= 0:
+      raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
     self.layers = [ConvAffineCoupling(i, self.hidden, self.num_blocks,
-                                      self.activation, self.dtype)
+                                      self.activation, self.dtype, self.max_log_scale)
                    for i in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):

@@ -242,3 +242,36 @@ def test_bad_samples_files_are_clear(tmp_path):
   np.savez(out_of_range, images=np.full((2, 28, 28, 1), 255.0), labels=[0, 1])
   with pytest.raises(ValueError, match=r"range\.npz.*\[-1, 1\]"):
     metrics.load_samples(out_of_range)
+
+
+def test_linear_floor_matches_monte_carlo_of_the_linear_denoiser():
+  """The closed form equals the simulated loss of D(x) = m + S (S + s^2)^-1 (x - m)
+  on non-Gaussian data (only the first two moments matter)."""
+  from scoreflow_jax.eval import linear_floor
+  rng = np.random.default_rng(0)
+  mix = rng.normal(size=(4, 4))
+  x0 = rng.uniform(-1, 1, (200_000, 4)) @ mix.T + np.array([0.3, -0.2, 0.0, 1.0])
+  m, cov = x0.mean(0), np.cov(x0, rowvar=False)
+  w = linear_floor.covariance_eigenvalues(x0)
+  sigmas = np.array([0.05, 0.7, 3.0])
+  closed = linear_floor.linear_denoiser_loss(w, sigmas, 0.5)
+  for s, expected in zip(sigmas, closed):
+    x = x0 + s * rng.standard_normal(x0.shape)
+    gain = cov @ np.linalg.inv(cov + s**2 * np.eye(4))
+    den = m + (x - m) @ gain.T
+    mc = (s**2 + 0.25) / (s * 0.5) ** 2 * np.mean((den - x0) ** 2)
+    np.testing.assert_allclose(mc, expected, rtol=0.02)
+    worse = m + (x - m) @ (1.1 * gain).T  # any other linear map does worse
+    assert (s**2 + 0.25) / (s * 0.5) ** 2 * np.mean((worse - x0) ** 2) > mc
+
+
+def test_linear_floor_knowing_the_class_helps():
+  from scoreflow_jax.eval import linear_floor
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, 3000)
+  x = rng.normal(size=(3000, 6)) * 0.3 + 2.0 * labels[:, None]  # classes differ by mean
+  out = linear_floor.linear_floor(x, labels, ucg_rate=0.25, num_sigmas=2000)
+  for k in out["training_mix"]:
+    c, u, mixed = (out[n][k] for n in ("class_conditional", "unconditional", "training_mix"))
+    assert c < u
+    np.testing.assert_allclose(mixed, 0.75 * c + 0.25 * u, rtol=1e-12)

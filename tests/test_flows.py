@@ -109,3 +109,18 @@ def test_conv_flow_inverse_and_log_det(x64, context_dim):
   # samples stay independent (GroupNorm is per sample)
   y_one, _ = flow.apply(params, x[1:2], None if ctx is None else ctx[1:2])
   np.testing.assert_allclose(y[1:2], y_one, rtol=1e-12)
+
+
+@pytest.mark.parametrize("max_log_scale", [1.0, 3.0])
+def test_log_scale_bound(max_log_scale):
+  """Huge coupling outputs saturate at |log_s| = m per transformed feature."""
+  flow = flows.CouplingFlow(n_layers=2, hidden=8, max_log_scale=max_log_scale)
+  x = jax.random.normal(jax.random.key(0), (3, 6))
+  params = _randomize(flow.init(jax.random.key(1), x), jax.random.key(2), scale=300.0)
+  _, log_det = flow.apply(params, x)
+  bound = max_log_scale * 2 * 3  # 2 layers x 3 transformed features
+  assert np.all(np.abs(log_det) <= bound + 1e-4)
+  assert np.max(np.abs(log_det)) > 0.5 * bound  # saturates near the bound
+  np.testing.assert_allclose(flows.bounded_log_scale(jnp.asarray(0.3)), np.tanh(0.3))
+  with pytest.raises(ValueError, match="max_log_scale"):
+    flows.CouplingFlow(n_layers=1, hidden=4, max_log_scale=0.0).init(jax.random.key(0), x)

@@ -12,13 +12,13 @@ SIGMA = np.array([0.002, 0.3, 5.0, 80.0])
 
 
 def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2,
-           flow_type=None):
+           flow_type=None, **kw):
   if flow_type is None:
     flow_type = "conditional" if parameterization == "density" else "joint"
   net = ScoreFlowNetwork(in_channels=channels, model_channels=8, n_flows=3,
                          activation="softplus", num_classes=10, sigma_data=0.5,
                          parameterization=parameterization, score_head=score_head,
-                         flow_type=flow_type, conv_channels=4, conv_blocks=1)
+                         flow_type=flow_type, conv_channels=4, conv_blocks=1, **kw)
   key = jax.random.key(0)
   hw = (2, 4) if flow_type == "conv" else (3, 3)  # the conv flow squeezes 2x2 blocks
   x = jax.random.normal(key, (4, *hw, channels), dtype)
@@ -42,11 +42,12 @@ def test_timestep_embedding_matches_sgm():
   assert timestep_embedding(t, 7).shape == (3, 7)
 
 
-@pytest.mark.parametrize("parameterization,flow_type", [
-    ("seed", None), ("preconditioned", None), ("density", None),
-    ("preconditioned", "conv"), ("density", "conv")])
-def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type):
-  net, params, x, cond = _setup(parameterization, flow_type=flow_type)
+@pytest.mark.parametrize("parameterization,flow_type,kw", [
+    ("seed", None, {}), ("preconditioned", None, {}), ("density", None, {}),
+    ("preconditioned", "conv", {}), ("density", "conv", {}),
+    ("preconditioned", None, dict(energy_scale=True, max_log_scale=3.0))])
+def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type, kw):
+  net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
   score = net.apply(params, x, sigma, cond, method="score")
   energy = lambda xx: net.apply(params, xx, sigma, cond, method="energy")
@@ -76,9 +77,10 @@ def test_seed_head_changes_output(x64):
   assert not np.allclose(den, x + sigma[:, None, None, None] ** 2 * score)
 
 
-@pytest.mark.parametrize("flow_type", ["joint", "conv"])
-def test_preconditioned_is_exactly_conservative(x64, flow_type):
-  net, params, x, cond = _setup("preconditioned", flow_type=flow_type)
+@pytest.mark.parametrize("flow_type,kw", [("joint", {}), ("conv", {}),
+                                         ("joint", dict(energy_scale=True))])
+def test_preconditioned_is_exactly_conservative(x64, flow_type, kw):
+  net, params, x, cond = _setup("preconditioned", flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
   den = denoise(lambda a, b, c: net.apply(params, a, b, c), x, sigma, cond, 0.5)
   grad_e = jax.grad(lambda xx: jnp.sum(net.apply(params, xx, sigma, cond,
@@ -100,11 +102,11 @@ def test_per_sample_score_independent_of_batch(x64):
   np.testing.assert_allclose(full[1:2], one, rtol=1e-12)
 
 
-@pytest.mark.parametrize("parameterization,flow_type", [
-    ("seed", None), ("preconditioned", None), ("density", None),
-    ("preconditioned", "conv")])
-def test_parameter_gradients_finite_and_second_order(x64, parameterization, flow_type):
-  net, params, x, cond = _setup(parameterization, flow_type=flow_type)
+@pytest.mark.parametrize("parameterization,flow_type,kw", [
+    ("seed", None, {}), ("preconditioned", None, {}), ("density", None, {}),
+    ("preconditioned", "conv", {}), ("preconditioned", None, dict(energy_scale=True))])
+def test_parameter_gradients_finite_and_second_order(x64, parameterization, flow_type, kw):
+  net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
 
   def loss(p):
@@ -235,3 +237,24 @@ def test_conv_density_is_normalised(x64):
   gauss = (-0.5 * np.sum(pts.reshape(n, 4) ** 2, 1) / scale**2
            - 2 * np.log(2 * np.pi * scale**2))
   assert np.max(np.abs(np.asarray(logq) - gauss)) > 0.1  # not the Gaussian it starts as
+
+
+def test_energy_scale_starts_neutral_and_scales_the_score(x64):
+  net, params, x, cond = _setup("preconditioned")
+  scaled = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
+                            energy_scale=True)
+  p2 = scaled.init(jax.random.key(0), x, jnp.zeros(4), cond)
+  p2 = jax.tree.map(lambda p: p.astype(jnp.float64), p2)
+  p2["params"].update({k: v for k, v in params["params"].items()})  # same flow
+  sigma = jnp.asarray(SIGMA)
+  # zero-initialised temperature: exactly the network without it
+  np.testing.assert_allclose(scaled.apply(p2, x, jnp.log(sigma), cond),
+                             net.apply(params, x, jnp.log(sigma), cond), rtol=1e-12)
+  # a bias b multiplies the energy and the flow gradient F by exp(b)
+  p2["params"]["temperature"]["bias"] = jnp.asarray([0.7])
+  np.testing.assert_allclose(scaled.apply(p2, x, jnp.log(sigma), cond),
+                             np.exp(0.7) * net.apply(params, x, jnp.log(sigma), cond),
+                             rtol=1e-12)
+  with pytest.raises(ValueError, match="normalisation"):
+    ScoreFlowNetwork(parameterization="density", flow_type="conditional",
+                     energy_scale=True).init(jax.random.key(0), x, jnp.zeros(4), cond)

@@ -100,6 +100,12 @@ class ScoreFlowNetwork(nn.Module):
       "conv" (over the image u, CNN coupling networks with FiLM context).
     conv_channels: "conv" only: width of the coupling CNNs.
     conv_blocks: "conv" only: residual blocks per coupling CNN.
+    max_log_scale: bound m of each coupling's log-scale, m tanh(raw / m)
+      (1: the reference design's tanh, scales in [1/e, e] per layer).
+    energy_scale: multiply phi by exp(tau(sigma, class)), tau a learnt linear
+      function of the context (zero at initialisation): a per-noise-level
+      temperature. Constant in x, so the score stays exact; not with
+      "density" (it would break the normalisation).
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -113,6 +119,8 @@ class ScoreFlowNetwork(nn.Module):
   flow_type: str = "joint"
   conv_channels: int = 64
   conv_blocks: int = 2
+  max_log_scale: float = 1.0
+  energy_scale: bool = False
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -125,6 +133,9 @@ class ScoreFlowNetwork(nn.Module):
       raise ValueError("parameterization='density' needs flow_type='conditional' "
                        "or 'conv' (a joint flow over [x, embeddings] has no "
                        "normalised density of x)")
+    if self.parameterization == "density" and self.energy_scale:
+      raise ValueError("energy_scale=True is not allowed with parameterization="
+                       "'density': a temperature breaks the normalisation")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -136,9 +147,13 @@ class ScoreFlowNetwork(nn.Module):
       self.label_emb = EmbedMLP(4 * mc, mc, "silu")
     if self.flow_type == "conv":
       self.flow = ConvCouplingFlow(self.n_flows, self.conv_channels, self.conv_blocks,
-                                   self.activation, self.dtype)
+                                   self.activation, self.dtype, self.max_log_scale)
     else:
-      self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype)
+      self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype,
+                               self.max_log_scale)
+    if self.energy_scale:
+      self.temperature = nn.Dense(1, kernel_init=nn.initializers.zeros,
+                                  bias_init=nn.initializers.zeros)
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
 
@@ -164,6 +179,12 @@ class ScoreFlowNetwork(nn.Module):
     d = z.shape[-1]
     return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi) + log_det
 
+  def _energy_scale(self, context):
+    """exp(tau(context)) (B,), or None without ``energy_scale``."""
+    if not self.energy_scale:
+      return None
+    return jnp.exp(self.temperature(context)[:, 0])
+
   def _phi_and_grad(self, u, context):
     """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
     def summed_phi(flow, u):
@@ -171,7 +192,11 @@ class ScoreFlowNetwork(nn.Module):
       return jnp.sum(phi), phi
 
     (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u, has_aux=True)
-    return phi, grad[0]
+    grad = grad[0]
+    scale = self._energy_scale(context)
+    if scale is not None:  # constant in u: grad(scale phi) = scale grad(phi)
+      phi, grad = scale * phi, append_dims(scale, u.ndim) * grad
+    return phi, grad
 
   def __call__(self, x_in, c_noise, cond):
     """sgm network call: x_in = c_in x_noisy (B, ...), c_noise (B,) -> F."""
@@ -206,6 +231,9 @@ class ScoreFlowNetwork(nn.Module):
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
     phi = self._phi(self.flow, u, context)
+    scale = self._energy_scale(context)
+    if scale is not None:
+      phi = scale * phi
     flat = lambda a: a.reshape(a.shape[0], -1)[:, 0]
     if self.parameterization == "seed":
       return phi
