@@ -51,8 +51,10 @@ def direct_network(network):
 
     def _phi_and_grad(self, u, context):
       u_flat = u.reshape(u.shape[0], -1)  # (B, D)
-      if self.flow_type == "joint":       # z: (B, D + K)
-        z, _ = self.flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
+      if self.flow_type.startswith("joint"):  # z: (B, D + K)
+        z, _ = self.flow.forward_and_log_det(
+            jnp.concatenate([u_flat, context], -1),
+            context if self.flow_type == "joint_context" else None)
       else:                               # z: (B, D) or u's shape (conv)
         z, _ = self.flow.forward_and_log_det(
             u if self.flow_type == "conv" else u_flat, context)

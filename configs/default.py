@@ -30,11 +30,12 @@ def get_config():
   sf.n_flows = 3                         # affine coupling layers
   sf.activation = "softplus"             # smooth activation of the coupling MLPs
   sf.parameterization = "preconditioned" # preconditioned | seed (the reference design) | density (exact likelihood)
-  sf.flow_type = "joint"                 # joint: flow over [x, embeddings] | conditional: over x, embeddings as context | conv: image flow, CNN couplings
+  sf.flow_type = "joint"                 # joint: flow over [x, embeddings] | joint_context: the same, embeddings also fed to every coupling | conditional: over x, embeddings as context | conv: image flow, CNN couplings
   sf.conv_channels = 64                  # conv flow only: width of the coupling CNNs
   sf.conv_blocks = 2                     # conv flow only: residual blocks per coupling CNN
   sf.max_log_scale = 1.0                 # coupling log-scales bounded by m tanh(raw / m) (1: the reference design)
   sf.energy_scale = False                # learnt per-(sigma, class) temperature exp(tau) of the energy (not with density)
+  sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
   model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml

@@ -98,6 +98,22 @@ class AffineCoupling(nn.Module):
     return self.forward_and_log_det(x, context)
 
 
+def _check_flow(n_layers: int, max_log_scale: float):
+  if n_layers < 1:
+    raise ValueError(f"a flow needs n_layers >= 1, got {n_layers}")
+  if max_log_scale <= 0:
+    raise ValueError(f"max_log_scale must be > 0, got {max_log_scale}")
+
+
+def _compose(layers, x, context, inverse: bool):
+  """Runs ``layers`` forward (or inverse, in reverse order); log-dets add."""
+  log_det = jnp.zeros(x.shape[:1], x.dtype)
+  for layer in (reversed(layers) if inverse else layers):
+    x, ld = (layer.inverse_and_log_det if inverse else layer.forward_and_log_det)(x, context)
+    log_det = log_det + ld
+  return x, log_det
+
+
 class CouplingFlow(nn.Module):
   """``n_layers`` affine couplings composed; log-dets add."""
   n_layers: int
@@ -107,31 +123,19 @@ class CouplingFlow(nn.Module):
   max_log_scale: float = 1.0
 
   def setup(self):
-    if self.n_layers < 1:
-      raise ValueError(f"a flow needs n_layers >= 1, got {self.n_layers}")
-    if self.max_log_scale <= 0:
-      raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
+    _check_flow(self.n_layers, self.max_log_scale)
     self.layers = [AffineCoupling(self.hidden, self.activation, self.dtype,
                                   self.max_log_scale)
                    for _ in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):
-    log_det = jnp.zeros(x.shape[:-1], x.dtype)
-    for layer in self.layers:
-      x, ld = layer.forward_and_log_det(x, context)
-      log_det = log_det + ld
-    return x, log_det
+    return _compose(self.layers, x, context, inverse=False)
 
   def inverse_and_log_det(self, y, context=None):
-    log_det = jnp.zeros(y.shape[:-1], y.dtype)
-    for layer in reversed(self.layers):
-      y, ld = layer.inverse_and_log_det(y, context)
-      log_det = log_det + ld
-    return y, log_det
+    return _compose(self.layers, y, context, inverse=True)
 
   def __call__(self, x, context=None):
     return self.forward_and_log_det(x, context)
-
 
 def squeeze(x):
   """Space-to-depth: (B, H, W, C) -> (B, H/2, W/2, 4C), a permutation (log-det 0)."""
@@ -264,28 +268,17 @@ class ConvCouplingFlow(nn.Module):
   max_log_scale: float = 1.0
 
   def setup(self):
-    if self.n_layers < 1:
-      raise ValueError(f"a flow needs n_layers >= 1, got {self.n_layers}")
-    if self.max_log_scale <= 0:
-      raise ValueError(f"max_log_scale must be > 0, got {self.max_log_scale}")
+    _check_flow(self.n_layers, self.max_log_scale)
     self.layers = [ConvAffineCoupling(i, self.hidden, self.num_blocks,
                                       self.activation, self.dtype, self.max_log_scale)
                    for i in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):
-    h = squeeze(x)
-    log_det = jnp.zeros(x.shape[:1], x.dtype)
-    for layer in self.layers:
-      h, ld = layer.forward_and_log_det(h, context)
-      log_det = log_det + ld
+    h, log_det = _compose(self.layers, squeeze(x), context, inverse=False)
     return unsqueeze(h), log_det
 
   def inverse_and_log_det(self, y, context=None):
-    h = squeeze(y)
-    log_det = jnp.zeros(y.shape[:1], y.dtype)
-    for layer in reversed(self.layers):
-      h, ld = layer.inverse_and_log_det(h, context)
-      log_det = log_det + ld
+    h, log_det = _compose(self.layers, squeeze(y), context, inverse=True)
     return unsqueeze(h), log_det
 
   def __call__(self, x, context=None):

@@ -25,11 +25,15 @@ def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2,
   cond = {"vector": jax.random.normal(jax.random.key(1), (4, 6), dtype)}
   params = net.init(jax.random.key(2), x, jnp.zeros(4, dtype), cond)
   # perturb the zero-initialised coupling outputs so the flow is not trivial
+  return net, _perturb(params, jax.random.key(3), 0.2, dtype), x, cond
+
+
+def _perturb(params, key, scale, dtype):
+  """params + scale * N(0, 1), cast to dtype."""
   leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(3), len(leaves))
-  params = jax.tree.unflatten(tree, [
-      (l + 0.2 * jax.random.normal(k, l.shape)).astype(dtype) for l, k in zip(leaves, ks)])
-  return net, params, x, cond
+  ks = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [(l + scale * jax.random.normal(k, l.shape)).astype(dtype)
+                                   for l, k in zip(leaves, ks)])
 
 
 def test_timestep_embedding_matches_sgm():
@@ -45,7 +49,10 @@ def test_timestep_embedding_matches_sgm():
 @pytest.mark.parametrize("parameterization,flow_type,kw", [
     ("seed", None, {}), ("preconditioned", None, {}), ("density", None, {}),
     ("preconditioned", "conv", {}), ("density", "conv", {}),
-    ("preconditioned", None, dict(energy_scale=True, max_log_scale=3.0))])
+    ("preconditioned", None, dict(energy_scale=True, max_log_scale=3.0)),
+    ("preconditioned", None, dict(energy_weights=True)),
+    ("preconditioned", "conv", dict(energy_weights=True)),
+    ("preconditioned", "joint_context", {}), ("seed", "joint_context", {})])
 def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type, kw):
   net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
@@ -78,7 +85,9 @@ def test_seed_head_changes_output(x64):
 
 
 @pytest.mark.parametrize("flow_type,kw", [("joint", {}), ("conv", {}),
-                                         ("joint", dict(energy_scale=True))])
+                                         ("joint", dict(energy_scale=True)),
+                                         ("joint", dict(energy_weights=True)),
+                                         ("joint_context", {})])
 def test_preconditioned_is_exactly_conservative(x64, flow_type, kw):
   net, params, x, cond = _setup("preconditioned", flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
@@ -104,7 +113,9 @@ def test_per_sample_score_independent_of_batch(x64):
 
 @pytest.mark.parametrize("parameterization,flow_type,kw", [
     ("seed", None, {}), ("preconditioned", None, {}), ("density", None, {}),
-    ("preconditioned", "conv", {}), ("preconditioned", None, dict(energy_scale=True))])
+    ("preconditioned", "conv", {}), ("preconditioned", None, dict(energy_scale=True)),
+    ("preconditioned", None, dict(energy_weights=True)),
+    ("preconditioned", "joint_context", {})])
 def test_parameter_gradients_finite_and_second_order(x64, parameterization, flow_type, kw):
   net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
@@ -184,10 +195,7 @@ def test_density_is_normalised(x64, sigma):
                          parameterization="density", flow_type="conditional")
   cond = {"vector": jnp.ones((1, 6))}
   params = net.init(jax.random.key(0), jnp.zeros((1, 1, 1, 2)), jnp.zeros(1), cond)
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [(l + 0.15 * jax.random.normal(k, l.shape)).astype(jnp.float64)
-                                     for l, k in zip(leaves, ks)])
+  params = _perturb(params, jax.random.key(1), 0.15, jnp.float64)
   scale = np.sqrt(sigma**2 + 0.25)  # q is about N(0, scale^2) before training
   g = np.linspace(-9 * scale, 9 * scale, 601)
   xx, yy = np.meshgrid(g, g, indexing="ij")
@@ -221,10 +229,7 @@ def test_conv_density_is_normalised(x64):
                          conv_channels=4, conv_blocks=1)
   cond = {"vector": jnp.ones((1, 6))}
   params = net.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), jnp.zeros(1), cond)
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [(l + 0.15 * jax.random.normal(k, l.shape)).astype(jnp.float64)
-                                     for l, k in zip(leaves, ks)])
+  params = _perturb(params, jax.random.key(1), 0.15, jnp.float64)
   scale = np.sqrt(sigma**2 + 0.25)
   g = np.linspace(-7 * scale, 7 * scale, 29)  # Riemann sums of smooth, fast-decaying
   pts = np.stack(np.meshgrid(g, g, g, g, indexing="ij"), -1).reshape(-1, 2, 2, 1)
@@ -258,3 +263,25 @@ def test_energy_scale_starts_neutral_and_scales_the_score(x64):
   with pytest.raises(ValueError, match="normalisation"):
     ScoreFlowNetwork(parameterization="density", flow_type="conditional",
                      energy_scale=True).init(jax.random.key(0), x, jnp.zeros(4), cond)
+
+
+def test_energy_weights_start_at_the_reference_energy_and_can_change_sign(x64):
+  net, params, x, cond = _setup("preconditioned")
+  weighted = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
+                              energy_weights=True)
+  p2 = jax.tree.map(lambda p: p.astype(jnp.float64),
+                    weighted.init(jax.random.key(0), x, jnp.zeros(4), cond))
+  p2["params"].update(params["params"])
+  sigma = jnp.asarray(SIGMA)
+  energy = lambda n, p, xx: n.apply(p, xx, sigma, cond, method="energy")
+  np.testing.assert_allclose(energy(weighted, p2, x), energy(net, params, x), rtol=1e-12)
+  # bias -2: a = -1 for every feature, so phi flips sign: -|z|^2 -> +|z|^2
+  bias = p2["params"]["weight_net"]["Dense_0"]["bias"]
+  p2["params"]["weight_net"]["Dense_0"]["bias"] = jnp.full_like(bias, -2.0)
+  assert bias.shape == (3 * 3 * 2 + 16,)  # image features + context (2 x 8) of the joint z
+  f_ref = net.apply(params, x, jnp.log(sigma), cond)
+  f_flip = weighted.apply(p2, x, jnp.log(sigma), cond)
+  np.testing.assert_allclose(f_flip, -f_ref, rtol=1e-12)
+  with pytest.raises(ValueError, match="normalisation"):
+    ScoreFlowNetwork(parameterization="density", flow_type="conditional",
+                     energy_weights=True).init(jax.random.key(0), x, jnp.zeros(4), cond)

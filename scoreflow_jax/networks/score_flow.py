@@ -25,7 +25,8 @@ D = c_skip x + c_out F):
   sd^2) I) and D = c_skip x: EDM's denoiser for data N(0, sd^2 I).
 
 Flow types: ``"joint"`` (the reference design: an MLP coupling flow over
-[u_flat, context]), ``"conditional"`` (the MLP flow over u_flat, context fed
+[u_flat, context]), ``"joint_context"`` (the same flow and energy, the
+context also fed to every coupling network), ``"conditional"`` (the MLP flow over u_flat, context fed
 to the coupling networks) and ``"conv"`` (a conditional flow of the image
 whose coupling networks are CNNs with FiLM context, flows.ConvCouplingFlow).
 The conditional flows use phi = log N(f(u); 0, I) + log|det df/du|.
@@ -40,7 +41,8 @@ from scoreflow_jax.edm import append_dims, edm_scaling
 from scoreflow_jax.flows import ConvCouplingFlow, CouplingFlow, get_activation
 
 PARAMETERIZATIONS = ("preconditioned", "seed", "density")
-FLOW_TYPES = ("joint", "conditional", "conv")
+FLOW_TYPES = ("joint", "joint_context", "conditional", "conv")
+JOINT = ("joint", "joint_context")
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -80,6 +82,15 @@ class ScoreHead(nn.Module):
     return nn.Dense(out_features)(h)
 
 
+class EnergyWeights(nn.Module):
+  """a = 1 + Dense(context): per-feature weights of |z|^2, all 1 at initialisation."""
+
+  @nn.compact
+  def __call__(self, context, features: int):
+    return 1.0 + nn.Dense(features, kernel_init=nn.initializers.zeros,
+                          bias_init=nn.initializers.zeros)(context)
+
+
 class ScoreFlowNetwork(nn.Module):
   """The reference design's ScoreFlowNetwork, in sgm's network signature.
 
@@ -96,6 +107,8 @@ class ScoreFlowNetwork(nn.Module):
     dtype: matmul dtype of the coupling networks (bfloat16 for mixed
       precision); parameters and the energy stay in the input's dtype.
     flow_type: "joint" (the reference design: the flow runs over [u, context]),
+      "joint_context" (the same, the context also an input of every coupling
+      network: in "joint" the first coupling never sees it),
       "conditional" (over u only, context fed to the coupling networks) or
       "conv" (over the image u, CNN coupling networks with FiLM context).
     conv_channels: "conv" only: width of the coupling CNNs.
@@ -106,6 +119,13 @@ class ScoreFlowNetwork(nn.Module):
       function of the context (zero at initialisation): a per-noise-level
       temperature. Constant in x, so the score stays exact; not with
       "density" (it would break the normalisation).
+    energy_weights: signed per-feature weights of the energy: -sum_k a_k z_k^2
+      (joint) or -sum_k a_k z_k^2 / 2 + log|det| (conditional, conv), with
+      a = 1 + W context (zero-initialised, so the reference energy at the
+      start, and any sign): lets the energy curve upwards along some
+      directions, which -|z|^2 of a near-linear flow cannot (see
+      docs/results.md). Constant in x: the score stays exact. Not with
+      "density".
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -121,6 +141,7 @@ class ScoreFlowNetwork(nn.Module):
   conv_blocks: int = 2
   max_log_scale: float = 1.0
   energy_scale: bool = False
+  energy_weights: bool = False
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -129,13 +150,13 @@ class ScoreFlowNetwork(nn.Module):
     if self.flow_type not in FLOW_TYPES:
       raise ValueError(f"unknown flow_type {self.flow_type!r}; choose one of "
                        f"{FLOW_TYPES}")
-    if self.parameterization == "density" and self.flow_type == "joint":
+    if self.parameterization == "density" and self.flow_type in JOINT:
       raise ValueError("parameterization='density' needs flow_type='conditional' "
                        "or 'conv' (a joint flow over [x, embeddings] has no "
                        "normalised density of x)")
-    if self.parameterization == "density" and self.energy_scale:
-      raise ValueError("energy_scale=True is not allowed with parameterization="
-                       "'density': a temperature breaks the normalisation")
+    if self.parameterization == "density" and (self.energy_scale or self.energy_weights):
+      raise ValueError("energy_scale / energy_weights are not allowed with "
+                       "parameterization='density': they break the normalisation")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -154,6 +175,8 @@ class ScoreFlowNetwork(nn.Module):
     if self.energy_scale:
       self.temperature = nn.Dense(1, kernel_init=nn.initializers.zeros,
                                   bias_init=nn.initializers.zeros)
+    if self.energy_weights:
+      self.weight_net = EnergyWeights()
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
 
@@ -167,17 +190,31 @@ class ScoreFlowNetwork(nn.Module):
       embs.append(self.label_emb(cond["vector"]))
     return jnp.concatenate(embs, axis=-1)
 
-  def _phi(self, flow, u, context):
-    """The flow energy per sample (B,) of u (B, H, W, C)."""
+  def _phi(self, flow, u, context, weights=None):
+    """The flow energy per sample (B,) of u (B, H, W, C).
+
+    ``weights`` (B, features of z) replaces the unit weights of |z|^2."""
     u_flat = u.reshape(u.shape[0], -1)
-    if self.flow_type == "joint":
-      z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1))
-      return -jnp.sum(z**2, axis=-1)
+    sq = (lambda z: jnp.sum(z**2, axis=-1)) if weights is None else (
+        lambda z: jnp.sum(weights * z**2, axis=-1))
+    if self.flow_type in JOINT:
+      z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1),
+                                      context if self.flow_type == "joint_context" else None)
+      return -sq(z)
     z, log_det = flow.forward_and_log_det(u if self.flow_type == "conv" else u_flat,
                                           context)
     z = z.reshape(z.shape[0], -1)
     d = z.shape[-1]
-    return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi) + log_det
+    return -0.5 * sq(z) - 0.5 * d * math.log(2 * math.pi) + log_det
+
+  def _energy_weights(self, u, context):
+    """1 + W context (B, features of z), or None without ``energy_weights``."""
+    if not self.energy_weights:
+      return None
+    features = math.prod(u.shape[1:])
+    if self.flow_type in JOINT:  # z also has the context's features
+      features += context.shape[-1]
+    return self.weight_net(context, features)
 
   def _energy_scale(self, context):
     """exp(tau(context)) (B,), or None without ``energy_scale``."""
@@ -187,8 +224,10 @@ class ScoreFlowNetwork(nn.Module):
 
   def _phi_and_grad(self, u, context):
     """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
+    weights = self._energy_weights(u, context)
+
     def summed_phi(flow, u):
-      phi = self._phi(flow, u, context)
+      phi = self._phi(flow, u, context, weights)
       return jnp.sum(phi), phi
 
     (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u, has_aux=True)
@@ -230,7 +269,7 @@ class ScoreFlowNetwork(nn.Module):
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
-    phi = self._phi(self.flow, u, context)
+    phi = self._phi(self.flow, u, context, self._energy_weights(u, context))
     scale = self._energy_scale(context)
     if scale is not None:
       phi = scale * phi
