@@ -15,6 +15,7 @@ is what exactness costs. The last line printed is one JSON object.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import statistics
@@ -50,16 +51,9 @@ def direct_network(network):
     """F from the flow output itself: no inner gradient."""
 
     def _phi_and_grad(self, u, context):
-      u_flat = u.reshape(u.shape[0], -1)  # (B, D)
-      if self.flow_type.startswith("joint"):  # z: (B, D + K)
-        z, _ = self.flow.forward_and_log_det(
-            jnp.concatenate([u_flat, context], -1),
-            context if self.flow_type == "joint_context" else None)
-      else:                               # z: (B, D) or u's shape (conv)
-        z, _ = self.flow.forward_and_log_det(
-            u if self.flow_type == "conv" else u_flat, context)
-        z = z.reshape(z.shape[0], -1)
-      return -jnp.sum(z**2, axis=-1), z[:, :u_flat.shape[-1]].reshape(u.shape)
+      z, _ = self._flow_z(self.flow, u, context)  # (B, D [+ K])
+      d = math.prod(u.shape[1:])
+      return -jnp.sum(z**2, axis=-1), z[:, :d].reshape(u.shape)
 
   fields = {f.name: getattr(network, f.name)
             for f in dataclasses.fields(network) if f.name not in ("parent", "name")}

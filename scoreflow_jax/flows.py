@@ -2,8 +2,9 @@
 
 Each layer maps (B, D) -> (B, D) (the conv flow: (B, H, W, C) images) and
 exposes ``forward_and_log_det`` and ``inverse_and_log_det`` (distrax's
-bijector interface); ``log_det`` is log|det dy/dx| per sample, shape (B,). Layers act on each sample alone (no
-batch statistics), so per-sample scores from a summed energy are exact.
+bijector interface); ``log_det`` is log|det dy/dx| per sample, shape (B,).
+Layers act on each sample alone (no batch statistics), so per-sample scores
+from a summed energy are exact.
 """
 import math
 from typing import Any, Optional
@@ -31,8 +32,6 @@ def get_activation(name: str):
 
 def bounded_log_scale(raw, max_log_scale: float = 1.0):
   """m tanh(raw / m): a smooth bound |log_s| < m (m = 1 is the reference's tanh)."""
-  if max_log_scale == 1.0:
-    return jnp.tanh(raw)
   return max_log_scale * jnp.tanh(raw / max_log_scale)
 
 
@@ -136,6 +135,7 @@ class CouplingFlow(nn.Module):
 
   def __call__(self, x, context=None):
     return self.forward_and_log_det(x, context)
+
 
 def squeeze(x):
   """Space-to-depth: (B, H, W, C) -> (B, H/2, W/2, 4C), a permutation (log-det 0)."""

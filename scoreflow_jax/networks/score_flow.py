@@ -190,22 +190,30 @@ class ScoreFlowNetwork(nn.Module):
       embs.append(self.label_emb(cond["vector"]))
     return jnp.concatenate(embs, axis=-1)
 
+  def _flow_z(self, flow, u, context):
+    """The flow's output z, flattened (B, features), and log|det dz/du| (B,).
+
+    "joint*": z of [u_flat, context] (the log-det is not part of its energy);
+    "conditional": z of u_flat; "conv": z of the image u."""
+    u_flat = u.reshape(u.shape[0], -1)
+    if self.flow_type in JOINT:
+      z, log_det = flow.forward_and_log_det(
+          jnp.concatenate([u_flat, context], -1),
+          context if self.flow_type == "joint_context" else None)
+    else:
+      z, log_det = flow.forward_and_log_det(u if self.flow_type == "conv" else u_flat,
+                                            context)
+    return z.reshape(z.shape[0], -1), log_det
+
   def _phi(self, flow, u, context, weights=None):
     """The flow energy per sample (B,) of u (B, H, W, C).
 
     ``weights`` (B, features of z) replaces the unit weights of |z|^2."""
-    u_flat = u.reshape(u.shape[0], -1)
-    sq = (lambda z: jnp.sum(z**2, axis=-1)) if weights is None else (
-        lambda z: jnp.sum(weights * z**2, axis=-1))
+    z, log_det = self._flow_z(flow, u, context)
+    sq = jnp.sum((1.0 if weights is None else weights) * z**2, axis=-1)
     if self.flow_type in JOINT:
-      z, _ = flow.forward_and_log_det(jnp.concatenate([u_flat, context], -1),
-                                      context if self.flow_type == "joint_context" else None)
-      return -sq(z)
-    z, log_det = flow.forward_and_log_det(u if self.flow_type == "conv" else u_flat,
-                                          context)
-    z = z.reshape(z.shape[0], -1)
-    d = z.shape[-1]
-    return -0.5 * sq(z) - 0.5 * d * math.log(2 * math.pi) + log_det
+      return -sq
+    return -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
 
   def _energy_weights(self, u, context):
     """1 + W context (B, features of z), or None without ``energy_weights``."""
