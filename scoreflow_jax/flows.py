@@ -237,6 +237,7 @@ class ConvAffineCoupling(nn.Module):
                                self.max_log_scale)
 
   def _apply(self, x, context, sign):
+    x = jnp.asarray(x)  # numpy input too (model init passes the batch as is)
     kept, moved = channel_split(x.shape[-1], self.index)
     log_s, t = self.net(x[..., kept], context, len(moved))
     b = x[..., moved]

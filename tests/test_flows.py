@@ -106,6 +106,10 @@ def test_conv_flow_inverse_and_log_det(x64, context_dim):
     sign, logabs = jnp.linalg.slogdet(jax.jacobian(f)(x[i].ravel()))
     assert sign != 0
     np.testing.assert_allclose(log_det[i], logabs, rtol=1e-10, atol=1e-10)
+  # numpy input gives the same result (model init passes numpy batches)
+  y_np, ld_np = flow.apply(params, np.asarray(x), None if ctx is None else np.asarray(ctx))
+  np.testing.assert_allclose(y_np, y, rtol=1e-13)
+  np.testing.assert_allclose(ld_np, log_det, rtol=1e-13)
   # samples stay independent (GroupNorm is per sample)
   y_one, _ = flow.apply(params, x[1:2], None if ctx is None else ctx[1:2])
   np.testing.assert_allclose(y[1:2], y_one, rtol=1e-12)
