@@ -36,6 +36,7 @@ def get_config():
   sf.max_log_scale = 1.0                 # coupling log-scales bounded by m tanh(raw / m) (1: the reference design)
   sf.energy_scale = False                # learnt per-(sigma, class) temperature exp(tau) of the energy (not with density)
   sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)
+  sf.energy_linear = False               # linear term <b(sigma, class), x> in the energy (not with density)
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
   model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml

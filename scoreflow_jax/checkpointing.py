@@ -21,7 +21,8 @@ class CheckpointError(RuntimeError):
 # reproduces the older behaviour: a checkpoint without them has that value.
 LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
                                   "conv_blocks": 2, "max_log_scale": 1.0,
-                                  "energy_scale": False, "energy_weights": False}}
+                                  "energy_scale": False, "energy_weights": False,
+                                  "energy_linear": False}}
 
 
 def _signature(model: dict) -> dict:

@@ -119,7 +119,7 @@ def build_model(config) -> DiffusionModel:
         score_head=sf.score_head, flow_type=sf.flow_type,
         conv_channels=sf.conv_channels, conv_blocks=sf.conv_blocks,
         max_log_scale=sf.max_log_scale, energy_scale=sf.energy_scale,
-        energy_weights=sf.energy_weights,
+        energy_weights=sf.energy_weights, energy_linear=sf.energy_linear,
         dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
     # Fail fast on names the modules would only check when first called.
     from scoreflow_jax.flows import get_activation
@@ -136,9 +136,11 @@ def build_model(config) -> DiffusionModel:
     if sf.max_log_scale <= 0:
       raise ValueError("config.model.score_flow.max_log_scale must be > 0, got "
                        f"{sf.max_log_scale}")
-    if (sf.energy_scale or sf.energy_weights) and sf.parameterization == "density":
-      raise ValueError("config.model.score_flow.energy_scale / energy_weights break "
-                       "the normalisation of parameterization 'density'; set them False")
+    if ((sf.energy_scale or sf.energy_weights or sf.energy_linear)
+        and sf.parameterization == "density"):
+      raise ValueError("config.model.score_flow.energy_scale / energy_weights / "
+                       "energy_linear break the normalisation of parameterization "
+                       "'density'; set them False")
     if sf.flow_type == "conv" and (sf.conv_channels < 1 or sf.conv_blocks < 0):
       raise ValueError("config.model.score_flow.conv_channels must be >= 1 and "
                        f"conv_blocks >= 0, got {sf.conv_channels} and {sf.conv_blocks}")

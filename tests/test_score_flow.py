@@ -52,6 +52,9 @@ def test_timestep_embedding_matches_sgm():
     ("preconditioned", None, dict(energy_scale=True, max_log_scale=3.0)),
     ("preconditioned", None, dict(energy_weights=True)),
     ("preconditioned", "conv", dict(energy_weights=True)),
+    ("preconditioned", "joint_context", dict(energy_linear=True)),
+    ("preconditioned", "conv", dict(energy_linear=True)),
+    ("seed", None, dict(energy_linear=True)),
     ("preconditioned", "joint_context", {}), ("seed", "joint_context", {})])
 def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type, kw):
   net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
@@ -87,7 +90,9 @@ def test_seed_head_changes_output(x64):
 @pytest.mark.parametrize("flow_type,kw", [("joint", {}), ("conv", {}),
                                          ("joint", dict(energy_scale=True)),
                                          ("joint", dict(energy_weights=True)),
-                                         ("joint_context", {})])
+                                         ("conv", dict(energy_linear=True)),
+                                         ("joint_context", dict(energy_linear=True,
+                                                                energy_weights=True))])
 def test_preconditioned_is_exactly_conservative(x64, flow_type, kw):
   net, params, x, cond = _setup("preconditioned", flow_type=flow_type, **kw)
   sigma = jnp.asarray(SIGMA)
@@ -115,6 +120,7 @@ def test_per_sample_score_independent_of_batch(x64):
     ("seed", None, {}), ("preconditioned", None, {}), ("density", None, {}),
     ("preconditioned", "conv", {}), ("preconditioned", None, dict(energy_scale=True)),
     ("preconditioned", None, dict(energy_weights=True)),
+    ("preconditioned", "joint_context", dict(energy_linear=True)),
     ("preconditioned", "joint_context", {})])
 def test_parameter_gradients_finite_and_second_order(x64, parameterization, flow_type, kw):
   net, params, x, cond = _setup(parameterization, flow_type=flow_type, **kw)
@@ -284,3 +290,29 @@ def test_energy_weights_start_at_the_reference_energy_and_can_change_sign(x64):
   with pytest.raises(ValueError, match="normalisation"):
     ScoreFlowNetwork(parameterization="density", flow_type="conditional",
                      energy_weights=True).init(jax.random.key(0), x, jnp.zeros(4), cond)
+
+
+@pytest.mark.parametrize("flow_type", ["joint_context", "conv"])
+def test_energy_linear_starts_at_the_reference_energy_and_adds_its_coefficients(
+    x64, flow_type):
+  net, params, x, cond = _setup("preconditioned", flow_type=flow_type)
+  kw = dict(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
+            flow_type=flow_type, conv_channels=4, conv_blocks=1)
+  linear = ScoreFlowNetwork(energy_linear=True, **kw)
+  p2 = jax.tree.map(lambda p: p.astype(jnp.float64),
+                    linear.init(jax.random.key(0), x, jnp.zeros(4), cond))
+  p2["params"].update(params["params"])
+  sigma = jnp.asarray(SIGMA)
+  c_noise = jnp.log(sigma) / 4
+  f_ref = net.apply(params, x, c_noise, cond)
+  np.testing.assert_allclose(linear.apply(p2, x, c_noise, cond), f_ref, rtol=1e-12)
+  # b = bias (no kernel): F = grad_u phi moves by exactly b, for every sample
+  bias = p2["params"]["linear_net"]["Dense_0"]["bias"]
+  assert bias.shape == (x[0].size,)
+  b = jnp.linspace(-1.0, 1.0, bias.size)
+  p2["params"]["linear_net"]["Dense_0"]["bias"] = b
+  np.testing.assert_allclose(linear.apply(p2, x, c_noise, cond),
+                             f_ref + b.reshape(x.shape[1:]), rtol=1e-10, atol=1e-12)
+  with pytest.raises(ValueError, match="normalisation"):
+    ScoreFlowNetwork(parameterization="density", flow_type="conditional",
+                     energy_linear=True).init(jax.random.key(0), x, jnp.zeros(4), cond)

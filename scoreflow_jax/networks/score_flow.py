@@ -91,6 +91,15 @@ class EnergyWeights(nn.Module):
                           bias_init=nn.initializers.zeros)(context)
 
 
+class EnergyLinear(nn.Module):
+  """b = Dense(context), zero at initialisation: the coefficients of <b, u>."""
+
+  @nn.compact
+  def __call__(self, context, features: int):
+    return nn.Dense(features, kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros)(context)
+
+
 class ScoreFlowNetwork(nn.Module):
   """The reference design's ScoreFlowNetwork, in sgm's network signature.
 
@@ -126,6 +135,13 @@ class ScoreFlowNetwork(nn.Module):
       directions, which -|z|^2 of a near-linear flow cannot (see
       docs/results.md). Constant in x: the score stays exact. Not with
       "density".
+    energy_linear: add a learnt linear term <b(sigma, class), u> to phi
+      (b a zero-initialised linear function of the context, one entry per
+      pixel). At high noise the ideal F is nearly constant in u (about the
+      class mean / sigma_data), which -|f(u)|^2 reaches only through huge
+      translations inside the flow; with this term the energy has it
+      directly. Its gradient b is constant in x: the score stays exact. Not
+      with "density".
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -142,6 +158,7 @@ class ScoreFlowNetwork(nn.Module):
   max_log_scale: float = 1.0
   energy_scale: bool = False
   energy_weights: bool = False
+  energy_linear: bool = False
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -154,8 +171,9 @@ class ScoreFlowNetwork(nn.Module):
       raise ValueError("parameterization='density' needs flow_type='conditional' "
                        "or 'conv' (a joint flow over [x, embeddings] has no "
                        "normalised density of x)")
-    if self.parameterization == "density" and (self.energy_scale or self.energy_weights):
-      raise ValueError("energy_scale / energy_weights are not allowed with "
+    if self.parameterization == "density" and (
+        self.energy_scale or self.energy_weights or self.energy_linear):
+      raise ValueError("energy_scale / energy_weights / energy_linear are not allowed with "
                        "parameterization='density': they break the normalisation")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
@@ -177,6 +195,8 @@ class ScoreFlowNetwork(nn.Module):
                                   bias_init=nn.initializers.zeros)
     if self.energy_weights:
       self.weight_net = EnergyWeights()
+    if self.energy_linear:
+      self.linear_net = EnergyLinear()
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
 
@@ -205,15 +225,20 @@ class ScoreFlowNetwork(nn.Module):
                                             context)
     return z.reshape(z.shape[0], -1), log_det
 
-  def _phi(self, flow, u, context, weights=None):
+  def _phi(self, flow, u, context, weights=None, linear=None):
     """The flow energy per sample (B,) of u (B, H, W, C).
 
-    ``weights`` (B, features of z) replaces the unit weights of |z|^2."""
+    ``weights`` (B, features of z) replaces the unit weights of |z|^2;
+    ``linear`` (B, H W C) adds <linear, u>."""
     z, log_det = self._flow_z(flow, u, context)
     sq = jnp.sum((1.0 if weights is None else weights) * z**2, axis=-1)
     if self.flow_type in JOINT:
-      return -sq
-    return -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
+      phi = -sq
+    else:
+      phi = -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
+    if linear is not None:
+      phi = phi + jnp.sum(linear * u.reshape(u.shape[0], -1), axis=-1)
+    return phi
 
   def _energy_weights(self, u, context):
     """1 + W context (B, features of z), or None without ``energy_weights``."""
@@ -224,6 +249,12 @@ class ScoreFlowNetwork(nn.Module):
       features += context.shape[-1]
     return self.weight_net(context, features)
 
+  def _energy_linear(self, u, context):
+    """b(context) (B, H W C) of the linear term, or None without ``energy_linear``."""
+    if not self.energy_linear:
+      return None
+    return self.linear_net(context, math.prod(u.shape[1:]))
+
   def _energy_scale(self, context):
     """exp(tau(context)) (B,), or None without ``energy_scale``."""
     if not self.energy_scale:
@@ -233,9 +264,10 @@ class ScoreFlowNetwork(nn.Module):
   def _phi_and_grad(self, u, context):
     """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
     weights = self._energy_weights(u, context)
+    linear = self._energy_linear(u, context)
 
     def summed_phi(flow, u):
-      phi = self._phi(flow, u, context, weights)
+      phi = self._phi(flow, u, context, weights, linear)
       return jnp.sum(phi), phi
 
     (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u, has_aux=True)
@@ -277,7 +309,8 @@ class ScoreFlowNetwork(nn.Module):
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
-    phi = self._phi(self.flow, u, context, self._energy_weights(u, context))
+    phi = self._phi(self.flow, u, context, self._energy_weights(u, context),
+                    self._energy_linear(u, context))
     scale = self._energy_scale(context)
     if scale is not None:
       phi = scale * phi

@@ -1,0 +1,45 @@
+#!/bin/bash
+# Equal-wall-clock quality comparison on a lent GPU, as one script (what
+# docs/results.md reports as "H100, session 3"). Run from the repository root:
+#   bash bench/gpu_quality.sh CARRY OUT TRAIN_SECONDS RUN [RUN ...]
+# RUN is NAME=CONFIG[,OVERRIDE ...], e.g.
+#   unet=mnist_unet  conv_lin=mnist_conv,--config.model.score_flow.energy_linear=True
+# Each run trains for TRAIN_SECONDS of wall clock (compilation included), one
+# after the other; then 2,000 unguided Heun-18 samples of each, FD and class
+# accuracy. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
+# files) and classifier.npz (train_classifier.py). Results are packed into
+# OUT/results.tgz after every stage, so a timeout keeps what was finished.
+set -u
+CARRY=$1; OUT=$2; T=$3; shift 3
+NPC=${NPC:-200}  # samples per class
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+R=${RESULTS:-/tmp/results}; mkdir -p $R
+pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude=checkpoints . ) ; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $CARRY/whl/*.whl
+nvidia-smi -L
+python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
+DATA="--config.data.source=offline --config.data.data_dir=$CARRY/mnist"
+t0=$(date +%s)
+names=()
+for run in "$@"; do
+  name=${run%%=*}; spec=${run#*=}; cfg=${spec%%,*}
+  overrides=(); [ "$spec" != "$cfg" ] && IFS=, read -ra overrides <<< "${spec#*,}"
+  names+=($name)
+  path=configs/${cfg%%:*}.py; [[ $cfg == *:* ]] && path+=":${cfg#*:}"  # e.g. mnist_conv:tiny
+  echo "== $name: $path ${overrides[*]}"
+  timeout $((T + 120)) python3 train.py --config $path --workdir $R/$name $DATA \
+    --config.training.time_limit_s=$T --config.training.image_every=0 \
+    --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
+    "${overrides[@]}" 2>&1 | tee $R/$name.train.log
+  pack
+done
+for name in "${names[@]}"; do
+  timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
+    --num_per_class $NPC --batch_size 1000 --seed 0 --out $R/${name}_2k.png > $R/$name.sample.log 2>&1
+  tail -n 1 $R/$name.sample.log
+  cp $R/${name}_2k.npz $OUT/ 2>/dev/null
+  timeout 90 python3 evaluate.py --samples $R/${name}_2k.npz --classifier $CARRY/classifier.npz \
+    --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -4
+  pack
+done
+echo "== done in $(( $(date +%s) - t0 )) s"
