@@ -5,8 +5,8 @@
 # RUN is NAME=CONFIG[,OVERRIDE ...], e.g.
 #   unet=mnist_unet  conv_lin=mnist_conv,--config.model.score_flow.energy_linear=True
 # Each run trains for TRAIN_SECONDS of wall clock (compilation included), one
-# after the other; then 2,000 unguided Heun-18 samples of each, FD and class
-# accuracy. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
+# after the other, and draws 2,000 unguided Heun-18 samples; then FD and class
+# accuracy of each. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
 # files) and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
 set -u
@@ -31,15 +31,19 @@ for run in "$@"; do
     --config.training.time_limit_s=$T --config.training.image_every=0 \
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
-  pack
-done
-for name in "${names[@]}"; do
   timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
     --num_per_class $NPC --batch_size 1000 --seed 0 --out $R/${name}_2k.png > $R/$name.sample.log 2>&1
   tail -n 1 $R/$name.sample.log
   cp $R/${name}_2k.npz $OUT/ 2>/dev/null
-  timeout 90 python3 evaluate.py --samples $R/${name}_2k.npz --classifier $CARRY/classifier.npz \
-    --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -4
   pack
 done
+# FD and class accuracy here unless EVAL=0 (the .npz files in OUT can be
+# evaluated on any machine with the same evaluate.py command).
+if [ "${EVAL:-1}" = 1 ]; then
+  for name in "${names[@]}"; do
+    timeout 90 python3 evaluate.py --samples $R/${name}_2k.npz --classifier $CARRY/classifier.npz \
+      --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -4
+    pack
+  done
+fi
 echo "== done in $(( $(date +%s) - t0 )) s"
