@@ -121,7 +121,12 @@ def load_run_config(workdir: str):
         "(pass the folder printed as 'new run ...' when training started)")
   with open(os.path.join(cdir, files[-1])) as f:
     saved = json.load(f)
-  return ml_collections.ConfigDict(_merge(_defaults(), saved))
+  # Fields the run's config predates: the values that reproduce the older
+  # behaviour (checkpointing.LEGACY_DEFAULTS), also where configs/ is not
+  # importable; then the current defaults for any other missing field.
+  from scoreflow_jax.checkpointing import LEGACY_DEFAULTS
+  base = _merge(_defaults(), {"model": LEGACY_DEFAULTS})
+  return ml_collections.ConfigDict(_merge(base, saved))
 
 
 def _defaults() -> dict:

@@ -195,3 +195,21 @@ def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
   assert checkpointing._diff(checkpointing._signature(old),
                              checkpointing.model_signature(config)) == [
       "model.score_flow.n_flows: checkpoint 7 vs config 2"]
+
+
+def test_run_config_of_an_older_run_gets_the_legacy_values(tmp_path, monkeypatch):
+  from scoreflow_jax import generate
+  config = json.loads(tiny_config().to_json())
+  for field in checkpointing.LEGACY_DEFAULTS["score_flow"]:
+    del config["model"]["score_flow"][field]  # a run written before these existed
+  os.makedirs(tmp_path / "configs")
+  with open(tmp_path / "configs" / "2026-01-01T00-00-00-config.json", "w") as f:
+    json.dump(config, f)
+  # also where configs/ is not importable (a script run from elsewhere)
+  for defaults in (generate._defaults, lambda: {}):
+    monkeypatch.setattr(generate, "_defaults", defaults)
+    loaded = generate.load_run_config(str(tmp_path))
+    for field, value in checkpointing.LEGACY_DEFAULTS["score_flow"].items():
+      assert loaded.model.score_flow[field] == value, field
+    assert loaded.model.score_flow.n_flows == config["model"]["score_flow"]["n_flows"]
+    model_lib.build_model(loaded)
