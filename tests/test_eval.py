@@ -275,3 +275,21 @@ def test_linear_floor_knowing_the_class_helps():
     c, u, mixed = (out[n][k] for n in ("class_conditional", "unconditional", "training_mix"))
     assert c < u
     np.testing.assert_allclose(mixed, 0.75 * c + 0.25 * u, rtol=1e-12)
+
+
+def test_gaussian_samples_have_each_class_mean_and_covariance():
+  from scoreflow_jax.eval import linear_floor
+  rng = np.random.default_rng(2)
+  labels = np.repeat(np.arange(2), 4000)
+  mix = np.array([[0.2, 0.0, 0.0], [0.1, 0.1, 0.0], [0.0, -0.05, 0.15]])
+  x = (rng.normal(size=(8000, 3)) @ mix.T + 0.4 * (2 * labels[:, None] - 1)).reshape(-1, 3, 1, 1)
+  samples, sample_labels = linear_floor.gaussian_samples(x, labels, 20000, seed=0)
+  assert samples.shape == (40000, 3, 1, 1) and samples.dtype == np.float32
+  np.testing.assert_array_equal(sample_labels, np.repeat(np.arange(2), 20000))
+  for c in range(2):
+    data, drawn = x[labels == c].reshape(-1, 3), samples[sample_labels == c].reshape(-1, 3)
+    np.testing.assert_allclose(drawn.mean(0), data.mean(0), atol=0.01)
+    np.testing.assert_allclose(np.cov(drawn, rowvar=False), np.cov(data, rowvar=False),
+                               atol=0.003)
+  wide, _ = linear_floor.gaussian_samples(3 * x, labels, 1000)
+  assert wide.min() == -1.0 and wide.max() == 1.0  # clipped to the data range

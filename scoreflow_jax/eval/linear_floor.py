@@ -13,7 +13,13 @@ without it (the whole data set), mixed as training mixes them through
 label dropout (``ucg_rate``). A network that does worse than this in some
 sigma range does worse there than a per-class Gaussian model of the data.
 
-python -m scoreflow_jax.eval.linear_floor --data_dir /path/to/mnist
+The same per-class Gaussian model can also be *sampled* (``--samples_out``):
+exact samples of N(m_c, S_c), clipped to [-1, 1], in sample.py's .npz format,
+so evaluate.py scores the Gaussian model of the data as it scores a network
+(what a diffusion model with the best linear denoiser would draw).
+
+python -m scoreflow_jax.eval.linear_floor --data_dir /path/to/mnist \
+    [--samples_out gaussian_1k.npz --num_per_class 100]
 """
 import argparse
 import json
@@ -69,12 +75,34 @@ def linear_floor(images, labels, sigma_data=0.5, ucg_rate=0.2, p_mean=-1.2,
           "training_mix": by_bin(mix)}
 
 
+def gaussian_samples(images, labels, num_per_class, seed=0):
+  """Samples of each class's Gaussian N(m_c, S_c) (the data's class means and
+  covariances), clipped to [-1, 1]: (images (C n, *shape) float32, labels (C n,))."""
+  shape = np.shape(images)[1:]
+  x = np.asarray(images, np.float64).reshape(len(images), -1)
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  out, out_labels = [], []
+  for c in np.unique(labels):
+    xc = x[labels == c]
+    w, v = np.linalg.eigh(np.cov(xc, rowvar=False))
+    z = rng.standard_normal((num_per_class, x.shape[1]))
+    out.append(xc.mean(0) + (z * np.sqrt(np.clip(w, 0.0, None))) @ v.T)
+    out_labels.append(np.full(num_per_class, c, np.int32))
+  samples = np.clip(np.concatenate(out), -1.0, 1.0).reshape(-1, *shape)
+  return samples.astype(np.float32), np.concatenate(out_labels)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data_dir", required=True, help="folder of MNIST's IDX files")
   p.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
   p.add_argument("--ucg_rate", type=float, default=0.2)
   p.add_argument("--sigma_data", type=float, default=0.5)
+  p.add_argument("--samples_out", default=None,
+                 help="also write per-class Gaussian samples here (.npz for evaluate.py)")
+  p.add_argument("--num_per_class", type=int, default=100)
+  p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   from scoreflow_jax import data as data_lib
   images, labels = data_lib.load_split(args.dataset, "train", "offline", args.data_dir)
@@ -83,6 +111,10 @@ def main(argv=None):
   for name, row in result.items():
     print(f"{name:18s} " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()))
   print(json.dumps(result))
+  if args.samples_out:
+    samples, sample_labels = gaussian_samples(x, labels, args.num_per_class, args.seed)
+    np.savez(args.samples_out, images=samples, labels=sample_labels)
+    print(f"wrote {len(samples)} per-class Gaussian samples to {args.samples_out}")
   return result
 
 
