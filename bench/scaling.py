@@ -25,7 +25,7 @@ def measure(batch, steps, warmup, parameterization, dtype):
   config.model.score_flow.parameterization = parameterization
   config.model.score_flow.dtype = dtype
   model = model_lib.build_model(config)
-  tx, schedule = ts.make_optimizer(config.optim, steps)
+  tx, schedule = ts.make_optimizer(config.optim, steps, frozen=model.frozen_module)
   rng = np.random.default_rng(0)
   batch_np = {"jpg": rng.uniform(-1, 1, (batch, 28, 28, 1)).astype(np.float32),
               "cls": rng.integers(0, 10, batch).astype(np.int32)}

@@ -90,7 +90,8 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
   batch = {"jpg": rng.uniform(-1, 1, (batch_size, 28, 28, 1)).astype(np.float32),
            "cls": rng.integers(0, 10, (batch_size,)).astype(np.int32)}
   mesh = ts.make_mesh(jax.devices()[:devices])
-  tx, schedule = ts.make_optimizer(config.optim, config.training.num_steps)
+  tx, schedule = ts.make_optimizer(config.optim, config.training.num_steps,
+                                   frozen=model.frozen_module)
   state = ts.create_train_state(model, tx, jax.random.key(seed),
                                 {k: v[:1] for k, v in batch.items()})
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))

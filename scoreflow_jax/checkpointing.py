@@ -22,7 +22,8 @@ class CheckpointError(RuntimeError):
 LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
                                   "conv_blocks": 2, "max_log_scale": 1.0,
                                   "energy_scale": False, "energy_weights": False,
-                                  "energy_linear": False}}
+                                  "energy_linear": False, "gaussian_base": False,
+                                  "gaussian_rank": 64}}
 
 
 def _signature(model: dict) -> dict:

@@ -51,10 +51,17 @@ class GeneralConditioner(nn.Module):
   independent of how the batch is split over devices). Without ``key`` no
   dropout is applied (evaluation). Embedders named in ``force_zero_embeddings`` (by their
   input key) return zeros, sgm's ``force_zero_embeddings``.
+
+  ``class_index_key``: also return that input's integer labels as
+  ``"class_index"`` (B,), with ``n_classes`` of its embedder where the
+  embedding was dropped or forced to zero (the slot of the unconditional
+  model, for networks that need the class itself: ScoreFlowNetwork's
+  gaussian_base). Not part of sgm's conditioner.
   """
   embedders: Sequence[nn.Module]
   input_keys: Sequence[str]
   ucg_rates: Sequence[float]
+  class_index_key: Optional[str] = None
 
   def __call__(self, batch, key: Optional[jax.Array] = None,
                force_zero_embeddings: Sequence[str] = ()):
@@ -68,6 +75,7 @@ class GeneralConditioner(nn.Module):
         raise KeyError(f"conditioner input {input_key!r} is missing from the "
                        f"batch (keys: {sorted(batch)})")
       emb = embedder(batch[input_key])
+      kept = jnp.ones((emb.shape[0],), bool)
       if emb.ndim not in OUTPUT_DIM2KEYS:
         raise ValueError(f"embedder for {input_key!r} returned rank {emb.ndim}; "
                          "expected 2 (vector), 3 (crossattn) or 4/5 (concat)")
@@ -80,8 +88,13 @@ class GeneralConditioner(nn.Module):
           keep = jax.vmap(lambda k: jax.random.bernoulli(
               jax.random.fold_in(k, i), 1.0 - rate))(key)
         emb = keep.astype(emb.dtype).reshape((-1,) + (1,) * (emb.ndim - 1)) * emb
+        kept = keep
       if input_key in force_zero_embeddings:
         emb = jnp.zeros_like(emb)
+        kept = jnp.zeros_like(kept)
+      if input_key == self.class_index_key:
+        output["class_index"] = jnp.where(
+            kept, jnp.asarray(batch[input_key], jnp.int32), embedder.n_classes)
       if out_key in output:
         output[out_key] = jnp.concatenate([output[out_key], emb],
                                           axis=KEY2CATDIM[out_key])
@@ -100,10 +113,13 @@ class GeneralConditioner(nn.Module):
 
 
 def class_conditioner(embed_dim: int, n_classes: int, ucg_rate: float,
-                      input_key: str = "cls", add_sequence_dim: bool = False):
-  """The MNIST/CIFAR conditioner: one ClassEmbedder reading ``batch["cls"]``."""
+                      input_key: str = "cls", add_sequence_dim: bool = False,
+                      class_index: bool = False):
+  """The MNIST/CIFAR conditioner: one ClassEmbedder reading ``batch["cls"]``
+  (and its labels as ``"class_index"`` with ``class_index=True``)."""
   if not 0.0 <= ucg_rate < 1.0:
     raise ValueError(f"ucg_rate must be in [0, 1), got {ucg_rate}")
   return GeneralConditioner(
       embedders=(ClassEmbedder(embed_dim, n_classes, add_sequence_dim),),
-      input_keys=(input_key,), ucg_rates=(ucg_rate,))
+      input_keys=(input_key,), ucg_rates=(ucg_rate,),
+      class_index_key=input_key if class_index else None)

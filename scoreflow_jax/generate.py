@@ -164,7 +164,8 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None):
     config.sampling.num_steps = num_steps
   model = build_model(config)
   shape = data_lib.image_shape(config.data)
-  tx, _ = ts.make_optimizer(config.optim, config.training.num_steps)
+  tx, _ = ts.make_optimizer(config.optim, config.training.num_steps,
+                            frozen=model.frozen_module)
   sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
   abstract = jax.eval_shape(
       lambda: ts.create_train_state(model, tx, jax.random.key(0), sample))

@@ -5,7 +5,7 @@ method is a pure function of them, so it can be jitted, sharded and
 differentiated like any JAX function.
 """
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,7 @@ from scoreflow_jax import first_stage as first_stage_lib
 from scoreflow_jax import loss as loss_lib
 from scoreflow_jax.denoiser import denoise
 from scoreflow_jax.networks import ScoreFlowNetwork, UNetModel
+from scoreflow_jax.networks import gaussian_base as gaussian_lib
 
 NETWORKS = ("score_flow", "unet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,6 +32,9 @@ class DiffusionModel:
   loss_sigma_data: float = 0.5
   p_mean: float = -1.2
   p_std: float = 1.2
+  # name of a parameter submodule that is never trained (the optimizer leaves
+  # it alone: train_step.make_optimizer(frozen=...)), or None
+  frozen_module: Optional[str] = None
 
   def init(self, key, batch):
     """Parameters for a batch like ``{"jpg": (B, H, W, C), "cls": (B,)}``."""
@@ -103,9 +107,16 @@ def build_model(config) -> DiffusionModel:
   if config.loss.p_std <= 0:
     raise ValueError(f"config.loss.p_std must be > 0, got {config.loss.p_std}")
   c = m.conditioner
-  cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate)
+  gaussian = m.network == "score_flow" and m.score_flow.gaussian_base
+  cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate,
+                                           class_index=gaussian)
   if m.network == "score_flow":
     sf = m.score_flow
+    if sf.gaussian_base and (sf.parameterization != "preconditioned"
+                             or sf.gaussian_rank < 1):
+      raise ValueError("config.model.score_flow.gaussian_base needs parameterization "
+                       "'preconditioned' and gaussian_rank >= 1, got "
+                       f"{sf.parameterization!r} and {sf.gaussian_rank}")
     if sf.dtype not in DTYPES:
       raise ValueError(f"config.model.score_flow.dtype must be one of "
                        f"{sorted(DTYPES)}, got {sf.dtype!r}")
@@ -120,6 +131,7 @@ def build_model(config) -> DiffusionModel:
         conv_channels=sf.conv_channels, conv_blocks=sf.conv_blocks,
         max_log_scale=sf.max_log_scale, energy_scale=sf.energy_scale,
         energy_weights=sf.energy_weights, energy_linear=sf.energy_linear,
+        gaussian_base=sf.gaussian_base, gaussian_rank=sf.gaussian_rank,
         dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
     # Fail fast on names the modules would only check when first called.
     from scoreflow_jax.flows import get_activation
@@ -151,4 +163,5 @@ def build_model(config) -> DiffusionModel:
       first_stage=first_stage_lib.get_first_stage(m.first_stage),
       sigma_data=m.sigma_data, loss_type=config.loss.type,
       loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
-      p_std=config.loss.p_std)
+      p_std=config.loss.p_std,
+      frozen_module=gaussian_lib.MODULE_NAME if gaussian else None)

@@ -6,7 +6,7 @@ batch's loss, ``pmean``s the gradient over every device (of every process),
 and applies AdamW and the EMA. The score inside the loss is ``jax.grad`` of
 the energy, so parameter gradients are second order.
 """
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
@@ -32,8 +32,11 @@ class TrainState:
   rng: jax.Array             # uint32 (2,): raw key data, checkpointable
 
 
-def make_optimizer(optim_config, num_steps: int):
-  """AdamW (torch defaults as sgm) with optional linear warmup and clipping."""
+def make_optimizer(optim_config, num_steps: int, frozen: Optional[str] = None):
+  """AdamW (torch defaults as sgm) with optional linear warmup and clipping.
+
+  ``frozen``: parameters under a submodule of that name get no updates (no
+  weight decay either); without it the optimizer state is plain AdamW's."""
   lr = optim_config.learning_rate
   if optim_config.warmup_steps > 0:
     schedule = optax.join_schedules(
@@ -45,6 +48,12 @@ def make_optimizer(optim_config, num_steps: int):
                    eps=optim_config.eps, weight_decay=optim_config.weight_decay)
   if optim_config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)
+  if frozen is not None:
+    def labels(params):
+      return jax.tree_util.tree_map_with_path(
+          lambda path, _: "frozen" if any(getattr(k, "key", None) == frozen
+                                          for k in path) else "train", params)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
 
 

@@ -131,6 +131,28 @@ def sample_grid(model, params, config, mesh, key, step_images_path=None):
   return grid
 
 
+def _fit_gaussian_base(state, model, config, images, labels, log):
+  """Fills the Gaussian base's statistics (params and EMA) from the training set."""
+  from scoreflow_jax.networks import gaussian_base as gaussian_lib
+  t0 = time.perf_counter()
+  encode = jax.jit(model.first_stage.encode)
+  x = np.concatenate([np.asarray(encode(data_lib.to_model_batch(
+      images[i:i + 1000], labels[i:i + 1000])["jpg"])) for i in range(0, len(images), 1000)])
+  stats = gaussian_lib.fit(x, labels, config.model.conditioner.n_classes,
+                           config.model.score_flow.gaussian_rank)
+
+  def fill(params):
+    params = jax.tree.map(lambda a: a, params)  # a copy of the containers
+    net = dict(params["network"])
+    net[model.frozen_module] = {k: jax.numpy.asarray(v) for k, v in stats.items()}
+    params["network"] = net
+    return params
+
+  log(f"Gaussian base fitted to {len(x):,} training images "
+      f"(rank {stats['basis'].shape[-1]}, {time.perf_counter() - t0:.1f} s)")
+  return state.replace(params=fill(state.params), ema_params=fill(state.ema_params))
+
+
 def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   """Trains ``config`` in ``workdir`` (resuming it if it holds checkpoints).
 
@@ -155,7 +177,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
                      f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
 
   model = build_model(config)
-  tx, schedule = ts.make_optimizer(config.optim, t.num_steps)
+  tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
   sample = data_lib.to_model_batch(images[:1], labels[:1])
   init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample)
 
@@ -170,6 +192,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     log(f"resumed {workdir} at step {int(state.step)}")
   else:
     state = init_state()
+    if model.frozen_module is not None:
+      state = _fit_gaussian_base(state, model, config, images, labels, log)
     log(f"new run {workdir}")
   if is_writer:
     os.makedirs(workdir, exist_ok=True)

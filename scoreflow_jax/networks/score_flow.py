@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from scoreflow_jax.edm import append_dims, edm_scaling
 from scoreflow_jax.flows import ConvCouplingFlow, CouplingFlow, get_activation
+from scoreflow_jax.networks import gaussian_base as gaussian_lib
 
 PARAMETERIZATIONS = ("preconditioned", "seed", "density")
 FLOW_TYPES = ("joint", "joint_context", "conditional", "conv")
@@ -142,6 +143,16 @@ class ScoreFlowNetwork(nn.Module):
       translations inside the flow; with this term the energy has it
       directly. Its gradient b is constant in x: the score stays exact. Not
       with "density".
+    gaussian_base: "preconditioned" only: the denoiser is the exact
+      posterior mean D_G of a per-class Gaussian model of the data
+      (networks/gaussian_base.py; statistics fitted to the training set,
+      never trained) plus c_out times the gradient of a *residual* flow
+      energy phi(u) - phi_identity(u), which is zero at initialisation: the
+      model starts at the best linear denoiser per class and the flow learns
+      the correction. D = x + sigma^2 grad_x E still holds exactly, with
+      E = log N(x; m_c, S_c + sigma^2 I) + c_out / (sigma^2 c_in) phi_res.
+      Needs ``cond["class_index"]`` (the conditioner's ``class_index=True``).
+    gaussian_rank: principal directions per class in the Gaussian base.
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -159,6 +170,8 @@ class ScoreFlowNetwork(nn.Module):
   energy_scale: bool = False
   energy_weights: bool = False
   energy_linear: bool = False
+  gaussian_base: bool = False
+  gaussian_rank: int = 64
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -175,6 +188,11 @@ class ScoreFlowNetwork(nn.Module):
         self.energy_scale or self.energy_weights or self.energy_linear):
       raise ValueError("energy_scale / energy_weights / energy_linear are not allowed with "
                        "parameterization='density': they break the normalisation")
+    if self.gaussian_base and self.parameterization != "preconditioned":
+      raise ValueError("gaussian_base needs parameterization='preconditioned', got "
+                       f"{self.parameterization!r}")
+    if self.gaussian_base and (self.num_classes is None or self.gaussian_rank < 1):
+      raise ValueError("gaussian_base needs num_classes and gaussian_rank >= 1")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -199,6 +217,9 @@ class ScoreFlowNetwork(nn.Module):
       self.linear_net = EnergyLinear()
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
+    if self.gaussian_base:
+      setattr(self, gaussian_lib.MODULE_NAME,
+              gaussian_lib.GaussianBase(self.num_classes + 1, self.gaussian_rank))
 
   def _context(self, c_noise, cond):
     """[sigma_emb, class_emb], (B, 2 mc) (or (B, mc) without classes)."""
@@ -238,7 +259,20 @@ class ScoreFlowNetwork(nn.Module):
       phi = -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
     if linear is not None:
       phi = phi + jnp.sum(linear * u.reshape(u.shape[0], -1), axis=-1)
+    if self.gaussian_base:  # the residual energy: minus the identity flow's
+      sq_u = jnp.sum(u.reshape(u.shape[0], -1) ** 2, axis=-1)
+      phi = phi + (sq_u if self.flow_type in JOINT else 0.5 * sq_u)
     return phi
+
+  def _gaussian(self, x_noisy, sigma, cond):
+    """The Gaussian base's (D_G (x's shape), log-density (B,)) at x_noisy."""
+    if cond is None or "class_index" not in cond:
+      raise ValueError("gaussian_base needs cond['class_index'] (build the "
+                       "conditioner with class_index=True)")
+    flat = x_noisy.reshape(x_noisy.shape[0], -1)
+    den, log_density = getattr(self, gaussian_lib.MODULE_NAME)(
+        flat, sigma, cond["class_index"])
+    return den.reshape(x_noisy.shape), log_density
 
   def _energy_weights(self, u, context):
     """1 + W context (B, features of z), or None without ``energy_weights``."""
@@ -281,6 +315,14 @@ class ScoreFlowNetwork(nn.Module):
     """sgm network call: x_in = c_in x_noisy (B, ...), c_noise (B,) -> F."""
     context = self._context(c_noise, cond)
     _, grad_u = self._phi_and_grad(x_in, context)
+    if self.parameterization == "preconditioned" and self.gaussian_base:
+      # F = (D_G - c_skip x) / c_out + grad_u phi_res
+      sigma = jnp.exp(c_noise / 0.25)
+      c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim),
+                                           self.sigma_data)
+      x_noisy = x_in / c_in
+      den, _ = self._gaussian(x_noisy, sigma, cond)
+      return (den - c_skip * x_noisy) / c_out + grad_u
     if self.parameterization == "preconditioned":
       return grad_u
     # "seed" and "density": x0 = x_noisy + sigma^2 score, returned as F.
@@ -320,9 +362,12 @@ class ScoreFlowNetwork(nn.Module):
     if self.parameterization == "density":
       d = math.prod(x_noisy.shape[1:])
       return phi + d * jnp.log(flat(c_in))
-    sq = jnp.sum(x_noisy.reshape(x_noisy.shape[0], -1) ** 2, axis=-1)
-    return (-(1.0 - flat(c_skip)) * sq / (2.0 * sigma**2)
-            + flat(c_out) / (sigma**2 * flat(c_in)) * phi)
+    if self.gaussian_base:
+      base = self._gaussian(x_noisy, sigma, cond)[1]
+    else:
+      sq = jnp.sum(x_noisy.reshape(x_noisy.shape[0], -1) ** 2, axis=-1)
+      base = -(1.0 - flat(c_skip)) * sq / (2.0 * sigma**2)
+    return base + flat(c_out) / (sigma**2 * flat(c_in)) * phi
 
   def log_prob(self, x, sigma, cond):
     """log q(x | sigma, c), (B,): exact, one forward pass ("density" only)."""
@@ -339,4 +384,6 @@ class ScoreFlowNetwork(nn.Module):
     if self.parameterization in ("seed", "density"):
       return c_in * grad_u
     sigma_b = append_dims(sigma, x_noisy.ndim)
-    return (c_skip * x_noisy + c_out * grad_u - x_noisy) / sigma_b**2
+    base = (self._gaussian(x_noisy, sigma, cond)[0] if self.gaussian_base
+            else c_skip * x_noisy)
+    return (base + c_out * grad_u - x_noisy) / sigma_b**2
