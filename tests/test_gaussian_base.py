@@ -102,7 +102,7 @@ def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(x6
   assert not np.allclose(den(p2), den(params))
 
 
-def test_network_needs_the_class_index_and_preconditioned():
+def test_network_needs_the_class_index_and_preconditioned(x64):
   net, params, x, cond = _network()
   with pytest.raises(ValueError, match="class_index"):
     net.apply(params, x, jnp.zeros(4), {"vector": cond["vector"]})
