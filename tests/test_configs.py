@@ -1,0 +1,35 @@
+"""Every config file users can pass to train.py is valid, full size and :tiny."""
+import importlib
+import pathlib
+
+import pytest
+
+from scoreflow_jax import trainer
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
+
+
+def test_config_files_are_found():
+  assert {"mnist", "mnist_seed", "mnist_conv", "mnist_conv_gauss", "mnist_unet",
+          "cifar10"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+@pytest.mark.parametrize("name", NAMES)
+def test_config_is_valid(name, arg):
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  trainer.validate_config(config)  # builds the model too; raises on bad values
+  assert config.run_name.endswith("-tiny") == (arg == "tiny")
+
+
+def test_conv_gauss_is_the_conv_flow_on_the_gaussian_base():
+  from configs import mnist_conv, mnist_conv_gauss
+  config, conv = mnist_conv_gauss.get_config(), mnist_conv.get_config()
+  sf = config.model.score_flow
+  assert sf.flow_type == "conv" and sf.gaussian_base and sf.parameterization == "preconditioned"
+  assert config.optim.learning_rate == 3e-4 and config.optim.warmup_steps == 200
+  # nothing else differs from configs/mnist_conv.py
+  conv.model.score_flow.gaussian_base = True
+  conv.optim.learning_rate, conv.optim.warmup_steps, conv.run_name = 3e-4, 200, config.run_name
+  assert config.to_dict() == conv.to_dict()
