@@ -2,6 +2,7 @@
 
 python bench/train_throughput.py --parameterization preconditioned --batch 128
   [--steps 50] [--warmup 5] [--mode exact|direct] [--devices 1] [--config mnist]
+  [--set model.score_flow.gaussian_rank=256 ...]
 
 Builds configs/<config>.py's model (mnist by default; mnist_conv, mnist_unet,
 ...; the parameterization is overridden for ScoreFlowNetworks) and times
@@ -39,7 +40,26 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--config", default="mnist",
                  help="a module of configs/ (mnist, mnist_conv, mnist_unet, ...)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="config override, e.g. --set model.score_flow.gaussian_rank=256")
   return p.parse_args(argv)
+
+
+def apply_overrides(config, items):
+  """Sets ``field.path=value`` items on an ml_collections config (typed as the
+  field's current value; unknown fields are refused by the locked config)."""
+  import ast
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+    *path, leaf = key.split(".")
+    node = config
+    for name in path:
+      node = node[name]
+    old = node[leaf]
+    node[leaf] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
+  return config
 
 
 def direct_network(network):
@@ -61,7 +81,7 @@ def direct_network(network):
 
 
 def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
-          config_name="mnist"):
+          config_name="mnist", overrides=()):
   """(step_fn, state, batch, n_params) for an MNIST config, placed on a mesh."""
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -76,7 +96,8 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
   if jax.device_count() < devices or batch_size % devices:
     raise ValueError(f"need {devices} devices dividing batch {batch_size}; "
                      f"JAX sees {jax.device_count()} (set --devices before JAX starts)")
-  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config = apply_overrides(
+      importlib.import_module(f"configs.{config_name}").get_config(), overrides)
   if config.model.network != "score_flow":
     if mode == "direct":
       raise ValueError("--mode direct is for ScoreFlowNetworks")
@@ -129,7 +150,7 @@ def main(argv=None):
   import jax
   step_fn, state, batch, n_params = build(
       args.parameterization, args.mode, args.batch, args.devices, args.seed,
-      args.config)
+      args.config, args.set)
   compile_s, times = measure(step_fn, state, batch, args.steps, args.warmup)
   median = statistics.median(times)
   dev = jax.devices()[0]
@@ -141,6 +162,7 @@ def main(argv=None):
       "peak_rss_mb": round(peak_rss_mb(), 1),
       "params": n_params,
       "config": args.config,
+      "overrides": args.set,
       "parameterization": args.parameterization,
       "mode": args.mode,
       "batch": args.batch,

@@ -33,3 +33,19 @@ def test_conv_gauss_is_the_conv_flow_on_the_gaussian_base():
   conv.model.score_flow.gaussian_base = True
   conv.optim.learning_rate, conv.optim.warmup_steps, conv.run_name = 3e-4, 200, config.run_name
   assert config.to_dict() == conv.to_dict()
+
+
+def test_bench_overrides_are_typed_and_locked():
+  import sys
+  sys.path.insert(0, str(CONFIG_DIR.parent / "bench"))
+  import train_throughput
+  from configs import mnist
+  config = train_throughput.apply_overrides(
+      mnist.get_config(), ["model.score_flow.gaussian_rank=256",
+                           "model.score_flow.gaussian_base=True", "optim.learning_rate=3e-4"])
+  sf = config.model.score_flow
+  assert (sf.gaussian_rank, sf.gaussian_base, config.optim.learning_rate) == (256, True, 3e-4)
+  with pytest.raises(KeyError):
+    train_throughput.apply_overrides(mnist.get_config(), ["model.score_flow.gaussian_rnak=2"])
+  with pytest.raises(ValueError, match="FIELD=VALUE"):
+    train_throughput.apply_overrides(mnist.get_config(), ["optim.learning_rate"])

@@ -30,8 +30,10 @@ def _apply_base(stats, x, sigma, index):
   return base.apply(params, x, sigma, index)
 
 
+@pytest.mark.parametrize("max_slots", [64, 0], ids=["products", "gather"])
 @pytest.mark.parametrize("rank", [6, 3])
-def test_base_denoiser_is_the_gaussian_posterior_mean(x64, rank):
+def test_base_denoiser_is_the_gaussian_posterior_mean(x64, rank, max_slots, monkeypatch):
+  monkeypatch.setattr(gaussian_lib, "MAX_SLOTS_FOR_PRODUCTS", max_slots)
   x0, labels = _data()
   stats = gaussian_lib.fit(x0, labels, 2, rank)
   assert stats["basis"].shape == (3, 6, rank)

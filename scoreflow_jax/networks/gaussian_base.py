@@ -44,19 +44,19 @@ class GaussianBase(nn.Module):
 
     x_flat (B, D), sigma (B,), index (B,) int slot per sample."""
     mean, basis, variances, residual = self._stats(x_flat.shape[-1])
-    m, v, w, r = mean[index], basis[index], variances[index], residual[index]
+    m, w, r = mean[index], variances[index], residual[index]
     s2 = (sigma**2)[:, None]
-    span = lambda a: jnp.einsum("bdk,bk->bd", v, a)    # V a
-    coords = lambda a: jnp.einsum("bdk,bd->bk", v, a)  # V^T a
+    span, coords = _projections(basis, index, x_flat.dtype)  # V a, V^T a per sample
     d = x_flat - m
     proj = coords(d)
     rest = d - span(proj)                               # (I - V V^T) d
+    r2 = r[:, None] + s2
     log_density = -0.5 * (jnp.sum(proj**2 / (w + s2), axis=-1)
-                          + jnp.sum(rest**2, axis=-1) / (r + sigma**2))
+                          + jnp.sum(rest**2, axis=-1) / r2[:, 0])
     # x + sigma^2 grad_x log_density, written out; for orthonormal V it is the
     # formula in the module doc, and it stays the exact gradient when V is
     # orthonormal only to float32 precision.
-    grad = -(span(proj / (w + s2)) + (rest - span(coords(rest))) / (r[:, None] + s2))
+    grad = -(span(proj / (w + s2) - coords(rest) / r2) + rest / r2)
     return x_flat + s2 * grad, log_density
 
 
@@ -86,3 +86,25 @@ def fit(x, labels, n_classes: int, rank: int):
     add(x[labels == c] if np.sum(labels == c) > 1 else x)
   add(x)
   return {name: np.asarray(a, np.float32) for name, a in out.items()}
+
+
+# Up to this many slots, every sample is projected on every slot's basis by one
+# matrix product and its own slot is picked after; beyond it, each sample's basis
+# is gathered. For MNIST's 11 slots the products are about 2x faster on a CPU
+# (the gather reads B x D x K floats per product); both give the same numbers.
+MAX_SLOTS_FOR_PRODUCTS = 64
+
+
+def _projections(basis, index, dtype, all_slots=None):
+  """(span, coords): a -> V_b a (B, K) -> (B, D) and a -> V_b^T a (B, D) -> (B, K),
+  with V_b = basis[index[b]]."""
+  slots = basis.shape[0]
+  if all_slots is None:
+    all_slots = slots <= MAX_SLOTS_FOR_PRODUCTS
+  if not all_slots:
+    v = basis[index]
+    return (lambda a: jnp.einsum("bdk,bk->bd", v, a),
+            lambda a: jnp.einsum("bdk,bd->bk", v, a))
+  onehot = jax.nn.one_hot(index, slots, dtype=dtype)  # (B, S)
+  return (lambda a: jnp.einsum("sdk,bsk->bd", basis, onehot[:, :, None] * a[:, None, :]),
+          lambda a: jnp.einsum("bsk,bs->bk", jnp.einsum("sdk,bd->bsk", basis, a), onehot))
