@@ -11,8 +11,8 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init
 
 
 def test_config_files_are_found():
-  assert {"mnist", "mnist_seed", "mnist_conv", "mnist_conv_gauss", "mnist_unet",
-          "cifar10"} <= set(NAMES)
+  assert {"mnist", "mnist_seed", "mnist_gauss", "mnist_conv", "mnist_conv_gauss",
+          "mnist_unet", "cifar10"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
