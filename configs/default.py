@@ -33,6 +33,7 @@ def get_config():
   sf.flow_type = "joint"                 # joint: flow over [x, embeddings] | joint_context: the same, embeddings also fed to every coupling | conditional: over x, embeddings as context | conv: image flow, CNN couplings
   sf.conv_channels = 64                  # conv flow only: width of the coupling CNNs
   sf.conv_blocks = 2                     # conv flow only: residual blocks per coupling CNN
+  sf.conv_global = False                 # conv flow only: FiLM also sees the image's spatial mean
   sf.max_log_scale = 1.0                 # coupling log-scales bounded by m tanh(raw / m) (1: the reference design)
   sf.energy_scale = False                # learnt per-(sigma, class) temperature exp(tau) of the energy (not with density)
   sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)

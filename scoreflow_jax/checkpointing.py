@@ -20,7 +20,8 @@ class CheckpointError(RuntimeError):
 # Fields added after checkpoints were first written, with the value that
 # reproduces the older behaviour: a checkpoint without them has that value.
 LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
-                                  "conv_blocks": 2, "max_log_scale": 1.0,
+                                  "conv_blocks": 2, "conv_global": False,
+                                  "max_log_scale": 1.0,
                                   "energy_scale": False, "energy_weights": False,
                                   "energy_linear": False, "gaussian_base": False,
                                   "gaussian_rank": 64}}

@@ -189,13 +189,17 @@ class ConvCouplingNet(nn.Module):
 
   conv3x3 -> ``num_blocks`` residual blocks (GroupNorm, act, conv3x3, FiLM by
   the context, act, conv3x3) -> act -> conv3x3. GroupNorm is per sample, so
-  samples stay independent and per-sample scores stay exact.
+  samples stay independent and per-sample scores stay exact. With
+  ``global_context`` the FiLM of each block also sees the block input's
+  spatial mean (per sample), so every position gets the whole image's
+  summary, not only its receptive field.
   """
   hidden: int
   num_blocks: int = 2
   activation: str = "softplus"
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
+  global_context: bool = False
 
   @nn.compact
   def __call__(self, a, context, out_channels: int):
@@ -205,8 +209,12 @@ class ConvCouplingNet(nn.Module):
     h = conv(self.hidden)(a)
     for _ in range(self.num_blocks):
       r = conv(self.hidden)(act(nn.GroupNorm(groups, dtype=self.dtype)(h)))
-      if context is not None:
-        film = nn.Dense(2 * self.hidden, dtype=self.dtype)(context)  # (B, 2 hidden)
+      parts = [] if context is None else [context]
+      if self.global_context:
+        parts.append(jnp.mean(h, axis=(1, 2)).astype(a.dtype))  # (B, hidden)
+      if parts:
+        film = nn.Dense(2 * self.hidden, dtype=self.dtype)(
+            jnp.concatenate(parts, axis=-1))  # (B, 2 hidden)
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
         r = r * (1.0 + scale) + shift
       r = conv(self.hidden)(act(nn.GroupNorm(groups, dtype=self.dtype)(r)))
@@ -231,10 +239,11 @@ class ConvAffineCoupling(nn.Module):
   activation: str = "softplus"
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
+  global_context: bool = False
 
   def setup(self):
     self.net = ConvCouplingNet(self.hidden, self.num_blocks, self.activation, self.dtype,
-                               self.max_log_scale)
+                               self.max_log_scale, self.global_context)
 
   def _apply(self, x, context, sign):
     x = jnp.asarray(x)  # numpy input too (model init passes the batch as is)
@@ -267,11 +276,13 @@ class ConvCouplingFlow(nn.Module):
   activation: str = "softplus"
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
+  global_context: bool = False
 
   def setup(self):
     _check_flow(self.n_layers, self.max_log_scale)
     self.layers = [ConvAffineCoupling(i, self.hidden, self.num_blocks,
-                                      self.activation, self.dtype, self.max_log_scale)
+                                      self.activation, self.dtype, self.max_log_scale,
+                                      self.global_context)
                    for i in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):

@@ -129,6 +129,7 @@ def build_model(config) -> DiffusionModel:
         sigma_data=m.sigma_data, parameterization=sf.parameterization,
         score_head=sf.score_head, flow_type=sf.flow_type,
         conv_channels=sf.conv_channels, conv_blocks=sf.conv_blocks,
+        conv_global=sf.conv_global,
         max_log_scale=sf.max_log_scale, energy_scale=sf.energy_scale,
         energy_weights=sf.energy_weights, energy_linear=sf.energy_linear,
         gaussian_base=sf.gaussian_base, gaussian_rank=sf.gaussian_rank,

@@ -84,9 +84,11 @@ def test_channel_splits_partition_and_alternate(channels):
   assert len(seen) > 2  # later pairs use other partitions
 
 
-@pytest.mark.parametrize("context_dim", [None, 3])
-def test_conv_flow_inverse_and_log_det(x64, context_dim):
-  flow = flows.ConvCouplingFlow(n_layers=4, hidden=4, num_blocks=1)
+@pytest.mark.parametrize("context_dim,global_context", [(None, False), (3, False),
+                                                        (None, True), (3, True)])
+def test_conv_flow_inverse_and_log_det(x64, context_dim, global_context):
+  flow = flows.ConvCouplingFlow(n_layers=4, hidden=4, num_blocks=1,
+                                global_context=global_context)
   x = jax.random.normal(jax.random.key(0), (3, 4, 2, 1), jnp.float64)
   ctx = None if context_dim is None else jax.random.normal(
       jax.random.key(1), (3, context_dim), jnp.float64)

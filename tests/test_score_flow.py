@@ -54,6 +54,7 @@ def test_timestep_embedding_matches_sgm():
     ("preconditioned", "conv", dict(energy_weights=True)),
     ("preconditioned", "joint_context", dict(energy_linear=True)),
     ("preconditioned", "conv", dict(energy_linear=True)),
+    ("preconditioned", "conv", dict(conv_global=True)), ("density", "conv", dict(conv_global=True)),
     ("seed", None, dict(energy_linear=True)),
     ("preconditioned", "joint_context", {}), ("seed", "joint_context", {})])
 def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type, kw):
@@ -91,6 +92,7 @@ def test_seed_head_changes_output(x64):
                                          ("joint", dict(energy_scale=True)),
                                          ("joint", dict(energy_weights=True)),
                                          ("conv", dict(energy_linear=True)),
+                                         ("conv", dict(conv_global=True)),
                                          ("joint_context", dict(energy_linear=True,
                                                                 energy_weights=True))])
 def test_preconditioned_is_exactly_conservative(x64, flow_type, kw):

@@ -123,6 +123,8 @@ class ScoreFlowNetwork(nn.Module):
       "conv" (over the image u, CNN coupling networks with FiLM context).
     conv_channels: "conv" only: width of the coupling CNNs.
     conv_blocks: "conv" only: residual blocks per coupling CNN.
+    conv_global: "conv" only: each residual block's FiLM also sees the
+      spatial mean of its input (a global summary of the image per sample).
     max_log_scale: bound m of each coupling's log-scale, m tanh(raw / m)
       (1: the reference design's tanh, scales in [1/e, e] per layer).
     energy_scale: multiply phi by exp(tau(sigma, class)), tau a learnt linear
@@ -168,6 +170,7 @@ class ScoreFlowNetwork(nn.Module):
   flow_type: str = "joint"
   conv_channels: int = 64
   conv_blocks: int = 2
+  conv_global: bool = False
   max_log_scale: float = 1.0
   energy_scale: bool = False
   energy_weights: bool = False
@@ -206,7 +209,8 @@ class ScoreFlowNetwork(nn.Module):
       self.label_emb = EmbedMLP(4 * mc, mc, "silu")
     if self.flow_type == "conv":
       self.flow = ConvCouplingFlow(self.n_flows, self.conv_channels, self.conv_blocks,
-                                   self.activation, self.dtype, self.max_log_scale)
+                                   self.activation, self.dtype, self.max_log_scale,
+                                   self.conv_global)
     else:
       self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype,
                                self.max_log_scale)
