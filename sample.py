@@ -1,7 +1,7 @@
 """Sample image grids from a trained run.
 
 python sample.py --workdir logs/<run> [--step N] --sampler heun_edm --num_steps 18 \
-  --cfg_scale 1.0 --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
+  --cfg_scale 1.0 [--cfg_interval 0.3,5] --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
 Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels).
 """
 from absl import app, flags, logging
@@ -13,6 +13,8 @@ flags.DEFINE_string("sampler", None, "Sampler (default: the run's config): euler
                     "heun_edm, euler_ancestral, dpmpp_2s_ancestral, dpmpp_2m, lms.")
 flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's config).")
 flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: none).")
+flags.DEFINE_list("cfg_interval", None, "lo,hi: guide only where lo < sigma <= hi "
+                  "(default: every sigma).")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -27,11 +29,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from scoreflow_jax import generate
   classes = None if FLAGS.classes is None else [int(c) for c in FLAGS.classes]
+  interval = None
+  if FLAGS.cfg_interval is not None:
+    if len(FLAGS.cfg_interval) != 2:
+      raise app.UsageError(f"--cfg_interval takes lo,hi, got {','.join(FLAGS.cfg_interval)}")
+    interval = tuple(float(v) for v in FLAGS.cfg_interval)
   generate.sample_from_run(
       FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,
       num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale, classes=classes,
       num_per_class=FLAGS.num_per_class, seed=FLAGS.seed, use_ema=FLAGS.ema,
-      batch_size=FLAGS.batch_size)
+      batch_size=FLAGS.batch_size, cfg_interval=interval)
 
 
 if __name__ == "__main__":

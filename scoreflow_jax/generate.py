@@ -15,11 +15,12 @@ from scoreflow_jax.train_step import AXIS
 
 
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
-                    mesh=None, **sampler_options):
+                    mesh=None, cfg_interval=None, **sampler_options):
   """Returns jitted ``fn(params, labels (B,), key) -> images (B, H, W, C)``.
 
   CFG (scale != 1) makes one denoiser call on the doubled batch per step with
-  zeroed class embeddings as the unconditional half (sgm's MNIST sampling).
+  zeroed class embeddings as the unconditional half (sgm's MNIST sampling);
+  ``cfg_interval=(lo, hi)`` guides only where lo < sigma <= hi.
   With a ``mesh``, the batch is split over its devices (B must divide).
   """
   sc = sampling_config
@@ -32,7 +33,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
     cond, uncond = model.unconditional(params, batch)
     den = model.denoiser(params)
     guided = (guiders.identity_guider(den) if scale == 1.0
-              else guiders.vanilla_cfg(den, scale))
+              else guiders.vanilla_cfg(den, scale, cfg_interval))
     x = sampler(guiders.close_over(guided, cond, uncond), z,
                 num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                 sigma_max=sc.sigma_max, rho=sc.rho, key=key, **sampler_options)
@@ -69,7 +70,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
 def generate_images(model, params, sampling_config, labels: Sequence[int], key,
                     image_shape, batch_size: int = 256, cfg_scale=None, mesh=None,
-                    progress=None, **sampler_options):
+                    progress=None, cfg_interval=None, **sampler_options):
   """Generates one image per label in batches; returns numpy (N, H, W, C) in [-1, 1].
 
   Batches are padded to a fixed size (a multiple of the device count) so the
@@ -77,7 +78,8 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   """
   n_dev = 1 if mesh is None else mesh.size
   batch_size = max(n_dev, (min(batch_size, len(labels)) + n_dev - 1) // n_dev * n_dev)
-  fn = make_sampler_fn(model, sampling_config, cfg_scale, mesh, **sampler_options)
+  fn = make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
+                       **sampler_options)
   labels = np.asarray(labels, np.int32)
   out = []
   num_batches = math.ceil(len(labels) / batch_size)
@@ -181,7 +183,8 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None):
 
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
-                    use_ema=True, batch_size=256, log=print, **sampler_options):
+                    use_ema=True, batch_size=256, log=print, cfg_interval=None,
+                    **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
@@ -203,7 +206,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   t0 = time.perf_counter()
   images = generate_images(
       model, params, config.sampling, labels, jax.random.key(seed), shape,
-      batch_size, cfg_scale=cfg_scale, mesh=mesh,
+      batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
       progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
   grid = image_grid(images, rows=len(classes))
@@ -211,6 +214,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   npz = os.path.splitext(out)[0] + ".npz"
   np.savez(npz, images=images.astype(np.float32), labels=labels)
   log(f"step {int(state.step)} ({'EMA' if use_ema else 'raw'} weights), "
-      f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}: "
+      f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
+      f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "
       f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {out}, {npz}")
   return images

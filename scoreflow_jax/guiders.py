@@ -12,14 +12,23 @@ def identity_guider(denoise_fn):
   return guided
 
 
-def vanilla_cfg(denoise_fn, scale):
+def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
   """sgm's VanillaCFG: one denoiser call on the doubled batch.
 
   The batch is ``[x, x]`` with conditioning ``[uncond, cond]`` (the
   unconditional half first, as sgm's ``prepare_inputs`` concatenates
   ``(uc[k], c[k])``); the result is ``x_u + scale * (x_c - x_u)``.
   Every entry of ``cond`` must have a matching entry in ``uncond``.
+
+  ``sigma_interval=(lo, hi)`` guides only where lo < sigma <= hi and returns
+  the conditional output x_c elsewhere (guidance in a limited interval,
+  Kynkaanniemi et al. 2024); None guides at every sigma, as sgm does.
   """
+  if sigma_interval is not None:
+    lo, hi = (float(v) for v in sigma_interval)
+    if not 0.0 <= lo < hi:
+      raise ValueError(f"sigma_interval must be (lo, hi) with 0 <= lo < hi, got "
+                       f"{tuple(sigma_interval)}")
 
   def guided(x, sigma, cond, uncond):
     missing = set(cond) - set(uncond)
@@ -31,7 +40,11 @@ def vanilla_cfg(denoise_fn, scale):
     c_in = {k: jnp.concatenate([uncond[k], cond[k]], axis=0) for k in cond}
     out = denoise_fn(x_in, s_in, c_in)
     x_u, x_c = jnp.split(out, 2, axis=0)
-    return x_u + scale * (x_c - x_u)
+    if sigma_interval is None:
+      return x_u + scale * (x_c - x_u)
+    inside = (sigma > lo) & (sigma <= hi)
+    s = jnp.where(inside, scale, 1.0).astype(out.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x_u + s * (x_c - x_u)
 
   return guided
 
