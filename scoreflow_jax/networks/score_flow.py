@@ -154,8 +154,9 @@ class ScoreFlowNetwork(nn.Module):
       the correction. D = x + sigma^2 grad_x E still holds exactly, with
       E = log N(x; m_c, S_c + sigma^2 I) + c_out / (sigma^2 c_in) phi_res.
       Needs ``cond["class_index"]`` (the conditioner's ``class_index=True``).
-      Classifier-free guidance above scale 2 degrades its samples badly
-      (measured in docs/results.md); it needs none for class accuracy.
+      Classifier-free guidance at every sigma degrades its samples badly above
+      scale 2; guide only at sigma > 2 (sample.py --cfg_interval 2,80), as
+      measured in docs/results.md.
     gaussian_rank: principal directions per class in the Gaussian base.
   """
   in_channels: int = 1
