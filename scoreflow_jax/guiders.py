@@ -40,10 +40,10 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
     c_in = {k: jnp.concatenate([uncond[k], cond[k]], axis=0) for k in cond}
     out = denoise_fn(x_in, s_in, c_in)
     x_u, x_c = jnp.split(out, 2, axis=0)
-    if sigma_interval is None:
-      return x_u + scale * (x_c - x_u)
-    inside = (sigma > lo) & (sigma <= hi)
-    s = jnp.where(inside, scale, 1.0).astype(out.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    s = scale
+    if sigma_interval is not None:  # per sample: scale inside, 1 (x_c) outside
+      s = jnp.where((sigma > lo) & (sigma <= hi), scale, 1.0).astype(out.dtype)
+      s = s.reshape((-1,) + (1,) * (x.ndim - 1))
     return x_u + s * (x_c - x_u)
 
   return guided

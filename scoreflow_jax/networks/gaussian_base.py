@@ -95,13 +95,11 @@ def fit(x, labels, n_classes: int, rank: int):
 MAX_SLOTS_FOR_PRODUCTS = 64
 
 
-def _projections(basis, index, dtype, all_slots=None):
+def _projections(basis, index, dtype):
   """(span, coords): a -> V_b a (B, K) -> (B, D) and a -> V_b^T a (B, D) -> (B, K),
   with V_b = basis[index[b]]."""
   slots = basis.shape[0]
-  if all_slots is None:
-    all_slots = slots <= MAX_SLOTS_FOR_PRODUCTS
-  if not all_slots:
+  if slots > MAX_SLOTS_FOR_PRODUCTS:
     v = basis[index]
     return (lambda a: jnp.einsum("bdk,bk->bd", v, a),
             lambda a: jnp.einsum("bdk,bd->bk", v, a))
