@@ -39,7 +39,8 @@ def get_config():
   sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)
   sf.energy_linear = False               # linear term <b(sigma, class), x> in the energy (not with density)
   sf.gaussian_base = False               # preconditioned only: denoiser = per-class Gaussian posterior mean (fitted to the data) + residual flow energy gradient
-  sf.gaussian_rank = 64                  # gaussian_base: principal directions per class
+  sf.gaussian_rank = 64                  # gaussian_base: principal directions per class (per component)
+  sf.gaussian_components = 1             # gaussian_base: k-means mixture components per class (1: one Gaussian)
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
   model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml

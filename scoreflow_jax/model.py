@@ -113,10 +113,11 @@ def build_model(config) -> DiffusionModel:
   if m.network == "score_flow":
     sf = m.score_flow
     if sf.gaussian_base and (sf.parameterization != "preconditioned"
-                             or sf.gaussian_rank < 1):
+                             or sf.gaussian_rank < 1 or sf.gaussian_components < 1):
       raise ValueError("config.model.score_flow.gaussian_base needs parameterization "
-                       "'preconditioned' and gaussian_rank >= 1, got "
-                       f"{sf.parameterization!r} and {sf.gaussian_rank}")
+                       "'preconditioned', gaussian_rank >= 1 and gaussian_components"
+                       f" >= 1, got {sf.parameterization!r}, {sf.gaussian_rank} and "
+                       f"{sf.gaussian_components}")
     if sf.dtype not in DTYPES:
       raise ValueError(f"config.model.score_flow.dtype must be one of "
                        f"{sorted(DTYPES)}, got {sf.dtype!r}")
@@ -133,6 +134,7 @@ def build_model(config) -> DiffusionModel:
         max_log_scale=sf.max_log_scale, energy_scale=sf.energy_scale,
         energy_weights=sf.energy_weights, energy_linear=sf.energy_linear,
         gaussian_base=sf.gaussian_base, gaussian_rank=sf.gaussian_rank,
+        gaussian_components=sf.gaussian_components,
         dtype=None if sf.dtype == "float32" else DTYPES[sf.dtype])
     # Fail fast on names the modules would only check when first called.
     from scoreflow_jax.flows import get_activation

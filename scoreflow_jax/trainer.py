@@ -138,8 +138,12 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
   encode = jax.jit(model.first_stage.encode)
   x = np.concatenate([np.asarray(encode(data_lib.to_model_batch(
       images[i:i + 1000], labels[i:i + 1000])["jpg"])) for i in range(0, len(images), 1000)])
-  stats = gaussian_lib.fit(x, labels, config.model.conditioner.n_classes,
-                           config.model.score_flow.gaussian_rank)
+  sf, n_classes = config.model.score_flow, config.model.conditioner.n_classes
+  if sf.gaussian_components == 1:
+    stats = gaussian_lib.fit(x, labels, n_classes, sf.gaussian_rank)
+  else:
+    stats = gaussian_lib.fit_mixture(x, labels, n_classes, sf.gaussian_components,
+                                     sf.gaussian_rank, seed=config.seed)
 
   def fill(params):
     params = jax.tree.map(lambda a: a, params)  # a copy of the containers
@@ -149,7 +153,8 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
     return params
 
   log(f"Gaussian base fitted to {len(x):,} training images "
-      f"(rank {stats['basis'].shape[-1]}, {time.perf_counter() - t0:.1f} s)")
+      f"({sf.gaussian_components} component(s) per class, rank "
+      f"{stats['basis'].shape[-1]}, {time.perf_counter() - t0:.1f} s)")
   return state.replace(params=fill(state.params), ema_params=fill(state.ema_params))
 
 

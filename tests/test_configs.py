@@ -11,8 +11,8 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init
 
 
 def test_config_files_are_found():
-  assert {"mnist", "mnist_seed", "mnist_gauss", "mnist_conv", "mnist_conv_gauss",
-          "mnist_unet", "cifar10"} <= set(NAMES)
+  assert {"mnist", "mnist_seed", "mnist_gauss", "mnist_mixture", "mnist_conv",
+          "mnist_conv_gauss", "mnist_unet", "cifar10"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
@@ -33,6 +33,24 @@ def test_conv_gauss_is_the_conv_flow_on_the_gaussian_base():
   conv.model.score_flow.gaussian_base = True
   conv.optim.learning_rate, conv.optim.warmup_steps, conv.run_name = 3e-4, 200, config.run_name
   assert config.to_dict() == conv.to_dict()
+
+
+def test_mixture_is_the_gauss_config_with_20_components_of_rank_32():
+  from configs import mnist_gauss, mnist_mixture
+  config, gauss = mnist_mixture.get_config(), mnist_gauss.get_config()
+  assert config.model.score_flow.gaussian_components == 20
+  gauss.model.score_flow.gaussian_components, gauss.model.score_flow.gaussian_rank = 20, 32
+  gauss.run_name = config.run_name
+  assert config.to_dict() == gauss.to_dict()
+
+
+@pytest.mark.parametrize("field,value", [("gaussian_components", 0), ("gaussian_rank", 0)])
+def test_bad_gaussian_base_values_are_named(field, value):
+  from configs import mnist_mixture
+  config = mnist_mixture.get_config("tiny")
+  config.model.score_flow[field] = value
+  with pytest.raises(ValueError, match=f"gaussian_components >= 1, got 'preconditioned'"):
+    trainer.validate_config(config)
 
 
 def test_bench_overrides_are_typed_and_locked():

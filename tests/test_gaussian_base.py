@@ -64,30 +64,33 @@ def test_base_denoiser_is_tweedie_of_its_log_density(x64):
   np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-5, atol=1e-6)
 
 
-def _network(flow_type="joint", **kw):
+def _network(flow_type="joint", components=1, **kw):
   net = ScoreFlowNetwork(in_channels=1, model_channels=8, n_flows=3, num_classes=3,
                          flow_type=flow_type, conv_channels=4, conv_blocks=1,
-                         gaussian_base=True, gaussian_rank=5, **kw)
+                         gaussian_base=True, gaussian_rank=5,
+                         gaussian_components=components, **kw)
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(4, 4, 2, 1)))
   cond = {"vector": jnp.asarray(rng.normal(size=(4, 6))), "class_index": jnp.asarray([0, 2, 3, 1])}
   params = jax.tree.map(lambda p: p.astype(jnp.float64),
                         net.init(jax.random.key(0), x, jnp.zeros(4), cond))
   x0, labels = _data(n=4000, d=8, classes=3, seed=5)
-  stats = gaussian_lib.fit(x0, labels, 3, 5)
+  stats = (gaussian_lib.fit(x0, labels, 3, 5) if components == 1 else
+           gaussian_lib.fit_mixture(x0, labels, 3, components, 5))
   params["params"][gaussian_lib.MODULE_NAME] = {k: jnp.asarray(v, jnp.float64)
                                                for k, v in stats.items()}
   return net, params, x, cond
 
 
-@pytest.mark.parametrize("flow_type", ["joint", "conv"])
-def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(x64, flow_type):
-  net, params, x, cond = _network(flow_type)
+@pytest.mark.parametrize("flow_type,components", [("joint", 1), ("conv", 1), ("joint", 2)])
+def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(
+    x64, flow_type, components):
+  net, params, x, cond = _network(flow_type, components)
   sigma = jnp.asarray(SIGMA)
   den = lambda p: denoise(lambda a, b, c: net.apply(p, a, b, c), x, sigma, cond, 0.5)
-  base, _ = _apply_base({k: np.asarray(v) for k, v in
-                         params["params"][gaussian_lib.MODULE_NAME].items()},
-                        x.reshape(4, -1), sigma, cond["class_index"])
+  stats = {k: np.asarray(v) for k, v in params["params"][gaussian_lib.MODULE_NAME].items()}
+  apply = _apply_base if components == 1 else _apply_mixture
+  base, _ = apply(stats, x.reshape(4, -1), sigma, cond["class_index"])
   # zero-initialised couplings: the residual flow energy has zero gradient
   np.testing.assert_allclose(den(params), base.reshape(x.shape), rtol=1e-9, atol=1e-9)
   # perturbed flow: D = x + sigma^2 grad_x E still holds exactly, and moves away
@@ -129,19 +132,116 @@ def test_conditioner_class_index_marks_dropped_labels():
       params, batch, jax.random.key(1))
 
 
-def test_trainer_fits_the_base_and_never_trains_it(tmp_path):
+@pytest.mark.parametrize("components", [1, 3])
+def test_trainer_fits_the_base_and_never_trains_it(tmp_path, components):
   config = mnist.get_config("tiny")
   config.training.image_every = 0
   config.training.num_steps = 4
   config.model.score_flow.gaussian_base = True
   config.model.score_flow.gaussian_rank = 4
+  config.model.score_flow.gaussian_components = components
   trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
   from scoreflow_jax import generate
   _, state, _ = generate.load_run(str(tmp_path / "run"))
   images, labels = data.load_dataset(config.data)
   x = data.to_model_batch(images, labels)["jpg"]
-  expected = gaussian_lib.fit(x, labels, 10, 4)
+  expected = (gaussian_lib.fit(x, labels, 10, 4) if components == 1 else
+              gaussian_lib.fit_mixture(x, labels, 10, components, 4, seed=config.seed))
   for params in (state.params, state.ema_params):
     got = params["network"][gaussian_lib.MODULE_NAME]
     for k, v in expected.items():  # unchanged by 4 AdamW steps with weight decay
       np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6)
+
+
+# The mixture base (gaussian_components > 1).
+
+def _apply_mixture(stats, x, sigma, index):
+  classes, features = len(stats["class_log_prior"]), stats["mean"].shape[1]
+  base = gaussian_lib.MixtureBase(classes, stats["mean"].shape[0] // classes,
+                                  stats["basis"].shape[-1])
+  params = {"params": {k: jnp.asarray(v, x.dtype) for k, v in stats.items()}}
+  assert features == x.shape[-1]
+  return base.apply(params, x, sigma, index)
+
+
+def _mixture_by_hand(stats, x, s2, slot, components):
+  """(posterior mean, log density) of the noisy mixture at x from its full
+  covariances, with numpy's solve and slogdet."""
+  classes = len(stats["class_log_prior"])
+  stats = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  d = x.shape[0]
+  logs, means = [], []
+  for j in range(classes * components):
+    c = j // components
+    if slot < classes and c != slot:
+      continue
+    v, w, r, m = stats["basis"][j], stats["variances"][j], stats["residual"][j], stats["mean"][j]
+    cov = v @ np.diag(w) @ v.T + r * (np.eye(d) - v @ v.T) + s2 * np.eye(d)
+    diff = x - m
+    _, logdet = np.linalg.slogdet(cov)
+    log_w = stats["log_weight"][j] + (stats["class_log_prior"][c] if slot == classes else 0.0)
+    logs.append(log_w - 0.5 * (diff @ np.linalg.solve(cov, diff) + logdet + d * np.log(2 * np.pi)))
+    means.append(x - s2 * np.linalg.solve(cov, diff))  # m + S (S + s2 I)^-1 (x - m)
+  logs = np.array(logs)
+  top = logs.max()
+  gamma = np.exp(logs - top)
+  return (gamma[:, None] * np.array(means)).sum(0) / gamma.sum(), top + np.log(gamma.sum())
+
+
+@pytest.mark.parametrize("rank", [6, 2])
+def test_mixture_denoiser_and_density_are_the_mixture_posterior_mean_and_density(x64, rank):
+  x0, labels = _data(n=2000, seed=7)
+  stats = gaussian_lib.fit_mixture(x0, labels, 2, 3, rank)
+  # float64 and exactly orthonormal bases (the nearest to the fitted float32
+  # ones): both formulas then describe the same covariances to 1e-15, which a
+  # full-rank basis at sigma = 0.002 needs (the residual variance's 1 / 1e-4
+  # amplifies float32's 1e-7 departures from orthonormality)
+  stats = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  u, _, vt = np.linalg.svd(stats["basis"], full_matrices=False)
+  stats["basis"] = u @ vt
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(8, 6)) * 1.5 + 0.5)
+  sigma = jnp.asarray(np.concatenate([SIGMA, SIGMA]))
+  index = jnp.asarray([0, 1, 2, 1, 2, 0, 1, 2])  # 2: no label (the mixture of both classes)
+  den, log_density = _apply_mixture(stats, x, sigma, index)
+  for i in range(8):
+    mean, log_p = _mixture_by_hand(stats, np.asarray(x[i]), float(sigma[i]) ** 2,
+                                   int(index[i]), 3)
+    np.testing.assert_allclose(den[i], mean, rtol=1e-6, atol=1e-6)
+    # the module drops only the -D/2 log(2 pi) of every component
+    np.testing.assert_allclose(log_density[i] - 3 * np.log(2 * np.pi), log_p, rtol=1e-8)
+  # Tweedie: D = x + sigma^2 grad_x log p_sigma(x), from the module's own density
+  grad = jax.grad(lambda xx: jnp.sum(_apply_mixture(stats, xx, sigma, index)[1]))(x)
+  np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-6, atol=1e-7)
+
+
+def test_mixture_fit_clusters_each_class():
+  x0, labels = _data(n=1500, seed=9)
+  # class 2 has 5 examples: fewer than 2 per component of 4, so 2 components
+  # (5 // 2) and clusters with fewer points than the rank (6)
+  extra = np.random.default_rng(10).normal(size=(5, 6)) + 5.0
+  x0, labels = np.concatenate([x0, extra]), np.concatenate([labels, np.full(5, 2)])
+  stats = gaussian_lib.fit_mixture(x0, labels, 3, 4, 6)
+  assert stats["mean"].shape == (12, 6) and stats["basis"].shape == (12, 6, 6)
+  counts = np.bincount(labels, minlength=3)
+  np.testing.assert_allclose(stats["class_log_prior"], np.log(counts / counts.sum()), rtol=1e-6)
+  weights = np.exp(stats["log_weight"].astype(np.float64)).reshape(3, 4)
+  np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
+  assert np.all(weights[:2] > 0) and np.count_nonzero(weights[2]) == 2
+  for j in range(12):
+    if weights.reshape(-1)[j] == 0:
+      continue
+    v = stats["basis"][j]
+    used = np.abs(v).sum(0) > 0
+    np.testing.assert_allclose(v[:, used].T @ v[:, used], np.eye(used.sum()), atol=1e-5)
+    assert np.all(stats["variances"][j][~used] == stats["residual"][j])  # padded directions
+    assert stats["residual"][j] >= 1e-4
+  # the class means are the weighted means of their components
+  for c in range(3):
+    means = stats["mean"][4 * c:4 * c + 4]
+    np.testing.assert_allclose(weights[c] @ means, x0[labels == c].mean(0), rtol=1e-4, atol=1e-4)
+  again = gaussian_lib.fit_mixture(x0, labels, 3, 4, 6)
+  for k in stats:
+    np.testing.assert_array_equal(stats[k], again[k])
+  with pytest.raises(ValueError, match=r"classes \[3\] have no examples"):
+    gaussian_lib.fit_mixture(x0, labels, 4, 2, 3)

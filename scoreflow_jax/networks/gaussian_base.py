@@ -106,3 +106,154 @@ def _projections(basis, index, dtype):
   onehot = jax.nn.one_hot(index, slots, dtype=dtype)  # (B, S)
   return (lambda a: jnp.einsum("sdk,bsk->bd", basis, onehot[:, :, None] * a[:, None, :]),
           lambda a: jnp.einsum("bsk,bs->bk", jnp.einsum("sdk,bd->bsk", basis, a), onehot))
+
+
+class MixtureBase(nn.Module):
+  """A mixture of ``components`` low-rank Gaussians per class as the base.
+
+  Component j belongs to class j // components and is N(m_j, S_j) with
+  S_j = V_j diag(w_j) V_j^T + r_j (I - V_j V_j^T) (``rank`` principal
+  directions). Given the class c, the data is the mixture of c's components
+  with weights pi_j = exp(log_weight_j); without it (slot ``n_classes``) the
+  mixture of all components with weights p(c) pi_j, i.e. exactly the marginal
+  of the class-conditional model. The posterior mean at noise level sigma is
+
+      D_M(x) = sum_j gamma_j(x) D_j(x),   gamma_j = softmax_j(log pi_j + log N(x; m_j, S_j + sigma^2 I)),
+
+  D_j each component's Gaussian posterior mean: D_M = x + sigma^2 grad_x log p_sigma(x)
+  exactly, with p_sigma the noisy mixture density. It is written out below as
+  x + sigma^2 times the gradient of the log-density *as computed*, so it stays
+  the exact gradient when V_j is orthonormal only to float32 precision.
+
+  With one component per class this is the per-class Gaussian of
+  :class:`GaussianBase` except for the unconditional slot (here the mixture of
+  the classes, there one Gaussian of all data). Statistics as in GaussianBase:
+  parameters, read through stop_gradient, frozen, filled by :func:`fit_mixture`.
+  """
+  n_classes: int
+  components: int
+  rank: int
+
+  def _stats(self, features: int):
+    zeros = nn.initializers.zeros
+    m, k = self.n_classes * self.components, min(self.rank, features)
+    get = lambda name, shape: jax.lax.stop_gradient(self.param(name, zeros, shape))
+    return (get("mean", (m, features)), get("basis", (m, features, k)),
+            get("variances", (m, k)), get("residual", (m,)),
+            get("log_weight", (m,)), get("class_log_prior", (self.n_classes,)))
+
+  @nn.compact
+  def __call__(self, x_flat, sigma, index):
+    """(D_M(x) (B, D), log p_sigma(x) up to a constant in x (B,)).
+
+    x_flat (B, D), sigma (B,), index (B,) int: the class, n_classes = none."""
+    mean, basis, variances, residual, log_weight, class_log_prior = self._stats(
+        x_flat.shape[-1])
+    features, rank = x_flat.shape[-1], basis.shape[-1]
+    owner = np.arange(mean.shape[0]) // self.components       # class of each component
+    s2 = (sigma**2)[:, None]                                  # (B, 1)
+    # p_j = V_j^T (x - m_j) (B, M, K); |x - m_j|^2 (B, M) by products.
+    proj = (jnp.einsum("bd,mdk->bmk", x_flat, basis)
+            - jnp.einsum("md,mdk->mk", mean, basis)[None])
+    dist2 = (jnp.sum(x_flat**2, -1, keepdims=True) - 2.0 * x_flat @ mean.T
+             + jnp.sum(mean**2, -1)[None])
+    w2 = variances[None] + s2[:, :, None]                     # (B, M, K)
+    r2 = residual[None] + s2                                  # (B, M)
+    log_normal = -0.5 * (jnp.sum(proj**2 * (1.0 / w2 - 1.0 / r2[..., None]), -1)
+                         + dist2 / r2 + jnp.sum(jnp.log(w2), -1)
+                         + (features - rank) * jnp.log(r2))
+    unconditional = (index == self.n_classes)[:, None]
+    allowed = unconditional | (jnp.asarray(owner)[None] == index[:, None])
+    prior = log_weight[None] + jnp.where(unconditional, class_log_prior[owner][None], 0.0)
+    logits = jnp.where(allowed, prior + log_normal, -jnp.inf)
+    log_density = jax.nn.logsumexp(logits, axis=-1)
+    gamma = jnp.exp(logits - log_density[:, None])            # (B, M)
+    # sigma^2 grad_x log_density = -sum_j gamma_j [V_j (a_j * p_j) + b_j (x - m_j)],
+    # a_j = sigma^2 (1 / (w_j + sigma^2) - 1 / (r_j + sigma^2)), b_j = sigma^2 / (r_j + sigma^2).
+    a = s2[:, :, None] * (1.0 / w2 - 1.0 / r2[..., None])
+    b = gamma * s2 / r2
+    step = (jnp.einsum("bmk,mdk->bd", gamma[..., None] * a * proj, basis)
+            + jnp.sum(b, -1, keepdims=True) * x_flat - b @ mean)
+    return x_flat - step, log_density
+
+
+# log-weight of an unused component: finite (EMA's shadow - param would be
+# inf - inf with -inf) and far below any log-density difference.
+EMPTY_LOG_WEIGHT = -1e30
+
+
+def _kmeans(x, k, rng, iters=25):
+  """Lloyd's k-means with k-means++ seeding; an emptied cluster is re-seeded at
+  the point farthest from its centre. Returns assignments (N,)."""
+  n = len(x)
+  sq = np.sum(x**2, 1)
+  centres = [x[rng.integers(n)]]
+  nearest = np.sum((x - centres[0])**2, 1)
+  for _ in range(k - 1):
+    centres.append(x[rng.choice(n, p=nearest / nearest.sum())])
+    nearest = np.minimum(nearest, np.sum((x - centres[-1])**2, 1))
+  centres = np.array(centres)
+  for _ in range(iters):
+    dist = sq[:, None] - 2.0 * x @ centres.T + np.sum(centres**2, 1)[None]
+    assign = dist.argmin(1)
+    for j in range(k):
+      members = assign == j
+      if members.any():
+        centres[j] = x[members].mean(0)
+      else:
+        far = int(dist[np.arange(n), assign].argmax())
+        centres[j], assign[far] = x[far], j
+  return assign
+
+
+def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
+                min_residual: float = 1e-4, seed: int = 0):
+  """Statistics for :class:`MixtureBase` from data x (N, ...) and labels (N,).
+
+  Each class is split into ``components`` clusters by k-means; each cluster
+  gets its mean, its top ``rank`` principal directions and their variances,
+  the mean variance of the other directions (at least ``min_residual``) and
+  the weight n_cluster / n_class. A class with fewer than 2 examples per
+  component gets fewer components (the others get log-weight
+  EMPTY_LOG_WEIGHT, i.e. weight 0); a class without examples is an error.
+  Deterministic for a given ``seed``.
+  """
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  labels = np.asarray(labels)
+  d = x.shape[1]
+  k = min(rank, d)
+  rng = np.random.default_rng(seed)
+  m = n_classes * components
+  out = {"mean": np.zeros((m, d)), "basis": np.zeros((m, d, k)),
+         "variances": np.zeros((m, k)), "residual": np.full((m,), min_residual),
+         "log_weight": np.full((m,), EMPTY_LOG_WEIGHT), "class_log_prior": np.zeros(n_classes)}
+  counts = np.array([np.sum(labels == c) for c in range(n_classes)])
+  if np.any(counts == 0):
+    raise ValueError(f"fit_mixture: classes {np.flatnonzero(counts == 0).tolist()} "
+                     "have no examples; every class needs at least one")
+  out["class_log_prior"] = np.log(counts / counts.sum())
+  for c in range(n_classes):
+    xc = x[labels == c]
+    used = max(1, min(components, len(xc) // 2))
+    assign = _kmeans(xc, used, rng) if used > 1 else np.zeros(len(xc), int)
+    for j in range(used):
+      xs, slot = xc[assign == j], c * components + j
+      centred = xs - xs.mean(0)
+      _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+      var = sv**2 / max(len(xs) - 1, 1)                      # nonzero eigenvalues
+      n_dirs = min(k, len(var))
+      total = np.sum(centred**2) / max(len(xs) - 1, 1)
+      residual = max((total - var[:n_dirs].sum()) / (d - n_dirs), min_residual) if d > n_dirs else min_residual
+      # Fewer directions than ``rank`` (a small cluster): the missing ones get a
+      # zero basis vector and the residual variance, which leaves the density
+      # (quadratic form and normaliser) that of the n_dirs-direction model.
+      top = np.full(k, residual)
+      top[:n_dirs] = var[:n_dirs]
+      basis = np.zeros((d, k))
+      basis[:, :n_dirs] = vt[:n_dirs].T
+      out["mean"][slot] = xs.mean(0)
+      out["basis"][slot] = basis
+      out["variances"][slot] = top
+      out["residual"][slot] = residual
+      out["log_weight"][slot] = np.log(len(xs) / len(xc))
+  return {name: np.asarray(a, np.float32) for name, a in out.items()}

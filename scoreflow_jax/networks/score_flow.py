@@ -157,7 +157,13 @@ class ScoreFlowNetwork(nn.Module):
       Classifier-free guidance at every sigma degrades its samples badly above
       scale 2; guide only at sigma > 2 (sample.py --cfg_interval 2,80), as
       measured in docs/results.md.
-    gaussian_rank: principal directions per class in the Gaussian base.
+    gaussian_rank: principal directions per class in the Gaussian base (per
+      component with ``gaussian_components`` > 1).
+    gaussian_components: with ``gaussian_base``, a mixture of this many
+      low-rank Gaussians per class (networks/gaussian_base.MixtureBase: k-means
+      clusters of each class, fitted when a run starts, never trained); D_G
+      is then the mixture's exact posterior mean and E's base term the log of
+      its noisy density. 1: one Gaussian per class (GaussianBase).
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -178,6 +184,7 @@ class ScoreFlowNetwork(nn.Module):
   energy_linear: bool = False
   gaussian_base: bool = False
   gaussian_rank: int = 64
+  gaussian_components: int = 1
 
   def setup(self):
     if self.parameterization not in PARAMETERIZATIONS:
@@ -197,8 +204,10 @@ class ScoreFlowNetwork(nn.Module):
     if self.gaussian_base and self.parameterization != "preconditioned":
       raise ValueError("gaussian_base needs parameterization='preconditioned', got "
                        f"{self.parameterization!r}")
-    if self.gaussian_base and (self.num_classes is None or self.gaussian_rank < 1):
-      raise ValueError("gaussian_base needs num_classes and gaussian_rank >= 1")
+    if self.gaussian_base and (self.num_classes is None or self.gaussian_rank < 1
+                               or self.gaussian_components < 1):
+      raise ValueError("gaussian_base needs num_classes, gaussian_rank >= 1 and "
+                       "gaussian_components >= 1")
     if self.sigma_data <= 0:
       raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
     if self.n_flows < 1:
@@ -225,8 +234,11 @@ class ScoreFlowNetwork(nn.Module):
     if self.parameterization == "seed" and self.score_head:
       self.head = ScoreHead(4 * mc, self.activation)
     if self.gaussian_base:
-      setattr(self, gaussian_lib.MODULE_NAME,
-              gaussian_lib.GaussianBase(self.num_classes + 1, self.gaussian_rank))
+      base = (gaussian_lib.GaussianBase(self.num_classes + 1, self.gaussian_rank)
+              if self.gaussian_components == 1 else
+              gaussian_lib.MixtureBase(self.num_classes, self.gaussian_components,
+                                       self.gaussian_rank))
+      setattr(self, gaussian_lib.MODULE_NAME, base)
 
   def _context(self, c_noise, cond):
     """[sigma_emb, class_emb], (B, 2 mc) (or (B, mc) without classes)."""
