@@ -3,7 +3,7 @@ and class accuracy, against the MNIST test set.
 
 python evaluate.py --samples grid.npz --classifier classifier.npz \
   --data_dir /path/to/mnist_idx [--source offline] [--num_samples 10000] \
-  [--out results.json]
+  [--out results.json] [--memorisation]
 grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples);
 classifier.npz from train_classifier.py. Results go to <samples>_eval.json
 unless --out is given.
@@ -20,6 +20,8 @@ flags.DEFINE_integer("num_samples", 10_000, "Samples to evaluate (at most the nu
                      "in the file and 10k); the floor uses as many real images.")
 flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json).")
 flags.DEFINE_integer("seed", 0, "Seed of the random subsets.")
+flags.DEFINE_bool("memorisation", False, "Also measure how near 1,000 samples are to"
+                  " their nearest training image, against real test images.")
 flags.mark_flags_as_required(["samples", "classifier"])
 
 
@@ -31,7 +33,8 @@ def main(argv):
                          " MNIST's four IDX files.")
   from scoreflow_jax.eval import metrics
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
-                               FLAGS.source, FLAGS.num_samples, FLAGS.out, FLAGS.seed)
+                               FLAGS.source, FLAGS.num_samples, FLAGS.out, FLAGS.seed,
+                               check_memorisation=FLAGS.memorisation)
 
 
 if __name__ == "__main__":

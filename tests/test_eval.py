@@ -217,7 +217,7 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
            labels=labels)
   cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--samples",
          str(samples), "--classifier", str(clf), "--data_dir", str(tmp_path),
-         "--num_samples", "150"]
+         "--num_samples", "150", "--memorisation"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                         timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr
@@ -229,6 +229,28 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
   assert results["classifier_test_accuracy"] == acc
   assert results["class_accuracy"] >= 0.95
   assert results["fd"] < 2.0 * results["fd_floor"]
+  assert results["memorisation"]["num"] == 300 and "nearest training image" in proc.stdout
+
+
+def test_nearest_distances_known_inputs():
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 256, (50, 4, 4, 1)).astype(np.uint8)
+  as_float = train.astype(np.float32) / 127.5 - 1.0
+  shifted = as_float[7].copy()
+  shifted[1, 2, 0] += 0.25
+  got = metrics.nearest_distances(np.stack([as_float[3], shifted]), train, batch_size=1)
+  np.testing.assert_allclose(got, [0.0, 0.25], atol=1e-3)
+
+
+def test_memorisation_tells_copies_from_new_images():
+  rng = np.random.default_rng(1)
+  train = rng.uniform(-1, 1, (400, 3, 3, 1)).astype(np.float32)
+  test = rng.uniform(-1, 1, (200, 3, 3, 1)).astype(np.float32)
+  copies = metrics.memorisation(train[:200], test, train, n=200)
+  assert copies["samples_median"] < 1e-3 and copies["samples_below_test_min"] == 1.0
+  fresh = metrics.memorisation(rng.uniform(-1, 1, (200, 3, 3, 1)), test, train, n=200)
+  assert fresh["samples_below_test_min"] < 0.05
+  assert 0.7 < fresh["samples_median"] / fresh["test_median"] < 1.4
 
 
 def test_bad_samples_files_are_clear(tmp_path):

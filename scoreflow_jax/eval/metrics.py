@@ -184,7 +184,7 @@ def load_samples(path):
 
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
-                         log=print):
+                         log=print, check_memorisation=False):
   """Evaluates a sample.py .npz against MNIST test; writes and returns results.
 
   The floor's second real set is MNIST train when the test set has fewer
@@ -202,6 +202,10 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
     floor_images = data_lib.load_split("mnist", "train", source, data_dir)[0]
   results = evaluate_samples(params, images, labels, ref_images, ref_labels,
                              n, floor_images, seed)
+  if check_memorisation:
+    train_images = (floor_images if floor_images is not None else
+                    data_lib.load_split("mnist", "train", source, data_dir)[0])
+    results["memorisation"] = memorisation(images, ref_images, train_images, seed=seed)
   if results["floor_source"] == "floor_images":
     results["floor_source"] = "mnist train vs test"
   else:
@@ -219,6 +223,38 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   return results
 
 
+def nearest_distances(images, train_images, batch_size=500):
+  """Euclidean distance (pixels in [-1, 1]) from each image to its nearest
+  training image, (N,). Images uint8 or [-1, 1], any shape (N, ...)."""
+  def flat(a):
+    a = np.asarray(a)
+    a = a.astype(np.float32) / 127.5 - 1.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    return a.reshape(len(a), -1)
+  train = flat(train_images)
+  train_sq = np.sum(train.astype(np.float64)**2, 1)
+  out = []
+  for i in range(0, len(images), batch_size):
+    x = flat(images[i:i + batch_size])
+    d2 = np.sum(x.astype(np.float64)**2, 1)[:, None] - 2.0 * (x @ train.T) + train_sq[None]
+    out.append(np.sqrt(np.clip(d2.min(1), 0.0, None)))
+  return np.concatenate(out)
+
+
+def memorisation(sample_images, test_images, train_images, n=1000, seed=0):
+  """Do samples copy the training set? Distances to the nearest training image
+  of ``n`` samples and of ``n`` real test images (which the model never saw):
+  medians, 1st percentiles and the fraction of samples nearer their nearest
+  training image than any of the n test images is to its own."""
+  rng = np.random.default_rng(seed)
+  pick = lambda a: np.asarray(a)[rng.permutation(len(a))[:min(n, len(a))]]
+  samples, test = nearest_distances(pick(sample_images), train_images), nearest_distances(
+      pick(test_images), train_images)
+  return {"samples_median": float(np.median(samples)), "test_median": float(np.median(test)),
+          "samples_p1": float(np.percentile(samples, 1)), "test_p1": float(np.percentile(test, 1)),
+          "samples_below_test_min": float(np.mean(samples < test.min())),
+          "num": int(len(samples))}
+
+
 def format_results(results):
   """A few lines of text for the results of ``evaluate_samples``."""
   lines = [f"FD {results['fd']:.3f} | real-vs-real floor"
@@ -231,4 +267,11 @@ def format_results(results):
     lines.append("per class: " + " | ".join(
         f"{k} {'-' if a is None else f'{a:.3f}'}"
         for k, a in enumerate(results["per_class_accuracy"])))
+  mem = results.get("memorisation")
+  if mem:
+    lines.append(f"nearest training image (L2, [-1, 1] pixels, n = {mem['num']}): samples "
+                 f"median {mem['samples_median']:.2f} (1st pct {mem['samples_p1']:.2f}), "
+                 f"real test images median {mem['test_median']:.2f} (1st pct "
+                 f"{mem['test_p1']:.2f}); {100 * mem['samples_below_test_min']:.1f}% of "
+                 "samples nearer than the nearest test image")
   return "\n".join(lines)
