@@ -49,7 +49,7 @@ def test_bad_gaussian_base_values_are_named(field, value):
   from configs import mnist_mixture
   config = mnist_mixture.get_config("tiny")
   config.model.score_flow[field] = value
-  with pytest.raises(ValueError, match=f"gaussian_components >= 1, got 'preconditioned'"):
+  with pytest.raises(ValueError, match=r"gaussian_rank >= 1 and gaussian_components >= 1"):
     trainer.validate_config(config)
 
 
