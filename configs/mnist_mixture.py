@@ -6,8 +6,12 @@ a Gaussian with 32 principal directions (fitted when the run starts, about
 20 s for MNIST, frozen), and the denoiser is the mixture's exact posterior
 mean plus c_out times the gradient of the flow's residual energy, so
 D = x + sigma^2 grad_x E still holds exactly (E = log of the noisy mixture
-density + the flow's residual energy). Measurements in docs/results.md
-("A Gaussian mixture per class as the base").
+density + the flow's residual energy). Measured on a 2-core CPU
+(docs/results.md, "A Gaussian mixture per class as the base"): 20,000 steps
+(26 minutes) give FD 45.1 and 99.6% class accuracy unguided (10k samples;
+the mixture alone, untrained: 62.8 / 99.5%), against 142.6 / 95.4% for
+configs/mnist_gauss.py after 60,000 steps. The step is about 3x slower than
+mnist_gauss.py's on that CPU (the base's products over all 200 components).
 """
 from configs import mnist_gauss
 
