@@ -118,7 +118,8 @@ class MixtureBase(nn.Module):
   mixture of all components with weights p(c) pi_j, i.e. exactly the marginal
   of the class-conditional model. The posterior mean at noise level sigma is
 
-      D_M(x) = sum_j gamma_j(x) D_j(x),   gamma_j = softmax_j(log pi_j + log N(x; m_j, S_j + sigma^2 I)),
+      D_M(x) = sum_j gamma_j(x) D_j(x),
+      gamma_j = softmax_j(log pi_j + log N(x; m_j, S_j + sigma^2 I)),
 
   D_j each component's Gaussian posterior mean: D_M = x + sigma^2 grad_x log p_sigma(x)
   exactly, with p_sigma the noisy mixture density. It is written out below as
@@ -243,7 +244,8 @@ def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
       var = sv**2 / max(len(xs) - 1, 1)                      # nonzero eigenvalues
       n_dirs = min(k, len(var))
       total = np.sum(centred**2) / max(len(xs) - 1, 1)
-      residual = max((total - var[:n_dirs].sum()) / (d - n_dirs), min_residual) if d > n_dirs else min_residual
+      residual = (max((total - var[:n_dirs].sum()) / (d - n_dirs), min_residual)
+                  if d > n_dirs else min_residual)
       # Fewer directions than ``rank`` (a small cluster): the missing ones get a
       # zero basis vector and the residual variance, which leaves the density
       # (quadratic form and normaliser) that of the n_dirs-direction model.
