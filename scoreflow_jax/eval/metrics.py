@@ -226,10 +226,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
 def nearest_distances(images, train_images, batch_size=500):
   """Euclidean distance (pixels in [-1, 1]) from each image to its nearest
   training image, (N,). Images uint8 or [-1, 1], any shape (N, ...)."""
-  def flat(a):
-    a = np.asarray(a)
-    a = a.astype(np.float32) / 127.5 - 1.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    return a.reshape(len(a), -1)
+  flat = lambda a: classifier_lib.to_inputs(a).reshape(len(a), -1)
   train = flat(train_images)
   train_sq = np.sum(train.astype(np.float64)**2, 1)
   out = []

@@ -224,15 +224,15 @@ def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
   d = x.shape[1]
   k = min(rank, d)
   rng = np.random.default_rng(seed)
-  m = n_classes * components
-  out = {"mean": np.zeros((m, d)), "basis": np.zeros((m, d, k)),
-         "variances": np.zeros((m, k)), "residual": np.full((m,), min_residual),
-         "log_weight": np.full((m,), EMPTY_LOG_WEIGHT), "class_log_prior": np.zeros(n_classes)}
   counts = np.array([np.sum(labels == c) for c in range(n_classes)])
   if np.any(counts == 0):
     raise ValueError(f"fit_mixture: classes {np.flatnonzero(counts == 0).tolist()} "
                      "have no examples; every class needs at least one")
-  out["class_log_prior"] = np.log(counts / counts.sum())
+  m = n_classes * components
+  out = {"mean": np.zeros((m, d)), "basis": np.zeros((m, d, k)),
+         "variances": np.zeros((m, k)), "residual": np.full((m,), min_residual),
+         "log_weight": np.full((m,), EMPTY_LOG_WEIGHT),
+         "class_log_prior": np.log(counts / counts.sum())}
   for c in range(n_classes):
     xc = x[labels == c]
     used = max(1, min(components, len(xc) // 2))
