@@ -245,3 +245,21 @@ def test_mixture_fit_clusters_each_class():
     np.testing.assert_array_equal(stats[k], again[k])
   with pytest.raises(ValueError, match=r"classes \[3\] have no examples"):
     gaussian_lib.fit_mixture(x0, labels, 4, 2, 3)
+
+
+def test_mixture_fit_floors_degenerate_clusters():
+  # class 1: three copies of one point and one far point -> two clusters, one of
+  # identical points and one of a single point: variance 0 in every direction
+  x0, labels = _data(n=400, seed=11)
+  point = np.arange(6.0)
+  extra = np.stack([point, point, point, point + 50.0])
+  x0 = np.concatenate([x0[labels == 0], extra])
+  labels = np.concatenate([np.zeros(np.sum(labels == 0), int), np.ones(4, int)])
+  stats = gaussian_lib.fit_mixture(x0, labels, 2, 2, 3, min_residual=1e-3)
+  np.testing.assert_allclose(np.sort(stats["mean"][2:, 0]), [0.0, 50.0], atol=1e-5)
+  assert np.all(stats["variances"] >= 1e-3) and np.all(stats["residual"] >= 1e-3)
+  # so the density is proper: finite at sigma = 0 and its mean at a copy is the copy
+  den, log_density = _apply_mixture(stats, jnp.asarray(point[None], jnp.float32),
+                                    jnp.asarray([0.0]), jnp.asarray([1]))
+  assert np.all(np.isfinite(np.asarray(log_density)))
+  np.testing.assert_allclose(den[0], point, atol=1e-4)

@@ -213,7 +213,8 @@ def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
 
   Each class is split into ``components`` clusters by k-means; each cluster
   gets its mean, its top ``rank`` principal directions and their variances,
-  the mean variance of the other directions (at least ``min_residual``) and
+  the mean variance of the other directions (every variance at least
+  ``min_residual``) and
   the weight n_cluster / n_class. A class with fewer than 2 examples per
   component gets fewer components (the others get log-weight
   EMPTY_LOG_WEIGHT, i.e. weight 0); a class without examples is an error.
@@ -250,7 +251,9 @@ def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
       # zero basis vector and the residual variance, which leaves the density
       # (quadratic form and normaliser) that of the n_dirs-direction model.
       top = np.full(k, residual)
-      top[:n_dirs] = var[:n_dirs]
+      # floored like the residual: a cluster of one point, or of copies of one
+      # point, has variance 0, and a component must stay a proper density
+      top[:n_dirs] = np.maximum(var[:n_dirs], min_residual)
       basis = np.zeros((d, k))
       basis[:, :n_dirs] = vt[:n_dirs].T
       out["mean"][slot] = xs.mean(0)
