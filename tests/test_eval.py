@@ -245,12 +245,23 @@ def test_nearest_distances_known_inputs():
 def test_memorisation_tells_copies_from_new_images():
   rng = np.random.default_rng(1)
   train = rng.uniform(-1, 1, (400, 3, 3, 1)).astype(np.float32)
-  test = rng.uniform(-1, 1, (200, 3, 3, 1)).astype(np.float32)
+  test = rng.uniform(-1, 1, (400, 3, 3, 1)).astype(np.float32)
   copies = metrics.memorisation(train[:200], test, train, n=200)
   assert copies["samples_median"] < 1e-3 and copies["samples_below_test_min"] == 1.0
+  assert copies["samples_ratio_median"] < 1e-3 and copies["samples_ratio_below_test_p1"] == 1.0
+  # noisy copies (noise std 0.2): the ratio to the held-out images flags more
+  # of them than the distance alone
+  near = np.clip(train[:200] + 0.2 * rng.normal(size=(200, 3, 3, 1)), -1, 1)
+  noisy = metrics.memorisation(near.astype(np.float32), test, train, n=200)
+  assert noisy["samples_ratio_median"] < 0.6 * noisy["test_ratio_median"]
+  assert noisy["samples_ratio_below_test_p1"] > max(0.4, noisy["samples_below_test_min"])
   fresh = metrics.memorisation(rng.uniform(-1, 1, (200, 3, 3, 1)), test, train, n=200)
   assert fresh["samples_below_test_min"] < 0.05
   assert 0.7 < fresh["samples_median"] / fresh["test_median"] < 1.4
+  assert fresh["samples_ratio_below_test_p1"] < 0.05
+  assert 0.8 < fresh["samples_ratio_median"] / fresh["test_ratio_median"] < 1.25
+  # without held-out test images there is no ratio
+  assert metrics.memorisation(train[:50], test[:50], train, n=50)["samples_ratio_median"] is None
 
 
 def test_bad_samples_files_are_clear(tmp_path):
