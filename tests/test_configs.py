@@ -35,11 +35,11 @@ def test_conv_gauss_is_the_conv_flow_on_the_gaussian_base():
   assert config.to_dict() == conv.to_dict()
 
 
-def test_mixture_is_the_gauss_config_with_20_components_of_rank_32():
+def test_mixture_is_the_gauss_config_with_50_components_of_rank_16():
   from configs import mnist_gauss, mnist_mixture
   config, gauss = mnist_mixture.get_config(), mnist_gauss.get_config()
-  assert config.model.score_flow.gaussian_components == 20
-  gauss.model.score_flow.gaussian_components, gauss.model.score_flow.gaussian_rank = 20, 32
+  assert config.model.score_flow.gaussian_components == 50
+  gauss.model.score_flow.gaussian_components, gauss.model.score_flow.gaussian_rank = 50, 16
   gauss.run_name = config.run_name
   assert config.to_dict() == gauss.to_dict()
 
