@@ -8,7 +8,7 @@ mean plus c_out times the gradient of the flow's residual energy, so
 D = x + sigma^2 grad_x E still holds exactly (E = log of the noisy mixture
 density + the flow's residual energy). Measured on a 2-core CPU
 (docs/results.md, "A Gaussian mixture per class as the base"): 20,000 steps
-(30 minutes) give FD 33.1 and 99.7% class accuracy unguided (10k samples),
+(31 minutes) give FD 33.1 and 99.7% class accuracy unguided (10k samples),
 against 45.1 / 99.6% for 20 components of rank 32 (this config until
 session 6) and 142.6 / 95.4% for configs/mnist_gauss.py after 60,000 steps.
 The step is about 3x slower than mnist_gauss.py's on that CPU (the base's

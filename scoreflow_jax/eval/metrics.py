@@ -255,8 +255,10 @@ def memorisation(sample_images, test_images, train_images, n=1000, seed=0):
   samples = np.asarray(sample_images)[rng.permutation(len(sample_images))[:n]]
   order = rng.permutation(len(test_images))
   test, held = np.asarray(test_images)[order[:n]], np.asarray(test_images)[order[n:]]
-  to_train = nearest_distances(samples, train_images)
-  test_to_train = nearest_distances(test, train_images)
+  # samples and test images in one pass over each reference set
+  queries = np.concatenate([classifier_lib.to_inputs(samples), classifier_lib.to_inputs(test)])
+  split = lambda d: (d[:len(samples)], d[len(samples):])
+  to_train, test_to_train = split(nearest_distances(queries, train_images))
   out = {"samples_median": float(np.median(to_train)),
          "test_median": float(np.median(test_to_train)),
          "samples_p1": float(np.percentile(to_train, 1)),
@@ -265,8 +267,9 @@ def memorisation(sample_images, test_images, train_images, n=1000, seed=0):
          "num": int(len(to_train)), "samples_ratio_median": None, "test_ratio_median": None,
          "samples_ratio_below_test_p1": None}
   if len(held):
-    ratio = to_train / np.maximum(nearest_distances(samples, held), 1e-12)
-    test_ratio = test_to_train / np.maximum(nearest_distances(test, held), 1e-12)
+    to_held, test_to_held = split(nearest_distances(queries, held))
+    ratio = to_train / np.maximum(to_held, 1e-12)
+    test_ratio = test_to_train / np.maximum(test_to_held, 1e-12)
     out.update(samples_ratio_median=float(np.median(ratio)),
                test_ratio_median=float(np.median(test_ratio)),
                samples_ratio_below_test_p1=float(np.mean(ratio < np.percentile(test_ratio, 1))))

@@ -214,8 +214,7 @@ def fit_mixture(x, labels, n_classes: int, components: int, rank: int,
   Each class is split into ``components`` clusters by k-means; each cluster
   gets its mean, its top ``rank`` principal directions and their variances,
   the mean variance of the other directions (every variance at least
-  ``min_residual``) and
-  the weight n_cluster / n_class. A class with fewer than 2 examples per
+  ``min_residual``) and the weight n_cluster / n_class. A class with fewer than 2 examples per
   component gets fewer components (the others get log-weight
   EMPTY_LOG_WEIGHT, i.e. weight 0); a class without examples is an error.
   Deterministic for a given ``seed``.
