@@ -7,6 +7,14 @@ python evaluate.py --samples grid.npz --classifier classifier.npz \
 grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples);
 classifier.npz from train_classifier.py. Results go to <samples>_eval.json
 unless --out is given.
+
+Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
+python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
+  [--classifier classifier.npz] [--num_images 1000] \
+  [--sigmas 0.01,0.03,...] [--start_sigmas 0.05,0.2,...]
+prints the loss at fixed sigmas on the training and the test split (same
+noise) and, with --classifier, the FD of training images noised to each
+start sigma and sampled back to 0; writes RUN/diagnostics.json.
 """
 from absl import app, flags, logging
 
@@ -22,7 +30,16 @@ flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json).")
 flags.DEFINE_integer("seed", 0, "Seed of the random subsets.")
 flags.DEFINE_bool("memorisation", False, "Also measure how near 1,000 samples are to"
                   " their nearest training image, against real test images.")
-flags.mark_flags_as_required(["samples", "classifier"])
+flags.DEFINE_bool("diagnose", False, "Diagnose a run (--workdir) instead of "
+                  "scoring a samples file: loss by sigma on train vs test, and with "
+                  "--classifier the FD by start sigma.")
+flags.DEFINE_string("workdir", None, "--diagnose: the run's folder (train.py --workdir).")
+flags.DEFINE_integer("num_images", 1000, "--diagnose: images per split (a tenth "
+                     "per class).")
+flags.DEFINE_list("sigmas", None, "--diagnose: noise levels of the loss "
+                  "(default 0.01,0.03,0.1,0.3,1,3,10).")
+flags.DEFINE_list("start_sigmas", None, "--diagnose: start sigmas of the FD "
+                  "part (default 0.05,0.2,0.5,1,2,5; empty: skip).")
 
 
 def main(argv):
@@ -31,6 +48,24 @@ def main(argv):
   if FLAGS.source == "offline" and not FLAGS.data_dir:
     raise app.UsageError("--source=offline needs --data_dir, the folder of"
                          " MNIST's four IDX files.")
+  if FLAGS.diagnose:
+    if not FLAGS.workdir:
+      raise app.UsageError("--diagnose needs --workdir, the run's folder.")
+    from scoreflow_jax.eval import diagnostics
+    floats = lambda xs, default: (default if xs is None
+                                  else tuple(float(x) for x in xs))
+    try:
+      sigmas = floats(FLAGS.sigmas, diagnostics.DEFAULT_SIGMAS)
+      start_sigmas = floats(FLAGS.start_sigmas, diagnostics.DEFAULT_START_SIGMAS)
+    except ValueError as e:
+      raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
+    diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
+                             FLAGS.classifier, sigmas, start_sigmas,
+                             FLAGS.num_images, seed=FLAGS.seed, out=FLAGS.out)
+    return
+  if not FLAGS.samples or not FLAGS.classifier:
+    raise app.UsageError("give --samples and --classifier (or --diagnose "
+                         "--workdir RUN).")
   from scoreflow_jax.eval import metrics
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
                                FLAGS.source, FLAGS.num_samples, FLAGS.out, FLAGS.seed,

@@ -1,0 +1,150 @@
+"""Held-out loss by sigma and renoise FD (scoreflow_jax/eval/diagnostics.py)."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scoreflow_jax.edm import append_dims, edm_discretization
+from scoreflow_jax.eval import diagnostics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD = 0.5
+
+
+def gaussian_denoiser(params, x, sigma, cond):
+  """Exact posterior mean for data ~ N(0, SD^2 I): x SD^2 / (SD^2 + sigma^2)."""
+  del params, cond
+  s2 = append_dims(sigma, x.ndim) ** 2
+  return x * SD**2 / (SD**2 + s2)
+
+
+def identity_denoiser(params, x, sigma, cond):
+  del params, sigma, cond
+  return x
+
+
+def test_optimal_gaussian_denoiser_scores_one_at_every_sigma():
+  # EDM weighting times the posterior variance SD^2 s^2 / (SD^2 + s^2) is 1.
+  x0 = SD * jax.random.normal(jax.random.key(0), (400, 8, 8, 1))
+  sigmas = (0.01, 0.3, 1.0, 10.0)
+  mean, err = diagnostics.loss_at_sigmas(gaussian_denoiser, None, x0, None, sigmas,
+                                         jax.random.key(1), SD, batch_size=150)
+  assert mean.shape == err.shape == (4,)
+  assert np.all(np.abs(mean - 1.0) < 4 * err + 1e-3), (mean, err)
+  # The identity denoiser leaves all the noise: (sigma^2 + SD^2) / SD^2.
+  mean_id, err_id = diagnostics.loss_at_sigmas(identity_denoiser, None, x0, None,
+                                               sigmas, jax.random.key(1), SD)
+  expect = (np.asarray(sigmas)**2 + SD**2) / SD**2
+  assert np.all(np.abs(mean_id - expect) < 4 * err_id + 1e-3 * expect), mean_id
+  assert mean_id[-1] > 300 * mean[-1]
+
+
+def test_same_noise_for_every_image_set_and_batching():
+  # The identity denoiser's loss depends only on the noise: two different
+  # image sets of one size score identically, however they are batched.
+  x_a = jax.random.normal(jax.random.key(2), (50, 4, 4, 1))
+  x_b = 3.0 + jax.random.normal(jax.random.key(3), (50, 4, 4, 1))
+  args = (None, None, (0.2, 2.0), jax.random.key(4), SD)
+  a = diagnostics.loss_at_sigmas(identity_denoiser, args[0], x_a, *args[1:], batch_size=7)
+  b = diagnostics.loss_at_sigmas(identity_denoiser, args[0], x_b, *args[1:], batch_size=50)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+  c = diagnostics.loss_at_sigmas(identity_denoiser, None, x_a, None, (0.2, 2.0),
+                                 jax.random.key(5), SD)
+  assert not np.allclose(a[0], c[0])  # another key, other noise
+
+
+def test_conditioning_reaches_the_denoiser_per_image():
+  x0 = jnp.zeros((6, 2, 2, 1))
+  cond = {"shift": jnp.arange(6.0)}
+  den = lambda p, x, s, c: jnp.zeros_like(x) + append_dims(c["shift"], x.ndim)
+  mean, _ = diagnostics.loss_at_sigmas(den, None, x0, cond, (1.0,), jax.random.key(0),
+                                       SD, batch_size=4)
+  # weight (1 + SD^2) / SD^2 = 5 times the mean squared shift 55 / 6
+  np.testing.assert_allclose(mean[0], 5.0 * 55.0 / 6.0, rtol=1e-5)
+
+
+def _heun_factor(sigmas, heun=True):
+  """The scalar Heun (EDM) recurrence for D(x) = x SD^2 / (SD^2 + sigma^2)."""
+  x = 1.0
+  d_of = lambda x, s: (x - x * SD**2 / (SD**2 + s**2)) / s
+  for a, b in zip(sigmas[:-1], sigmas[1:]):
+    x_euler = x + (b - a) * d_of(x, a)
+    x = x + (b - a) * (d_of(x, a) + d_of(x_euler, b)) / 2 if heun and b > 0 else x_euler
+  return x
+
+
+def test_renoise_follows_the_exact_gaussian_flow():
+  # For N(0, SD^2 I) data the probability-flow ODE scales x linearly:
+  # x(0) = x(s) SD / sqrt(SD^2 + s^2). The sampler applies exactly the scalar
+  # Heun recurrence of that ODE to x0 + s noise_i, noise_i drawn from (key, i),
+  # and Heun 18 lands within 1.1% of the ODE's end point.
+  x0 = SD * jax.random.normal(jax.random.key(0), (30, 4, 4, 1))
+  key, s = jax.random.key(7), 2.0
+  out = diagnostics.renoise(gaussian_denoiser, None, x0, None, s, key, batch_size=16)
+  start = x0 + s * diagnostics.per_image_noise(key, jnp.arange(30), (4, 4, 1))
+  sigmas = list(np.asarray(edm_discretization(18, 0.002, s, 7.0), np.float64))
+  np.testing.assert_allclose(out, _heun_factor(sigmas) * start, rtol=2e-5, atol=1e-6)
+  exact = SD / np.sqrt(SD**2 + s**2)
+  assert abs(_heun_factor(sigmas) / exact - 1) < 0.011
+  euler = diagnostics.renoise(gaussian_denoiser, None, x0, None, s, key,
+                              sampler="euler_edm")
+  np.testing.assert_allclose(euler, _heun_factor(sigmas, heun=False) * start,
+                             rtol=2e-5, atol=1e-6)
+  assert abs(_heun_factor(sigmas, heun=False) / exact - 1) > 0.05
+
+
+def test_renoise_and_subset_reject_bad_input():
+  x0 = jnp.zeros((2, 2, 2, 1))
+  with pytest.raises(ValueError, match="sigma_start must be > sigma_min"):
+    diagnostics.renoise(identity_denoiser, None, x0, None, 0.001, jax.random.key(0))
+  with pytest.raises(ValueError, match="sigmas must be a non-empty list"):
+    diagnostics.loss_at_sigmas(identity_denoiser, None, x0, None, (0.1, -1.0),
+                               jax.random.key(0))
+  with pytest.raises(ValueError, match="class 2 has 1 images"):
+    diagnostics.balanced_subset(np.array([0, 0, 1, 1, 2]), 6, 3)
+  idx = diagnostics.balanced_subset(np.array([1, 0, 1, 0, 0]), 4, 2)
+  np.testing.assert_array_equal(idx, [1, 3, 0, 2])
+
+
+def _write_idx(path, magic, array):
+  array = np.asarray(array, np.uint8)
+  raw = magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(raw + array.tobytes())
+
+
+def test_diagnose_cli_on_a_tiny_run(tmp_path):
+  """evaluate.py --diagnose as a user runs it: a tiny run, fake MNIST files."""
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 40), ("t10k", 40)):
+    _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 2051,
+               rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.arange(n) % 10)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=600)
+  workdir = str(tmp_path / "run")
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
+             "--config.training.num_steps=2", "--config.training.image_every=0",
+             "--config.data.name=mnist", "--config.data.source=offline",
+             f"--config.data.data_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = str(tmp_path / "diag.json")
+  proc = run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+             str(tmp_path), "--num_images", "20", "--sigmas", "0.1,1", "--out", out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.load(open(out))
+  assert res["step"] == 2 and res["num_images"] == 20 and res["sigmas"] == [0.1, 1.0]
+  for split in ("train", "test"):
+    assert len(res["loss"][split]) == 2 and all(np.isfinite(res["loss"][split]))
+  assert res["loss"]["train"] != res["loss"]["test"]
+  assert "renoise" not in res  # no classifier, no FD part
+  assert "test / train" in proc.stdout
+  proc = run("evaluate.py", "--diagnose", "--data_dir", str(tmp_path))
+  assert proc.returncode != 0 and "--diagnose needs --workdir" in proc.stderr
