@@ -24,7 +24,8 @@ LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
                                   "max_log_scale": 1.0,
                                   "energy_scale": False, "energy_weights": False,
                                   "energy_linear": False, "gaussian_base": False,
-                                  "gaussian_rank": 64, "gaussian_components": 1}}
+                                  "gaussian_rank": 64, "gaussian_components": 1,
+                                  "gaussian_covariance_prior": 0.0}}
 
 
 def _signature(model: dict) -> dict:

@@ -118,6 +118,9 @@ def build_model(config) -> DiffusionModel:
                        "'preconditioned', gaussian_rank >= 1 and gaussian_components"
                        f" >= 1, got {sf.parameterization!r}, {sf.gaussian_rank} and "
                        f"{sf.gaussian_components}")
+    if sf.gaussian_covariance_prior < 0:
+      raise ValueError("config.model.score_flow.gaussian_covariance_prior must be >= 0 "
+                       f"(pseudo-observations), got {sf.gaussian_covariance_prior}")
     if sf.dtype not in DTYPES:
       raise ValueError(f"config.model.score_flow.dtype must be one of "
                        f"{sorted(DTYPES)}, got {sf.dtype!r}")

@@ -143,7 +143,8 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
     stats = gaussian_lib.fit(x, labels, n_classes, sf.gaussian_rank)
   else:
     stats = gaussian_lib.fit_mixture(x, labels, n_classes, sf.gaussian_components,
-                                     sf.gaussian_rank, seed=config.seed)
+                                     sf.gaussian_rank, seed=config.seed,
+                                     covariance_prior=sf.gaussian_covariance_prior)
 
   def fill(params):
     params = jax.tree.map(lambda a: a, params)  # a copy of the containers
