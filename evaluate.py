@@ -13,8 +13,9 @@ python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
   [--classifier classifier.npz] [--num_images 1000] \
   [--sigmas 0.01,0.03,...] [--start_sigmas 0.05,0.2,...]
 prints the loss at fixed sigmas on the training and the test split (same
-noise) and, with --classifier, the FD of training images noised to each
-start sigma and sampled back to 0; writes RUN/diagnostics.json.
+noise) and, with --classifier, the FD of test and of training images noised
+to each start sigma and sampled back to 0 (against the other test images);
+writes RUN/diagnostics.json.
 """
 from absl import app, flags, logging
 
@@ -38,6 +39,8 @@ flags.DEFINE_integer("num_images", 1000, "--diagnose: images per split (a tenth 
                      "per class).")
 flags.DEFINE_list("sigmas", None, "--diagnose: noise levels of the loss "
                   "(default 0.01,0.03,0.1,0.3,1,3,10).")
+flags.DEFINE_list("renoise_from", ["test", "train"], "--diagnose: splits whose "
+                  "images start the FD part (scored against the rest of the test set).")
 flags.DEFINE_list("start_sigmas", None, "--diagnose: start sigmas of the FD "
                   "part (default 0.05,0.2,0.5,1,2,5; empty: skip).")
 
@@ -61,7 +64,8 @@ def main(argv):
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
     diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
                              FLAGS.classifier, sigmas, start_sigmas,
-                             FLAGS.num_images, seed=FLAGS.seed, out=FLAGS.out)
+                             FLAGS.num_images, FLAGS.renoise_from, seed=FLAGS.seed,
+                             out=FLAGS.out)
     return
   if not FLAGS.samples or not FLAGS.classifier:
     raise app.UsageError("give --samples and --classifier (or --diagnose "

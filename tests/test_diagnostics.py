@@ -119,25 +119,36 @@ def _write_idx(path, magic, array):
     f.write(raw + array.tobytes())
 
 
-def test_diagnose_cli_on_a_tiny_run(tmp_path):
-  """evaluate.py --diagnose as a user runs it: a tiny run, fake MNIST files."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A 2-step tiny run trained (as a user would) on fake MNIST IDX files."""
+  tmp = tmp_path_factory.mktemp("diagnose")
   rng = np.random.default_rng(0)
-  for prefix, n in (("train", 40), ("t10k", 40)):
-    _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 2051,
+  for prefix, n in (("train", 40), ("t10k", 60)):
+    _write_idx(tmp / f"{prefix}-images-idx3-ubyte.gz", 2051,
                rng.integers(0, 256, (n, 28, 28)))
-    _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.arange(n) % 10)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=600)
-  workdir = str(tmp_path / "run")
-  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
-             "--config.training.num_steps=2", "--config.training.image_every=0",
-             "--config.data.name=mnist", "--config.data.source=offline",
-             f"--config.data.data_dir={tmp_path}")
+    _write_idx(tmp / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.arange(n) % 10)
+  workdir = str(tmp / "run")
+  proc = _run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
+              "--config.training.num_steps=2", "--config.training.image_every=0",
+              "--config.data.name=mnist", "--config.data.source=offline",
+              f"--config.data.data_dir={tmp}")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir, str(tmp)
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_diagnose_cli_on_a_tiny_run(tiny_run, tmp_path):
+  """evaluate.py --diagnose as a user runs it (loss part: no classifier)."""
+  workdir, data_dir = tiny_run
   out = str(tmp_path / "diag.json")
-  proc = run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
-             str(tmp_path), "--num_images", "20", "--sigmas", "0.1,1", "--out", out)
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+              data_dir, "--num_images", "20", "--sigmas", "0.1,1", "--out", out)
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = json.load(open(out))
   assert res["step"] == 2 and res["num_images"] == 20 and res["sigmas"] == [0.1, 1.0]
@@ -146,5 +157,34 @@ def test_diagnose_cli_on_a_tiny_run(tmp_path):
   assert res["loss"]["train"] != res["loss"]["test"]
   assert "renoise" not in res  # no classifier, no FD part
   assert "test / train" in proc.stdout
-  proc = run("evaluate.py", "--diagnose", "--data_dir", str(tmp_path))
+  proc = _run("evaluate.py", "--diagnose", "--data_dir", data_dir)
   assert proc.returncode != 0 and "--diagnose needs --workdir" in proc.stderr
+
+
+def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run, tmp_path):
+  from scoreflow_jax import data as data_lib
+  from scoreflow_jax.eval import classifier as classifier_lib
+  workdir, data_dir = tiny_run
+  images, labels = data_lib.make_synthetic(200, seed=0)
+  params, _ = classifier_lib.train_classifier(
+      images, labels, steps=2, log=lambda s: None, widths=(8, 16, 16), hidden=32,
+      dropout=0.0, batch_size=32)
+  clf = str(tmp_path / "clf.npz")
+  classifier_lib.save_classifier(params, clf)
+  logs = []
+  res = diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, sigmas=(1.0,),
+                                 start_sigmas=(0.5, 2.0), num_images=20,
+                                 out=str(tmp_path / "d.json"), log=logs.append)
+  r = res["renoise"]
+  assert r["reference"] == "the other 40 test images"  # 60 minus the 20 starts
+  assert list(r["rows"]) == ["test", "train"]
+  for rows in r["rows"].values():
+    assert [row["sigma_start"] for row in rows] == [0.0, 0.5, 2.0]
+    assert all(np.isfinite(row["fd"]) and row["num_samples"] == 20 for row in rows)
+  # the start images themselves differ between the splits, and so do their FDs
+  assert r["rows"]["test"][0]["fd"] != r["rows"]["train"][0]["fd"]
+  assert json.load(open(tmp_path / "d.json"))["renoise"]["rows"]["test"][2]["fd"] == \
+      r["rows"]["test"][2]["fd"]
+  assert any("FD by sigma_start" in line for line in logs)
+  with pytest.raises(ValueError, match="renoise_from must name"):
+    diagnostics.diagnose_run(workdir, data_dir, renoise_from=("val",))

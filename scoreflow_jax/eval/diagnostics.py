@@ -5,12 +5,13 @@
   size, so the training split against the test split tells fitting from
   memorising at each sigma (the training-batch loss by sigma cannot once a
   model has thousands of directions per class).
-* :func:`renoise`: real images noised to sigma_start and taken back to 0 by
-  the run's sampler (SDEdit-style). FD of the result against the test set,
-  by sigma_start, says in which noise range a model's FD is lost: a model
-  whose errors are all at low noise keeps FD near the floor from
-  sigma_start = 1; one whose global shapes are off loses it only when
-  started high.
+* :func:`renoise`: real images noised to sigma_start and taken back to 0
+  by the run's sampler (SDEdit-style). FD of the result against held-out
+  test images, by sigma_start, says in which noise range a model's FD is
+  lost: errors only at low noise keep FD near that of the images themselves
+  from sigma_start = 1; wrong global shapes lose it only when started high.
+  Started from test images and from training images, the gap between the
+  two shows what the model knows of its training set.
 """
 from typing import Sequence
 
@@ -131,15 +132,18 @@ def balanced_subset(labels, n: int, num_classes: int):
 def diagnose_run(workdir: str, data_dir, source: str = "offline",
                  classifier_path=None, sigmas=DEFAULT_SIGMAS,
                  start_sigmas=DEFAULT_START_SIGMAS, num_images: int = 1000,
-                 step=None, use_ema: bool = True, seed: int = 0, out=None,
-                 log=print):
+                 renoise_from=("test", "train"), step=None, use_ema: bool = True,
+                 seed: int = 0, out=None, log=print):
   """Held-out loss by sigma (train vs test split) and, with a classifier,
-  FD by sigma_start (:func:`renoise` from training images), for a run.
+  FD by sigma_start (:func:`renoise`), for a run.
 
   ``num_images`` per split, the first num_images / 10 of each class; the
   conditioning is the true class (no label dropout), the weights the EMA
-  ones unless ``use_ema`` is False. Writes ``<workdir>/diagnostics.json``
-  (or ``out``) and returns the results.
+  ones unless ``use_ema`` is False. The FD part starts from those images of
+  each split in ``renoise_from`` and scores against the rest of the test
+  set (never the start images), so the two starts are comparable and their
+  gap shows what the model knows of its training images. Writes
+  ``<workdir>/diagnostics.json`` (or ``out``) and returns the results.
   """
   import json  # pylint: disable=g-import-not-at-top
   import os
@@ -147,6 +151,9 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   from scoreflow_jax import data as data_lib, generate
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
   t0 = time.perf_counter()
+  bad = [s for s in renoise_from if s not in ("train", "test")]
+  if bad:
+    raise ValueError(f"renoise_from must name 'train' and/or 'test', got {bad}")
   model, state, config = generate.load_run(workdir, step)
   if config.data.name not in data_lib.DATASETS:
     raise ValueError(f"--diagnose needs real data; this run's data is "
@@ -157,49 +164,55 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   params = state.ema_params if use_ema else state.params
   n_classes = config.model.conditioner.n_classes
   den = lambda p, x, sigma, cond: model.denoiser(p)(x, sigma, cond)
-  splits = {}
+  splits, rest = {}, None
   for split in ("train", "test"):
     images, labels = data_lib.load_split(config.data.name, split, source, data_dir)
     idx = balanced_subset(labels, num_images, n_classes)
     splits[split] = (images[idx], labels[idx])
+    if split == "test":
+      keep = np.ones(len(labels), bool)
+      keep[idx] = False
+      rest = (images[keep], labels[keep])
   key = jax.random.key(seed)
   results = {"workdir": os.path.abspath(workdir), "step": int(state.step),
              "weights": "ema" if use_ema else "raw", "num_images": len(idx),
              "sigmas": list(sigmas), "loss": {}, "loss_stderr": {}}
-  for split, (images, labels) in splits.items():
-    batch = data_lib.to_model_batch(images, labels)
-    cond = model.condition(params, batch)
-    x0 = model.first_stage.encode(jnp.asarray(batch["jpg"]))
+
+  def encoded(split):
+    batch = data_lib.to_model_batch(*splits[split])
+    return (model.first_stage.encode(jnp.asarray(batch["jpg"])),
+            model.condition(params, batch))
+
+  for split in splits:
+    x0, cond = encoded(split)
     mean, err = loss_at_sigmas(den, params, x0, cond, sigmas, key,
                                config.loss.sigma_data)
     results["loss"][split], results["loss_stderr"][split] = mean.tolist(), err.tolist()
   log(f"loss by sigma, {len(idx)} images per split, step {int(state.step)} "
       f"({results['weights']} weights):")
   log(format_loss_table(results))
-  if classifier_path is not None and start_sigmas:
+  if classifier_path is not None and start_sigmas and renoise_from:
     cparams, _ = classifier_lib.load_classifier(classifier_path)
-    test_images, test_labels = data_lib.load_split(config.data.name, "test", source,
-                                                   data_dir)
-    train_images, train_labels = splits["train"]
-    batch = data_lib.to_model_batch(train_images, train_labels)
-    cond = model.condition(params, batch)
-    x0 = model.first_stage.encode(jnp.asarray(batch["jpg"]))
     sc = config.sampling
-    rows = [{"sigma_start": 0.0, **metrics.evaluate_samples(
-        cparams, train_images, train_labels, test_images, test_labels,
-        len(train_images), seed=seed)}]
-    for s in start_sigmas:
-      images = renoise(den, params, x0, cond, s, key, sampler=sc.sampler,
-                       num_steps=sc.num_steps, sigma_min=sc.sigma_min, rho=sc.rho)
-      images = np.clip(np.asarray(model.first_stage.decode(jnp.asarray(images))),
-                       -1.0, 1.0)
-      rows.append({"sigma_start": float(s), **metrics.evaluate_samples(
-          cparams, images, train_labels, test_images, test_labels, len(images),
-          seed=seed)})
-      log(f"  from sigma {s:g}: FD {rows[-1]['fd']:.2f} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    score = lambda images, labels: metrics.evaluate_samples(
+        cparams, images, labels, rest[0], rest[1], len(images), seed=seed)
     results["renoise"] = {"sampler": sc.sampler, "num_steps": sc.num_steps,
-                          "rows": rows}
+                          "reference": f"the other {len(rest[0])} test images",
+                          "rows": {}}
+    for split in renoise_from:
+      images, labels = splits[split]
+      x0, cond = encoded(split)
+      rows = [{"sigma_start": 0.0, **score(images, labels)}]
+      for s in start_sigmas:
+        out_images = renoise(den, params, x0, cond, s, key, sampler=sc.sampler,
+                             num_steps=sc.num_steps, sigma_min=sc.sigma_min,
+                             rho=sc.rho)
+        out_images = np.clip(np.asarray(model.first_stage.decode(
+            jnp.asarray(out_images))), -1.0, 1.0)
+        rows.append({"sigma_start": float(s), **score(out_images, labels)})
+        log(f"  {split} images from sigma {s:g}: FD {rows[-1]['fd']:.2f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+      results["renoise"]["rows"][split] = rows
     log(format_renoise_table(results))
   out = out or os.path.join(workdir, "diagnostics.json")
   with open(out, "w") as f:
@@ -220,11 +233,14 @@ def format_loss_table(results) -> str:
 
 def format_renoise_table(results) -> str:
   r = results["renoise"]
+  splits = list(r["rows"])
   lines = [f"FD by sigma_start ({r['sampler']}, {r['num_steps']} steps from sigma_start; "
-           "start: training images; FD against the test set):",
-           "  sigma_start  FD       floor   class acc."]
-  for row in r["rows"]:
+           f"FD against {r['reference']}; start images from: {', '.join(splits)}):",
+           "  sigma_start  " + "  ".join(f"FD {s:<6} acc. {s:<6}" for s in splits)
+           + "  floor"]
+  for i, row in enumerate(r["rows"][splits[0]]):
     label = "0 (images)" if row["sigma_start"] == 0 else f"{row['sigma_start']:g}"
-    lines.append(f"  {label:<11}  {row['fd']:<7.2f}  {row['fd_floor']:<6.2f}  "
-                 f"{row['class_accuracy']:.4f}")
+    cells = "  ".join(f"{r['rows'][s][i]['fd']:<9.2f} {r['rows'][s][i]['class_accuracy']:<11.4f}"
+                      for s in splits)
+    lines.append(f"  {label:<11}  {cells}  {row['fd_floor']:.2f}")
   return "\n".join(lines)
