@@ -41,7 +41,7 @@ def get_config():
   sf.gaussian_base = False               # preconditioned only: denoiser = per-class Gaussian posterior mean (fitted to the data) + residual flow energy gradient
   sf.gaussian_rank = 64                  # gaussian_base: principal directions per class (per component)
   sf.gaussian_components = 1             # gaussian_base: k-means mixture components per class (1: one Gaussian)
-  sf.gaussian_covariance_prior = 0.0     # gaussian_components > 1: pseudo-observations of the class's pooled covariance in each component's (0: none)
+  sf.gaussian_covariance_prior = 0.0     # gaussian_components > 1: pseudo-observations of the class's pooled covariance in each component's (0: none; 30 lowered the held-out loss and raised FD: docs/results.md)
   sf.score_head = True                   # seed only: the reference design's score MLP
   sf.dtype = "float32"                   # matmul dtype of the couplings: float32 | bfloat16
   model.unet = unet = ml_collections.ConfigDict()  # sgm's openaimodel.UNetModel; defaults: sgm's toy mnist_cond.yaml
