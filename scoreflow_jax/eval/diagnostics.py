@@ -33,6 +33,11 @@ def _check_sigmas(sigmas, what):
   return sigmas
 
 
+def _rows(tree, sl):
+  """The rows ``sl`` of every leaf of a pytree (None stays None)."""
+  return jax.tree.map(lambda a: a[sl], tree)
+
+
 def per_image_noise(key, index, shape, dtype=jnp.float32):
   """Unit noise for image ``index`` (B,) of shape ``shape`` (per image):
   image i's noise depends only on (key, i)."""
@@ -64,13 +69,12 @@ def loss_at_sigmas(denoise_fn, params, x0, cond, sigmas: Sequence[float], key,
     return loss_lib.diffusion_loss(lambda xn, sg: denoise_fn(params, xn, sg, c),
                                    x, s, noise, "l2", sigma_data)
 
-  take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
   means, errors = [], []
   for sigma in sigmas:
     per = []
     for start in range(0, n, batch_size):
       sl = slice(start, min(n, start + batch_size))
-      per.append(np.asarray(batch_loss(params, x0[sl], take(cond, sl),
+      per.append(np.asarray(batch_loss(params, x0[sl], _rows(cond, sl),
                                        jnp.arange(sl.start, sl.stop), sigma)))
     per = np.concatenate(per).astype(np.float64)
     means.append(per.mean())
@@ -104,13 +108,13 @@ def renoise(denoise_fn, params, x0, cond, sigma_start: float, key, *,
                        sigma_max=sigma_start, rho=rho,
                        key=jax.random.wrap_key_data(key_data))
 
-  take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
-  key_data = jax.random.key_data(jax.random.fold_in(key, 1))
+  sampler_key = jax.random.fold_in(key, 1)  # for stochastic samplers
   out = []
   n = x0.shape[0]
   for start in range(0, n, batch_size):
     sl = slice(start, min(n, start + batch_size))
-    out.append(np.asarray(batch(params, x0[sl], take(cond, sl),
+    key_data = jax.random.key_data(jax.random.fold_in(sampler_key, start))
+    out.append(np.asarray(batch(params, x0[sl], _rows(cond, sl),
                                 jnp.arange(sl.start, sl.stop), key_data)))
   return np.concatenate(out)
 
