@@ -182,13 +182,14 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
              "weights": "ema" if use_ema else "raw", "num_images": len(idx),
              "sigmas": list(sigmas), "loss": {}, "loss_stderr": {}}
 
-  def encoded(split):
-    batch = data_lib.to_model_batch(*splits[split])
-    return (model.first_stage.encode(jnp.asarray(batch["jpg"])),
-            model.condition(params, batch))
+  encoded = {}  # split -> (x0 in the denoiser's space, conditioning), for both parts
+  for split, (images, labels) in splits.items():
+    batch = data_lib.to_model_batch(images, labels)
+    encoded[split] = (model.first_stage.encode(jnp.asarray(batch["jpg"])),
+                      model.condition(params, batch))
 
   for split in splits:
-    x0, cond = encoded(split)
+    x0, cond = encoded[split]
     mean, err = loss_at_sigmas(den, params, x0, cond, sigmas, key,
                                config.loss.sigma_data)
     results["loss"][split], results["loss_stderr"][split] = mean.tolist(), err.tolist()
@@ -205,7 +206,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
                           "rows": {}}
     for split in renoise_from:
       images, labels = splits[split]
-      x0, cond = encoded(split)
+      x0, cond = encoded[split]
       rows = [{"sigma_start": 0.0, **score(images, labels)}]
       for s in start_sigmas:
         out_images = renoise(den, params, x0, cond, s, key, sampler=sc.sampler,
