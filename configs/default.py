@@ -86,7 +86,8 @@ def get_config():
   training.max_to_keep = 2               # other checkpoints kept
   training.image_every = 1000            # EMA sample grid to images/train (0: off)
   training.images_per_class = 8          # grid columns; one row per class
-  training.time_limit_s = 0.0            # stop (with a checkpoint) after this many seconds of this start (0: no limit)
+  training.time_limit_s = 0.0            # stop (with a checkpoint) this long after the start (0: none);
+                                         # data loading, the base fit and compilation count
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "heun_edm"          # euler_edm | heun_edm | euler_ancestral | dpmpp_2s_ancestral | dpmpp_2m | lms

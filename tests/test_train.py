@@ -1,6 +1,7 @@
 """The train step and the training loop: equivalence, learning, resume, errors."""
 import json
 import os
+import time
 
 import chex
 import jax
@@ -82,6 +83,25 @@ def test_tiny_training_learns(tmp_path):
   losses = _losses(out["workdir"])
   assert out["step"] == 100
   assert losses[100] < 0.5 * losses[10], losses
+
+
+def test_time_limit_counts_data_loading(tmp_path, monkeypatch):
+  # The limit is the run's wall clock: time spent before the first step (data
+  # loading, the Gaussian base's fit, compilation) counts against it.
+  load = data.load_dataset
+
+  def slow_load(config):
+    time.sleep(1.5)
+    return load(config)
+
+  monkeypatch.setattr(data, "load_dataset", slow_load)
+  msgs = []
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, time_limit_s=1.0),
+                                   str(tmp_path / "run"), log=msgs.append)
+  assert out["step"] == 0
+  assert any("time limit 1 s reached at step 0" in m for m in msgs), msgs
+  assert checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"),
+                                   read_only=True).latest_step() == 0
 
 
 def test_resume_continues_exactly(tmp_path):
