@@ -4,9 +4,10 @@
 #   bash bench/gpu_quality.sh CARRY OUT TRAIN_SECONDS RUN [RUN ...]
 # RUN is NAME=CONFIG[,OVERRIDE ...], e.g.
 #   unet=mnist_unet  conv_lin=mnist_conv,--config.model.score_flow.energy_linear=True
-# Each run trains for TRAIN_SECONDS of wall clock (compilation included), one
-# after the other, and draws 2,000 unguided Heun-18 samples; then FD and class
-# accuracy of each. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
+# Each run trains for TRAIN_SECONDS of wall clock (compilation included; since
+# session 8 data loading and a Gaussian base's fit count too), one after the
+# other, and draws 2,000 unguided Heun-18 samples; then FD and class accuracy
+# of each. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
 # files) and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
 set -u
