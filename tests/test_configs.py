@@ -12,7 +12,7 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init
 
 def test_config_files_are_found():
   assert {"mnist", "mnist_seed", "mnist_gauss", "mnist_mixture", "mnist_conv",
-          "mnist_conv_gauss", "mnist_unet", "cifar10"} <= set(NAMES)
+          "mnist_conv_gauss", "mnist_conv_mixture", "mnist_unet", "cifar10"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
@@ -42,6 +42,21 @@ def test_mixture_is_the_gauss_config_with_50_components_of_rank_16():
   gauss.model.score_flow.gaussian_components, gauss.model.score_flow.gaussian_rank = 50, 16
   gauss.run_name = config.run_name
   assert config.to_dict() == gauss.to_dict()
+
+
+def test_conv_mixture_is_a_small_conv_flow_on_the_mixture_base():
+  from configs import mnist_conv_gauss, mnist_conv_mixture, mnist_mixture
+  config, conv = mnist_conv_mixture.get_config(), mnist_conv_gauss.get_config()
+  sf, mix = config.model.score_flow, mnist_mixture.get_config().model.score_flow
+  assert (sf.gaussian_components, sf.gaussian_rank) == (mix.gaussian_components, mix.gaussian_rank)
+  assert (sf.n_flows, sf.conv_channels, sf.conv_blocks) == (4, 24, 1)
+  # nothing else differs from configs/mnist_conv_gauss.py
+  for field in ("gaussian_components", "gaussian_rank", "n_flows", "conv_channels", "conv_blocks"):
+    conv.model.score_flow[field] = sf[field]
+  conv.run_name = config.run_name
+  assert config.to_dict() == conv.to_dict()
+  tiny = mnist_conv_mixture.get_config("tiny").model.score_flow
+  assert tiny.gaussian_components == 50 and tiny.conv_channels == 8
 
 
 @pytest.mark.parametrize("field,value", [("gaussian_components", 0), ("gaussian_rank", 0)])

@@ -82,7 +82,8 @@ def _network(flow_type="joint", components=1, **kw):
   return net, params, x, cond
 
 
-@pytest.mark.parametrize("flow_type,components", [("joint", 1), ("conv", 1), ("joint", 2)])
+@pytest.mark.parametrize("flow_type,components", [("joint", 1), ("conv", 1), ("joint", 2),
+                                                  ("conv", 2)])
 def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(
     x64, flow_type, components):
   net, params, x, cond = _network(flow_type, components)
