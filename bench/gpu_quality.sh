@@ -7,12 +7,14 @@
 # Each run trains for TRAIN_SECONDS of wall clock (compilation included; since
 # session 8 data loading and a Gaussian base's fit count too), one after the
 # other, and draws 2,000 unguided Heun-18 samples; then FD and class accuracy
-# of each. CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
+# of each (SEEDS="0 1" draws a second set per run, seed 1, as NAME_2k_s1.npz:
+# single 2k draws differ by up to 2.5 in FD). CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
 # files) and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
+SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results}; mkdir -p $R
 pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude=checkpoints . ) ; }
@@ -32,19 +34,25 @@ for run in "$@"; do
     --config.training.time_limit_s=$T --config.training.image_every=0 \
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
-  timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
-    --num_per_class $NPC --batch_size 1000 --seed 0 --out $R/${name}_2k.png > $R/$name.sample.log 2>&1
-  tail -n 1 $R/$name.sample.log
-  cp $R/${name}_2k.npz $OUT/ 2>/dev/null
-  pack
+  for seed in $SEEDS; do
+    out=${name}_2k; [ "$seed" != 0 ] && out+=_s$seed
+    timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
+      --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1
+    tail -n 1 $R/$out.sample.log
+    cp $R/$out.npz $OUT/ 2>/dev/null
+    pack
+  done
 done
 # FD and class accuracy here unless EVAL=0 (the .npz files in OUT can be
 # evaluated on any machine with the same evaluate.py command).
 if [ "${EVAL:-1}" = 1 ]; then
   for name in "${names[@]}"; do
-    timeout 90 python3 evaluate.py --samples $R/${name}_2k.npz --classifier $CARRY/classifier.npz \
-      --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -4
-    pack
+    for f in $R/${name}_2k.npz $R/${name}_2k_s*.npz; do
+      [ -f "$f" ] || continue
+      timeout 90 python3 evaluate.py --samples $f --classifier $CARRY/classifier.npz \
+        --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out ${f%.npz}_eval.json 2>&1 | tail -4
+      pack
+    done
   done
 fi
 echo "== done in $(( $(date +%s) - t0 )) s"
