@@ -8,8 +8,9 @@
 # session 8 data loading and a Gaussian base's fit count too), one after the
 # other, and draws 2,000 unguided Heun-18 samples; then FD and class accuracy
 # of each (SEEDS="0 1" draws a second set per run, seed 1, as NAME_2k_s1.npz:
-# single 2k draws differ by up to 2.5 in FD). CARRY holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX
-# files) and classifier.npz (train_classifier.py). Results are packed into
+# single 2k draws differ by up to 2.5 in FD). CARRY (bench/make_carry.sh
+# builds it) holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX files)
+# and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
