@@ -18,6 +18,7 @@ NPC=${NPC:-200}  # samples per class
 SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results}; mkdir -p $R
+draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
 pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude=checkpoints . ) ; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $CARRY/whl/*.whl
 nvidia-smi -L
@@ -36,7 +37,7 @@ for run in "$@"; do
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for seed in $SEEDS; do
-    out=${name}_2k; [ "$seed" != 0 ] && out+=_s$seed
+    out=$(draw $name $seed)
     timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
       --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1
     tail -n 1 $R/$out.sample.log
@@ -48,10 +49,10 @@ done
 # evaluated on any machine with the same evaluate.py command).
 if [ "${EVAL:-1}" = 1 ]; then
   for name in "${names[@]}"; do
-    for f in $R/${name}_2k.npz $R/${name}_2k_s*.npz; do
-      [ -f "$f" ] || continue
-      timeout 90 python3 evaluate.py --samples $f --classifier $CARRY/classifier.npz \
-        --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out ${f%.npz}_eval.json 2>&1 | tail -4
+    for seed in $SEEDS; do
+      out=$R/$(draw $name $seed)
+      timeout 90 python3 evaluate.py --samples $out.npz --classifier $CARRY/classifier.npz \
+        --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out ${out}_eval.json 2>&1 | tail -4
       pack
     done
   done
