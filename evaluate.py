@@ -3,10 +3,17 @@ and class accuracy, against the MNIST test set.
 
 python evaluate.py --samples grid.npz --classifier classifier.npz \
   --data_dir /path/to/mnist_idx [--source offline] [--num_samples 10000] \
-  [--out results.json] [--memorisation]
+  [--out results.json] [--memorisation] [--seed 0]
 grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples);
 classifier.npz from train_classifier.py. Results go to <samples>_eval.json
 unless --out is given.
+
+Comparing models by one FD at 2k is comparing noise (a draw moves it by about
+2): score several sample draws of each model (sample.py --seed 0, 1, ...)
+against several reference sets, and compare the means:
+python evaluate.py --samples a_s0.npz,a_s1.npz --seed 0,1,2 --out a_eval.json ...
+prints and writes the mean FD, floor and class accuracy over the 6 (file, seed)
+evaluations, their spread and each one.
 
 Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
 python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
@@ -20,7 +27,8 @@ writes RUN/diagnostics.json.
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("samples", None, "Samples .npz written by sample.py.")
+flags.DEFINE_list("samples", None, "Samples .npz written by sample.py; several"
+                  " (draws of one model, comma-separated) are scored together.")
 flags.DEFINE_string("classifier", None, "Classifier file from train_classifier.py.")
 flags.DEFINE_string("data_dir", None, "Folder of MNIST's four IDX files (offline), "
                     "or the TFDS data dir (tfds).")
@@ -28,7 +36,8 @@ flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes f
 flags.DEFINE_integer("num_samples", 10_000, "Samples to evaluate (at most the number "
                      "in the file and 10k); the floor uses as many real images.")
 flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json).")
-flags.DEFINE_integer("seed", 0, "Seed of the random subsets.")
+flags.DEFINE_list("seed", ["0"], "Seed of the random subsets (which reference "
+                  "images); several (0,1,2): score against each, report the mean.")
 flags.DEFINE_bool("memorisation", False, "Also measure how near 1,000 samples are to"
                   " their nearest training image, against real test images.")
 flags.DEFINE_bool("diagnose", False, "Diagnose a run (--workdir) instead of "
@@ -51,7 +60,15 @@ def main(argv):
   if FLAGS.source == "offline" and not FLAGS.data_dir:
     raise app.UsageError("--source=offline needs --data_dir, the folder of"
                          " MNIST's four IDX files.")
+  try:
+    seeds = [int(s) for s in FLAGS.seed]
+  except ValueError as e:
+    raise app.UsageError(f"--seed must be integers, e.g. 0 or 0,1,2: {e}")
+  if not seeds:
+    raise app.UsageError("--seed needs at least one integer.")
   if FLAGS.diagnose:
+    if len(seeds) > 1:
+      raise app.UsageError("--diagnose takes one --seed.")
     if not FLAGS.workdir:
       raise app.UsageError("--diagnose needs --workdir, the run's folder.")
     from scoreflow_jax.eval import diagnostics
@@ -64,15 +81,19 @@ def main(argv):
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
     diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
                              FLAGS.classifier, sigmas, start_sigmas,
-                             FLAGS.num_images, FLAGS.renoise_from, seed=FLAGS.seed,
+                             FLAGS.num_images, FLAGS.renoise_from, seed=seeds[0],
                              out=FLAGS.out)
     return
   if not FLAGS.samples or not FLAGS.classifier:
     raise app.UsageError("give --samples and --classifier (or --diagnose "
                          "--workdir RUN).")
   from scoreflow_jax.eval import metrics
+  if len(FLAGS.samples) > 1 and not FLAGS.out:
+    raise app.UsageError(f"{len(FLAGS.samples)} samples files are scored together:"
+                         " name the results file with --out FILE.json.")
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
-                               FLAGS.source, FLAGS.num_samples, FLAGS.out, FLAGS.seed,
+                               FLAGS.source, FLAGS.num_samples, FLAGS.out,
+                               seeds if len(seeds) > 1 else seeds[0],
                                check_memorisation=FLAGS.memorisation)
 
 

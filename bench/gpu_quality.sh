@@ -8,7 +8,8 @@
 # session 8 data loading and a Gaussian base's fit count too), one after the
 # other, and draws 2,000 unguided Heun-18 samples; then FD and class accuracy
 # of each (SEEDS="0 1" draws a second set per run, seed 1, as NAME_2k_s1.npz:
-# single 2k draws differ by up to 2.5 in FD). CARRY (bench/make_carry.sh
+# single 2k draws differ by up to 2.5 in FD; every draw is scored against the
+# reference sets of REF_SEEDS, default "0 1 2", and the FDs averaged). CARRY (bench/make_carry.sh
 # builds it) holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX files)
 # and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
@@ -46,15 +47,18 @@ for run in "$@"; do
   done
 done
 # FD and class accuracy here unless EVAL=0 (the .npz files in OUT can be
-# evaluated on any machine with the same evaluate.py command).
+# evaluated on any machine with the same evaluate.py command): one evaluate.py
+# per run scores each of its draws against REF_SEEDS' reference sets and
+# prints the mean FD, its spread and each one (NAME_eval.json).
+REF_SEEDS=${REF_SEEDS:-"0 1 2"}
 if [ "${EVAL:-1}" = 1 ]; then
   for name in "${names[@]}"; do
-    for seed in $SEEDS; do
-      out=$R/$(draw $name $seed)
-      timeout 90 python3 evaluate.py --samples $out.npz --classifier $CARRY/classifier.npz \
-        --data_dir $CARRY/mnist --num_samples $((NPC * 10)) --out ${out}_eval.json 2>&1 | tail -4
-      pack
-    done
+    files=(); for seed in $SEEDS; do files+=($R/$(draw $name $seed).npz); done
+    list=$(IFS=,; echo "${files[*]}")
+    timeout 180 python3 evaluate.py --samples $list --seed ${REF_SEEDS// /,} \
+      --classifier $CARRY/classifier.npz --data_dir $CARRY/mnist \
+      --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -6
+    pack
   done
 fi
 echo "== done in $(( $(date +%s) - t0 )) s"

@@ -159,6 +159,9 @@ def test_diagnose_cli_on_a_tiny_run(tiny_run, tmp_path):
   assert "test / train" in proc.stdout
   proc = _run("evaluate.py", "--diagnose", "--data_dir", data_dir)
   assert proc.returncode != 0 and "--diagnose needs --workdir" in proc.stderr
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+              data_dir, "--seed", "0,1")
+  assert proc.returncode != 0 and "--diagnose takes one --seed" in proc.stderr
 
 
 def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run, tmp_path):

@@ -230,6 +230,76 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
   assert results["class_accuracy"] >= 0.95
   assert results["fd"] < 2.0 * results["fd_floor"]
   assert results["memorisation"]["num"] == 300 and "nearest training image" in proc.stdout
+  # two draws (here the same file twice) against two reference sets
+  proc = subprocess.run(cmd[:3] + [f"{samples},{samples}"] + cmd[4:-1]
+                        + ["--seed", "0,1", "--out", str(tmp_path / "two.json")],
+                        capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "mean FD" in proc.stdout and "4 evaluations" in proc.stdout
+  with open(tmp_path / "two.json") as f:
+    two = json.load(f)
+  assert two["num_evaluations"] == 4 and two["seed"] == [0, 1]
+  assert two["fd_runs"][0]["fd"] == pytest.approx(results["fd"])  # file 0, seed 0
+
+
+def test_combine_evaluations_known_numbers():
+  def ev(fd, acc, per_class, seed):
+    return dict(fd=fd, fd_floor=fd / 10, num_samples=50, floor_source="reference",
+                class_accuracy=acc, per_class_accuracy=per_class,
+                reference_class_accuracy=0.99, draw=0, seed=seed)
+  res = metrics.combine_evaluations([
+      ev(1.0, 0.9, [1.0, None], 0), ev(2.0, 0.8, [0.5, None], 1),
+      ev(3.0, 0.7, [None, None], 2), ev(6.0, 0.6, [0.0, None], 3)])
+  assert res["fd"] == 3.0 and res["fd_floor"] == pytest.approx(0.3)
+  assert res["fd_sd"] == pytest.approx(np.sqrt((4 + 1 + 0 + 9) / 3))
+  assert (res["fd_min"], res["fd_max"], res["num_evaluations"]) == (1.0, 6.0, 4)
+  assert res["class_accuracy"] == pytest.approx(0.75)
+  assert res["per_class_accuracy"] == [pytest.approx(0.5), None]
+  assert [r["seed"] for r in res["fd_runs"]] == [0, 1, 2, 3]
+  assert [r["fd"] for r in res["fd_runs"]] == [1.0, 2.0, 3.0, 6.0]
+  one = metrics.combine_evaluations([ev(4.0, 0.5, None, 0)])
+  assert (one["fd"], one["fd_sd"], one["per_class_accuracy"]) == (4.0, 0.0, None)
+  with pytest.raises(ValueError, match="same num_samples"):
+    metrics.combine_evaluations([ev(1.0, 0.9, None, 0), dict(ev(1.0, 0.9, None, 1),
+                                                             num_samples=60)])
+  with pytest.raises(ValueError, match="at least one"):
+    metrics.combine_evaluations([])
+
+
+def test_several_draws_and_reference_sets_are_each_scored_and_averaged(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  _write_mnist(tmp_path, test_images, test_labels, "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(100, seed=4), "train")
+  clf = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  draws = []
+  for k, seed in enumerate((5, 6)):
+    images, labels = data.make_synthetic(120, seed=seed)
+    draws.append((images, labels))
+    np.savez(tmp_path / f"grid_s{k}.npz", images=images, labels=labels)
+  paths = [str(tmp_path / "grid_s0.npz"), str(tmp_path / "grid_s1.npz")]
+  with pytest.raises(ValueError, match="--out"):
+    metrics.evaluate_sample_file(paths, clf, str(tmp_path), num_samples=100, seed=[0, 1])
+  assert not (tmp_path / "grid_s0_eval.json").exists()
+  out = tmp_path / "both.json"
+  res = metrics.evaluate_sample_file(paths, clf, str(tmp_path), num_samples=100,
+                                     out=str(out), seed=[0, 1, 2], log=lambda _: None)
+  # each (file, seed) is exactly the single evaluation with that seed
+  ref = test_images, test_labels
+  direct = [metrics.evaluate_samples(params, x, y, *ref, n=100, seed=s)
+            for x, y in draws for s in (0, 1, 2)]
+  assert [(r["draw"], r["seed"]) for r in res["fd_runs"]] == [
+      (d, s) for d in (0, 1) for s in (0, 1, 2)]
+  np.testing.assert_allclose([r["fd"] for r in res["fd_runs"]], [d["fd"] for d in direct])
+  assert len({round(d["fd"], 9) for d in direct}) == 6  # the seeds pick other images
+  assert res["fd"] == pytest.approx(np.mean([d["fd"] for d in direct]))
+  assert res["fd_floor"] == pytest.approx(np.mean([d["fd_floor"] for d in direct]))
+  assert res["class_accuracy"] == pytest.approx(np.mean([d["class_accuracy"] for d in direct]))
+  assert res["seed"] == [0, 1, 2] and len(res["samples"]) == 2
+  with open(out) as f:
+    assert json.load(f)["fd_sd"] == pytest.approx(res["fd_sd"])
+  text = metrics.format_results(res)
+  assert "mean FD" in text and "6 evaluations (2 sample file(s) x 3 reference set(s))" in text
 
 
 def test_nearest_distances_known_inputs():

@@ -182,40 +182,101 @@ def load_samples(path):
   return images, labels
 
 
+def combine_evaluations(evaluations):
+  """One result from several ``evaluate_samples`` results of one model (other
+  sample draws, other reference sets): FD, floor and class accuracies are
+  means, and ``fd_runs`` / ``fd_sd`` / ``fd_min`` / ``fd_max`` keep the spread.
+
+  A single 2k FD moves by about 2 between draws (docs/results.md, session 9),
+  so compare models by these means. The evaluations share samples or
+  reference images, so ``fd_sd`` is a spread, not a standard error. Each item
+  of ``evaluations`` may carry ``draw`` and ``seed``; ``fd_runs`` keeps them.
+  """
+  if not evaluations:
+    raise ValueError("need at least one evaluation to combine.")
+  if len({e["num_samples"] for e in evaluations}) != 1:
+    raise ValueError("evaluations to combine must have the same num_samples, got"
+                     f" {[e['num_samples'] for e in evaluations]}.")
+  fds = np.array([e["fd"] for e in evaluations])
+  out = dict(evaluations[0])
+  out.update(
+      fd=float(fds.mean()),
+      fd_floor=float(np.mean([e["fd_floor"] for e in evaluations])),
+      fd_sd=float(fds.std(ddof=1)) if len(fds) > 1 else 0.0,
+      fd_min=float(fds.min()), fd_max=float(fds.max()),
+      num_evaluations=len(evaluations),
+      fd_runs=[{k: e[k] for k in ("draw", "seed", "fd", "fd_floor",
+                                  "class_accuracy") if k in e}
+               for e in evaluations])
+  for key in ("class_accuracy", "reference_class_accuracy"):
+    values = [e.get(key) for e in evaluations]
+    if all(v is not None for v in values):
+      out[key] = float(np.mean(values))
+  per_class = [e.get("per_class_accuracy") for e in evaluations]
+  if all(p is not None for p in per_class):
+    per_class = np.array([[np.nan if a is None else a for a in p] for p in per_class])
+    with warnings.catch_warnings():  # a class absent from every draw stays None
+      warnings.simplefilter("ignore", RuntimeWarning)
+      out["per_class_accuracy"] = [_nan_to_none(x) for x in np.nanmean(per_class, 0)]
+  return out
+
+
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
                          log=print, check_memorisation=False):
-  """Evaluates a sample.py .npz against MNIST test; writes and returns results.
+  """Evaluates sample.py .npz file(s) against MNIST test; writes and returns results.
 
   The floor's second real set is MNIST train when the test set has fewer
   than 2 * num_samples images. ``out`` defaults to ``<samples>_eval.json``.
+  ``samples_path`` may be a list of files (sample draws of one model) and
+  ``seed`` a list of seeds (reference sets): every file is scored against
+  every seed's reference set and the results combined by
+  ``combine_evaluations`` (several files need ``out``). Memorisation is
+  measured on the first file with the first seed.
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  images, labels = load_samples(samples_path)
+  paths = [samples_path] if isinstance(samples_path, (str, os.PathLike)) else list(samples_path)
+  seeds = [seed] if np.ndim(seed) == 0 else [int(s) for s in seed]
+  if not paths or not seeds:
+    raise ValueError("need at least one samples file and one seed.")
+  if len(paths) > 1 and out is None:
+    raise ValueError(f"{len(paths)} samples files are scored together: name the"
+                     " results file with out (evaluate.py --out FILE.json), so that"
+                     " no file's own <samples>_eval.json is overwritten.")
+  draws = [load_samples(p) for p in paths]  # every file checked before any work
   params, header = classifier_lib.load_classifier(classifier_path)
-  classifier_lib.check_input_shape(params, images.shape[1:])
+  for images, _ in draws:
+    classifier_lib.check_input_shape(params, images.shape[1:])
   ref_images, ref_labels = data_lib.load_split("mnist", "test", source,
                                                data_dir)
-  n = min(num_samples, len(images), len(ref_images))
+  n = min([num_samples, len(ref_images)] + [len(images) for images, _ in draws])
   floor_images = None
   if len(ref_images) < 2 * n:
     floor_images = data_lib.load_split("mnist", "train", source, data_dir)[0]
-  results = evaluate_samples(params, images, labels, ref_images, ref_labels,
-                             n, floor_images, seed)
+  evaluations = []
+  for i, (images, labels) in enumerate(draws):
+    for s in seeds:
+      res = evaluate_samples(params, images, labels, ref_images, ref_labels, n,
+                             floor_images, s)
+      evaluations.append(dict(res, draw=i, seed=s))
+  results = combine_evaluations(evaluations) if len(evaluations) > 1 else evaluations[0]
+  results.pop("draw", None)
   if check_memorisation:
     train_images = (floor_images if floor_images is not None else
                     data_lib.load_split("mnist", "train", source, data_dir)[0])
-    results["memorisation"] = memorisation(images, ref_images, train_images, seed=seed)
+    results["memorisation"] = memorisation(draws[0][0], ref_images, train_images,
+                                           seed=seeds[0])
   if results["floor_source"] == "floor_images":
     results["floor_source"] = "mnist train vs test"
   else:
     results["floor_source"] = "mnist test vs disjoint test"
-  results.update(samples=os.path.abspath(samples_path),
+  results.update(samples=(os.path.abspath(paths[0]) if len(paths) == 1
+                          else [os.path.abspath(p) for p in paths]),
                  classifier=os.path.abspath(classifier_path),
                  classifier_test_accuracy=header.get("test_accuracy"),
-                 seed=seed)
+                 seed=seeds[0] if len(seeds) == 1 else seeds)
   if out is None:
-    out = os.path.splitext(samples_path)[0] + "_eval.json"
+    out = os.path.splitext(paths[0])[0] + "_eval.json"
   with open(out, "w") as f:
     json.dump(results, f, indent=2)
   log(format_results(results))
@@ -281,6 +342,14 @@ def format_results(results):
   lines = [f"FD {results['fd']:.3f} | real-vs-real floor"
            f" {results['fd_floor']:.3f} at n = {results['num_samples']}"
            f" ({results['floor_source']})"]
+  if results.get("num_evaluations", 1) > 1:
+    runs = results["fd_runs"]
+    lines[0] = "mean " + lines[0] + (
+        f"\nFD over {len(runs)} evaluations ({len({r.get('draw') for r in runs})}"
+        f" sample file(s) x {len({r.get('seed') for r in runs})} reference set(s)):"
+        f" sd {results['fd_sd']:.3f}, range {results['fd_min']:.3f} - "
+        f"{results['fd_max']:.3f}; each (file, seed): " + ", ".join(
+            f"({r.get('draw')}, {r.get('seed')}) {r['fd']:.3f}" for r in runs))
   if results.get("class_accuracy") is not None:
     ref = results.get("reference_class_accuracy")
     lines.append(f"class accuracy {results['class_accuracy']:.4f}"
