@@ -205,12 +205,18 @@ def _write_mnist(directory, images, labels, prefix):
         raw + np.asarray(array, np.uint8).tobytes())
 
 
-def test_evaluate_cli_writes_json(trained, tmp_path):
-  params, acc, test_images, test_labels, _ = trained
+def _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels):
+  """IDX files (the test images as MNIST test) and the classifier in tmp_path."""
   _write_mnist(tmp_path, test_images, test_labels, "t10k")
   _write_mnist(tmp_path, *data.make_synthetic(100, seed=4), "train")
   clf = tmp_path / "clf.npz"
   classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  return clf
+
+
+def test_evaluate_cli_writes_json(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
   images, labels = data.make_synthetic(300, seed=5)
   samples = tmp_path / "grid.npz"
   np.savez(samples, images=data.to_model_batch(images, labels)["jpg"],
@@ -268,10 +274,7 @@ def test_combine_evaluations_known_numbers():
 
 def test_several_draws_and_reference_sets_are_each_scored_and_averaged(trained, tmp_path):
   params, acc, test_images, test_labels, _ = trained
-  _write_mnist(tmp_path, test_images, test_labels, "t10k")
-  _write_mnist(tmp_path, *data.make_synthetic(100, seed=4), "train")
-  clf = tmp_path / "clf.npz"
-  classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
   draws = []
   for k, seed in enumerate((5, 6)):
     images, labels = data.make_synthetic(120, seed=seed)
