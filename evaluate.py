@@ -88,12 +88,8 @@ def main(argv):
     raise app.UsageError("give --samples and --classifier (or --diagnose "
                          "--workdir RUN).")
   from scoreflow_jax.eval import metrics
-  if len(FLAGS.samples) > 1 and not FLAGS.out:
-    raise app.UsageError(f"{len(FLAGS.samples)} samples files are scored together:"
-                         " name the results file with --out FILE.json.")
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
-                               FLAGS.source, FLAGS.num_samples, FLAGS.out,
-                               seeds if len(seeds) > 1 else seeds[0],
+                               FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
                                check_memorisation=FLAGS.memorisation)
 
 
