@@ -46,6 +46,14 @@ for run in "$@"; do
     pack
   done
 done
+# The runs' loss curves against step and wall clock in one picture each (the
+# metrics.jsonl files are in results.tgz too: the same command redraws them
+# anywhere, e.g. if this machine's Python has no matplotlib).
+specs=(); for name in "${names[@]}"; do specs+=("$name=$R/$name"); done
+for x in step wall; do
+  python3 -m scoreflow_jax.run_logging --x $x --out $R/loss_curves_$x.png "${specs[@]}" 2>&1 | tail -n 1
+done
+pack
 # FD and class accuracy here unless EVAL=0 (the .npz files in OUT can be
 # evaluated on any machine with the same evaluate.py command): one evaluate.py
 # per run scores each of its draws against REF_SEEDS' reference sets and

@@ -78,3 +78,106 @@ def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
+
+
+def read_metrics(path: str, key: str = "train/loss"):
+  """``(steps, values, wall_s or None)`` of ``key`` from a run's metrics.jsonl.
+
+  ``path`` is the file or the run folder holding it. ``wall_s`` is the
+  seconds each row was logged after its training process started (the clock
+  of ``training.time_limit_s``), continued across resumes: a resumed process
+  starts its clock again, and its rows are shifted to follow the last row of
+  the one before. None when the run was logged before ``train/wall_s`` existed.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: pass a run folder made by train.py"
+                            " (it writes metrics.jsonl) or the file itself.")
+  with open(path) as f:
+    all_rows = [json.loads(l) for l in f if l.strip()]
+  rows = [r for r in all_rows if key in r]
+  if not rows:
+    raise ValueError(f"{path} has no {key!r} rows; keys logged there:"
+                     f" {sorted({k for r in all_rows for k in r})}.")
+  steps = [r["step"] for r in rows]
+  values = [r[key] for r in rows]
+  if not all("train/wall_s" in r for r in rows):
+    return steps, values, None
+  wall, offset, prev = [], 0.0, None
+  for r in rows:
+    w = r["train/wall_s"]
+    if prev is not None and w < prev:  # a new process: its clock restarted
+      offset = wall[-1]
+    wall.append(offset + w)
+    prev = w
+  return steps, values, wall
+
+
+def plot_loss_curves(runs, out_path: str, x: str = "step", key: str = "train/loss",
+                     title: str = ""):
+  """One curve of ``key`` per run, against step or wall clock, as a PNG.
+
+  ``runs`` maps a label to a run folder (or its metrics.jsonl). ``x="wall"``
+  plots against minutes since each run started (needs ``train/wall_s``), the
+  axis for equal-wall-clock comparisons.
+  """
+  if x not in ("step", "wall"):
+    raise ValueError(f"x must be 'step' or 'wall', got {x!r}.")
+  curves = {label: read_metrics(path, key) for label, path in runs.items()}
+  if x == "wall":
+    missing = [label for label, (_, _, wall) in curves.items() if wall is None]
+    if missing:
+      raise ValueError(f"run(s) {missing} have no train/wall_s in metrics.jsonl"
+                       " (logged before it existed): plot them with x='step'.")
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, (steps, values, wall) in curves.items():
+    ax.plot(steps if x == "step" else [w / 60 for w in wall], values, label=label,
+            marker="." if len(steps) < 50 else None)  # a short run's points visible
+  ax.set_yscale("log")
+  ax.set_xlabel("step" if x == "step" else "wall clock (min, data, fit and compilation included)")
+  ax.set_ylabel(key)
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return curves
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      description="Loss curves of several runs in one PNG, e.g. python -m"
+      " scoreflow_jax.run_logging --out curves.png unet=runs/unet flow=runs/flow")
+  parser.add_argument("runs", nargs="+", help="LABEL=RUN_FOLDER (or a metrics.jsonl)")
+  parser.add_argument("--out", required=True, help="PNG to write")
+  parser.add_argument("--x", default="step", choices=("step", "wall"),
+                      help="step, or wall clock since each run started")
+  parser.add_argument("--key", default="train/loss",
+                      help="metric to plot, e.g. train/loss_sigma_0-0.1")
+  parser.add_argument("--title", default="")
+  args = parser.parse_args(argv)
+  runs = {}
+  for spec in args.runs:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+      parser.error(f"runs are LABEL=RUN_FOLDER, got {spec!r}.")
+    if label in runs:
+      parser.error(f"label {label!r} given twice.")
+    runs[label] = path
+  try:
+    curves = plot_loss_curves(runs, args.out, args.x, args.key, args.title)
+  except (FileNotFoundError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  for label, (steps, values, wall) in curves.items():
+    at = f", {wall[-1] / 60:.1f} min" if wall is not None else ""
+    print(f"{label}: {len(steps)} points, last step {steps[-1]}{at}, last {args.key} {values[-1]:.4f}")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -260,6 +260,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         text, steps_per_s = progress.line(step, scalars["train/loss"])
         scalars["train/steps_per_s"] = steps_per_s
         scalars["train/images_per_s"] = steps_per_s * t.batch_size
+        scalars["train/wall_s"] = time.perf_counter() - started  # time_limit_s's clock
         last = scalars
         log(text)
         if writer:

@@ -43,10 +43,22 @@ def test_train_run_folder_layout(trained_run):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [5, 10]
   assert all(np.isfinite(r["train/loss"]) for r in rows)
+  assert 0 < rows[0]["train/wall_s"] < rows[1]["train/wall_s"]  # since the run started
   grid = Image.open(os.path.join(workdir, "images", "train", "step_0000010.png"))
   # one row per class (10), images_per_class (2) columns of 28 px + 2 px gaps
   assert grid.size == (2 * 30, 10 * 30)
   assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+
+
+def test_loss_curves_of_several_runs(trained_run, tmp_path):
+  workdir, _ = trained_run
+  out = str(tmp_path / "curves.png")
+  proc = run("-m", "scoreflow_jax.run_logging", "--x", "wall", "--out", out,
+             f"a={workdir}", f"b={workdir}/metrics.jsonl")
+  assert "a: 2 points, last step 10" in proc.stdout and Image.open(out).size == (600, 400)
+  bad = run("-m", "scoreflow_jax.run_logging", "--out", out, f"a={tmp_path}/nothing",
+            check=False)
+  assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr and "nothing" in bad.stderr
 
 
 def test_sample_writes_grid_and_npz(trained_run, tmp_path):
