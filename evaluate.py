@@ -15,6 +15,12 @@ python evaluate.py --samples a_s0.npz,a_s1.npz --seed 0,1,2 --out a_eval.json ..
 prints and writes the mean FD, floor and class accuracy over the 6 (file, seed)
 evaluations, their spread and each one.
 
+Several models side by side, each paired with the first by (file, reference
+seed), from their results files:
+python evaluate.py --compare lr3=lr3_eval.json,lr6=lr6_eval.json [--out cmp.json]
+prints each model's mean FD and, for the others, FD - the first's over the
+evaluations both hold (mean, range, in how many it is lower).
+
 Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
 python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
   [--classifier classifier.npz] [--num_images 1000] \
@@ -40,6 +46,8 @@ flags.DEFINE_list("seed", ["0"], "Seed of the random subsets (which reference "
                   "images); several (0,1,2): score against each, report the mean.")
 flags.DEFINE_bool("memorisation", False, "Also measure how near 1,000 samples are to"
                   " their nearest training image, against real test images.")
+flags.DEFINE_list("compare", None, "NAME=RESULTS.json,... written by this script"
+                  " (the first is the baseline): print their FDs, paired.")
 flags.DEFINE_bool("diagnose", False, "Diagnose a run (--workdir) instead of "
                   "scoring a samples file: loss by sigma on train vs test, and with "
                   "--classifier the FD by start sigma.")
@@ -57,6 +65,12 @@ flags.DEFINE_list("start_sigmas", None, "--diagnose: start sigmas of the FD "
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.compare:
+    if FLAGS.samples or FLAGS.diagnose:
+      raise app.UsageError("--compare reads results files; run --samples or"
+                           " --diagnose separately.")
+    compare(FLAGS.compare, FLAGS.out)
+    return
   if FLAGS.source == "offline" and not FLAGS.data_dir:
     raise app.UsageError("--source=offline needs --data_dir, the folder of"
                          " MNIST's four IDX files.")
@@ -91,6 +105,34 @@ def main(argv):
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
                                FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
                                check_memorisation=FLAGS.memorisation)
+
+
+def compare(specs, out=None):
+  import json
+  import os
+  from scoreflow_jax.eval import metrics
+  named = {}
+  for spec in specs:
+    name, sep, path = spec.rpartition("=")
+    name = name if sep else os.path.splitext(os.path.basename(path))[0]
+    if name in named:
+      raise app.UsageError(f"--compare: {name!r} given twice; name them NAME=FILE.")
+    try:
+      with open(path) as f:
+        named[name] = json.load(f)
+      named[name]["fd"], named[name]["num_samples"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise app.UsageError(f"--compare: {path} is not a results file of evaluate.py"
+                           f" ({e!r}); make one with evaluate.py --samples ... --out {path}.")
+  try:
+    rows = metrics.compare_evaluations(named)
+  except ValueError as e:
+    raise app.UsageError(f"--compare: {e}")
+  print(metrics.format_comparison(rows))
+  if out:
+    with open(out, "w") as f:
+      json.dump(rows, f, indent=2)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

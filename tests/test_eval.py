@@ -272,6 +272,59 @@ def test_combine_evaluations_known_numbers():
     metrics.combine_evaluations([])
 
 
+def _combined(fds, num_samples=2000, acc=0.99):
+  """A combined results dict with FD fds[(draw, seed)]."""
+  return metrics.combine_evaluations([
+      dict(fd=fd, fd_floor=7.0 + seed, num_samples=num_samples, floor_source="reference",
+           class_accuracy=acc, per_class_accuracy=None, draw=draw, seed=seed)
+      for (draw, seed), fd in fds.items()])
+
+
+def test_compare_evaluations_pairs_by_file_and_seed():
+  base = _combined({(0, 0): 20.0, (0, 1): 19.0, (1, 0): 21.0, (1, 1): 18.0})
+  better = _combined({(0, 0): 18.0, (0, 1): 18.5, (1, 0): 17.0, (1, 1): 18.5}, acc=0.995)
+  # seed 2 only in this one: paired on (0, 0) alone
+  other = _combined({(0, 0): 25.0, (0, 2): 1.0})
+  single = dict(fd=19.0, fd_floor=7.0, num_samples=2000, class_accuracy=None, seed=1)
+  rows = metrics.compare_evaluations(
+      {"base": base, "better": better, "other": other, "single": single})
+  assert [r["name"] for r in rows] == ["base", "better", "other", "single"]
+  assert "paired" not in rows[0] and rows[0]["fd"] == pytest.approx(19.5)
+  # differences -2, -0.5, -4, +0.5
+  assert rows[1]["paired"] == {"pairs": 4, "mean": pytest.approx(-1.5), "min": -4.0,
+                               "max": 0.5, "lower": 3}
+  assert rows[1]["fd_sd"] == pytest.approx(np.std([18, 18.5, 17, 18.5], ddof=1))
+  assert rows[2]["paired"] == {"pairs": 1, "mean": 5.0, "min": 5.0, "max": 5.0, "lower": 0}
+  assert rows[2]["fd"] == 13.0  # its own mean keeps every evaluation
+  assert rows[3]["paired"]["pairs"] == 1 and rows[3]["paired"]["mean"] == 0.0  # (0, 1): 19 vs 19
+  text = metrics.format_comparison(rows)
+  assert "-1.500 (-4.000 to +0.500), lower in 3 of 4" in text and "99.50%" in text
+  none = metrics.compare_evaluations({"base": base, "x": _combined({(0, 5): 1.0, (0, 6): 2.0})})
+  assert none[1]["paired"] is None
+  assert "no (file, seed) pair in common" in metrics.format_comparison(none)
+  with pytest.raises(ValueError, match="different sample counts.*--num_samples"):
+    metrics.compare_evaluations({"a": base, "b": _combined({(0, 0): 1.0}, num_samples=1000)})
+  with pytest.raises(ValueError, match="at least two"):
+    metrics.compare_evaluations({"a": base})
+
+
+def test_evaluate_cli_compares_results_files(tmp_path):
+  for name, fds in (("a", {(0, 0): 20.0, (0, 1): 19.0}), ("b", {(0, 0): 18.0, (0, 1): 18.0})):
+    with open(tmp_path / f"{name}.json", "w") as f:
+      json.dump(_combined(fds), f)
+  cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--compare"]
+  proc = subprocess.run(cmd + [f"base={tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                               "--out", str(tmp_path / "cmp.json")],
+                        capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "paired with base" in proc.stdout and "-1.500 (-2.000 to -1.000), lower in 2 of 2" in proc.stdout
+  with open(tmp_path / "cmp.json") as f:
+    assert [r["name"] for r in json.load(f)] == ["base", "b"]  # unnamed: the file's stem
+  bad = subprocess.run(cmd + [f"{tmp_path / 'a.json'},{tmp_path / 'missing.json'}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+  assert bad.returncode != 0 and "missing.json is not a results file" in bad.stderr
+
+
 def test_several_draws_and_reference_sets_are_each_scored_and_averaged(trained, tmp_path):
   params, acc, test_images, test_labels, _ = trained
   clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)

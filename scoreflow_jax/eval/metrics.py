@@ -221,6 +221,79 @@ def combine_evaluations(evaluations):
   return out
 
 
+def _fd_runs(results):
+  """{(draw, seed): fd} of one results dict, combined or single."""
+  runs = results.get("fd_runs")
+  if runs is None:  # one file against one reference set
+    seed = results.get("seed", 0)
+    runs = [{"draw": 0, "seed": seed[0] if isinstance(seed, list) else seed,
+             "fd": results["fd"]}]
+  return {(r.get("draw", 0), r.get("seed", 0)): r["fd"] for r in runs}
+
+
+def compare_evaluations(named_results):
+  """Models' FDs side by side, each paired with the first model's.
+
+  ``named_results`` maps a name to the results of ``evaluate_sample_file``
+  (one model each; the first is the baseline). Their FDs must be at the same
+  sample count. Pairs are the (sample file position, reference seed)
+  evaluations both hold: the same reference images, and the same sample
+  seed when both models' draws were listed in the same seed order (sample.py
+  --seed 0 first, then 1, ...). Returns one row per model with its mean FD and
+  spread and, from the second model on, ``paired``: the mean, min and max of
+  (its FD - the baseline's) over the pairs and in how many it is lower. A
+  paired difference whose range excludes 0 is worth more than a difference of
+  means within a draw's noise (about 2 at 2k).
+  """
+  if len(named_results) < 2:
+    raise ValueError("compare at least two evaluations.")
+  counts = {name: r["num_samples"] for name, r in named_results.items()}
+  if len(set(counts.values())) != 1:
+    raise ValueError(f"FDs at different sample counts do not compare: {counts}."
+                     " Evaluate every model with the same --num_samples.")
+  names = list(named_results)
+  base = _fd_runs(named_results[names[0]])
+  rows = []
+  for name in names:
+    res, runs = named_results[name], _fd_runs(named_results[name])
+    fds = np.array(list(runs.values()))
+    row = {"name": name, "fd": float(fds.mean()),
+           "fd_sd": float(fds.std(ddof=1)) if len(fds) > 1 else 0.0,
+           "num_evaluations": len(fds), "fd_floor": res["fd_floor"],
+           "class_accuracy": res.get("class_accuracy")}
+    if name != names[0]:
+      keys = sorted(set(runs) & set(base))
+      if keys:
+        diff = np.array([runs[k] - base[k] for k in keys])
+        row["paired"] = {"pairs": len(keys), "mean": float(diff.mean()),
+                         "min": float(diff.min()), "max": float(diff.max()),
+                         "lower": int(np.sum(diff < 0))}
+      else:
+        row["paired"] = None
+    rows.append(row)
+  return rows
+
+
+def format_comparison(rows):
+  """A table of ``compare_evaluations`` rows."""
+  base = rows[0]["name"]
+  w = max([5] + [len(row["name"]) for row in rows])
+  lines = [f"{'model':<{w}} {'FD':>8} {'sd':>6} {'n':>3} {'floor':>7} {'acc.':>7}"
+           f"  paired with {base}: FD - {base} (mean, range), lower in"]
+  for row in rows:
+    acc = "" if row["class_accuracy"] is None else f"{100 * row['class_accuracy']:.2f}%"
+    line = (f"{row['name']:<{w}} {row['fd']:8.3f} {row['fd_sd']:6.3f}"
+            f" {row['num_evaluations']:3d} {row['fd_floor']:7.3f} {acc:>7}")
+    p = row.get("paired", "base")
+    if p is None:
+      line += "  no (file, seed) pair in common"
+    elif p != "base":
+      line += (f"  {p['mean']:+.3f} ({p['min']:+.3f} to {p['max']:+.3f}),"
+               f" lower in {p['lower']} of {p['pairs']}")
+    lines.append(line)
+  return "\n".join(lines)
+
+
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
                          log=print, check_memorisation=False):
