@@ -68,5 +68,10 @@ if [ "${EVAL:-1}" = 1 ]; then
       --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -6
     pack
   done
+  if [ ${#names[@]} -gt 1 ]; then  # each model paired with the first on the same evaluations
+    specs=(); for name in "${names[@]}"; do specs+=("$name=$R/${name}_eval.json"); done
+    python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#names[@]} + 2 ))
+    pack
+  fi
 fi
 echo "== done in $(( $(date +%s) - t0 )) s"
