@@ -120,10 +120,13 @@ def compare(specs, out=None):
     try:
       with open(path) as f:
         named[name] = json.load(f)
-      named[name]["fd"], named[name]["num_samples"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
+      named[name] = repr(e)
+    need = {"fd", "fd_floor", "num_samples"}
+    if not isinstance(named[name], dict) or not need <= named[name].keys():
+      why = named[name] if isinstance(named[name], str) else f"no {sorted(need)}"
       raise app.UsageError(f"--compare: {path} is not a results file of evaluate.py"
-                           f" ({e!r}); make one with evaluate.py --samples ... --out {path}.")
+                           f" ({why}); make one with evaluate.py --samples ... --out {path}.")
   try:
     rows = metrics.compare_evaluations(named)
   except ValueError as e:

@@ -84,10 +84,9 @@ def read_metrics(path: str, key: str = "train/loss"):
   """``(steps, values, wall_s or None)`` of ``key`` from a run's metrics.jsonl.
 
   ``path`` is the file or the run folder holding it. ``wall_s`` is the
-  seconds each row was logged after its training process started (the clock
-  of ``training.time_limit_s``), continued across resumes: a resumed process
-  starts its clock again, and its rows are shifted to follow the last row of
-  the one before. None when the run was logged before ``train/wall_s`` existed.
+  seconds of training each row was logged at, data loading, a Gaussian
+  base's fit and compilation included, summed over the processes of a
+  resumed run; None when the run was logged before ``train/wall_s`` existed.
   """
   if os.path.isdir(path):
     path = os.path.join(path, "metrics.jsonl")
@@ -100,18 +99,22 @@ def read_metrics(path: str, key: str = "train/loss"):
   if not rows:
     raise ValueError(f"{path} has no {key!r} rows; keys logged there:"
                      f" {sorted({k for r in all_rows for k in r})}.")
-  steps = [r["step"] for r in rows]
-  values = [r[key] for r in rows]
-  if not all("train/wall_s" in r for r in rows):
-    return steps, values, None
-  wall, offset, prev = [], 0.0, None
-  for r in rows:
-    w = r["train/wall_s"]
-    if prev is not None and w < prev:  # a new process: its clock restarted
-      offset = wall[-1]
-    wall.append(offset + w)
-    prev = w
-  return steps, values, wall
+  wall = [r.get("train/wall_s") for r in rows]
+  return ([r["step"] for r in rows], [r[key] for r in rows],
+          None if None in wall else wall)
+
+
+def last_wall_s(workdir: str) -> float:
+  """The last ``train/wall_s`` logged in ``workdir`` (0 if none): where a
+  resumed run's clock continues from."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = 0.0
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          last = json.loads(line).get("train/wall_s", last)
+  return float(last)
 
 
 def plot_loss_curves(runs, out_path: str, x: str = "step", key: str = "train/loss",

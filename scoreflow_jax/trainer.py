@@ -220,6 +220,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start_step, prefetch=config.data.prefetch)
   writer = run_logging.MetricWriter(workdir) if is_writer else None
+  # train/wall_s: seconds of training so far, earlier processes of a resumed run included
+  wall_before = run_logging.last_wall_s(workdir) if is_writer and start_step else 0.0
   progress = run_logging.Progress(start_step, t.num_steps, t.batch_size)
   image_dir = os.path.join(workdir, "images", "train")
   pending, last = [], {}
@@ -260,7 +262,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         text, steps_per_s = progress.line(step, scalars["train/loss"])
         scalars["train/steps_per_s"] = steps_per_s
         scalars["train/images_per_s"] = steps_per_s * t.batch_size
-        scalars["train/wall_s"] = time.perf_counter() - started  # time_limit_s's clock
+        scalars["train/wall_s"] = wall_before + time.perf_counter() - started
         last = scalars
         log(text)
         if writer:

@@ -13,18 +13,16 @@ def _write(path, rows):
       f.write(json.dumps(r) + "\n")
 
 
-def test_wall_clock_continues_across_a_resume(tmp_path):
-  # a first process logs at 10 and 20 s, a resumed one restarts its clock (5, 15 s)
+def test_metrics_rows_and_last_wall_clock(tmp_path):
   _write(tmp_path / "metrics.jsonl", [
       {"step": 100, "train/loss": 0.5, "train/wall_s": 10.0},
       {"step": 200, "train/loss": 0.4, "train/wall_s": 20.0},
-      {"step": 300, "train/loss": 0.3, "train/wall_s": 5.0},
-      {"step": 400, "train/loss": 0.2, "train/wall_s": 15.0},
-      {"step": 400, "eval/other": 1.0},  # rows without the key are skipped
+      {"step": 200, "eval/other": 1.0},  # rows without the key are skipped
   ])
   steps, values, wall = run_logging.read_metrics(str(tmp_path))
-  assert steps == [100, 200, 300, 400] and values == [0.5, 0.4, 0.3, 0.2]
-  assert wall == [10.0, 20.0, 25.0, 35.0]
+  assert (steps, values, wall) == ([100, 200], [0.5, 0.4], [10.0, 20.0])
+  assert run_logging.last_wall_s(str(tmp_path)) == 20.0
+  assert run_logging.last_wall_s(str(tmp_path / "new_run")) == 0.0
 
 
 def test_old_runs_have_no_wall_clock_and_plot_by_step(tmp_path):

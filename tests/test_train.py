@@ -116,6 +116,10 @@ def test_resume_continues_exactly(tmp_path):
   a, b = _losses(full["workdir"]), _losses(part)
   assert sorted(b) == list(range(1, 21))
   np.testing.assert_allclose([b[s] for s in range(11, 21)], [a[s] for s in range(11, 21)], rtol=1e-6)
+  # the resumed process's clock continues from the first one's last row
+  with open(os.path.join(part, "metrics.jsonl")) as f:
+    wall = [json.loads(l)["train/wall_s"] for l in f]
+  assert len(wall) == 20 and all(np.diff(wall) > 0) and wall[0] > 0
   # two starts, two config files; none overwritten
   assert len(os.listdir(os.path.join(part, "configs"))) == 2
 
