@@ -117,16 +117,16 @@ def compare(specs, out=None):
     name = name if sep else os.path.splitext(os.path.basename(path))[0]
     if name in named:
       raise app.UsageError(f"--compare: {name!r} given twice; name them NAME=FILE.")
+    need = {"fd", "fd_floor", "num_samples"}
     try:
       with open(path) as f:
-        named[name] = json.load(f)
+        results, why = json.load(f), f"no {sorted(need)}"
     except (OSError, ValueError) as e:
-      named[name] = repr(e)
-    need = {"fd", "fd_floor", "num_samples"}
-    if not isinstance(named[name], dict) or not need <= named[name].keys():
-      why = named[name] if isinstance(named[name], str) else f"no {sorted(need)}"
+      results, why = None, repr(e)
+    if not isinstance(results, dict) or not need <= results.keys():
       raise app.UsageError(f"--compare: {path} is not a results file of evaluate.py"
                            f" ({why}); make one with evaluate.py --samples ... --out {path}.")
+    named[name] = results
   try:
     rows = metrics.compare_evaluations(named)
   except ValueError as e:

@@ -56,13 +56,18 @@ class Progress:
     return text, steps_per_s
 
 
+def _read_rows(path: str):
+  """The rows of a metrics.jsonl, as dicts."""
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
 def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
   """Loss (and per-sigma-bin loss) against step from metrics.jsonl, as a PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in open(jsonl_path) if l.strip()]
-  rows = [r for r in rows if "train/loss" in r]
+  rows = [r for r in _read_rows(jsonl_path) if "train/loss" in r]
   if not rows:
     return
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -93,8 +98,7 @@ def read_metrics(path: str, key: str = "train/loss"):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: pass a run folder made by train.py"
                             " (it writes metrics.jsonl) or the file itself.")
-  with open(path) as f:
-    all_rows = [json.loads(l) for l in f if l.strip()]
+  all_rows = _read_rows(path)
   rows = [r for r in all_rows if key in r]
   if not rows:
     raise ValueError(f"{path} has no {key!r} rows; keys logged there:"
@@ -108,13 +112,8 @@ def last_wall_s(workdir: str) -> float:
   """The last ``train/wall_s`` logged in ``workdir`` (0 if none): where a
   resumed run's clock continues from."""
   path = os.path.join(workdir, "metrics.jsonl")
-  last = 0.0
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          last = json.loads(line).get("train/wall_s", last)
-  return float(last)
+  rows = _read_rows(path) if os.path.isfile(path) else []
+  return float(next((r["train/wall_s"] for r in reversed(rows) if "train/wall_s" in r), 0.0))
 
 
 def plot_loss_curves(runs, out_path: str, x: str = "step", key: str = "train/loss",

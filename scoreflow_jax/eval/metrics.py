@@ -256,10 +256,8 @@ def compare_evaluations(named_results):
   rows = []
   for name in names:
     res, runs = named_results[name], _fd_runs(named_results[name])
-    fds = np.array(list(runs.values()))
-    row = {"name": name, "fd": float(fds.mean()),
-           "fd_sd": float(fds.std(ddof=1)) if len(fds) > 1 else 0.0,
-           "num_evaluations": len(fds), "fd_floor": res["fd_floor"],
+    row = {"name": name, "fd": res["fd"], "fd_sd": res.get("fd_sd", 0.0),
+           "num_evaluations": res.get("num_evaluations", 1), "fd_floor": res["fd_floor"],
            "class_accuracy": res.get("class_accuracy")}
     if name != names[0]:
       keys = sorted(set(runs) & set(base))
