@@ -32,18 +32,35 @@ class TrainState:
   rng: jax.Array             # uint32 (2,): raw key data, checkpointable
 
 
+def make_schedule(optim_config, num_steps: int):
+  """The learning rate at each step: linear warm-up from 0 over ``warmup_steps``,
+  then constant (``schedule="constant"``) or a cosine decay that reaches
+  ``final_lr_fraction * learning_rate`` at step ``num_steps`` and stays there
+  (``schedule="cosine"``)."""
+  lr = optim_config.learning_rate
+  warmup = optim_config.warmup_steps
+  # .get: a config saved before these fields existed loads without them
+  kind = optim_config.get("schedule", "constant")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, decay_steps=max(num_steps, warmup + 1),
+        end_value=lr * optim_config.get("final_lr_fraction", 0.0))
+  if kind != "constant":
+    raise ValueError(f"unknown optim.schedule {kind!r}; choose "
+                     f"'constant' or 'cosine'")
+  if warmup > 0:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  return optax.constant_schedule(lr)
+
+
 def make_optimizer(optim_config, num_steps: int, frozen: Optional[str] = None):
-  """AdamW (torch defaults as sgm) with optional linear warmup and clipping.
+  """AdamW (torch defaults as sgm) on ``make_schedule``'s rate, with optional
+  global-norm clipping.
 
   ``frozen``: parameters under a submodule of that name get no updates (no
   weight decay either); without it the optimizer state is plain AdamW's."""
-  lr = optim_config.learning_rate
-  if optim_config.warmup_steps > 0:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, optim_config.warmup_steps),
-         optax.constant_schedule(lr)], [optim_config.warmup_steps])
-  else:
-    schedule = optax.constant_schedule(lr)
+  schedule = make_schedule(optim_config, num_steps)
   tx = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
                    eps=optim_config.eps, weight_decay=optim_config.weight_decay)
   if optim_config.grad_clip_norm > 0:

@@ -8,6 +8,7 @@ Run folder (the reference design's layout)::
     images/train/         EMA sample grids, one row per class
     events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
 """
+import json
 import os
 import time
 
@@ -47,6 +48,17 @@ def validate_config(config):
     problems.append(f"ema.decay must be in [0, 1), got {config.ema.decay}")
   if config.optim.learning_rate <= 0:
     problems.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+  if config.optim.warmup_steps < 0:
+    problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
+  if config.optim.schedule not in ("constant", "cosine"):
+    problems.append(f"unknown optim.schedule {config.optim.schedule!r}; choose "
+                    f"'constant' or 'cosine'")
+  elif config.optim.schedule == "cosine" and config.optim.warmup_steps >= t.num_steps:
+    problems.append(f"optim.warmup_steps={config.optim.warmup_steps} leaves no steps to "
+                    f"decay over (training.num_steps={t.num_steps})")
+  if not 0.0 <= config.optim.final_lr_fraction <= 1.0:
+    problems.append(f"optim.final_lr_fraction must be in [0, 1], got "
+                    f"{config.optim.final_lr_fraction}")
   if config.sampling.sampler not in samplers.SAMPLERS:
     problems.append(f"unknown sampling.sampler {config.sampling.sampler!r}; choose one "
                     f"of {sorted(samplers.SAMPLERS)}")
@@ -96,6 +108,37 @@ def _write_config(config, workdir):
   with open(path, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   return path
+
+
+def _last_config(workdir):
+  """The config JSON of the run's latest start, as a dict, or None."""
+  folder = os.path.join(workdir, "configs")
+  paths = [os.path.join(folder, f) for f in os.listdir(folder)
+           if f.endswith("-config.json")] if os.path.isdir(folder) else []
+  if not paths:
+    return None
+  try:
+    with open(max(paths, key=os.path.getmtime)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _warn_if_schedule_moved(config, workdir, step, schedule, log):
+  """A cosine schedule spans training.num_steps: resuming with another
+  num_steps changes the rate from here on. Say so, with the numbers."""
+  if config.optim.schedule != "cosine":
+    return
+  before = _last_config(workdir)
+  try:
+    old_steps = before["training"]["num_steps"]
+  except (TypeError, KeyError):
+    return
+  if old_steps != config.training.num_steps:
+    log(f"warning: the cosine schedule now decays over {config.training.num_steps} steps "
+        f"(the last start used {old_steps}); the learning rate at step {step} is "
+        f"{float(schedule(step)):.3g} where the old schedule gave "
+        f"{float(ts.make_schedule(config.optim, old_steps)(step)):.3g}")
 
 
 def _summarize(metrics_list):
@@ -199,6 +242,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         jax.eval_shape(init_state))
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
+    _warn_if_schedule_moved(config, workdir, int(state.step), schedule, log)
   else:
     state = init_state()
     if model.frozen_module is not None:

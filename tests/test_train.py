@@ -124,6 +124,46 @@ def test_resume_continues_exactly(tmp_path):
   assert len(os.listdir(os.path.join(part, "configs"))) == 2
 
 
+@pytest.mark.parametrize("warmup, final", [(0, 0.0), (10, 0.0), (10, 0.2)])
+def test_cosine_schedule_values(warmup, final):
+  config = tiny_config()
+  config.optim.update(learning_rate=2e-3, warmup_steps=warmup, schedule="cosine",
+                      final_lr_fraction=final)
+  schedule = ts.make_schedule(config.optim, 110)
+  lr, span = 2e-3, 110 - warmup
+  for step in (warmup, warmup + span // 4, warmup + span // 2, 110, 500):
+    frac = min(step - warmup, span) / span
+    expected = lr * (final + (1 - final) * 0.5 * (1 + np.cos(np.pi * frac)))
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-12)
+  if warmup:  # linear warm-up from 0, as the constant schedule's
+    np.testing.assert_allclose(float(schedule(warmup // 2)), lr * 0.5, rtol=1e-5)
+    assert float(schedule(0)) == 0.0
+  constant = ts.make_schedule(tiny_config().optim, 110)  # the default: no decay
+  assert float(constant(0)) == float(constant(500)) == tiny_config().optim.learning_rate
+
+
+def test_resuming_a_cosine_run_with_more_steps_warns(tmp_path):
+  def config(n):
+    c = tiny_config(num_steps=n, log_every=2, checkpoint_every=4)
+    c.optim.update(schedule="cosine", learning_rate=1e-3)
+    return c
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config(4), workdir, log=lambda s: None)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rates = [json.loads(l)["train/learning_rate"] for l in f]
+  # logged at steps 2 and 4, the rate of the step taken (0-based steps 1 and 3)
+  np.testing.assert_allclose(rates, [1e-3 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in (1, 3)],
+                             rtol=1e-5)
+  msgs = []
+  trainer.train_and_evaluate(config(8), workdir, log=msgs.append)
+  warning = [m for m in msgs if m.startswith("warning: the cosine schedule")]
+  assert len(warning) == 1 and "over 8 steps (the last start used 4)" in warning[0], msgs
+  assert "step 4 is 0.0005 where the old schedule gave 0" in warning[0], warning
+  msgs = []  # the same num_steps again: nothing to warn about
+  trainer.train_and_evaluate(config(8), workdir, log=msgs.append)
+  assert not any("warning" in m for m in msgs), msgs
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(tiny_config(num_steps=10, checkpoint_every=10), workdir, log=lambda s: None)
@@ -148,6 +188,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.model.update(network="dit"), "network"),
     (lambda c: c.model.score_flow.update(parameterization="eps"), "parameterization"),
     (lambda c: c.training.update(num_steps=0), "num_steps"),
+    (lambda c: c.optim.update(schedule="linear"), "optim.schedule"),
+    (lambda c: c.optim.update(schedule="cosine", warmup_steps=100), "no steps to decay"),
+    (lambda c: c.optim.update(final_lr_fraction=1.5), "final_lr_fraction"),
+    (lambda c: c.optim.update(warmup_steps=-1), "warmup_steps"),
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()
