@@ -50,7 +50,7 @@ def test_conv_mixture_is_a_small_conv_flow_on_the_mixture_base():
   sf, mix = config.model.score_flow, mnist_mixture.get_config().model.score_flow
   assert (sf.gaussian_components, sf.gaussian_rank) == (mix.gaussian_components, mix.gaussian_rank)
   assert (sf.n_flows, sf.conv_channels, sf.conv_blocks) == (4, 24, 1)
-  assert (config.optim.learning_rate, config.optim.warmup_steps) == (1e-3, 200)
+  assert (config.optim.learning_rate, config.optim.warmup_steps) == (2e-3, 200)
   # nothing else differs from configs/mnist_conv_gauss.py
   for field in ("gaussian_components", "gaussian_rank", "n_flows", "conv_channels", "conv_blocks"):
     conv.model.score_flow[field] = sf[field]
