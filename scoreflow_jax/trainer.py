@@ -273,7 +273,12 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   try:
     while step < t.num_steps:
       if t.time_limit_s and time.perf_counter() - started > t.time_limit_s:
-        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
+        note = ""
+        if config.optim.schedule == "cosine":  # it spans num_steps, not the time limit
+          note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
+                  f"{config.optim.learning_rate:g}: it decays over training.num_steps="
+                  f"{t.num_steps})")
+        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving{note}")
         ckpt.save(state, config)
         break
       if step == start_step:

@@ -102,6 +102,14 @@ def test_time_limit_counts_data_loading(tmp_path, monkeypatch):
   assert any("time limit 1 s reached at step 0" in m for m in msgs), msgs
   assert checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"),
                                    read_only=True).latest_step() == 0
+  assert not any("cosine" in m for m in msgs), msgs
+  # a cosine schedule spans num_steps, not the time limit: the stop says where it was
+  config = tiny_config(num_steps=20, time_limit_s=1.0)
+  config.optim.update(schedule="cosine", learning_rate=1e-3, warmup_steps=0)
+  msgs = []
+  trainer.train_and_evaluate(config, str(tmp_path / "cos"), log=msgs.append)
+  assert any("step 0; saving (the cosine schedule was at 0.001 of 0.001: it decays "
+             "over training.num_steps=20)" in m for m in msgs), msgs
 
 
 def test_resume_continues_exactly(tmp_path):
