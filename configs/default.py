@@ -72,9 +72,9 @@ def get_config():
   optim.b2 = 0.999
   optim.eps = 1e-8
   optim.warmup_steps = 0                 # linear warmup from 0 (0: none)
-  optim.schedule = "constant"            # after warm-up: constant | cosine (decay over
-                                         # training.num_steps; resuming with a larger
-                                         # num_steps stretches it and raises the rate)
+  optim.schedule = "constant"            # after warm-up: constant | cosine (decays over
+                                         # training.num_steps: resuming with a larger
+                                         # num_steps stretches it; the trainer warns)
   optim.final_lr_fraction = 0.0          # cosine: the rate at num_steps, as a fraction
   optim.grad_clip_norm = 0.0             # global-norm clipping (0: off)
 

@@ -124,21 +124,24 @@ def _last_config(workdir):
     return None
 
 
-def _warn_if_schedule_moved(config, workdir, step, schedule, log):
-  """A cosine schedule spans training.num_steps: resuming with another
-  num_steps changes the rate from here on. Say so, with the numbers."""
-  if config.optim.schedule != "cosine":
-    return
+def _warn_if_rate_changed(config, workdir, step, schedule, log):
+  """Warns when the learning rate from the resume step on is not what the
+  run's last start would have used: another ``optim`` or, for a cosine
+  schedule (it spans training.num_steps), another ``num_steps``."""
+  import ml_collections
   before = _last_config(workdir)
   try:
-    old_steps = before["training"]["num_steps"]
-  except (TypeError, KeyError):
+    old = ts.make_schedule(ml_collections.ConfigDict(before["optim"]),
+                           before["training"]["num_steps"])
+  except (TypeError, KeyError, ValueError):
     return
-  if old_steps != config.training.num_steps:
-    log(f"warning: the cosine schedule now decays over {config.training.num_steps} steps "
-        f"(the last start used {old_steps}); the learning rate at step {step} is "
-        f"{float(schedule(step)):.3g} where the old schedule gave "
-        f"{float(ts.make_schedule(config.optim, old_steps)(step)):.3g}")
+  new_rate, old_rate = float(schedule(step)), float(old(step))
+  if not np.isclose(new_rate, old_rate, rtol=1e-6, atol=0.0):
+    log(f"warning: the learning rate at step {step} is {new_rate:.3g} where the "
+        f"last start's schedule gave {old_rate:.3g} (optim.schedule "
+        f"{before['optim'].get('schedule', 'constant')} -> {config.optim.schedule}, "
+        f"training.num_steps {before['training']['num_steps']} -> "
+        f"{config.training.num_steps})")
 
 
 def _summarize(metrics_list):
@@ -242,7 +245,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         jax.eval_shape(init_state))
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
-    _warn_if_schedule_moved(config, workdir, int(state.step), schedule, log)
+    _warn_if_rate_changed(config, workdir, int(state.step), schedule, log)
   else:
     state = init_state()
     if model.frozen_module is not None:

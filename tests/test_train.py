@@ -121,6 +121,7 @@ def test_resume_continues_exactly(tmp_path):
   msgs = []
   trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=1, checkpoint_every=10), part, log=msgs.append)
   assert any("resumed" in m and "step 10" in m for m in msgs)
+  assert not any("warning" in m for m in msgs), msgs  # a constant rate: more steps change nothing
   a, b = _losses(full["workdir"]), _losses(part)
   assert sorted(b) == list(range(1, 21))
   np.testing.assert_allclose([b[s] for s in range(11, 21)], [a[s] for s in range(11, 21)], rtol=1e-6)
@@ -150,7 +151,7 @@ def test_cosine_schedule_values(warmup, final):
   assert float(constant(0)) == float(constant(500)) == tiny_config().optim.learning_rate
 
 
-def test_resuming_a_cosine_run_with_more_steps_warns(tmp_path):
+def test_resuming_with_another_rate_warns(tmp_path):
   def config(n):
     c = tiny_config(num_steps=n, log_every=2, checkpoint_every=4)
     c.optim.update(schedule="cosine", learning_rate=1e-3)
@@ -164,12 +165,14 @@ def test_resuming_a_cosine_run_with_more_steps_warns(tmp_path):
                              rtol=1e-5)
   msgs = []
   trainer.train_and_evaluate(config(8), workdir, log=msgs.append)
-  warning = [m for m in msgs if m.startswith("warning: the cosine schedule")]
-  assert len(warning) == 1 and "over 8 steps (the last start used 4)" in warning[0], msgs
-  assert "step 4 is 0.0005 where the old schedule gave 0" in warning[0], warning
+  warning = [m for m in msgs if m.startswith("warning:")]
+  assert warning == ["warning: the learning rate at step 4 is 0.0005 where the last start's "
+                     "schedule gave 0 (optim.schedule cosine -> cosine, training.num_steps "
+                     "4 -> 8)"], msgs
   msgs = []  # the same num_steps again: nothing to warn about
-  trainer.train_and_evaluate(config(8), workdir, log=msgs.append)
-  assert not any("warning" in m for m in msgs), msgs
+  trainer.train_and_evaluate(config(10), workdir, log=lambda m: None)
+  trainer.train_and_evaluate(config(10), workdir, log=msgs.append)
+  assert any("resumed" in m for m in msgs) and not any("warning" in m for m in msgs), msgs
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
