@@ -15,7 +15,8 @@ reaches FD 19.9 / 99.5% unguided at 1k after 45 minutes on 2 CPU cores at lr
 higher lr gave a lower FD in every paired evaluation: 1e-3 below 6e-4 and
 3e-4 at 3,000-3,400 steps with two training seeds (session 11), 2e-3 below
 1e-3 with both seeds there and at 5,868 steps (2k mean FD 14.9 against 15.5,
-99.65%; docs/results.md, sessions 11-12).
+99.65%; docs/results.md, sessions 11-12); 4e-3 was level with 2e-3 at 3,000
+steps, and a cosine decay to 0 (optim.schedule) was worse.
 """
 from configs import mnist_conv_gauss
 
