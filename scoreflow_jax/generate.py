@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import time
 from typing import Optional, Sequence
 
@@ -116,12 +117,12 @@ def load_run_config(workdir: str):
   """The newest resolved config in ``workdir/configs`` as a ConfigDict."""
   import ml_collections
   cdir = os.path.join(workdir, "configs")
-  files = sorted(f for f in os.listdir(cdir) if f.endswith(".json")) if os.path.isdir(cdir) else []
+  files = [f for f in os.listdir(cdir) if f.endswith(".json")] if os.path.isdir(cdir) else []
   if not files:
     raise FileNotFoundError(
         f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
         "(pass the folder printed as 'new run ...' when training started)")
-  with open(os.path.join(cdir, files[-1])) as f:
+  with open(os.path.join(cdir, max(files, key=_start_order))) as f:
     saved = json.load(f)
   # Fields the run's config predates: the values that reproduce the older
   # behaviour (checkpointing.LEGACY_DEFAULTS), also where configs/ is not
@@ -129,6 +130,14 @@ def load_run_config(workdir: str):
   from scoreflow_jax.checkpointing import LEGACY_DEFAULTS
   base = _merge(_defaults(), {"model": LEGACY_DEFAULTS})
   return ml_collections.ConfigDict(_merge(base, saved))
+
+
+def _start_order(name: str):
+  """Sort key of configs/ file names in the order of the starts that wrote
+  them: ``<stamp>-config.json``, then ``<stamp>-1-config.json``, ... for
+  starts within the same second (plain name order puts ``-1-`` first)."""
+  m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json", name)
+  return (m.group(1), int(m.group(2) or 0)) if m else (name, 0)
 
 
 def _defaults() -> dict:

@@ -32,6 +32,9 @@ class TrainState:
   rng: jax.Array             # uint32 (2,): raw key data, checkpointable
 
 
+SCHEDULES = ("constant", "cosine")  # optim.schedule
+
+
 def make_schedule(optim_config, num_steps: int):
   """The learning rate at each step: linear warm-up from 0 over ``warmup_steps``,
   then constant (``schedule="constant"``) or a cosine decay that reaches
@@ -46,8 +49,7 @@ def make_schedule(optim_config, num_steps: int):
         0.0, lr, warmup, decay_steps=max(num_steps, warmup + 1),
         end_value=lr * optim_config.get("final_lr_fraction", 0.0))
   if kind != "constant":
-    raise ValueError(f"unknown optim.schedule {kind!r}; choose "
-                     f"'constant' or 'cosine'")
+    raise ValueError(f"unknown optim.schedule {kind!r}; choose one of {SCHEDULES}")
   if warmup > 0:
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])

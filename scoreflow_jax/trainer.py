@@ -8,7 +8,6 @@ Run folder (the reference design's layout)::
     images/train/         EMA sample grids, one row per class
     events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
 """
-import json
 import os
 import time
 
@@ -50,9 +49,9 @@ def validate_config(config):
     problems.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
   if config.optim.warmup_steps < 0:
     problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
-  if config.optim.schedule not in ("constant", "cosine"):
-    problems.append(f"unknown optim.schedule {config.optim.schedule!r}; choose "
-                    f"'constant' or 'cosine'")
+  if config.optim.schedule not in ts.SCHEDULES:
+    problems.append(f"unknown optim.schedule {config.optim.schedule!r}; choose one of "
+                    f"{ts.SCHEDULES}")
   elif config.optim.schedule == "cosine" and config.optim.warmup_steps >= t.num_steps:
     problems.append(f"optim.warmup_steps={config.optim.warmup_steps} leaves no steps to "
                     f"decay over (training.num_steps={t.num_steps})")
@@ -110,37 +109,21 @@ def _write_config(config, workdir):
   return path
 
 
-def _last_config(workdir):
-  """The config JSON of the run's latest start, as a dict, or None."""
-  folder = os.path.join(workdir, "configs")
-  paths = [os.path.join(folder, f) for f in os.listdir(folder)
-           if f.endswith("-config.json")] if os.path.isdir(folder) else []
-  if not paths:
-    return None
-  try:
-    with open(max(paths, key=os.path.getmtime)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _warn_if_rate_changed(config, workdir, step, schedule, log):
   """Warns when the learning rate from the resume step on is not what the
   run's last start would have used: another ``optim`` or, for a cosine
   schedule (it spans training.num_steps), another ``num_steps``."""
-  import ml_collections
-  before = _last_config(workdir)
-  try:
-    old = ts.make_schedule(ml_collections.ConfigDict(before["optim"]),
-                           before["training"]["num_steps"])
-  except (TypeError, KeyError, ValueError):
+  try:  # the run's config before this start writes its own
+    before = generate.load_run_config(workdir)
+    old = ts.make_schedule(before.optim, before.training.num_steps)
+  except (OSError, ValueError, AttributeError, KeyError):
     return
   new_rate, old_rate = float(schedule(step)), float(old(step))
   if not np.isclose(new_rate, old_rate, rtol=1e-6, atol=0.0):
     log(f"warning: the learning rate at step {step} is {new_rate:.3g} where the "
         f"last start's schedule gave {old_rate:.3g} (optim.schedule "
-        f"{before['optim'].get('schedule', 'constant')} -> {config.optim.schedule}, "
-        f"training.num_steps {before['training']['num_steps']} -> "
+        f"{before.optim.get('schedule', 'constant')} -> {config.optim.schedule}, "
+        f"training.num_steps {before.training.num_steps} -> "
         f"{config.training.num_steps})")
 
 

@@ -292,3 +292,16 @@ def test_run_config_of_an_older_run_gets_the_legacy_values(tmp_path, monkeypatch
       assert loaded.model.score_flow[field] == value, field
     assert loaded.model.score_flow.n_flows == config["model"]["score_flow"]["n_flows"]
     model_lib.build_model(loaded)
+
+
+def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
+  from scoreflow_jax import generate
+  os.makedirs(tmp_path / "configs")
+  for name, steps in [("2026-01-01T00-00-00-config.json", 1),
+                      ("2026-01-01T00-00-00-1-config.json", 2),   # same second, later
+                      ("2026-01-01T00-00-00-2-config.json", 3),
+                      ("2025-12-31T23-59-59-config.json", 4)]:
+    config = tiny_config(num_steps=steps)
+    with open(tmp_path / "configs" / name, "w") as f:
+      f.write(config.to_json())
+  assert generate.load_run_config(str(tmp_path)).training.num_steps == 3
