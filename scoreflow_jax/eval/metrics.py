@@ -84,9 +84,46 @@ def class_accuracy(logits_or_preds, labels, num_classes=10):
   return float(correct.mean()), per_class
 
 
+class ClassifierCache:
+  """The classifier's features and logits of image rows, each row computed once.
+
+  ``evaluate_sample_file`` scores every samples file against every seed's
+  reference set: the reference and floor sets of all seeds are rows of the
+  same test (or train) split and each file is read under every seed, so
+  without the cache most rows would pass through the classifier once per
+  (file, seed). Arrays are keyed by identity (the cache keeps a reference to
+  each, so an id cannot be reused while it lives): pass the same array
+  object each time.
+  """
+
+  _FNS = {"features": classifier_lib.extract_features,
+          "logits": classifier_lib.predict_logits}
+
+  def __init__(self, classifier_params):
+    self.params = classifier_params
+    self._entries = {}  # (kind, id(images)) -> [images, values, done]
+    self.rows_computed = 0
+
+  def get(self, kind, images, idx):
+    """``kind`` ("features" or "logits") of ``images[idx]``."""
+    entry = self._entries.setdefault(
+        (kind, id(images)), [images, None, np.zeros(len(images), bool)])
+    _, values, done = entry
+    idx = np.asarray(idx)
+    todo = np.unique(idx[~done[idx]])
+    if todo.size:
+      new = self._FNS[kind](self.params, images[todo])
+      if values is None:
+        values = entry[1] = np.empty((len(images),) + new.shape[1:], new.dtype)
+      values[todo] = new
+      done[todo] = True
+      self.rows_computed += todo.size
+    return values[idx]
+
+
 def evaluate_samples(classifier_params, sample_images, sample_labels,
                      ref_images, ref_labels=None, n=10_000, floor_images=None,
-                     seed=0):
+                     seed=0, cache=None):
   """FD of samples to real images, its real-vs-real floor, class accuracy.
 
   Images are uint8 or [-1, 1] ``(N, H, W, C)``. With ``n`` capped at the
@@ -98,7 +135,14 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   and n = 10k); ``floor_source`` says which. Class accuracy is over the same
   ``n`` samples (None without ``sample_labels``); ``reference_class_accuracy``
   is the classifier's accuracy on R (with ``ref_labels``), its ceiling.
+  ``cache``, a ``ClassifierCache`` of these params, reuses the classifier's
+  outputs across calls on the same arrays (several seeds, several files).
   """
+  if cache is None:
+    cache = ClassifierCache(classifier_params)
+  elif cache.params is not classifier_params:
+    raise ValueError("cache holds another classifier's outputs: make it with"
+                     " ClassifierCache(classifier_params).")
   sample_images, ref_images = np.asarray(sample_images), np.asarray(ref_images)
   num_samples, num_ref = len(sample_images), len(ref_images)
   n = min(n, num_samples, num_ref)
@@ -112,10 +156,11 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   ref_perm = rng.permutation(num_ref)
   ref_idx = ref_perm[:n]
   if num_ref >= 2 * n:
-    floor_set, floor_source = ref_images[ref_perm[n:2 * n]], "reference"
+    floor_set, floor_idx = ref_images, ref_perm[n:2 * n]
+    floor_source = "reference"
   elif floor_images is not None and len(floor_images) >= n:
-    floor_set = np.asarray(floor_images)[
-        rng.permutation(len(floor_images))[:n]]
+    floor_set = np.asarray(floor_images)
+    floor_idx = rng.permutation(len(floor_set))[:n]
     floor_source = "floor_images"
   else:
     have = 0 if floor_images is None else len(floor_images)
@@ -123,12 +168,12 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
         f"the floor needs a second set of {n} real images: the reference has"
         f" {num_ref} < 2n = {2 * n} and floor_images has {have}. Pass"
         " floor_images (e.g. the train split) or a smaller n.")
-  features = lambda x: classifier_lib.extract_features(classifier_params, x)
-  ref_feats = features(ref_images[ref_idx])
+  ref_feats = cache.get("features", ref_images, ref_idx)
   results = {
-      "fd": frechet_distance(features(sample_images[pick]),
+      "fd": frechet_distance(cache.get("features", sample_images, pick),
                              ref_feats),
-      "fd_floor": frechet_distance(features(floor_set), ref_feats),
+      "fd_floor": frechet_distance(cache.get("features", floor_set, floor_idx),
+                                   ref_feats),
       "floor_source": floor_source,
       "num_samples": int(n),
       "class_accuracy": None,
@@ -137,15 +182,13 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   num_classes = classifier_lib.classifier_from_params(
       classifier_params).num_classes
   if sample_labels is not None:
-    logits = classifier_lib.predict_logits(
-        classifier_params, sample_images[pick])
+    logits = cache.get("logits", sample_images, pick)
     acc, per_class = class_accuracy(
         logits, np.asarray(sample_labels)[pick], num_classes)
     results["class_accuracy"] = acc
     results["per_class_accuracy"] = [_nan_to_none(x) for x in per_class]
   if ref_labels is not None:
-    logits = classifier_lib.predict_logits(classifier_params,
-                                           ref_images[ref_idx])
+    logits = cache.get("logits", ref_images, ref_idx)
     results["reference_class_accuracy"] = class_accuracy(
         logits, np.asarray(ref_labels)[ref_idx], num_classes)[0]
   return results
@@ -325,10 +368,11 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   if len(ref_images) < 2 * n:
     floor_images = data_lib.load_split("mnist", "train", source, data_dir)[0]
   evaluations = []
+  cache = ClassifierCache(params)
   for i, (images, labels) in enumerate(draws):
     for s in seeds:
       res = evaluate_samples(params, images, labels, ref_images, ref_labels, n,
-                             floor_images, s)
+                             floor_images, s, cache)
       evaluations.append(dict(res, draw=i, seed=s))
   results = combine_evaluations(evaluations) if len(evaluations) > 1 else evaluations[0]
   results.pop("draw", None)
