@@ -8,7 +8,8 @@
 # session 8 data loading and a Gaussian base's fit count too), one after the
 # other, and draws 2,000 unguided Heun-18 samples; then FD and class accuracy
 # of each (SEEDS="0 1" draws a second set per run, seed 1, as NAME_2k_s1.npz:
-# single 2k draws differ by up to 2.5 in FD; every draw is scored against the
+# single 2k draws differ by up to 2.5 in FD; WEIGHTS="ema raw" draws each seed
+# with the raw weights too, NAME_raw_2k*.npz; every draw is scored against the
 # reference sets of REF_SEEDS, default "0 1 2", and the FDs averaged). CARRY (bench/make_carry.sh
 # builds it) holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX files)
 # and classifier.npz (train_classifier.py). Results are packed into
@@ -17,6 +18,7 @@ set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
 SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
+WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as NAME_raw_2k*.npz
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results}; mkdir -p $R
 draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
@@ -26,25 +28,29 @@ nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
 DATA="--config.data.source=offline --config.data.data_dir=$CARRY/mnist"
 t0=$(date +%s)
-names=()
+names=(); evals=()  # evals: the names scored, with NAME_raw after NAME under WEIGHTS="ema raw"
 for run in "$@"; do
   name=${run%%=*}; spec=${run#*=}; cfg=${spec%%,*}
   overrides=(); [ "$spec" != "$cfg" ] && IFS=, read -ra overrides <<< "${spec#*,}"
-  names+=($name)
+  names+=($name); evals+=($name)
   path=configs/${cfg%%:*}.py; [[ $cfg == *:* ]] && path+=":${cfg#*:}"  # e.g. mnist_conv:tiny
   echo "== $name: $path ${overrides[*]}"
   timeout $((T + 120)) python3 train.py --config $path --workdir $R/$name $DATA \
     --config.training.time_limit_s=$T --config.training.image_every=0 \
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
-  for seed in $SEEDS; do
-    out=$(draw $name $seed)
-    timeout 120 python3 sample.py --workdir $R/$name --sampler heun_edm --num_steps 18 \
-      --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1
-    tail -n 1 $R/$out.sample.log
-    cp $R/$out.npz $OUT/ 2>/dev/null
-    pack
+  for weights in $WEIGHTS; do
+    tag=$name; flag=--ema; [ "$weights" = raw ] && tag=${name}_raw && flag=--noema
+    for seed in $SEEDS; do
+      out=$(draw $tag $seed)
+      timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
+        --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1
+      tail -n 1 $R/$out.sample.log
+      cp $R/$out.npz $OUT/ 2>/dev/null
+      pack
+    done
   done
+  [ "$WEIGHTS" != ema ] && evals+=(${name}_raw)
 done
 # The runs' loss curves against step and wall clock in one picture each (the
 # metrics.jsonl files are in results.tgz too: the same command redraws them
@@ -60,7 +66,7 @@ pack
 # prints the mean FD, its spread and each one (NAME_eval.json).
 REF_SEEDS=${REF_SEEDS:-"0 1 2"}
 if [ "${EVAL:-1}" = 1 ]; then
-  for name in "${names[@]}"; do
+  for name in "${evals[@]}"; do
     files=(); for seed in $SEEDS; do files+=($R/$(draw $name $seed).npz); done
     list=$(IFS=,; echo "${files[*]}")
     timeout 180 python3 evaluate.py --samples $list --seed ${REF_SEEDS// /,} \
@@ -68,9 +74,9 @@ if [ "${EVAL:-1}" = 1 ]; then
       --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -6
     pack
   done
-  if [ ${#names[@]} -gt 1 ]; then  # each model paired with the first on the same evaluations
-    specs=(); for name in "${names[@]}"; do specs+=("$name=$R/${name}_eval.json"); done
-    python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#names[@]} + 2 ))
+  if [ ${#evals[@]} -gt 1 ]; then  # each model paired with the first on the same evaluations
+    specs=(); for name in "${evals[@]}"; do specs+=("$name=$R/${name}_eval.json"); done
+    python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#evals[@]} + 2 ))
     pack
   fi
 fi
