@@ -60,6 +60,9 @@ flags.DEFINE_list("renoise_from", ["test", "train"], "--diagnose: splits whose "
                   "images start the FD part (scored against the rest of the test set).")
 flags.DEFINE_list("start_sigmas", None, "--diagnose: start sigmas of the FD "
                   "part (default 0.05,0.2,0.5,1,2,5; empty: skip).")
+flags.DEFINE_integer("step", None, "--diagnose: the checkpoint's step (default: "
+                     "the latest).")
+flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw ones).")
 
 
 def main(argv):
@@ -95,7 +98,8 @@ def main(argv):
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
     diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
                              FLAGS.classifier, sigmas, start_sigmas,
-                             FLAGS.num_images, FLAGS.renoise_from, seed=seeds[0],
+                             FLAGS.num_images, FLAGS.renoise_from,
+                             step=FLAGS.step, use_ema=FLAGS.ema, seed=seeds[0],
                              out=FLAGS.out)
     return
   if not FLAGS.samples or not FLAGS.classifier:

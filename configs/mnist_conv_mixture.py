@@ -16,7 +16,10 @@ higher lr gave a lower FD in every paired evaluation: 1e-3 below 6e-4 and
 3e-4 at 3,000-3,400 steps with two training seeds (session 11), 2e-3 below
 1e-3 with both seeds there and at 5,868 steps (2k mean FD 14.9 against 15.5,
 99.65%; docs/results.md, sessions 11-12); 4e-3 was level with 2e-3 at 3,000
-steps, and a cosine decay to 0 (optim.schedule) was worse.
+steps and worse at 5,868 (session 13), and a cosine decay to 0
+(optim.schedule) was worse. Twice the steps (11,736) moved the FD by -0.2,
+within noise; the raw weights (sample.py --noema) scored 12.8-13.4 at
+steps 5,000-5,868 but 14.7 at 11,736, level with the EMA (session 13).
 """
 from configs import mnist_conv_gauss
 
