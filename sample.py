@@ -2,6 +2,7 @@
 
 python sample.py --workdir logs/<run> [--step N] --sampler heun_edm --num_steps 18 \
   --cfg_scale 1.0 [--cfg_interval 0.3,5] --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
+  [--noema | --average_from M]
 Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels).
 """
 from absl import app, flags, logging
@@ -19,6 +20,9 @@ flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (else the raw weights).")
+flags.DEFINE_integer("average_from", None, "Sample the uniform average of the raw "
+                     "weights of every checkpoint kept at steps average_from..--step "
+                     "(a post-hoc weight average; replaces --ema).")
 flags.DEFINE_integer("batch_size", 256, "Images per sampler call.")
 flags.DEFINE_string("out", "grid.png", "Output PNG; the .npz goes beside it.")
 flags.mark_flags_as_required(["workdir"])
@@ -34,11 +38,14 @@ def main(argv):
     if len(FLAGS.cfg_interval) != 2:
       raise app.UsageError(f"--cfg_interval takes lo,hi, got {','.join(FLAGS.cfg_interval)}")
     interval = tuple(float(v) for v in FLAGS.cfg_interval)
+  if FLAGS.average_from is not None and FLAGS["ema"].present and FLAGS.ema:
+    raise app.UsageError("--average_from averages the raw weights; drop --ema")
   generate.sample_from_run(
       FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,
       num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale, classes=classes,
-      num_per_class=FLAGS.num_per_class, seed=FLAGS.seed, use_ema=FLAGS.ema,
-      batch_size=FLAGS.batch_size, cfg_interval=interval)
+      num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
+      use_ema=FLAGS.ema and FLAGS.average_from is None, batch_size=FLAGS.batch_size,
+      cfg_interval=interval, average_from=FLAGS.average_from)
 
 
 if __name__ == "__main__":

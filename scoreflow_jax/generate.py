@@ -157,10 +157,14 @@ def _merge(base: dict, over: dict) -> dict:
   return out
 
 
-def load_run(workdir: str, step=None, sampler=None, num_steps=None):
+def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from=None,
+             log=print):
   """A run's model, restored train state (at ``step``, default latest) and config.
 
-  ``sampler``/``num_steps`` override the run's sampling config.
+  ``sampler``/``num_steps`` override the run's sampling config. With
+  ``average_from`` the state's ``params`` are the uniform average of the raw
+  weights of every checkpoint kept at steps ``average_from`` .. ``step``
+  (``average_checkpoints``); its ``ema_params`` are ``step``'s.
   """
   from scoreflow_jax import checkpointing, train_step as ts
   from scoreflow_jax import data as data_lib
@@ -186,20 +190,53 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None):
   if step is not None and step not in ckpt.steps():
     raise ValueError(f"no checkpoint at step {step}; steps there: {ckpt.steps()}")
   state = ckpt.restore(abstract, config, step)
+  if average_from is not None:
+    state = state.replace(params=average_checkpoints(
+        ckpt, abstract, config, average_from, int(state.step), log))
   ckpt.close()
   return model, state, config
+
+
+def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log=print):
+  """The uniform average of the raw weights (``params``) of every checkpoint
+  ``ckpt`` holds at steps ``first`` <= s <= ``last``.
+
+  A post-hoc weight average (SWA-like; a box-shaped counterpart of the EMA,
+  whose length is chosen after training): with checkpoints kept every K steps
+  (``training.checkpoint_every = keep_every = K``), the average over the last
+  L steps is an EMA-like smoothing of width L that any run can be scored at.
+  Frozen leaves (identical in every checkpoint) come back bit for bit.
+  """
+  steps = [s for s in ckpt.steps() if first <= s <= last]
+  if not steps:
+    raise ValueError(f"no checkpoint at steps {first}..{last} to average; steps there: "
+                     f"{ckpt.steps()} (keep more with --config.training.checkpoint_every"
+                     "=K --config.training.keep_every=K)")
+  total = None
+  for s in steps:
+    params = ckpt.restore(abstract_state, config, s).params
+    arrays = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    total = arrays if total is None else jax.tree.map(np.add, total, arrays)
+  log(f"raw weights averaged over {len(steps)} checkpoint(s) at steps {steps}")
+  return jax.tree.map(lambda t, a: jnp.asarray(t / len(steps), a.dtype), total, params)
 
 
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
-                    **sampler_options):
+                    average_from=None, **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
-  Returns the images.
+  ``average_from``: sample the average of the raw weights kept at steps
+  ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
+  raw weights; ``use_ema`` must then be False. Returns the images.
   """
-  model, state, config = load_run(workdir, step, sampler, num_steps)
+  if average_from is not None and use_ema:
+    raise ValueError("average_from averages the raw weights of several checkpoints; "
+                     "it replaces the EMA weights, so pass use_ema=False (sample.py: "
+                     "drop --ema)")
+  model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log)
   n_classes = config.model.conditioner.n_classes
   classes = list(range(n_classes)) if classes is None else list(classes)
   bad = [c for c in classes if not 0 <= c < n_classes]
@@ -222,7 +259,9 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   save_png(grid, out)
   npz = os.path.splitext(out)[0] + ".npz"
   np.savez(npz, images=images.astype(np.float32), labels=labels)
-  log(f"step {int(state.step)} ({'EMA' if use_ema else 'raw'} weights), "
+  weights = ("EMA weights" if use_ema else "raw weights" if average_from is None
+             else f"raw weights averaged from step {average_from}")
+  log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "
       f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {out}, {npz}")

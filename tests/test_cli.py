@@ -82,6 +82,15 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   np.testing.assert_array_equal(np.load(str(tmp_path / "grid2.npz"))["images"], npz["images"])
 
 
+def test_sample_average_of_checkpoints(trained_run, tmp_path):
+  workdir, _ = trained_run
+  proc = run("sample.py", "--workdir", workdir, "--average_from", "0", "--num_steps", "2",
+             "--classes", "0", "--num_per_class", "2", "--out", str(tmp_path / "a.png"))
+  assert "raw weights averaged over 1 checkpoint(s) at steps [10]" in proc.stdout
+  assert "step 10 (raw weights averaged from step 0)" in proc.stdout
+  assert np.load(str(tmp_path / "a.npz"))["images"].shape == (2, 28, 28, 1)
+
+
 def test_sample_bad_inputs(trained_run, tmp_path):
   workdir, _ = trained_run
   proc = run("sample.py", "--workdir", workdir, "--sampler", "ddim", "--out",
@@ -93,6 +102,12 @@ def test_sample_bad_inputs(trained_run, tmp_path):
   proc = run("sample.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.png"),
              check=False)
   assert proc.returncode != 0 and "not a run folder" in proc.stderr
+  proc = run("sample.py", "--workdir", workdir, "--average_from", "5", "--ema", "--out",
+             str(tmp_path / "x.png"), check=False)
+  assert proc.returncode != 0 and "--average_from averages the raw weights; drop --ema" in proc.stderr
+  proc = run("sample.py", "--workdir", workdir, "--average_from", "11", "--out",
+             str(tmp_path / "x.png"), check=False)
+  assert proc.returncode != 0 and "no checkpoint at steps 11..10 to average" in proc.stderr
   assert not os.path.exists(tmp_path / "x.png")
 
 

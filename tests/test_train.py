@@ -305,3 +305,44 @@ def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
     with open(tmp_path / "configs" / name, "w") as f:
       f.write(config.to_json())
   assert generate.load_run_config(str(tmp_path)).training.num_steps == 3
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_raw_weights(tmp_path):
+  # A post-hoc weight average (sample.py --average_from): the mean of the raw
+  # weights kept at the steps asked for; the frozen mixture base comes back
+  # bit for bit, the EMA is the last step's.
+  from configs import mnist_conv_mixture
+  from scoreflow_jax import generate
+  from scoreflow_jax.networks import gaussian_base
+  config = mnist_conv_mixture.get_config("tiny")
+  config.training.update(num_steps=6, log_every=2, checkpoint_every=2, keep_every=2,
+                         image_every=0)
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  at = {s: generate.load_run(workdir, s)[1] for s in (2, 4, 6)}
+  msgs = []
+  _, avg, _ = generate.load_run(workdir, average_from=3, log=msgs.append)
+  assert msgs == ["raw weights averaged over 2 checkpoint(s) at steps [4, 6]"]
+  assert int(avg.step) == 6
+  chex.assert_trees_all_close(avg.params, jax.tree.map(
+      lambda a, b: (a + b) / 2, at[4].params, at[6].params), rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(avg.ema_params, at[6].ema_params)
+  base = gaussian_base.MODULE_NAME
+  frozen = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
+                      if any(getattr(k, "key", None) == base for k in path)]
+  assert frozen(avg.params)
+  chex.assert_trees_all_equal(frozen(avg.params), frozen(at[6].params))
+  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(at[4].params, at[6].params) > 1e-4  # training moved the weights
+  assert moved(avg.params, at[6].params) > 1e-5 and moved(avg.params, at[4].params) > 1e-5
+  # --step bounds the range; one checkpoint averages to itself, exactly
+  _, one, _ = generate.load_run(workdir, 2, average_from=0, log=msgs.append)
+  chex.assert_trees_all_equal(one.params, at[2].params)
+  assert msgs[-1] == "raw weights averaged over 1 checkpoint(s) at steps [2]"
+  with pytest.raises(ValueError, match=r"no checkpoint at steps 7..6 to average; "
+                     r"steps there: \[2, 4, 6\].*keep_every"):
+    generate.load_run(workdir, average_from=7)
+  with pytest.raises(ValueError, match="use_ema=False"):
+    generate.sample_from_run(workdir, str(tmp_path / "x.png"), average_from=2)
+  assert not os.path.exists(tmp_path / "x.png")
