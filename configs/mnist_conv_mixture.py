@@ -18,8 +18,10 @@ higher lr gave a lower FD in every paired evaluation: 1e-3 below 6e-4 and
 99.65%; docs/results.md, sessions 11-12); 4e-3 was level with 2e-3 at 3,000
 steps and worse at 5,868 (session 13), and a cosine decay to 0
 (optim.schedule) was worse. Twice the steps (11,736) moved the FD by -0.2,
-within noise; the raw weights (sample.py --noema) scored 12.8-13.4 at
-steps 5,000-5,868 but 14.7 at 11,736, level with the EMA (session 13).
+within noise. The raw weights (sample.py --noema) swing by 2.8 in FD between
+checkpoints 200 steps apart (12.8-15.6 at steps 5,000-5,868) and a mean of
+kept checkpoints (sample.py --average_from) scores about the mean of their
+FDs, so sampling keeps the EMA (14.9; sessions 13-15).
 """
 from configs import mnist_conv_gauss
 
