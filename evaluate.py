@@ -15,6 +15,13 @@ python evaluate.py --samples a_s0.npz,a_s1.npz --seed 0,1,2 --out a_eval.json ..
 prints and writes the mean FD, floor and class accuracy over the 6 (file, seed)
 evaluations, their spread and each one.
 
+Choosing between checkpoints, EMA lengths or settings by the test-set FD is
+selecting on the test set. Train with --config.data.holdout=10000 (50k images
+trained on, 10k held out), choose by
+python evaluate.py --samples a.npz --reference validation ...
+(the held-out images, recorded by sample.py in the .npz), then score only the
+choice against the test set.
+
 Several models side by side, each paired with the first by (file, reference
 seed), from their results files:
 python evaluate.py --compare lr3=lr3_eval.json,lr6=lr6_eval.json [--out cmp.json]
@@ -44,6 +51,10 @@ flags.DEFINE_integer("num_samples", 10_000, "Samples to evaluate (at most the nu
 flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json).")
 flags.DEFINE_list("seed", ["0"], "Seed of the random subsets (which reference "
                   "images); several (0,1,2): score against each, report the mean.")
+flags.DEFINE_enum("reference", "test", ["test", "validation"], "Real images to "
+                  "score against: the test set, or the training images the samples' "
+                  "run held out (train.py --config.data.holdout=N), to choose "
+                  "checkpoints or settings without looking at the test set.")
 flags.DEFINE_bool("memorisation", False, "Also measure how near 1,000 samples are to"
                   " their nearest training image, against real test images.")
 flags.DEFINE_list("compare", None, "NAME=RESULTS.json,... written by this script"
@@ -108,7 +119,8 @@ def main(argv):
   from scoreflow_jax.eval import metrics
   metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
                                FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
-                               check_memorisation=FLAGS.memorisation)
+                               check_memorisation=FLAGS.memorisation,
+                               reference=FLAGS.reference)
 
 
 def compare(specs, out=None):

@@ -15,6 +15,7 @@ def get_config():
   data.source = "tfds"                   # tfds | offline (a directory of the original files)
   data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir, or the offline directory
   data.split = "train"                   # split to train on
+  data.holdout = 0                       # training images held out as the "validation" split (a fixed choice; 0: none)
   data.num_examples = 1024               # synthetic only: how many examples to make
   data.image_size = 28                   # synthetic only: image height and width
   data.channels = 1                      # synthetic only: image channels

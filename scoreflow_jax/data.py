@@ -19,6 +19,10 @@ import numpy as np
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
+# What a run trains on or is evaluated against: "train" is the training split
+# less the images held out by ``data.holdout``, "validation" those images.
+RUN_SPLITS = ("train", "validation", "test")
+HOLDOUT_SEED = 0  # one fixed choice of held-out images for every run
 SOURCES = ("tfds", "offline")
 
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -438,21 +442,72 @@ def image_shape(config_data):
   return IMAGE_SHAPES[config_data.name]
 
 
-def load_dataset(config_data):
-  """Loads the split named by ``config.data``.
+def holdout_indices(num_images, holdout):
+  """Indices ``(train, validation)`` of a training split of ``num_images``.
 
-  Reads ``name`` ("mnist" | "cifar10" | "synthetic"), ``split``, and
+  The validation part is ``holdout`` images picked by a permutation with the
+  fixed seed ``HOLDOUT_SEED``, so every run (and every evaluation) with the same
+  ``holdout`` holds out the same images; both index arrays are sorted.
+  """
+  holdout = int(holdout)
+  if not 0 <= holdout < num_images:
+    raise ValueError(f"data.holdout={holdout} must be in [0, {num_images}) for a "
+                     f"training split of {num_images} images (e.g. 10000 for "
+                     "MNIST: train on 50,000, validate on 10,000).")
+  perm = np.random.default_rng(HOLDOUT_SEED).permutation(num_images)
+  return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def load_run_split(name, split, source, data_dir=None, holdout=0):
+  """Loads a split as a run sees it (``RUN_SPLITS``).
+
+  "test" is the test split; "train" the training split less ``holdout`` images
+  (all of it when ``holdout`` is 0); "validation" the ``holdout`` images held
+  out (``holdout_indices``), which needs ``holdout`` > 0.
+  """
+  _check_run_split(split, holdout)
+  images, labels = load_split(name, "test" if split == "test" else "train",
+                              source, data_dir)
+  return _held_out(images, labels, split, holdout)
+
+
+def _check_run_split(split, holdout):
+  _check_choice("split", split, RUN_SPLITS)
+  if split == "validation" and not holdout:
+    raise ValueError(
+        "split 'validation' is the part of the training split a run holds out"
+        " (data.holdout), but holdout is 0: train with --config.data.holdout=10000"
+        " (MNIST: train on 50,000 images, validate on the other 10,000).")
+
+
+def _held_out(images, labels, split, holdout):
+  """The run's ``split`` of a whole training (or test) split's arrays."""
+  if split == "test" or not holdout:
+    return images, labels
+  train_idx, val_idx = holdout_indices(len(images), holdout)
+  idx = val_idx if split == "validation" else train_idx
+  return images[idx], labels[idx]
+
+
+def load_dataset(config_data, split=None):
+  """Loads the split named by ``config.data`` (or ``split``, one of ``RUN_SPLITS``).
+
+  Reads ``name`` ("mnist" | "cifar10" | "synthetic"), ``split``, ``holdout``
+  (training images held out for validation; absent in older configs: 0), and
   ``source`` and ``data_dir`` for real data or ``num_examples`` for synthetic
   data (``image_size`` x ``image_size`` x ``channels`` when the config has
   them, else 28x28x1; 10 classes; the test split uses another seed).
   """
   name = config_data.name
+  split = config_data.split if split is None else split
+  holdout = int(config_data.get("holdout", 0))
   _check_choice("dataset", name, DATASETS + ("synthetic",))
-  if name == "synthetic":
-    _check_choice("split", config_data.split, SPLITS)
-    return make_synthetic(config_data.num_examples,
-                          image_size=config_data.get("image_size", 28),
-                          channels=config_data.get("channels", 1),
-                          seed=SPLITS.index(config_data.split))
-  return load_split(name, config_data.split, config_data.source,
-                    config_data.data_dir)
+  if name != "synthetic":
+    return load_run_split(name, split, config_data.source, config_data.data_dir,
+                          holdout)
+  _check_run_split(split, holdout)
+  images, labels = make_synthetic(config_data.num_examples,
+                                  image_size=config_data.get("image_size", 28),
+                                  channels=config_data.get("channels", 1),
+                                  seed=1 if split == "test" else 0)
+  return _held_out(images, labels, split, holdout)

@@ -227,7 +227,9 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
                     average_from=None, **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
-  The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1] and ``labels`` (N,).
+  The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
+  and the run's ``step`` and ``holdout`` (``data.holdout``: which training images
+  it held out, for ``evaluate.py --reference validation``).
   ``average_from``: sample the average of the raw weights kept at steps
   ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
   raw weights; ``use_ema`` must then be False. Returns the images.
@@ -258,7 +260,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   grid = image_grid(images, rows=len(classes))
   save_png(grid, out)
   npz = os.path.splitext(out)[0] + ".npz"
-  np.savez(npz, images=images.astype(np.float32), labels=labels)
+  np.savez(npz, images=images.astype(np.float32), labels=labels,
+           step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)))
   weights = ("EMA weights" if use_ema else "raw weights" if average_from is None
              else f"raw weights averaged from step {average_from}")
   log(f"step {int(state.step)} ({weights}), "

@@ -67,6 +67,12 @@ def validate_config(config):
   if config.data.name not in data_lib.DATASETS + ("synthetic",):
     problems.append(f"unknown data.name {config.data.name!r}; choose one of "
                     f"{data_lib.DATASETS + ('synthetic',)}")
+  if config.data.split not in data_lib.RUN_SPLITS:
+    problems.append(f"unknown data.split {config.data.split!r}; choose one of "
+                    f"{data_lib.RUN_SPLITS}")
+  if config.data.get("holdout", 0) < 0:
+    problems.append(f"data.holdout must be >= 0 (training images held out for "
+                    f"validation), got {config.data.holdout}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
   build_model(config)  # raises on bad model values
@@ -125,6 +131,21 @@ def _warn_if_rate_changed(config, workdir, step, schedule, log):
         f"{before.optim.get('schedule', 'constant')} -> {config.optim.schedule}, "
         f"training.num_steps {before.training.num_steps} -> "
         f"{config.training.num_steps})")
+
+
+def _check_holdout_unchanged(config, workdir):
+  """A resumed run must keep its held-out images out of training: another
+  ``data.holdout`` would train on some of them (or change the data)."""
+  try:
+    before = generate.load_run_config(workdir)
+  except (OSError, ValueError):
+    return
+  old, new = int(before.data.get("holdout", 0)), int(config.data.get("holdout", 0))
+  if old != new:
+    raise ValueError(
+        f"{workdir} was trained with data.holdout={old}; resuming with {new} would"
+        f" train on other images (and on images its validation split held out)."
+        f" Resume with --config.data.holdout={old}, or start a new --workdir.")
 
 
 def _summarize(metrics_list):
@@ -229,6 +250,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
     _warn_if_rate_changed(config, workdir, int(state.step), schedule, log)
+    _check_holdout_unchanged(config, workdir)
   else:
     state = init_state()
     if model.frozen_module is not None:
@@ -243,6 +265,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   log(f"{n_params:,} parameters | {jax.device_count()} devices "
       f"({jax.devices()[0].platform}) | {jax.process_count()} processes | global batch "
       f"{t.batch_size}")
+  holdout = int(config.data.get("holdout", 0))
+  log(f"data: {len(images):,} images of {config.data.name}/{config.data.split}"
+      + (f" ({holdout:,} training images held out as the validation split)"
+         if holdout else ""))
 
   step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
   batches = data_lib.BatchIterator(

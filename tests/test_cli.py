@@ -74,6 +74,7 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   assert npz["images"].dtype == np.float32
   assert npz["images"].min() >= -1 and npz["images"].max() <= 1
   np.testing.assert_array_equal(npz["labels"], [3, 3, 3, 1, 1, 1, 4, 4, 4])
+  assert int(npz["step"]) == 10 and int(npz["holdout"]) == 0  # trained on all of train
   # the same seed gives the same images
   out2 = str(tmp_path / "grid2.png")
   run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral", "--num_steps", "3",

@@ -365,3 +365,44 @@ def test_load_dataset_dispatches_on_config(tmp_path):
   config.name = "svhn"
   with pytest.raises(ValueError, match="synthetic"):
     data.load_dataset(config)
+
+
+def test_holdout_is_a_fixed_disjoint_cover_of_the_training_split():
+  train, val = data.holdout_indices(50, 12)
+  assert len(val) == 12 and len(train) == 38
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(50))
+  assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+  again = data.holdout_indices(50, 12)  # the same images every time
+  np.testing.assert_array_equal(again[1], val)
+  assert not np.array_equal(val, np.arange(12))  # a permutation, not the first images
+  for bad in (-1, 50):
+    with pytest.raises(ValueError, match="data.holdout"):
+      data.holdout_indices(50, bad)
+
+
+def test_run_splits_hold_out_validation_images(tmp_path):
+  images, labels = _write_mnist(tmp_path, "train", 40)
+  test_images, _ = _write_mnist(tmp_path, "test", 9, seed=1)
+  config = ml_collections.ConfigDict(dict(
+      name="mnist", source="offline", data_dir=str(tmp_path), split="train",
+      holdout=10))
+  train, val = data.holdout_indices(40, 10)
+  got, got_labels = data.load_dataset(config)
+  np.testing.assert_array_equal(got[..., 0], images[train])
+  np.testing.assert_array_equal(got_labels, labels[train])
+  got, got_labels = data.load_dataset(config, "validation")
+  np.testing.assert_array_equal(got[..., 0], images[val])
+  np.testing.assert_array_equal(got_labels, labels[val])
+  got, _ = data.load_dataset(config, "test")  # the test split is never cut
+  np.testing.assert_array_equal(got[..., 0], test_images)
+  del config.holdout  # a config from before data.holdout: the whole split
+  np.testing.assert_array_equal(data.load_dataset(config)[0][..., 0], images)
+  with pytest.raises(ValueError, match="--config.data.holdout=10000"):
+    data.load_dataset(config, "validation")
+  with pytest.raises(ValueError, match="split 'valid'"):
+    data.load_run_split("mnist", "valid", "offline", str(tmp_path), 10)
+  synthetic = ml_collections.ConfigDict(dict(name="synthetic", split="validation",
+                                             num_examples=30, holdout=5))
+  val_images, _ = data.load_dataset(synthetic)
+  full, _ = data.make_synthetic(30, seed=0)
+  np.testing.assert_array_equal(val_images, full[data.holdout_indices(30, 5)[1]])

@@ -385,6 +385,64 @@ def test_several_draws_and_reference_sets_are_each_scored_and_averaged(trained, 
   assert "mean FD" in text and "6 evaluations (2 sample file(s) x 3 reference set(s))" in text
 
 
+def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  clf = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  _write_mnist(tmp_path, test_images, test_labels, "t10k")
+  train_images, train_labels = data.make_synthetic(300, seed=4)
+  _write_mnist(tmp_path, train_images, train_labels, "train")
+  kept, held = data.holdout_indices(300, 120)
+  val = train_images[held], train_labels[held]
+  samples, sample_labels = data.make_synthetic(100, seed=5)
+  def write(name, **extra):
+    np.savez(tmp_path / name, images=samples, labels=sample_labels, **extra)
+    return str(tmp_path / name)
+  good = write("ho.npz", holdout=120, step=7)
+  score = lambda paths, n, **kw: metrics.evaluate_sample_file(
+      paths, clf, str(tmp_path), num_samples=n, out=str(tmp_path / "r.json"),
+      log=lambda _: None, reference="validation", **kw)
+  res = score(good, 50)  # 120 validation images: the floor is a disjoint 50 of them
+  direct = metrics.evaluate_samples(params, samples, sample_labels, *val, n=50, seed=0)
+  assert res["fd"] == pytest.approx(direct["fd"], rel=1e-5)
+  assert res["fd_floor"] == pytest.approx(direct["fd_floor"], rel=1e-5)
+  assert (res["reference"], res["holdout"]) == ("validation", 120)
+  assert res["floor_source"] == "mnist validation vs disjoint validation"
+  on_test = metrics.evaluate_samples(params, samples, sample_labels, test_images,
+                                     test_labels, n=50, seed=0)
+  assert abs(res["fd"] - on_test["fd"]) > 1e-3  # other reference images
+  assert "validation split (120 held-out" in metrics.format_results(res)
+  res = score(good, 100)  # 120 < 2n: the floor's real images come from the test set
+  assert res["floor_source"] == "mnist test vs validation" and res["num_samples"] == 100
+  # against the test set, memorisation looks for copies among the images trained on:
+  # samples that are held-out images are no copies
+  copies = np.concatenate([train_images[held][:60], train_images[kept][:40]])
+  np.savez(tmp_path / "copies.npz", images=copies, holdout=120)
+  res = metrics.evaluate_sample_file(str(tmp_path / "copies.npz"), clf, str(tmp_path),
+                                     num_samples=100, log=lambda _: None,
+                                     check_memorisation=True)
+  assert res["reference"] == "test" and res["holdout"] == 120
+  d = metrics.nearest_distances(classifier_lib.to_inputs(copies),
+                                train_images[kept])
+  assert np.all(d[60:] < 0.1) and np.all(d[:60] > 1.0)  # (float rounding: not 0)
+  assert res["memorisation"]["samples_median"] == pytest.approx(float(np.median(d)))
+  for extra, match in (({}, "does not record which training images"),
+                       ({"holdout": 0}, "trained on the whole training split")):
+    with pytest.raises(ValueError, match=match):
+      score(write("bad.npz", **extra), 50)
+  with pytest.raises(ValueError, match="different data.holdout"):
+    score([good, write("other.npz", holdout=60)], 50)
+  with pytest.raises(ValueError, match="unknown reference"):
+    metrics.evaluate_sample_file(good, clf, str(tmp_path), reference="train")
+
+
+def test_results_against_other_references_do_not_compare():
+  a, b = _combined({(0, 0): 20.0}), dict(_combined({(0, 0): 18.0}), reference="validation")
+  with pytest.raises(ValueError, match="different reference images"):
+    metrics.compare_evaluations({"a": a, "b": b})
+  assert len(metrics.compare_evaluations({"a": dict(a, reference="validation"), "b": b})) == 2
+
+
 def test_nearest_distances_known_inputs():
   rng = np.random.default_rng(0)
   train = rng.integers(0, 256, (50, 4, 4, 1)).astype(np.uint8)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import mnist
-from scoreflow_jax import checkpointing, data, model as model_lib, trainer
+from scoreflow_jax import checkpointing, data, generate, model as model_lib, trainer
 from scoreflow_jax import train_step as ts
 
 
@@ -175,6 +175,32 @@ def test_resuming_with_another_rate_warns(tmp_path):
   assert any("resumed" in m for m in msgs) and not any("warning" in m for m in msgs), msgs
 
 
+def test_held_out_images_stay_out_of_training_and_of_a_resume(tmp_path):
+  config = tiny_config(num_steps=2, log_every=1, checkpoint_every=2)
+  config.data.holdout = 56
+  workdir = str(tmp_path / "run")
+  msgs = []
+  trainer.train_and_evaluate(config, workdir, log=msgs.append)
+  assert ("data: 200 images of synthetic/train (56 training images held out as the "
+          "validation split)") in msgs, msgs
+  configs = sorted(os.listdir(os.path.join(workdir, "configs")))
+  for other in (0, 28):  # another choice would train on held-out images
+    config.data.holdout, config.training.num_steps = other, 4
+    with pytest.raises(ValueError, match="trained with data.holdout=56"):
+      trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  assert sorted(os.listdir(os.path.join(workdir, "configs"))) == configs
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    read_only=True).steps() == [2]
+  config.data.holdout = 56
+  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  # sample.py records the run's held-out images, for evaluate.py --reference validation
+  out = str(tmp_path / "grid.png")
+  generate.sample_from_run(workdir, out, num_steps=2, classes=[1], num_per_class=2,
+                           log=lambda s: None)
+  with np.load(str(tmp_path / "grid.npz")) as f:
+    assert int(f["holdout"]) == 56 and int(f["step"]) == 4
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(tiny_config(num_steps=10, checkpoint_every=10), workdir, log=lambda s: None)
@@ -203,6 +229,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.optim.update(schedule="cosine", warmup_steps=100), "no steps to decay"),
     (lambda c: c.optim.update(final_lr_fraction=1.5), "final_lr_fraction"),
     (lambda c: c.optim.update(warmup_steps=-1), "warmup_steps"),
+    (lambda c: c.data.update(holdout=-1), "data.holdout"),
+    (lambda c: c.data.update(split="valid"), "data.split"),
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()

@@ -170,7 +170,8 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   den = lambda p, x, sigma, cond: model.denoiser(p)(x, sigma, cond)
   splits, rest = {}, None
   for split in ("train", "test"):
-    images, labels = data_lib.load_split(config.data.name, split, source, data_dir)
+    images, labels = data_lib.load_run_split(  # "train": what the run trained on
+        config.data.name, split, source, data_dir, config.data.get("holdout", 0))
     idx = balanced_subset(labels, num_images, n_classes)
     splits[split] = (images[idx], labels[idx])
     if split == "test":

@@ -290,6 +290,10 @@ def compare_evaluations(named_results):
   """
   if len(named_results) < 2:
     raise ValueError("compare at least two evaluations.")
+  refs = {name: r.get("reference", "test") for name, r in named_results.items()}
+  if len(set(refs.values())) != 1:
+    raise ValueError(f"FDs against different reference images do not compare: {refs}."
+                     " Evaluate every model with the same --reference.")
   counts = {name: r["num_samples"] for name, r in named_results.items()}
   if len(set(counts.values())) != 1:
     raise ValueError(f"FDs at different sample counts do not compare: {counts}."
@@ -335,38 +339,80 @@ def format_comparison(rows):
   return "\n".join(lines)
 
 
+REFERENCES = ("test", "validation")
+
+
+def sample_holdout(path):
+  """``data.holdout`` of the run a sample.py .npz came from (None: not recorded,
+  a file from before sample.py recorded it)."""
+  with np.load(os.fspath(path), allow_pickle=False) as f:
+    return int(f["holdout"]) if "holdout" in f.files else None
+
+
+def _validation_holdout(paths):
+  """The one ``data.holdout`` > 0 of the runs that wrote ``paths``, or why not."""
+  holdouts = {p: sample_holdout(p) for p in paths}
+  for p, h in holdouts.items():
+    if h is None:
+      raise ValueError(
+          f"{p} does not record which training images its run held out (it was"
+          " written by sample.py before data.holdout existed): sample the run"
+          " again, or score it against the test set (--reference test).")
+    if h == 0:
+      raise ValueError(
+          f"{p} comes from a run trained on the whole training split"
+          " (data.holdout=0): the validation images would be images it trained"
+          " on. Train with --config.data.holdout=10000 to validate, or score"
+          " against the test set (--reference test).")
+  if len(set(holdouts.values())) > 1:
+    raise ValueError(f"the samples come from runs with different data.holdout"
+                     f" {holdouts}: their validation images differ; score them"
+                     " separately.")
+  return next(iter(holdouts.values()))
+
+
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
-                         log=print, check_memorisation=False):
+                         log=print, check_memorisation=False, reference="test"):
   """Evaluates sample.py .npz file(s) against MNIST test; writes and returns results.
 
-  The floor's second real set is MNIST train when the test set has fewer
-  than 2 * num_samples images. ``out`` defaults to ``<samples>_eval.json``.
-  ``samples_path`` may be a list of files (sample draws of one model) and
-  ``seed`` a list of seeds (reference sets): every file is scored against
-  every seed's reference set and the results combined by
-  ``combine_evaluations`` (several files need ``out``). Memorisation is
-  measured on the first file with the first seed.
+  ``reference="validation"`` scores against the training images the samples'
+  run held out (``data.holdout``, recorded in each file by sample.py) instead:
+  the set to choose checkpoints, EMA lengths or settings on, so that the test
+  set is looked at once, for the choice. The floor's second real set is the
+  reference itself when it has >= 2 * num_samples images, else the other
+  split (train, or test for a validation reference). ``out`` defaults to
+  ``<samples>_eval.json``. ``samples_path`` may be a list of files (sample
+  draws of one model) and ``seed`` a list of seeds (reference sets): every
+  file is scored against every seed's reference set and the results combined
+  by ``combine_evaluations`` (several files need ``out``). Memorisation
+  (nearest images of the run's training images) is measured on the first file
+  with the first seed.
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   paths = [samples_path] if isinstance(samples_path, (str, os.PathLike)) else list(samples_path)
   seeds = [seed] if np.ndim(seed) == 0 else [int(s) for s in seed]
   if not paths or not seeds:
     raise ValueError("need at least one samples file and one seed.")
+  if reference not in REFERENCES:
+    raise ValueError(f"unknown reference {reference!r}; choose one of {REFERENCES}.")
   if len(paths) > 1 and out is None:
     raise ValueError(f"{len(paths)} samples files are scored together: name the"
                      " results file with out (evaluate.py --out FILE.json), so that"
                      " no file's own <samples>_eval.json is overwritten.")
   draws = [load_samples(p) for p in paths]  # every file checked before any work
+  holdout = (_validation_holdout(paths) if reference == "validation"
+             else sample_holdout(paths[0]))
   params, header = classifier_lib.load_classifier(classifier_path)
   for images, _ in draws:
     classifier_lib.check_input_shape(params, images.shape[1:])
-  ref_images, ref_labels = data_lib.load_split("mnist", "test", source,
-                                               data_dir)
+  load = lambda split: data_lib.load_run_split("mnist", split, source, data_dir,
+                                               holdout or 0)
+  ref_images, ref_labels = load(reference)
   n = min([num_samples, len(ref_images)] + [len(images) for images, _ in draws])
-  floor_images = None
+  floor_images, other = None, "train" if reference == "test" else "test"
   if len(ref_images) < 2 * n:
-    floor_images = data_lib.load_split("mnist", "train", source, data_dir)[0]
+    floor_images = load(other)[0]
   evaluations = []
   cache = ClassifierCache(params)
   for i, (images, labels) in enumerate(draws):
@@ -377,14 +423,14 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   results = combine_evaluations(evaluations) if len(evaluations) > 1 else evaluations[0]
   results.pop("draw", None)
   if check_memorisation:
-    train_images = (floor_images if floor_images is not None else
-                    data_lib.load_split("mnist", "train", source, data_dir)[0])
+    train_images = (floor_images if floor_images is not None and other == "train"
+                    else load("train")[0])
     results["memorisation"] = memorisation(draws[0][0], ref_images, train_images,
                                            seed=seeds[0])
-  if results["floor_source"] == "floor_images":
-    results["floor_source"] = "mnist train vs test"
-  else:
-    results["floor_source"] = "mnist test vs disjoint test"
+  results["floor_source"] = (
+      f"mnist {other} vs {reference}" if results["floor_source"] == "floor_images"
+      else f"mnist {reference} vs disjoint {reference}")
+  results.update(reference=reference, holdout=holdout)
   results.update(samples=(os.path.abspath(paths[0]) if len(paths) == 1
                           else [os.path.abspath(p) for p in paths]),
                  classifier=os.path.abspath(classifier_path),
@@ -457,6 +503,9 @@ def format_results(results):
   lines = [f"FD {results['fd']:.3f} | real-vs-real floor"
            f" {results['fd_floor']:.3f} at n = {results['num_samples']}"
            f" ({results['floor_source']})"]
+  if results.get("reference") == "validation":
+    lines[0] = (f"against the validation split ({results['holdout']:,} held-out "
+                "training images): ") + lines[0]
   if results.get("num_evaluations", 1) > 1:
     runs = results["fd_runs"]
     lines[0] = "mean " + lines[0] + (
