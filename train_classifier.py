@@ -1,8 +1,11 @@
 """Train the MNIST classifier that evaluate.py uses (never downloads).
 
 python train_classifier.py --data_dir /path/to/mnist_idx --out classifier.npz \
-  [--steps 3000] [--source offline|tfds]
-Prints the MNIST test accuracy and stores it in the file's header.
+  [--steps 3000] [--source offline|tfds] [--holdout 10000]
+Prints the MNIST test accuracy and stores it in the file's header. --holdout N
+trains without the training images that runs with --config.data.holdout=N hold
+out, so that evaluate.py --reference validation scores against images the
+classifier has not seen either.
 """
 from absl import app, flags, logging
 
@@ -14,6 +17,8 @@ flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes f
 flags.DEFINE_integer("steps", 3000, "Training steps.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Seed of initialization, batches and augmentation.")
+flags.DEFINE_integer("holdout", 0, "Leave out the training images a run with "
+                     "--config.data.holdout=N holds out (0: train on all 60,000).")
 flags.mark_flags_as_required(["out"])
 
 
@@ -25,7 +30,7 @@ def main(argv):
                          " MNIST's four IDX files.")
   from scoreflow_jax.eval import classifier
   classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
-                            FLAGS.batch_size, FLAGS.seed)
+                            FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout)
 
 
 if __name__ == "__main__":

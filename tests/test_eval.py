@@ -411,7 +411,9 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
   on_test = metrics.evaluate_samples(params, samples, sample_labels, test_images,
                                      test_labels, n=50, seed=0)
   assert abs(res["fd"] - on_test["fd"]) > 1e-3  # other reference images
-  assert "validation split (120 held-out" in metrics.format_results(res)
+  text = metrics.format_results(res)
+  assert "validation split (120 held-out" in text and "--holdout 120" in text
+  assert "--holdout" not in metrics.format_results(dict(res, classifier_holdout=120))
   res = score(good, 100)  # 120 < 2n: the floor's real images come from the test set
   assert res["floor_source"] == "mnist test vs validation" and res["num_samples"] == 100
   # against the test set, memorisation looks for copies among the images trained on:
@@ -434,6 +436,16 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
     score([good, write("other.npz", holdout=60)], 50)
   with pytest.raises(ValueError, match="unknown reference"):
     metrics.evaluate_sample_file(good, clf, str(tmp_path), reference="train")
+
+
+def test_classifier_can_leave_out_the_held_out_images(tmp_path):
+  _write_mnist(tmp_path, *data.make_synthetic(40, seed=1), "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(300, seed=4), "train")
+  msgs, out = [], str(tmp_path / "clf.npz")
+  classifier_lib.train_and_save(str(tmp_path), out, steps=2, batch_size=8,
+                                log=msgs.append, holdout=120)
+  assert msgs[0].startswith("MNIST: 180 train, 40 test images")
+  assert classifier_lib.load_classifier(out)[1]["holdout"] == 120
 
 
 def test_results_against_other_references_do_not_compare():

@@ -271,13 +271,17 @@ def load_classifier(path):
 
 
 def train_and_save(data_dir, out, source="offline", steps=3000, batch_size=128,
-                   seed=0, log=print):
+                   seed=0, log=print, holdout=0):
   """Trains on MNIST train, tests on MNIST test, writes ``out``; returns accuracy.
 
   ``source="offline"`` reads the IDX files in ``data_dir`` (no network).
+  ``holdout`` > 0 leaves out the training images runs with that
+  ``data.holdout`` hold out (``data.holdout_indices``), so that their
+  validation split is new to the classifier as well; it is kept in the header.
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  images, labels = data_lib.load_split("mnist", "train", source, data_dir)
+  images, labels = data_lib.load_run_split("mnist", "train", source, data_dir,
+                                           holdout)
   test_images, test_labels = data_lib.load_split("mnist", "test", source,
                                                  data_dir)
   log(f"MNIST: {len(labels)} train, {len(test_labels)} test images;"
@@ -289,6 +293,7 @@ def train_and_save(data_dir, out, source="offline", steps=3000, batch_size=128,
   seconds = time.perf_counter() - t0
   save_classifier(params, out, test_accuracy=test_accuracy, dataset="mnist",
                   image_shape=list(images.shape[1:]), steps=steps,
-                  batch_size=batch_size, seed=seed, train_seconds=seconds)
+                  batch_size=batch_size, seed=seed, train_seconds=seconds,
+                  holdout=int(holdout))
   log(f"wrote {out} (test accuracy {test_accuracy:.4f}, {seconds:.0f} s)")
   return test_accuracy

@@ -435,6 +435,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
                           else [os.path.abspath(p) for p in paths]),
                  classifier=os.path.abspath(classifier_path),
                  classifier_test_accuracy=header.get("test_accuracy"),
+                 classifier_holdout=header.get("holdout", 0),
                  seed=seeds[0] if len(seeds) == 1 else seeds)
   if out is None:
     out = os.path.splitext(paths[0])[0] + "_eval.json"
@@ -506,6 +507,9 @@ def format_results(results):
   if results.get("reference") == "validation":
     lines[0] = (f"against the validation split ({results['holdout']:,} held-out "
                 "training images): ") + lines[0]
+    if results.get("classifier_holdout", 0) != results["holdout"]:
+      lines.append("(the classifier was trained on these images: train_classifier.py"
+                   f" --holdout {results['holdout']} makes one that was not)")
   if results.get("num_evaluations", 1) > 1:
     runs = results["fd_runs"]
     lines[0] = "mean " + lines[0] + (
