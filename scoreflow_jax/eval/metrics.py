@@ -504,12 +504,6 @@ def format_results(results):
   lines = [f"FD {results['fd']:.3f} | real-vs-real floor"
            f" {results['fd_floor']:.3f} at n = {results['num_samples']}"
            f" ({results['floor_source']})"]
-  if results.get("reference") == "validation":
-    lines[0] = (f"against the validation split ({results['holdout']:,} held-out "
-                "training images): ") + lines[0]
-    if results.get("classifier_holdout", 0) != results["holdout"]:
-      lines.append("(the classifier was trained on these images: train_classifier.py"
-                   f" --holdout {results['holdout']} makes one that was not)")
   if results.get("num_evaluations", 1) > 1:
     runs = results["fd_runs"]
     lines[0] = "mean " + lines[0] + (
@@ -518,6 +512,12 @@ def format_results(results):
         f" sd {results['fd_sd']:.3f}, range {results['fd_min']:.3f} - "
         f"{results['fd_max']:.3f}; each (file, seed): " + ", ".join(
             f"({r.get('draw')}, {r.get('seed')}) {r['fd']:.3f}" for r in runs))
+  if results.get("reference") == "validation":
+    lines.insert(0, f"against the validation split ({results['holdout']:,} held-out"
+                 " training images):")
+    if results.get("classifier_holdout", 0) != results["holdout"]:
+      lines.append("(the classifier was trained on these images: train_classifier.py"
+                   f" --holdout {results['holdout']} makes one that was not)")
   if results.get("class_accuracy") is not None:
     ref = results.get("reference_class_accuracy")
     lines.append(f"class accuracy {results['class_accuracy']:.4f}"
