@@ -115,14 +115,21 @@ def _write_config(config, workdir):
   return path
 
 
-def _warn_if_rate_changed(config, workdir, step, schedule, log):
+def _last_start_config(workdir):
+  """The run's config before this start writes its own (None: unreadable)."""
+  try:
+    return generate.load_run_config(workdir)
+  except (OSError, ValueError):
+    return None
+
+
+def _warn_if_rate_changed(config, before, step, schedule, log):
   """Warns when the learning rate from the resume step on is not what the
-  run's last start would have used: another ``optim`` or, for a cosine
-  schedule (it spans training.num_steps), another ``num_steps``."""
-  try:  # the run's config before this start writes its own
-    before = generate.load_run_config(workdir)
+  run's last start (config ``before``) would have used: another ``optim`` or,
+  for a cosine schedule (it spans training.num_steps), another ``num_steps``."""
+  try:
     old = ts.make_schedule(before.optim, before.training.num_steps)
-  except (OSError, ValueError, AttributeError, KeyError):
+  except (ValueError, AttributeError, KeyError):
     return
   new_rate, old_rate = float(schedule(step)), float(old(step))
   if not np.isclose(new_rate, old_rate, rtol=1e-6, atol=0.0):
@@ -133,13 +140,10 @@ def _warn_if_rate_changed(config, workdir, step, schedule, log):
         f"{config.training.num_steps})")
 
 
-def _check_holdout_unchanged(config, workdir):
+def _check_holdout_unchanged(config, before, workdir):
   """A resumed run must keep its held-out images out of training: another
-  ``data.holdout`` would train on some of them (or change the data)."""
-  try:
-    before = generate.load_run_config(workdir)
-  except (OSError, ValueError):
-    return
+  ``data.holdout`` than its last start's (config ``before``) would train on some
+  of them (or change the data)."""
   old, new = int(before.data.get("holdout", 0)), int(config.data.get("holdout", 0))
   if old != new:
     raise ValueError(
@@ -249,8 +253,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         jax.eval_shape(init_state))
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
-    _warn_if_rate_changed(config, workdir, int(state.step), schedule, log)
-    _check_holdout_unchanged(config, workdir)
+    before = _last_start_config(workdir)
+    if before is not None:
+      _warn_if_rate_changed(config, before, int(state.step), schedule, log)
+      _check_holdout_unchanged(config, before, workdir)
   else:
     state = init_state()
     if model.frozen_module is not None:
