@@ -2,7 +2,7 @@
 
 python sample.py --workdir logs/<run> [--step N] --sampler heun_edm --num_steps 18 \
   --cfg_scale 1.0 [--cfg_interval 0.3,5] --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
-  [--noema | --average_from M]
+  [--noema | --average_from M | --posthoc_ema SIGMA_REL]
 Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels).
 """
 from absl import app, flags, logging
@@ -23,6 +23,10 @@ flags.DEFINE_bool("ema", True, "Use the EMA weights (else the raw weights).")
 flags.DEFINE_integer("average_from", None, "Sample the uniform average of the raw "
                      "weights of every checkpoint kept at steps average_from..--step "
                      "(a post-hoc weight average; replaces --ema).")
+flags.DEFINE_float("posthoc_ema", None, "Sample the power-function EMA of this relative "
+                   "width (sigma_rel, e.g. 0.05) at --step, reconstructed from the "
+                   "snapshots of a run trained with ema.posthoc_stds (EDM2's post-hoc "
+                   "EMA; replaces --ema).")
 flags.DEFINE_integer("batch_size", 256, "Images per sampler call.")
 flags.DEFINE_string("out", "grid.png", "Output PNG; the .npz goes beside it.")
 flags.mark_flags_as_required(["workdir"])
@@ -40,12 +44,19 @@ def main(argv):
     interval = tuple(float(v) for v in FLAGS.cfg_interval)
   if FLAGS.average_from is not None and FLAGS["ema"].present and FLAGS.ema:
     raise app.UsageError("--average_from averages the raw weights; drop --ema")
+  if FLAGS.posthoc_ema is not None and FLAGS["ema"].present and FLAGS.ema:
+    raise app.UsageError("--posthoc_ema replaces the EMA weights; drop --ema")
+  if FLAGS.posthoc_ema is not None and FLAGS.average_from is not None:
+    raise app.UsageError("--posthoc_ema and --average_from each choose the weights; "
+                         "pass one")
+  replaced = FLAGS.average_from is not None or FLAGS.posthoc_ema is not None
   generate.sample_from_run(
       FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,
       num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale, classes=classes,
       num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
-      use_ema=FLAGS.ema and FLAGS.average_from is None, batch_size=FLAGS.batch_size,
-      cfg_interval=interval, average_from=FLAGS.average_from)
+      use_ema=FLAGS.ema and not replaced, batch_size=FLAGS.batch_size,
+      cfg_interval=interval, average_from=FLAGS.average_from,
+      posthoc_ema=FLAGS.posthoc_ema)
 
 
 if __name__ == "__main__":

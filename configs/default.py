@@ -81,6 +81,9 @@ def get_config():
 
   config.ema = ema = ml_collections.ConfigDict()
   ema.decay = 0.9999                     # LitEma decay (with its (1+n)/(10+n) warm-up)
+  ema.posthoc_stds = ()                  # sigma_rel of power-function EMAs to track for
+                                         # post-hoc EMA (EDM2: (0.05, 0.1); sample.py
+                                         # --posthoc_ema); snapshots: the kept checkpoints
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128              # global batch, split over all devices of all processes

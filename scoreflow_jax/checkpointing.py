@@ -1,10 +1,11 @@
 """Checkpoints with orbax: the train state plus the config that made it.
 
-Each checkpoint holds ``state`` (params, optimizer, EMA, RNG, step; the data
-position is the step, since batches are a function of it) and ``meta`` (the
-model config), so a resume with a different model is refused with a clear
+Each checkpoint holds ``state`` (params, optimizer, EMA, power EMAs, RNG,
+step; the data position is the step, since batches are a function of it) and
+``meta`` (the model config and the power EMAs' stds), so a resume with a different model is refused with a clear
 message instead of failing deep inside orbax or silently mixing runs.
 """
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -44,6 +45,11 @@ def model_signature(config) -> dict:
   return _signature(json.loads(config.model.to_json()))
 
 
+def posthoc_stds(config) -> tuple:
+  """``ema.posthoc_stds`` as a tuple of floats (absent in older configs: ())."""
+  return tuple(float(s) for s in config.ema.get("posthoc_stds", ()))
+
+
 def _diff(a, b, prefix="model"):
   out = []
   for k in sorted(set(a) | set(b)):
@@ -76,7 +82,8 @@ class Checkpointer:
     step = int(np.asarray(state.step.addressable_data(0)))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"model": model_signature(config), "step": step})))
+        meta=ocp.args.JsonSave({"model": model_signature(config), "step": step,
+                                "posthoc_stds": list(posthoc_stds(config))})))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -103,16 +110,35 @@ class Checkpointer:
           + "\n  ".join(diffs) + "\nPass the run's own config (saved in its "
           "configs/ folder) to resume it, or use a new --workdir for this config. "
           "Nothing was changed.")
+    saved_stds = tuple(meta.get("posthoc_stds", ()))
+    if saved_stds != posthoc_stds(config):
+      raise CheckpointError(
+          f"the checkpoint in {path} tracks power-function EMAs at ema.posthoc_stds="
+          f"{saved_stds} but the config asks for {posthoc_stds(config)}: a post-hoc EMA "
+          "profile is tracked from step 0 and cannot be added, dropped or changed "
+          "on resume. Resume with --config.ema.posthoc_stds="
+          f"'{saved_stds}', or start a new --workdir. Nothing was changed.")
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+      try:
+        return self._restore_state(step, abstract_state)
+      except ValueError:
+        if saved_stds:
+          raise
+        # Written before the train state had power EMAs: restore the other
+        # fields and put back the empty tuple.
+        fields = {f.name for f in dataclasses.fields(abstract_state)} - {"phema_params"}
+        restored = self._restore_state(step, {k: getattr(abstract_state, k) for k in fields})
+        return abstract_state.replace(phema_params=(), **restored)
     except Exception as e:
       raise CheckpointError(
           f"checkpoint {path} could not be restored into this model's train state "
           f"({type(e).__name__}: {str(e)[:500]}). It was left as it is; if it is "
           f"corrupt, move it out of {self.directory} to resume from an earlier "
           f"step (steps there: {self.steps()}).") from e
-    return restored["state"]
+
+  def _restore_state(self, step, target):
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
 
   def close(self):
     self.manager.close()

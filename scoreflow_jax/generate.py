@@ -158,14 +158,18 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from=None,
-             log=print):
+             log=print, posthoc_ema=None):
   """A run's model, restored train state (at ``step``, default latest) and config.
 
   ``sampler``/``num_steps`` override the run's sampling config. With
   ``average_from`` the state's ``params`` are the uniform average of the raw
   weights of every checkpoint kept at steps ``average_from`` .. ``step``
-  (``average_checkpoints``); its ``ema_params`` are ``step``'s.
+  (``average_checkpoints``); with ``posthoc_ema`` (a sigma_rel) they are the
+  power-function EMA of that width at ``step``, reconstructed from the run's
+  snapshots (``posthoc_ema_params``). Its ``ema_params`` are ``step``'s.
   """
+  if average_from is not None and posthoc_ema is not None:
+    raise ValueError("average_from and posthoc_ema each replace the weights; pass one")
   from scoreflow_jax import checkpointing, train_step as ts
   from scoreflow_jax import data as data_lib
   from scoreflow_jax.model import build_model
@@ -183,7 +187,8 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
                             frozen=model.frozen_module)
   sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
   abstract = jax.eval_shape(
-      lambda: ts.create_train_state(model, tx, jax.random.key(0), sample))
+      lambda: ts.create_train_state(model, tx, jax.random.key(0), sample,
+                                    checkpointing.posthoc_stds(config)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
@@ -193,6 +198,9 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
   if average_from is not None:
     state = state.replace(params=average_checkpoints(
         ckpt, abstract, config, average_from, int(state.step), log))
+  if posthoc_ema is not None:
+    state = state.replace(params=posthoc_ema_params(
+        ckpt, abstract, config, posthoc_ema, int(state.step), log))
   ckpt.close()
   return model, state, config
 
@@ -221,10 +229,46 @@ def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log
   return jax.tree.map(lambda t, a: jnp.asarray(t / len(steps), a.dtype), total, params)
 
 
+def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=print):
+  """The power-function EMA of relative width ``std`` at step ``last``,
+  reconstructed from the power EMAs (``ema.posthoc_stds``) of every checkpoint
+  ``ckpt`` holds at steps <= ``last`` (EDM2's post-hoc EMA).
+
+  The weights solve a least-squares fit of the target profile by the
+  snapshots' profiles (``ema.posthoc_coefficients``); its relative error is
+  logged: a few percent or less means the snapshots span the target well
+  (keep checkpoints more often, ``training.keep_every``, to lower it).
+  """
+  from scoreflow_jax import checkpointing, ema as ema_lib
+  stds = checkpointing.posthoc_stds(config)
+  if not stds:
+    raise ValueError("this run tracked no power-function EMAs (its ema.posthoc_stds is "
+                     "empty), so it has nothing to reconstruct a post-hoc EMA from; "
+                     "train with e.g. --config.ema.posthoc_stds='(0.05,0.1)' "
+                     "--config.training.keep_every=K")
+  ema_lib.std_to_exp(std)  # raises on a sigma_rel out of range
+  steps = [s for s in ckpt.steps() if 0 < s <= last]
+  in_t = np.repeat(np.asarray(steps, np.float64), len(stds))
+  in_std = np.tile(np.asarray(stds, np.float64), len(steps))
+  coef, err = ema_lib.posthoc_coefficients(in_t, in_std, float(last), std)
+  total, i = None, 0
+  for s in steps:
+    for shadow in ckpt.restore(abstract_state, config, s).phema_params:
+      part = jax.tree.map(lambda a, c=coef[i]: c * np.asarray(a, np.float64), shadow)
+      total = part if total is None else jax.tree.map(np.add, total, part)
+      i += 1
+  hint = ("" if err < 0.05 else " -- the snapshots span this profile poorly: keep "
+          "checkpoints more often (training.keep_every) or choose a sigma_rel nearer "
+          f"{stds}")
+  log(f"post-hoc EMA sigma_rel {std:g} at step {last} from {len(steps)} checkpoint(s) x "
+      f"{len(stds)} power EMAs {stds} (steps {steps}); profile fit error {err:.1%}{hint}")
+  return jax.tree.map(lambda t, a: jnp.asarray(t, a.dtype), total, shadow)
+
+
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
-                    average_from=None, **sampler_options):
+                    average_from=None, posthoc_ema=None, **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
@@ -232,13 +276,18 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   it held out, for ``evaluate.py --reference validation``).
   ``average_from``: sample the average of the raw weights kept at steps
   ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
-  raw weights; ``use_ema`` must then be False. Returns the images.
+  raw weights; ``posthoc_ema``: sample the power-function EMA of that sigma_rel
+  (``posthoc_ema_params``); ``use_ema`` must then be False. Returns the images.
   """
   if average_from is not None and use_ema:
     raise ValueError("average_from averages the raw weights of several checkpoints; "
                      "it replaces the EMA weights, so pass use_ema=False (sample.py: "
                      "drop --ema)")
-  model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log)
+  if posthoc_ema is not None and use_ema:
+    raise ValueError("posthoc_ema replaces the EMA weights, so pass use_ema=False "
+                     "(sample.py: drop --ema)")
+  model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
+                                  posthoc_ema)
   n_classes = config.model.conditioner.n_classes
   classes = list(range(n_classes)) if classes is None else list(classes)
   bad = [c for c in classes if not 0 <= c < n_classes]
@@ -262,8 +311,10 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   npz = os.path.splitext(out)[0] + ".npz"
   np.savez(npz, images=images.astype(np.float32), labels=labels,
            step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)))
-  weights = ("EMA weights" if use_ema else "raw weights" if average_from is None
-             else f"raw weights averaged from step {average_from}")
+  weights = ("EMA weights" if use_ema
+             else f"raw weights averaged from step {average_from}" if average_from is not None
+             else f"post-hoc EMA, sigma_rel {posthoc_ema:g}" if posthoc_ema is not None
+             else "raw weights")
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from scoreflow_jax.ema import ema_update
+from scoreflow_jax.ema import ema_update, power_ema_update
 
 AXIS = "data"
 # Upper edges of the sigma bins the loss is split by in the metrics.
@@ -30,6 +30,10 @@ class TrainState:
   ema_params: Any
   ema_num_updates: jax.Array  # int32 (), LitEma's counter
   rng: jax.Array             # uint32 (2,): raw key data, checkpointable
+  # One power-function EMA of params per ema.posthoc_stds entry (EDM2's
+  # post-hoc EMA); () when off. Last, with a default: checkpoints written
+  # before it existed restore without it (checkpointing.Checkpointer.restore).
+  phema_params: Any = ()
 
 
 SCHEDULES = ("constant", "cosine")  # optim.schedule
@@ -76,14 +80,17 @@ def make_optimizer(optim_config, num_steps: int, frozen: Optional[str] = None):
   return tx, schedule
 
 
-def create_train_state(model, tx, key, sample_batch) -> TrainState:
+def create_train_state(model, tx, key, sample_batch, posthoc_stds=()) -> TrainState:
+  """``posthoc_stds``: the sigma_rel of each power-function EMA to track
+  (``ema.posthoc_stds``; none by default)."""
   k_init, k_train = jax.random.split(key)
   params = model.init(k_init, sample_batch)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       ema_params=jax.tree.map(jnp.copy, params),
       ema_num_updates=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(k_train))
+      rng=jax.random.key_data(k_train),
+      phema_params=tuple(jax.tree.map(jnp.copy, params) for _ in posthoc_stds))
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -99,8 +106,13 @@ def _sigma_bin_stats(per_sample, sigma):
           jnp.sum(in_bin, 0).astype(per_sample.dtype))
 
 
-def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float):
+def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
+                    posthoc_stds=()):
   """Returns ``step(state, batch) -> (state, metrics)``, jitted, state donated.
+
+  The step updates sgm's EMA (``ema_decay``) and, with ``posthoc_stds``, one
+  power-function EMA per entry (``state.phema_params``, created with the same
+  stds by ``create_train_state``).
 
   ``batch`` is a global array sharded over ``mesh`` along its first axis.
   Sample i of the global batch draws its noise from
@@ -127,6 +139,8 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float):
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_n = ema_update(state.ema_params, params,
                                    state.ema_num_updates, ema_decay)
+    phema_params = power_ema_update(state.phema_params, params, state.step + 1,
+                                    posthoc_stds)
     grad_norm = optax.tree.norm(grads)
     bin_sum, bin_count = _sigma_bin_stats(per_sample, sigma)
     metrics = {
@@ -139,7 +153,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float):
     }
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, ema_params=ema_params,
-                              ema_num_updates=ema_n)
+                              ema_num_updates=ema_n, phema_params=phema_params)
     return new_state, metrics
 
   # check_vma=False gives pmap's semantics: gradients of the replicated

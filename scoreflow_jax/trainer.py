@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from scoreflow_jax import checkpointing, data as data_lib, generate, run_logging
-from scoreflow_jax import samplers
+from scoreflow_jax import ema as ema_lib, samplers
 from scoreflow_jax import train_step as ts
 from scoreflow_jax.model import build_model
 
@@ -45,6 +45,12 @@ def validate_config(config):
       problems.append(f"training.{name} must be >= 0, got {t[name]}")
   if not 0.0 <= config.ema.decay < 1.0:
     problems.append(f"ema.decay must be in [0, 1), got {config.ema.decay}")
+  stds = config.ema.get("posthoc_stds", ())
+  if any(not isinstance(x, (int, float)) or not 0.0 < x <= ema_lib.MAX_STD for x in stds):
+    problems.append(f"ema.posthoc_stds must be sigma_rel values in (0, {ema_lib.MAX_STD:.4f}]"
+                    f" (EDM2 uses (0.05, 0.1)), got {stds!r}")
+  elif len(set(stds)) != len(stds):
+    problems.append(f"ema.posthoc_stds has a repeated value: {stds!r}")
   if config.optim.learning_rate <= 0:
     problems.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
   if config.optim.warmup_steps < 0:
@@ -210,7 +216,8 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
   log(f"Gaussian base fitted to {len(x):,} training images "
       f"({sf.gaussian_components} component(s) per class, rank "
       f"{stats['basis'].shape[-1]}, {time.perf_counter() - t0:.1f} s)")
-  return state.replace(params=fill(state.params), ema_params=fill(state.ema_params))
+  return state.replace(params=fill(state.params), ema_params=fill(state.ema_params),
+                       phema_params=tuple(fill(p) for p in state.phema_params))
 
 
 def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
@@ -242,7 +249,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   model = build_model(config)
   tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
   sample = data_lib.to_model_batch(images[:1], labels[:1])
-  init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample)
+  stds = checkpointing.posthoc_stds(config)
+  init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample,
+                                             stds)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=t.max_to_keep, keep_every=t.keep_every)
@@ -276,7 +285,12 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
       + (f" ({holdout:,} training images held out as the validation split)"
          if holdout else ""))
 
-  step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
+  if stds:
+    log(f"power-function EMAs at sigma_rel {stds} (post-hoc EMA: sample.py --posthoc_ema);"
+        f" snapshots are the checkpoints kept every {t.keep_every} steps"
+        + ("" if t.keep_every else " -- none with training.keep_every=0: only the latest "
+           "checkpoints will be there to reconstruct from"))
+  step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay, stds)
   batches = data_lib.BatchIterator(
       images, labels, t.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),

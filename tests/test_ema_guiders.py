@@ -1,4 +1,5 @@
-"""EMA (sgm's LitEma rule) and guiders (identity, vanilla CFG)."""
+"""EMA (sgm's LitEma rule; EDM2's power-function EMA and its post-hoc
+reconstruction) and guiders (identity, vanilla CFG)."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -89,3 +90,106 @@ class GuiderTest(chex.TestCase):
     den = lambda x, s, c: x + c["vector"]
     g = guiders.close_over(guiders.identity_guider(den), {"vector": jnp.ones((2, 1))})
     np.testing.assert_allclose(g(jnp.zeros((2, 1)), jnp.ones(2)), 1.0)
+
+
+def _impulse_responses(update, num_steps, snapshot_every):
+  """Weights of each step's raw parameters in the shadows: params at step tau
+  are the unit vector e_tau, so the shadows' entries are the weights."""
+  eye = np.eye(num_steps)
+  shadows, snaps = None, {}
+  for t in range(1, num_steps + 1):
+    shadows = update(shadows, jnp.asarray(eye[t - 1]), t)
+    if t % snapshot_every == 0:
+      snaps[t] = [np.asarray(s) for s in shadows]
+  return snaps
+
+
+class PowerEmaTest(chex.TestCase):
+
+  def test_exp_std_round_trip_and_range(self):
+    for gamma in (0.0, 1.0, 6.94, 16.97, 100.0):
+      np.testing.assert_allclose(ema.std_to_exp(ema.exp_to_std(gamma)), gamma, atol=1e-9)
+    np.testing.assert_allclose(ema.exp_to_std(6.94), 0.1, atol=1e-4)  # EDM2's pairs
+    np.testing.assert_allclose(ema.exp_to_std(16.97), 0.05, atol=1e-5)
+    for bad in (0.0, -0.1, 0.3):
+      with pytest.raises(ValueError, match=r"sigma_rel must be in \(0, 0.2887\]"):
+        ema.std_to_exp(bad)
+    with pytest.raises(ValueError, match="made for other ema.posthoc_stds"):
+      ema.power_ema_update((jnp.zeros(2),), jnp.ones(2), 1, (0.05, 0.1))
+
+  def test_tracked_profile_has_the_asked_width(self):
+    # The weights a tracked power EMA gives each step's parameters sum to 1
+    # and have standard deviation sigma_rel * t.
+    num_steps, stds = 600, (0.05, 0.1, 0.2)
+    with jax.enable_x64(True):
+      snaps = _impulse_responses(
+          lambda s, p, t: ema.power_ema_update(
+              tuple(jnp.zeros_like(p) for _ in stds) if s is None else s, p, t, stds),
+          num_steps, num_steps)
+    tau = np.arange(1, num_steps + 1)
+    for std, w in zip(stds, snaps[num_steps]):
+      mean = np.sum(w * tau)
+      np.testing.assert_allclose(np.sum(w), 1.0, atol=1e-12)
+      np.testing.assert_allclose(np.sqrt(np.sum(w * tau ** 2) - mean ** 2) / num_steps,
+                                 std, rtol=2e-3)
+
+  def test_inner_product_matches_quadrature(self):
+    tau = np.linspace(0, 1000, 2_000_001)[1:]
+    def profile(t, std):
+      g = ema.std_to_exp(std)
+      return np.where(tau <= t, (g + 1) * tau ** g / t ** (g + 1), 0.0)
+    for a, b in [((1000, 0.05), (1000, 0.1)), ((600, 0.1), (1000, 0.05)),
+                 ((1000, 0.2), (300, 0.02)), ((700, 0.05), (700, 0.05))]:
+      numeric = np.trapezoid(profile(*a) * profile(*b), tau)
+      np.testing.assert_allclose(ema.power_profile_inner(*a, *b), numeric, rtol=1e-3)
+      np.testing.assert_allclose(ema.power_profile_inner(*b, *a), numeric, rtol=1e-3)
+
+  def test_posthoc_reconstruction_matches_a_tracked_ema(self):
+    # Track sigma_rel 0.05 and 0.1 with snapshots every 50 steps of 600 and
+    # reconstruct other widths at the last step: the result equals the EMA
+    # of that width tracked directly, to within the fit error the solve
+    # predicts; a tracked width comes back exactly.
+    num_steps, stds = 600, (0.05, 0.1)
+    targets = (0.03, 0.05, 0.0905, 0.15)
+    with jax.enable_x64(True):
+      init = lambda s, p, k: tuple(jnp.zeros_like(p) for _ in range(k)) if s is None else s
+      snaps = _impulse_responses(
+          lambda s, p, t: ema.power_ema_update(init(s, p, 2), p, t, stds), num_steps, 50)
+      direct = _impulse_responses(
+          lambda s, p, t: ema.power_ema_update(init(s, p, 4), p, t, targets),
+          num_steps, num_steps)[num_steps]
+    in_t = np.repeat(sorted(snaps), len(stds))
+    in_std = np.tile(stds, len(snaps))
+    shadows = [w for t in sorted(snaps) for w in snaps[t]]
+    errs = {}
+    for target, want in zip(targets, direct):
+      coef, err = ema.posthoc_coefficients(in_t, in_std, num_steps, target)
+      np.testing.assert_allclose(np.sum(coef), 1.0, atol=1e-12)
+      got = sum(c * w for c, w in zip(coef, shadows))
+      actual = np.linalg.norm(got - want) / np.linalg.norm(want)
+      # the discrete weights differ from the continuous profile by O(1/t)
+      np.testing.assert_allclose(actual, err, atol=2e-3)
+      errs[target] = err
+    assert errs[0.05] < 1e-9
+    assert errs[0.0905] < 0.01 and errs[0.15] < 0.03
+    assert errs[0.03] > 0.03  # narrower than both tracked: a visible misfit
+
+  def test_litema_is_the_gamma_8_power_profile(self):
+    # sgm's LitEma (decay (1+n)/(10+n) below its cap) weighs the parameters
+    # of step tau by about tau^8: sigma_rel 0.0905 = exp_to_std(8).
+    num_steps = 2000
+    tau = np.arange(1, num_steps + 1)
+    d = np.minimum(0.9999, (1.0 + tau) / (10.0 + tau))
+    later = np.concatenate([np.cumsum(np.log(d)[::-1])[::-1][1:], [0.0]])
+    w = (1.0 - d) * np.exp(later)
+    mean = np.sum(w * tau)
+    np.testing.assert_allclose(np.sum(w), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.sqrt(np.sum(w * tau ** 2) - mean ** 2) / num_steps,
+                               ema.exp_to_std(8.0), rtol=5e-3)
+    # and that closed form is the rule ema_update applies
+    with jax.enable_x64(True):
+      shadow, n = jnp.zeros(num_steps), 0
+      eye = np.eye(num_steps)
+      for t in range(num_steps):
+        shadow, n = ema.ema_update(shadow, jnp.asarray(eye[t]), n)
+    np.testing.assert_allclose(np.asarray(shadow), w, atol=1e-12)

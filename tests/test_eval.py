@@ -427,7 +427,8 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
   d = metrics.nearest_distances(classifier_lib.to_inputs(copies),
                                 train_images[kept])
   assert np.all(d[60:] < 0.1) and np.all(d[:60] > 1.0)  # (float rounding: not 0)
-  assert res["memorisation"]["samples_median"] == pytest.approx(float(np.median(d)))
+  # float32 distances from a matmul over other batches: rounding differs at ~1e-6
+  assert res["memorisation"]["samples_median"] == pytest.approx(float(np.median(d)), rel=1e-5)
   for extra, match in (({}, "does not record which training images"),
                        ({"holdout": 0}, "trained on the whole training split")):
     with pytest.raises(ValueError, match=match):

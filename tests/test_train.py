@@ -231,6 +231,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.optim.update(warmup_steps=-1), "warmup_steps"),
     (lambda c: c.data.update(holdout=-1), "data.holdout"),
     (lambda c: c.data.update(split="valid"), "data.split"),
+    (lambda c: c.ema.update(posthoc_stds=(0.05, 0.5)), "ema.posthoc_stds must be sigma_rel"),
+    (lambda c: c.ema.update(posthoc_stds=(0.1, 0.1)), "ema.posthoc_stds has a repeated"),
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()
@@ -374,3 +376,93 @@ def test_average_of_checkpoints_is_the_mean_of_their_raw_weights(tmp_path):
   with pytest.raises(ValueError, match="use_ema=False"):
     generate.sample_from_run(workdir, str(tmp_path / "x.png"), average_from=2)
   assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
+  # ema.posthoc_stds: the train step keeps one power-function EMA per std
+  # (checked against the raw weights of every step, all kept); sample.py
+  # --posthoc_ema reconstructs any width from the kept snapshots, a tracked
+  # width exactly, the frozen mixture base bit for bit.
+  from configs import mnist_conv_mixture
+  from scoreflow_jax import ema
+  from scoreflow_jax.networks import gaussian_base
+  stds = (0.05, 0.1)
+  config = mnist_conv_mixture.get_config("tiny")
+  config.training.update(num_steps=6, log_every=2, checkpoint_every=1, keep_every=1,
+                         image_every=0)
+  config.ema.posthoc_stds = stds
+  workdir = str(tmp_path / "run")
+  logs = []
+  trainer.train_and_evaluate(config, workdir, log=logs.append)
+  assert any("power-function EMAs at sigma_rel (0.05, 0.1)" in m for m in logs)
+  at = {s: generate.load_run(workdir, s)[1] for s in range(1, 7)}
+  shadows = tuple(jax.tree.map(jnp.zeros_like, at[1].params) for _ in stds)
+  for s in range(1, 7):
+    shadows = ema.power_ema_update(shadows, at[s].params, s, stds)
+  chex.assert_trees_all_close(at[6].phema_params, shadows, rtol=1e-5, atol=1e-7)
+  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(at[6].phema_params[0], at[6].phema_params[1]) > 1e-5
+
+  msgs = []
+  _, same, _ = generate.load_run(workdir, posthoc_ema=0.1, log=msgs.append)
+  chex.assert_trees_all_close(same.params, at[6].phema_params[1], rtol=1e-5, atol=1e-7)
+  assert "post-hoc EMA sigma_rel 0.1 at step 6 from 6 checkpoint(s) x 2 power EMAs" in msgs[0]
+  assert "profile fit error 0.0%" in msgs[0]
+  _, mid, _ = generate.load_run(workdir, 4, posthoc_ema=0.07, log=msgs.append)
+  assert "at step 4 from 4 checkpoint(s)" in msgs[-1]
+  in_t, in_std = np.repeat([1, 2, 3, 4], 2), np.tile(stds, 4)
+  coef, _ = ema.posthoc_coefficients(in_t, in_std, 4, 0.07)
+  want = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs)),
+                      *[p for s in range(1, 5) for p in at[s].phema_params])
+  chex.assert_trees_all_close(mid.params, want, rtol=1e-4, atol=1e-6)
+  base = gaussian_base.MODULE_NAME
+  frozen = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
+                      if any(getattr(k, "key", None) == base for k in path)]
+  assert frozen(mid.params)
+  chex.assert_trees_all_equal(frozen(mid.params), frozen(at[6].params))
+
+  with pytest.raises(ValueError, match="sigma_rel must be in"):
+    generate.load_run(workdir, posthoc_ema=0.5)
+  with pytest.raises(ValueError, match="use_ema=False"):
+    generate.sample_from_run(workdir, str(tmp_path / "x.png"), posthoc_ema=0.05)
+  assert not os.path.exists(tmp_path / "x.png")
+  # Resuming with other stds (or none) is refused before anything is written
+  before = _tree_snapshot(os.path.join(workdir, "checkpoints"))
+  for other in ((0.05,), ()):
+    config.ema.posthoc_stds = other
+    config.training.num_steps = 8
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"posthoc_stds=\(0.05, 0.1\) but the config asks for"):
+      trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  assert _tree_snapshot(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_posthoc_ema_needs_a_run_that_tracked_power_emas(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), workdir,
+                             log=lambda s: None)
+  with pytest.raises(ValueError, match="tracked no power-function EMAs.*posthoc_stds"):
+    generate.load_run(workdir, posthoc_ema=0.05)
+
+
+def test_checkpoint_written_before_power_emas_existed_restores(tmp_path):
+  # Checkpoints from before TrainState.phema_params (and their meta without
+  # posthoc_stds) restore with an empty tuple there.
+  import dataclasses
+  import orbax.checkpoint as ocp
+  workdir = str(tmp_path / "run")
+  config = tiny_config(num_steps=2, checkpoint_every=2)
+  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  state = generate.load_run(workdir)[1]
+  old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+         if f.name != "phema_params"}
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt.manager.save(4, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(old),
+      meta=ocp.args.JsonSave({"model": checkpointing.model_signature(config), "step": 4})))
+  ckpt.wait()
+  ckpt.close()
+  restored = generate.load_run(workdir, 4)[1]
+  assert restored.phema_params == ()
+  chex.assert_trees_all_equal(restored.params, state.params)
