@@ -92,6 +92,33 @@ def test_sample_average_of_checkpoints(trained_run, tmp_path):
   assert np.load(str(tmp_path / "a.npz"))["images"].shape == (2, 28, 28, 1)
 
 
+def test_posthoc_ema_from_the_command_line(trained_run, tmp_path):
+  # a tuple override on the command line, and sample.py --posthoc_ema on its run
+  workdir = str(tmp_path / "run")
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
+             "--config.training.num_steps=4", "--config.training.image_every=0",
+             "--config.training.checkpoint_every=2", "--config.training.keep_every=2",
+             "--config.ema.posthoc_stds=(0.05,0.1)")
+  assert "power-function EMAs at sigma_rel (0.05, 0.1)" in proc.stdout
+  proc = run("sample.py", "--workdir", workdir, "--posthoc_ema", "0.07", "--num_steps", "2",
+             "--classes", "0", "--num_per_class", "2", "--out", str(tmp_path / "p.png"))
+  assert ("post-hoc EMA sigma_rel 0.07 at step 4 from 2 checkpoint(s) x 2 power EMAs "
+          "(0.05, 0.1) (steps [2, 4])") in proc.stdout
+  assert "step 4 (post-hoc EMA, sigma_rel 0.07)" in proc.stdout
+  assert np.load(str(tmp_path / "p.npz"))["images"].shape == (2, 28, 28, 1)
+  for args, message in (
+      (("--posthoc_ema", "0.07", "--ema"), "--posthoc_ema replaces the EMA weights; drop --ema"),
+      (("--posthoc_ema", "0.07", "--average_from", "2"), "pass one"),
+      (("--posthoc_ema", "0.4"), "sigma_rel must be in (0, 0.2887]")):
+    proc = run("sample.py", "--workdir", workdir, *args, "--out", str(tmp_path / "x.png"),
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  proc = run("sample.py", "--workdir", trained_run[0], "--posthoc_ema", "0.05", "--out",
+             str(tmp_path / "x.png"), check=False)
+  assert proc.returncode != 0 and "tracked no power-function EMAs" in proc.stderr
+  assert not os.path.exists(tmp_path / "x.png")
+
+
 def test_sample_bad_inputs(trained_run, tmp_path):
   workdir, _ = trained_run
   proc = run("sample.py", "--workdir", workdir, "--sampler", "ddim", "--out",
