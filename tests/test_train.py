@@ -388,39 +388,39 @@ def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
   from scoreflow_jax.networks import gaussian_base
   stds = (0.05, 0.1)
   config = mnist_conv_mixture.get_config("tiny")
-  config.training.update(num_steps=6, log_every=2, checkpoint_every=1, keep_every=1,
+  config.training.update(num_steps=4, log_every=2, checkpoint_every=1, keep_every=1,
                          image_every=0)
   config.ema.posthoc_stds = stds
   workdir = str(tmp_path / "run")
   logs = []
   trainer.train_and_evaluate(config, workdir, log=logs.append)
   assert any("power-function EMAs at sigma_rel (0.05, 0.1)" in m for m in logs)
-  at = {s: generate.load_run(workdir, s)[1] for s in range(1, 7)}
+  at = {s: generate.load_run(workdir, s)[1] for s in range(1, 5)}
   shadows = tuple(jax.tree.map(jnp.zeros_like, at[1].params) for _ in stds)
-  for s in range(1, 7):
+  for s in range(1, 5):
     shadows = ema.power_ema_update(shadows, at[s].params, s, stds)
-  chex.assert_trees_all_close(at[6].phema_params, shadows, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(at[4].phema_params, shadows, rtol=1e-5, atol=1e-7)
   moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
                            zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert moved(at[6].phema_params[0], at[6].phema_params[1]) > 1e-5
+  assert moved(at[4].phema_params[0], at[4].phema_params[1]) > 1e-5
 
   msgs = []
   _, same, _ = generate.load_run(workdir, posthoc_ema=0.1, log=msgs.append)
-  chex.assert_trees_all_close(same.params, at[6].phema_params[1], rtol=1e-5, atol=1e-7)
-  assert "post-hoc EMA sigma_rel 0.1 at step 6 from 6 checkpoint(s) x 2 power EMAs" in msgs[0]
+  chex.assert_trees_all_close(same.params, at[4].phema_params[1], rtol=1e-5, atol=1e-7)
+  assert "post-hoc EMA sigma_rel 0.1 at step 4 from 4 checkpoint(s) x 2 power EMAs" in msgs[0]
   assert "profile fit error 0.0%" in msgs[0]
-  _, mid, _ = generate.load_run(workdir, 4, posthoc_ema=0.07, log=msgs.append)
-  assert "at step 4 from 4 checkpoint(s)" in msgs[-1]
-  in_t, in_std = np.repeat([1, 2, 3, 4], 2), np.tile(stds, 4)
-  coef, _ = ema.posthoc_coefficients(in_t, in_std, 4, 0.07)
+  _, mid, _ = generate.load_run(workdir, 3, posthoc_ema=0.07, log=msgs.append)
+  assert "at step 3 from 3 checkpoint(s)" in msgs[-1]
+  in_t, in_std = np.repeat([1, 2, 3], 2), np.tile(stds, 3)
+  coef, _ = ema.posthoc_coefficients(in_t, in_std, 3, 0.07)
   want = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs)),
-                      *[p for s in range(1, 5) for p in at[s].phema_params])
+                      *[p for s in range(1, 4) for p in at[s].phema_params])
   chex.assert_trees_all_close(mid.params, want, rtol=1e-4, atol=1e-6)
   base = gaussian_base.MODULE_NAME
   frozen = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
                       if any(getattr(k, "key", None) == base for k in path)]
   assert frozen(mid.params)
-  chex.assert_trees_all_equal(frozen(mid.params), frozen(at[6].params))
+  chex.assert_trees_all_equal(frozen(mid.params), frozen(at[4].params))
 
   with pytest.raises(ValueError, match="sigma_rel must be in"):
     generate.load_run(workdir, posthoc_ema=0.5)
@@ -431,7 +431,7 @@ def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
   before = _tree_snapshot(os.path.join(workdir, "checkpoints"))
   for other in ((0.05,), ()):
     config.ema.posthoc_stds = other
-    config.training.num_steps = 8
+    config.training.num_steps = 6
     with pytest.raises(checkpointing.CheckpointError,
                        match=r"posthoc_stds=\(0.05, 0.1\) but the config asks for"):
       trainer.train_and_evaluate(config, workdir, log=lambda s: None)
