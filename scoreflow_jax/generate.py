@@ -220,13 +220,20 @@ def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log
     raise ValueError(f"no checkpoint at steps {first}..{last} to average; steps there: "
                      f"{ckpt.steps()} (keep more with --config.training.checkpoint_every"
                      "=K --config.training.keep_every=K)")
-  total = None
-  for s in steps:
-    params = ckpt.restore(abstract_state, config, s).params
-    arrays = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    total = arrays if total is None else jax.tree.map(np.add, total, arrays)
+  params = (ckpt.restore(abstract_state, config, s).params for s in steps)
+  mean = _weighted_sum(params, [1.0 / len(steps)] * len(steps))
   log(f"raw weights averaged over {len(steps)} checkpoint(s) at steps {steps}")
-  return jax.tree.map(lambda t, a: jnp.asarray(t / len(steps), a.dtype), total, params)
+  return mean
+
+
+def _weighted_sum(trees, weights):
+  """sum_i weights[i] * trees[i], accumulated in float64 (``trees`` may be
+  a generator: one tree is held at a time), in the dtypes of the trees."""
+  total = tree = None
+  for w, tree in zip(weights, trees, strict=True):
+    part = jax.tree.map(lambda a: w * np.asarray(a, np.float64), tree)
+    total = part if total is None else jax.tree.map(np.add, total, part)
+  return jax.tree.map(lambda t, a: jnp.asarray(t, a.dtype), total, tree)
 
 
 def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=print):
@@ -246,23 +253,20 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
                      "empty), so it has nothing to reconstruct a post-hoc EMA from; "
                      "train with e.g. --config.ema.posthoc_stds='(0.05,0.1)' "
                      "--config.training.keep_every=K")
-  ema_lib.std_to_exp(std)  # raises on a sigma_rel out of range
   steps = [s for s in ckpt.steps() if 0 < s <= last]
   in_t = np.repeat(np.asarray(steps, np.float64), len(stds))
   in_std = np.tile(np.asarray(stds, np.float64), len(steps))
+  # raises on a sigma_rel out of range, before any checkpoint is read
   coef, err = ema_lib.posthoc_coefficients(in_t, in_std, float(last), std)
-  total, i = None, 0
-  for s in steps:
-    for shadow in ckpt.restore(abstract_state, config, s).phema_params:
-      part = jax.tree.map(lambda a, c=coef[i]: c * np.asarray(a, np.float64), shadow)
-      total = part if total is None else jax.tree.map(np.add, total, part)
-      i += 1
+  shadows = (shadow for s in steps
+             for shadow in ckpt.restore(abstract_state, config, s).phema_params)
+  params = _weighted_sum(shadows, coef)
   hint = ("" if err < 0.05 else " -- the snapshots span this profile poorly: keep "
           "checkpoints more often (training.keep_every) or choose a sigma_rel nearer "
           f"{stds}")
   log(f"post-hoc EMA sigma_rel {std:g} at step {last} from {len(steps)} checkpoint(s) x "
       f"{len(stds)} power EMAs {stds} (steps {steps}); profile fit error {err:.1%}{hint}")
-  return jax.tree.map(lambda t, a: jnp.asarray(t, a.dtype), total, shadow)
+  return params
 
 
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
