@@ -77,6 +77,24 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in rows}
 
 
+def test_initial_state_is_the_eager_init_bit_for_bit():
+  # create_train_state is jitted for speed; the values are those of the plain
+  # op-by-op model.init, so runs started before it was jitted reproduce.
+  config = tiny_config()
+  model = model_lib.build_model(config)
+  tx, _ = ts.make_optimizer(config.optim, 100)
+  images, labels = data.make_synthetic(4)
+  batch = data.to_model_batch(images, labels)
+  state = ts.create_train_state(model, tx, jax.random.key(3), batch, (0.05,))
+  k_init, k_train = jax.random.split(jax.random.key(3))
+  eager = model.init(k_init, batch)
+  chex.assert_trees_all_equal(state.params, eager)
+  chex.assert_trees_all_equal(state.ema_params, eager)
+  chex.assert_trees_all_equal(state.phema_params, (eager,))
+  np.testing.assert_array_equal(state.rng, jax.random.key_data(k_train))
+  assert int(state.step) == 0 and int(state.ema_num_updates) == 0
+
+
 def test_tiny_training_learns(tmp_path):
   config = tiny_config(num_steps=100, log_every=10, checkpoint_every=100)
   out = trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
