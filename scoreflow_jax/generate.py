@@ -220,7 +220,8 @@ def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log
     raise ValueError(f"no checkpoint at steps {first}..{last} to average; steps there: "
                      f"{ckpt.steps()} (keep more with --config.training.checkpoint_every"
                      "=K --config.training.keep_every=K)")
-  params = (ckpt.restore(abstract_state, config, s).params for s in steps)
+  params = (ckpt.restore(abstract_state, config, s, fields=("params",))["params"]
+            for s in steps)
   mean = _weighted_sum(params, [1.0 / len(steps)] * len(steps))
   log(f"raw weights averaged over {len(steps)} checkpoint(s) at steps {steps}")
   return mean
@@ -259,7 +260,8 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
   # raises on a sigma_rel out of range, before any checkpoint is read
   coef, err = ema_lib.posthoc_coefficients(in_t, in_std, float(last), std)
   shadows = (shadow for s in steps
-             for shadow in ckpt.restore(abstract_state, config, s).phema_params)
+             for shadow in ckpt.restore(abstract_state, config, s,
+                                        fields=("phema_params",))["phema_params"])
   params = _weighted_sum(shadows, coef)
   hint = ("" if err < 0.05 else " -- the snapshots span this profile poorly: keep "
           "checkpoints more often (training.keep_every) or choose a sigma_rel nearer "
