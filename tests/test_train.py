@@ -60,7 +60,7 @@ def test_step_matches_direct_gradient():
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
   keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(16))
   loss_fn = lambda p: jnp.mean(model.per_sample_loss(p, batch, keys)[0])
-  loss, grads = jax.value_and_grad(loss_fn)(params0)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params0)  # jitted: op by op is slow
   updates, _ = tx.update(grads, tx.init(params0), params0)
   expected = optax.apply_updates(params0, updates)
   new_state, metrics = step(state, ts.global_batch(batch, mesh))
@@ -355,72 +355,78 @@ def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
   assert generate.load_run_config(str(tmp_path)).training.num_steps == 3
 
 
-def test_average_of_checkpoints_is_the_mean_of_their_raw_weights(tmp_path):
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+  """A tiny conv-mixture run with every step kept and two power EMAs tracked
+  (ema.posthoc_stds), its log and its state at each step: shared by the
+  post-hoc averaging tests, which leave it as it is."""
+  from configs import mnist_conv_mixture
+  config = mnist_conv_mixture.get_config("tiny")
+  config.training.update(num_steps=4, log_every=2, checkpoint_every=1, keep_every=1,
+                         image_every=0)
+  config.ema.posthoc_stds = (0.05, 0.1)
+  workdir = str(tmp_path_factory.mktemp("kept") / "run")
+  logs = []
+  trainer.train_and_evaluate(config, workdir, log=logs.append)
+  at = {s: generate.load_run(workdir, s)[1] for s in range(1, 5)}
+  return dict(config=config, workdir=workdir, logs=logs, at=at)
+
+
+def _moved(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _frozen_base(params):
+  from scoreflow_jax.networks import gaussian_base
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+          if any(getattr(k, "key", None) == gaussian_base.MODULE_NAME for k in path)]
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_raw_weights(kept_run, tmp_path):
   # A post-hoc weight average (sample.py --average_from): the mean of the raw
   # weights kept at the steps asked for; the frozen mixture base comes back
   # bit for bit, the EMA is the last step's.
-  from configs import mnist_conv_mixture
-  from scoreflow_jax import generate
-  from scoreflow_jax.networks import gaussian_base
-  config = mnist_conv_mixture.get_config("tiny")
-  config.training.update(num_steps=6, log_every=2, checkpoint_every=2, keep_every=2,
-                         image_every=0)
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
-  at = {s: generate.load_run(workdir, s)[1] for s in (2, 4, 6)}
+  workdir, at = kept_run["workdir"], kept_run["at"]
   msgs = []
   _, avg, _ = generate.load_run(workdir, average_from=3, log=msgs.append)
-  assert msgs == ["raw weights averaged over 2 checkpoint(s) at steps [4, 6]"]
-  assert int(avg.step) == 6
+  assert msgs == ["raw weights averaged over 2 checkpoint(s) at steps [3, 4]"]
+  assert int(avg.step) == 4
   chex.assert_trees_all_close(avg.params, jax.tree.map(
-      lambda a, b: (a + b) / 2, at[4].params, at[6].params), rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_equal(avg.ema_params, at[6].ema_params)
-  base = gaussian_base.MODULE_NAME
-  frozen = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
-                      if any(getattr(k, "key", None) == base for k in path)]
-  assert frozen(avg.params)
-  chex.assert_trees_all_equal(frozen(avg.params), frozen(at[6].params))
-  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
-                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert moved(at[4].params, at[6].params) > 1e-4  # training moved the weights
-  assert moved(avg.params, at[6].params) > 1e-5 and moved(avg.params, at[4].params) > 1e-5
+      lambda a, b: (a + b) / 2, at[3].params, at[4].params), rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(avg.ema_params, at[4].ema_params)
+  assert _frozen_base(avg.params)
+  chex.assert_trees_all_equal(_frozen_base(avg.params), _frozen_base(at[4].params))
+  assert _moved(at[3].params, at[4].params) > 1e-4  # training moved the weights
+  assert _moved(avg.params, at[4].params) > 1e-5 and _moved(avg.params, at[3].params) > 1e-5
   # --step bounds the range; one checkpoint averages to itself, exactly
-  _, one, _ = generate.load_run(workdir, 2, average_from=0, log=msgs.append)
+  _, one, _ = generate.load_run(workdir, 2, average_from=2, log=msgs.append)
   chex.assert_trees_all_equal(one.params, at[2].params)
   assert msgs[-1] == "raw weights averaged over 1 checkpoint(s) at steps [2]"
-  with pytest.raises(ValueError, match=r"no checkpoint at steps 7..6 to average; "
-                     r"steps there: \[2, 4, 6\].*keep_every"):
+  generate.load_run(workdir, 3, average_from=0, log=msgs.append)
+  assert msgs[-1] == "raw weights averaged over 3 checkpoint(s) at steps [1, 2, 3]"
+  with pytest.raises(ValueError, match=r"no checkpoint at steps 7..4 to average; "
+                     r"steps there: \[1, 2, 3, 4\].*keep_every"):
     generate.load_run(workdir, average_from=7)
   with pytest.raises(ValueError, match="use_ema=False"):
     generate.sample_from_run(workdir, str(tmp_path / "x.png"), average_from=2)
   assert not os.path.exists(tmp_path / "x.png")
 
 
-def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
+def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(kept_run, tmp_path):
   # ema.posthoc_stds: the train step keeps one power-function EMA per std
   # (checked against the raw weights of every step, all kept); sample.py
   # --posthoc_ema reconstructs any width from the kept snapshots, a tracked
   # width exactly, the frozen mixture base bit for bit.
-  from configs import mnist_conv_mixture
   from scoreflow_jax import ema
-  from scoreflow_jax.networks import gaussian_base
+  workdir, at = kept_run["workdir"], kept_run["at"]
   stds = (0.05, 0.1)
-  config = mnist_conv_mixture.get_config("tiny")
-  config.training.update(num_steps=4, log_every=2, checkpoint_every=1, keep_every=1,
-                         image_every=0)
-  config.ema.posthoc_stds = stds
-  workdir = str(tmp_path / "run")
-  logs = []
-  trainer.train_and_evaluate(config, workdir, log=logs.append)
-  assert any("power-function EMAs at sigma_rel (0.05, 0.1)" in m for m in logs)
-  at = {s: generate.load_run(workdir, s)[1] for s in range(1, 5)}
+  assert any("power-function EMAs at sigma_rel (0.05, 0.1)" in m for m in kept_run["logs"])
   shadows = tuple(jax.tree.map(jnp.zeros_like, at[1].params) for _ in stds)
   for s in range(1, 5):
     shadows = ema.power_ema_update(shadows, at[s].params, s, stds)
   chex.assert_trees_all_close(at[4].phema_params, shadows, rtol=1e-5, atol=1e-7)
-  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
-                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert moved(at[4].phema_params[0], at[4].phema_params[1]) > 1e-5
+  assert _moved(at[4].phema_params[0], at[4].phema_params[1]) > 1e-5
 
   msgs = []
   _, same, _ = generate.load_run(workdir, posthoc_ema=0.1, log=msgs.append)
@@ -434,11 +440,8 @@ def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
   want = jax.tree.map(lambda *xs: sum(c * x for c, x in zip(coef, xs)),
                       *[p for s in range(1, 4) for p in at[s].phema_params])
   chex.assert_trees_all_close(mid.params, want, rtol=1e-4, atol=1e-6)
-  base = gaussian_base.MODULE_NAME
-  frozen = lambda p: [x for path, x in jax.tree_util.tree_leaves_with_path(p)
-                      if any(getattr(k, "key", None) == base for k in path)]
-  assert frozen(mid.params)
-  chex.assert_trees_all_equal(frozen(mid.params), frozen(at[4].params))
+  assert _frozen_base(mid.params)
+  chex.assert_trees_all_equal(_frozen_base(mid.params), _frozen_base(at[4].params))
 
   with pytest.raises(ValueError, match="sigma_rel must be in"):
     generate.load_run(workdir, posthoc_ema=0.5)
@@ -447,6 +450,7 @@ def test_posthoc_ema_tracks_power_emas_and_reconstructs_them(tmp_path):
   assert not os.path.exists(tmp_path / "x.png")
   # Resuming with other stds (or none) is refused before anything is written
   before = _tree_snapshot(os.path.join(workdir, "checkpoints"))
+  config = kept_run["config"].copy_and_resolve_references()
   for other in ((0.05,), ()):
     config.ema.posthoc_stds = other
     config.training.num_steps = 6
