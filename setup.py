@@ -25,6 +25,6 @@ setup(
     extras_require={
         # TensorFlow is only needed for the TFDS data source; it is imported lazily.
         "tfds": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
-        "test": ["pytest>=8.0", "scipy", "tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy", "tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
     },
 )

@@ -327,15 +327,15 @@ class EvaluationCountTest(X64TestCase):
     return executed[0], traced[0]
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      ("euler_edm", dict(), lambda n: n, 1),
-      ("euler_edm", dict(s_churn=5.0), lambda n: n, 1),
-      ("heun_edm", dict(), lambda n: 2 * n - 1, 3),
-      ("heun_edm", dict(s_churn=5.0), lambda n: 2 * n - 1, 3),
-      ("euler_ancestral", dict(), lambda n: n, 1),
-      ("dpmpp_2s_ancestral", dict(), lambda n: 2 * n - 1, 3),
-      ("dpmpp_2m", dict(), lambda n: n, 1),
-      ("lms", dict(), lambda n: n, 1),
+  @parameterized.named_parameters(  # named: stable test ids (pytest -n shards by id)
+      ("euler_edm", "euler_edm", dict(), lambda n: n, 1),
+      ("euler_edm_churn", "euler_edm", dict(s_churn=5.0), lambda n: n, 1),
+      ("heun_edm", "heun_edm", dict(), lambda n: 2 * n - 1, 3),
+      ("heun_edm_churn", "heun_edm", dict(s_churn=5.0), lambda n: 2 * n - 1, 3),
+      ("euler_ancestral", "euler_ancestral", dict(), lambda n: n, 1),
+      ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", dict(), lambda n: 2 * n - 1, 3),
+      ("dpmpp_2m", "dpmpp_2m", dict(), lambda n: n, 1),
+      ("lms", "lms", dict(), lambda n: n, 1),
   )
   def test_counts(self, name, options, expected, num_traces):
     # num_traces: scan body plus a peeled last step, whatever num_steps.
