@@ -304,38 +304,34 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   step = start_step
   try:
     while step < t.num_steps:
-      if t.time_limit_s and time.perf_counter() - started > t.time_limit_s:
-        note = ""
-        if config.optim.schedule == "cosine":  # it spans num_steps, not the time limit
-          note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
-                  f"{config.optim.learning_rate:g}: it decays over training.num_steps="
-                  f"{t.num_steps})")
-        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving{note}")
-        ckpt.save(state, config)
-        break
-      if step == start_step:
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-        jax.block_until_ready(metrics)
-        log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
-        progress.skip()
-      else:
-        state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-        if t.time_limit_s and pending:
-          # Asynchronous dispatch would let the host queue many steps ahead and
-          # overrun the time limit; waiting for the previous step keeps one
-          # step in flight (the device stays busy) and the overrun to one step.
-          jax.block_until_ready(pending[-1])
-      pending.append(metrics)
-      step += 1
-      at_log = step % t.log_every == 0 or step == t.num_steps
-      at_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps
-      if at_log or at_ckpt:
+      out_of_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
+      # Out of time, the steps since the last log are summarised and checked
+      # like at a log step, then saved like at a checkpoint step.
+      if not out_of_time:
+        if step == start_step:
+          t0 = time.perf_counter()
+          state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+          jax.block_until_ready(metrics)
+          log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
+          progress.skip()
+        else:
+          state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+          if t.time_limit_s and pending:
+            # Asynchronous dispatch would let the host queue many steps ahead and
+            # overrun the time limit; waiting for the previous step keeps one
+            # step in flight (the device stays busy) and the overrun to one step.
+            jax.block_until_ready(pending[-1])
+        pending.append(metrics)
+        step += 1
+      at_log = out_of_time or step % t.log_every == 0 or step == t.num_steps
+      at_ckpt = out_of_time or step % t.checkpoint_every == 0 or step == t.num_steps
+      if (at_log or at_ckpt) and pending:
         scalars, finite = _summarize(pending)
+        first = step - len(pending)
         pending = []
         if not finite:
           raise NonFiniteError(
-              f"non-finite loss or gradient between steps {step - t.log_every} and "
+              f"non-finite loss or gradient between steps {first} and "
               f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
               f"the last good checkpoint in {ckpt.directory} (step "
               f"{ckpt.latest_step()}) is intact. Try a lower "
@@ -348,13 +344,22 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         log(text)
         if writer:
           writer.write(step, scalars)
+      if out_of_time:
+        note = ""
+        if config.optim.schedule == "cosine":  # it spans num_steps, not the time limit
+          note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
+                  f"{config.optim.learning_rate:g}: it decays over training.num_steps="
+                  f"{t.num_steps})")
+        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving{note}")
       if at_ckpt:
         ckpt.save(state, config)
         progress.skip()
-        if writer:
+        if writer and os.path.exists(writer.jsonl_path):
           run_logging.plot_loss_curve(writer.jsonl_path,
                                       os.path.join(workdir, "loss_curve.png"),
                                       config.run_name)
+      if out_of_time:
+        break
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
         t0 = time.perf_counter()
         path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None

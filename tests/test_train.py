@@ -130,6 +130,60 @@ def test_time_limit_counts_data_loading(tmp_path, monkeypatch):
              "over training.num_steps=20)" in m for m in msgs), msgs
 
 
+def _stop_on_time_after(monkeypatch, n, nonfinite_at=None):
+  """The trainer's clock jumps past any time limit once ``n`` steps have run;
+  the step numbered ``nonfinite_at`` (1-based) reports a non-finite loss."""
+  calls = [0]
+  make = ts.make_train_step
+
+  def make_counted(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def counted(state, batch):
+      state, metrics = step_fn(state, batch)
+      calls[0] += 1
+      if calls[0] == nonfinite_at:
+        metrics = dict(metrics, finite=jnp.asarray(False))
+      return state, metrics
+    return counted
+
+  monkeypatch.setattr(ts, "make_train_step", make_counted)
+  clock = time.perf_counter
+  monkeypatch.setattr(trainer.time, "perf_counter",
+                      lambda: clock() + (1e6 if calls[0] >= n else 0.0))
+
+
+def test_time_limit_stop_logs_checks_and_saves_the_last_steps(tmp_path, monkeypatch):
+  # Stopped by the time limit between log steps: the steps since the last log
+  # are written to metrics.jsonl and the loss curve, then saved.
+  _stop_on_time_after(monkeypatch, 3)
+  workdir = str(tmp_path / "run")
+  msgs = []
+  out = trainer.train_and_evaluate(
+      tiny_config(num_steps=20, log_every=10, checkpoint_every=10, time_limit_s=3600),
+      workdir, log=msgs.append)
+  assert out["step"] == 3
+  stop = [i for i, m in enumerate(msgs) if "time limit 3600 s reached at step 3" in m]
+  assert stop and msgs[stop[0] - 1].startswith("step 3/20 | loss"), msgs
+  assert list(_losses(workdir)) == [3]
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == [3]
+
+
+def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch):
+  # A non-finite step since the last log stops the run at the time limit as at
+  # a log step: nothing is saved over the last good checkpoint.
+  _stop_on_time_after(monkeypatch, 3, nonfinite_at=2)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(trainer.NonFiniteError, match="between steps 0 and 3"):
+    trainer.train_and_evaluate(
+        tiny_config(num_steps=20, log_every=10, checkpoint_every=10, time_limit_s=3600),
+        workdir, log=lambda s: None)
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == []
+
+
 def test_resume_continues_exactly(tmp_path):
   quiet = lambda s: None
   full = trainer.train_and_evaluate(
