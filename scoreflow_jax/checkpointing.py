@@ -150,10 +150,14 @@ class Checkpointer:
   @staticmethod
   def _restore_fields(path, target: dict) -> dict:
     # The state item is a plain orbax pytree: read the named subtrees only.
-    return ocp.PyTreeCheckpointer().restore(
-        os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
+    reader = ocp.PyTreeCheckpointer()
+    try:
+      return reader.restore(
+          os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    finally:
+      reader.close()
 
   def close(self):
     self.manager.close()
