@@ -49,11 +49,7 @@ def main():
 
   if a.workdir:
     config = generate.load_run_config(a.workdir)
-    model = model_lib.build_model(config)
-    tx, _ = ts.make_optimizer(config.optim, 100, frozen=model.frozen_module)
-    stds = checkpointing.posthoc_stds(config)
-    abstract = jax.eval_shape(
-        lambda: ts.create_train_state(model, tx, jax.random.key(0), sample, stds))
+    abstract = generate.abstract_train_state(model_lib.build_model(config), config)
     ckpt = checkpointing.Checkpointer(os.path.join(a.workdir, "checkpoints"), read_only=True)
     steps = ckpt.steps()[-a.n:]
     ckpt.restore(abstract, config, steps[0])  # warm the file cache and orbax

@@ -170,8 +170,7 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
   """
   if average_from is not None and posthoc_ema is not None:
     raise ValueError("average_from and posthoc_ema each replace the weights; pass one")
-  from scoreflow_jax import checkpointing, train_step as ts
-  from scoreflow_jax import data as data_lib
+  from scoreflow_jax import checkpointing
   from scoreflow_jax.model import build_model
   config = load_run_config(workdir)
   if sampler is not None:
@@ -182,13 +181,7 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
       raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     config.sampling.num_steps = num_steps
   model = build_model(config)
-  shape = data_lib.image_shape(config.data)
-  tx, _ = ts.make_optimizer(config.optim, config.training.num_steps,
-                            frozen=model.frozen_module)
-  sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
-  abstract = jax.eval_shape(
-      lambda: ts.create_train_state(model, tx, jax.random.key(0), sample,
-                                    checkpointing.posthoc_stds(config)))
+  abstract = abstract_train_state(model, config)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
@@ -203,6 +196,20 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
         ckpt, abstract, config, posthoc_ema, int(state.step), log))
   ckpt.close()
   return model, state, config
+
+
+def abstract_train_state(model, config):
+  """The shapes and dtypes of ``config``'s train state (what checkpoints are
+  restored into), without computing it."""
+  from scoreflow_jax import checkpointing, train_step as ts
+  from scoreflow_jax import data as data_lib
+  tx, _ = ts.make_optimizer(config.optim, config.training.num_steps,
+                            frozen=model.frozen_module)
+  shape = data_lib.image_shape(config.data)
+  sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
+  return jax.eval_shape(
+      lambda: ts.create_train_state(model, tx, jax.random.key(0), sample,
+                                    checkpointing.posthoc_stds(config)))
 
 
 def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log=print):
