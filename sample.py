@@ -3,7 +3,8 @@
 python sample.py --workdir logs/<run> [--step N] --sampler heun_edm --num_steps 18 \
   --cfg_scale 1.0 [--cfg_interval 0.3,5] --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
   [--noema | --average_from M | --posthoc_ema SIGMA_REL]
-Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels).
+Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels);
+--out may name either. Existing files are kept unless --overwrite.
 """
 from absl import app, flags, logging
 
@@ -28,7 +29,8 @@ flags.DEFINE_float("posthoc_ema", None, "Sample the power-function EMA of this r
                    "snapshots of a run trained with ema.posthoc_stds (EDM2's post-hoc "
                    "EMA; replaces --ema).")
 flags.DEFINE_integer("batch_size", 256, "Images per sampler call.")
-flags.DEFINE_string("out", "grid.png", "Output PNG; the .npz goes beside it.")
+flags.DEFINE_string("out", "grid.png", "Output PNG (or .npz); the other goes beside it.")
+flags.DEFINE_bool("overwrite", False, "Replace existing output files (else refused).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -36,7 +38,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from scoreflow_jax import generate
-  classes = None if FLAGS.classes is None else [int(c) for c in FLAGS.classes]
+  try:
+    classes = None if FLAGS.classes is None else [int(c) for c in FLAGS.classes]
+  except ValueError:
+    raise app.UsageError(f"--classes takes integer labels, e.g. 0,1,2; got "
+                         f"{','.join(FLAGS.classes)}")
+  if FLAGS.batch_size < 1:
+    raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  try:
+    generate.output_paths(FLAGS.out, FLAGS.overwrite)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e))
   interval = None
   if FLAGS.cfg_interval is not None:
     if len(FLAGS.cfg_interval) != 2:
@@ -56,7 +68,7 @@ def main(argv):
       num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
       use_ema=FLAGS.ema and not replaced, batch_size=FLAGS.batch_size,
       cfg_interval=interval, average_from=FLAGS.average_from,
-      posthoc_ema=FLAGS.posthoc_ema)
+      posthoc_ema=FLAGS.posthoc_ema, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

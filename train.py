@@ -1,6 +1,8 @@
 """Train a diffusion model: python train.py --config configs/mnist.py [--workdir DIR].
 
---workdir pointing at an existing run resumes it from its latest checkpoint.
+--workdir pointing at an existing run resumes it from its latest checkpoint,
+with the run's own saved config when --config is left out; to change fields on
+resume: --config configs/run.py:DIR --workdir DIR --config.training.num_steps=N.
 Multi-process (several hosts): --coordinator_address host:port
 --num_processes N --process_id i, or nothing where JAX detects the cluster
 (TPU pods, SLURM); see docs/scaling.md.
@@ -9,7 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training config file (optional when "
+                                "--workdir is a run to resume).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder; an existing run is resumed. "
                     "Default: <logdir>/<timestamp>-<run_name>.")
 flags.DEFINE_string("logdir", "logs", "Parent folder of new runs.")
@@ -18,16 +21,23 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
-flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from scoreflow_jax import distributed, trainer
+  from scoreflow_jax import distributed, generate, trainer
+  config = FLAGS.config
+  if config is None:
+    if not FLAGS.workdir or not trainer.is_run_folder(FLAGS.workdir):
+      raise app.UsageError(
+          "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
+          "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
+          "checkpoints/ or configs/ inside)" if FLAGS.workdir else ""))
+    config = generate.load_run_config(FLAGS.workdir)
   distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.logdir)
+  trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir)
 
 
 if __name__ == "__main__":

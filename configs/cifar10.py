@@ -11,7 +11,7 @@ def get_config(arg=None):
   sf.model_channels = 256
   sf.n_flows = 4
   config.model.conditioner.embed_dim = 512
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
     config.data.image_size = 32  # synthetic data shaped like CIFAR
     config.data.channels = 3

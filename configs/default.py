@@ -109,6 +109,14 @@ def get_config():
   return config
 
 
+def is_tiny(arg) -> bool:
+  """The variant after the file name (``configs/x.py:tiny``); refuses unknown ones."""
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"unknown config variant {arg!r}: the configs take none or "
+                     "':tiny' (e.g. --config configs/mnist.py:tiny)")
+  return arg == "tiny"
+
+
 def tiny(config):
   """Shrinks a config to seconds-long runs (tests, smoke checks); big_vision's runlocal idea."""
   config.run_name = config.run_name + "-tiny"

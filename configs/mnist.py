@@ -24,6 +24,6 @@ def get_config(arg=None):
   config.model.conditioner.ucg_rate = 0.2
   config.training.num_steps = 60_000     # about 40 minutes on a 2-core CPU
   config.training.image_every = 1000
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
   return config

@@ -17,7 +17,7 @@ def get_config(arg=None):
   sf.n_flows = 8
   sf.conv_channels = 64
   sf.conv_blocks = 2
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
     config.model.score_flow.conv_channels = 8
     config.model.score_flow.conv_blocks = 1

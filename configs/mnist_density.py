@@ -13,6 +13,6 @@ def get_config(arg=None):
   config.run_name = "mnist-density"
   config.model.score_flow.parameterization = "density"
   config.model.score_flow.flow_type = "conditional"
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
   return config

@@ -7,6 +7,6 @@ def get_config(arg=None):
   config.run_name = "mnist-seed"
   config.model.score_flow.parameterization = "seed"
   config.model.score_flow.score_head = True
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
   return config

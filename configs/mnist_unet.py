@@ -24,7 +24,7 @@ def get_config(arg=None):
   unet.num_head_channels = 32
   unet.num_groups = 32
   config.model.conditioner.embed_dim = 128
-  if arg == "tiny":
+  if default.is_tiny(arg):
     config = default.tiny(config)
     unet = config.model.unet
     unet.model_channels = 8

@@ -112,9 +112,10 @@ class Checkpointer:
     if diffs:
       raise CheckpointError(
           f"the checkpoint in {path} was made with a different model config:\n  "
-          + "\n  ".join(diffs) + "\nPass the run's own config (saved in its "
-          "configs/ folder) to resume it, or use a new --workdir for this config. "
-          "Nothing was changed.")
+          + "\n  ".join(diffs) + "\nResume the run with its own config: python "
+          f"train.py --workdir {os.path.dirname(self.directory)} (with --config "
+          f"configs/run.py:{os.path.dirname(self.directory)} to change other "
+          "fields), or use a new --workdir for this config. Nothing was changed.")
     saved_stds = tuple(meta.get("posthoc_stds", ()))
     if saved_stds != posthoc_stds(config):
       raise CheckpointError(

@@ -208,6 +208,16 @@ def _read_cifar_batch(path):
   return np.ascontiguousarray(images), labels
 
 
+def _holds_offline_files(name, data_dir):
+  """Whether ``data_dir`` holds the files source='offline' reads."""
+  if name == "mnist":
+    stems = [stem for pair in _MNIST_FILES.values() for stem in pair]
+    return any(os.path.isfile(os.path.join(data_dir, s + ext))
+               for s in stems for ext in ("", ".gz"))
+  return any(os.path.isfile(os.path.join(d, "test_batch"))
+             for d in (data_dir, os.path.join(data_dir, _CIFAR_DIR)))
+
+
 def _load_tfds(name, split, data_dir):
   """Loads a split with TFDS, on the CPU only.
 
@@ -216,6 +226,12 @@ def _load_tfds(name, split, data_dir):
   (e.g. under ``tfds.testing.mock_data``) TensorFlow aborts the process.
   """
   hint = f"To read local files instead use {_OFFLINE_HINT[name]}."
+  if data_dir is not None and _holds_offline_files(name, os.path.expanduser(data_dir)):
+    # TFDS would treat the folder as its cache and (re)try a download into it.
+    raise ValueError(
+        f"data_dir {data_dir} holds {name}'s original files, which source='tfds' "
+        f"does not read (it would try to download {name} into that folder). Read "
+        f"them with source='offline': {_OFFLINE_HINT[name]}.")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

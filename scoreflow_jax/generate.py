@@ -122,8 +122,18 @@ def load_run_config(workdir: str):
     raise FileNotFoundError(
         f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
         "(pass the folder printed as 'new run ...' when training started)")
-  with open(os.path.join(cdir, max(files, key=_start_order))) as f:
-    saved = json.load(f)
+  path = os.path.join(cdir, max(files, key=_start_order))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ValueError(
+        f"{path}, the run's newest saved config, is not valid JSON ({e}). It was "
+        f"left as it is; move it out of {cdir} to use the start before it, or "
+        "repair it.") from e
+  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+    raise ValueError(f"{path} is not a config saved by train.py (no 'model' "
+                     f"section); move it out of {cdir}.")
   # Fields the run's config predates: the values that reproduce the older
   # behaviour (checkpointing.LEGACY_DEFAULTS), also where configs/ is not
   # importable; then the current defaults for any other missing field.
@@ -278,12 +288,28 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
   return params
 
 
+def output_paths(out: str, overwrite: bool = False):
+  """The grid PNG and the samples .npz that ``out`` (either one) names.
+
+  Checked before sampling (``outputs.check_output``): an existing file is
+  refused unless ``overwrite``, so an expensive .npz is never replaced unasked.
+  """
+  from scoreflow_jax import outputs
+  base, ext = os.path.splitext(out)
+  if ext.lower() not in (".png", ".npz"):
+    raise ValueError(f"--out {out} must end in .png (the grid) or .npz (the samples); "
+                     "both are written, side by side")
+  return tuple(outputs.check_output(base + e, overwrite) for e in (".png", ".npz"))
+
+
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
-                    average_from=None, posthoc_ema=None, **sampler_options):
+                    average_from=None, posthoc_ema=None, overwrite=False,
+                    **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
+  ``out`` names either; the other goes beside it (:func:`output_paths`).
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
   and the run's ``step`` and ``holdout`` (``data.holdout``: which training images
   it held out, for ``evaluate.py --reference validation``).
@@ -299,15 +325,18 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   if posthoc_ema is not None and use_ema:
     raise ValueError("posthoc_ema replaces the EMA weights, so pass use_ema=False "
                      "(sample.py: drop --ema)")
-  model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
-                                  posthoc_ema)
-  n_classes = config.model.conditioner.n_classes
+  if num_per_class < 1:
+    raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  png, npz = output_paths(out, overwrite)
+  n_classes = load_run_config(workdir).model.conditioner.n_classes
   classes = list(range(n_classes)) if classes is None else list(classes)
   bad = [c for c in classes if not 0 <= c < n_classes]
   if bad:
     raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
-  if num_per_class < 1:
-    raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+  model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
+                                  posthoc_ema)
   from scoreflow_jax import data as data_lib, train_step as ts
   shape = data_lib.image_shape(config.data)
   params = state.ema_params if use_ema else state.params
@@ -320,8 +349,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
       progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
   grid = image_grid(images, rows=len(classes))
-  save_png(grid, out)
-  npz = os.path.splitext(out)[0] + ".npz"
+  save_png(grid, png)
   np.savez(npz, images=images.astype(np.float32), labels=labels,
            step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)))
   weights = ("EMA weights" if use_ema
@@ -331,5 +359,5 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "
-      f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {out}, {npz}")
+      f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}, {npz}")
   return images

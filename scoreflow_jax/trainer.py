@@ -46,6 +46,22 @@ def validate_config(config):
   for name in ("image_every", "keep_every", "time_limit_s"):
     if t[name] < 0:
       problems.append(f"training.{name} must be >= 0, got {t[name]}")
+  if t.max_to_keep < 1:
+    problems.append(f"training.max_to_keep must be >= 1 (how many of the latest "
+                    f"checkpoints stay; 0 would keep none), got {t.max_to_keep}")
+  if t.image_every and t.images_per_class < 1:
+    problems.append(f"training.images_per_class must be >= 1 for the sample grids "
+                    f"(or training.image_every=0 for none), got {t.images_per_class}")
+  sc = config.sampling
+  if sc.num_steps < 1:
+    problems.append(f"sampling.num_steps must be >= 1, got {sc.num_steps}")
+  if not 0.0 < sc.sigma_min < sc.sigma_max:
+    problems.append(f"sampling needs 0 < sigma_min < sigma_max, got sigma_min="
+                    f"{sc.sigma_min}, sigma_max={sc.sigma_max}")
+  if sc.rho <= 0:
+    problems.append(f"sampling.rho must be > 0, got {sc.rho}")
+  if sc.batch_size < 1:
+    problems.append(f"sampling.batch_size must be >= 1, got {sc.batch_size}")
   if not 0.0 <= config.ema.decay < 1.0:
     problems.append(f"ema.decay must be in [0, 1), got {config.ema.decay}")
   stds = config.ema.get("posthoc_stds", ())
@@ -87,7 +103,8 @@ def validate_config(config):
   build_model(config)  # raises on bad model values
 
 
-def _is_run_folder(workdir):
+def is_run_folder(workdir):
+  """Whether ``workdir`` holds a run made by train.py (checkpoints/ or configs/)."""
   return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
       os.path.join(workdir, "configs"))
 
@@ -102,8 +119,11 @@ def prepare_workdir(config, workdir=None, logdir="logs"):
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
     workdir = os.path.join(logdir, f"{stamp}-{config.run_name}")
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a run folder. Choose "
+                             "a new folder (or a run's folder to resume it).")
   if (os.path.isdir(workdir) and os.listdir(workdir)
-      and not _is_run_folder(workdir)):
+      and not is_run_folder(workdir)):
     raise FileExistsError(
         f"--workdir {workdir} exists and is not a scoreflow run folder (no "
         "checkpoints/ or configs/). Choose a new or empty folder; nothing was "
@@ -125,10 +145,11 @@ def _write_config(config, workdir):
 
 
 def _last_start_config(workdir):
-  """The run's config before this start writes its own (None: unreadable)."""
+  """The run's config before this start writes its own (None: a run folder
+  without configs/, from before train.py saved them)."""
   try:
     return generate.load_run_config(workdir)
-  except (OSError, ValueError):
+  except FileNotFoundError:
     return None
 
 
@@ -149,16 +170,39 @@ def _warn_if_rate_changed(config, before, step, schedule, log):
         f"{config.training.num_steps})")
 
 
-def _check_holdout_unchanged(config, before, workdir):
-  """A resumed run must keep its held-out images out of training: another
-  ``data.holdout`` than its last start's (config ``before``) would train on some
-  of them (or change the data)."""
-  old, new = int(before.data.get("holdout", 0)), int(config.data.get("holdout", 0))
-  if old != new:
+# data fields a resumed run must keep: another value trains on other images
+# (holdout: on images its validation split held out).
+_RUN_DATA_FIELDS = ("name", "split", "holdout")
+
+
+def _check_resume(config, before, workdir, steps):
+  """Refuses a resume (config ``before``: the run's last start) that would
+  train on other data, or delete checkpoints kept for good (``steps``: those
+  in the run) because ``training.keep_every`` no longer keeps them."""
+  for name in _RUN_DATA_FIELDS:
+    old, new = before.data.get(name, 0), config.data.get(name, 0)
+    if old != new:
+      raise ValueError(
+          f"{workdir} was trained with data.{name}={old!r}; resuming with {new!r} "
+          "would train on other data" + (" (and on images its validation split held"
+          " out)" if name == "holdout" else "") + f". Resume with --config.data."
+          f"{name}={old}, or start a new --workdir. Nothing was changed.")
+  old_shape, new_shape = data_lib.image_shape(before.data), data_lib.image_shape(config.data)
+  if old_shape != new_shape:
     raise ValueError(
-        f"{workdir} was trained with data.holdout={old}; resuming with {new} would"
-        f" train on other images (and on images its validation split held out)."
-        f" Resume with --config.data.holdout={old}, or start a new --workdir.")
+        f"{workdir} was trained on images of shape {old_shape}; the config gives "
+        f"{new_shape} (data.image_size / data.channels). Resume with the run's own "
+        f"values, or start a new --workdir. Nothing was changed.")
+  old_every, new_every = before.training.keep_every, config.training.keep_every
+  lost = [s for s in steps if old_every and s % old_every == 0
+          and not (new_every and s % new_every == 0)]
+  if lost:
+    raise ValueError(
+        f"{workdir} keeps a checkpoint every {old_every} steps for good (steps "
+        f"{lost}); resuming with training.keep_every={new_every} would delete them "
+        f"as newer checkpoints are saved. Resume with --config.training.keep_every="
+        f"{old_every} (or a divisor of it), or copy them elsewhere first. Nothing "
+        "was changed.")
 
 
 def _summarize(metrics_list):
@@ -259,16 +303,22 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=t.max_to_keep, keep_every=t.keep_every)
   if ckpt.latest_step() is not None:
+    before = _last_start_config(workdir)
+    if before is not None:
+      _check_resume(config, before, workdir, ckpt.steps())
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
         jax.eval_shape(init_state))
     state = ckpt.restore(abstract, config)
     log(f"resumed {workdir} at step {int(state.step)}")
-    before = _last_start_config(workdir)
+    if int(state.step) >= t.num_steps:
+      log(f"nothing to train: the run is at step {int(state.step)} and "
+          f"training.num_steps={t.num_steps}; to train on, raise it (e.g. "
+          f"--config configs/run.py:{workdir} --workdir {workdir} "
+          f"--config.training.num_steps={2 * int(state.step)})")
     if before is not None:
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
-      _check_holdout_unchanged(config, before, workdir)
   else:
     state = init_state()
     if model.frozen_module is not None:

@@ -139,6 +139,46 @@ def test_sample_bad_inputs(trained_run, tmp_path):
   assert not os.path.exists(tmp_path / "x.png")
 
 
+def test_sample_output_files_are_checked_first_and_kept(trained_run, tmp_path):
+  workdir, _ = trained_run
+  (tmp_path / "mine.npz").write_bytes(b"10k samples")
+  (tmp_path / "mine.png").write_bytes(b"a grid")
+  for out in ("mine.png", "mine.npz"):  # either name finds the pair
+    proc = run("sample.py", "--workdir", workdir, "--out", str(tmp_path / out), check=False)
+    assert proc.returncode != 0 and "exists; pass --overwrite" in proc.stderr, proc.stderr
+  assert (tmp_path / "mine.npz").read_bytes() == b"10k samples"
+  for args, message in ((("--out", str(tmp_path / "grid.jpeg")), "must end in .png"),
+                        (("--out", str(tmp_path)), "must end in .png"),
+                        (("--classes", "1,a"), "--classes takes integer labels"),
+                        (("--batch_size", "0"), "--batch_size must be >= 1")):
+    proc = run("sample.py", "--workdir", workdir, *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+  proc = run("sample.py", "--workdir", workdir, "--num_steps", "2", "--classes", "0",
+             "--num_per_class", "2", "--out", str(tmp_path / "mine.npz"), "--overwrite")
+  assert np.load(str(tmp_path / "mine.npz"))["images"].shape == (2, 28, 28, 1)
+  assert Image.open(tmp_path / "mine.png").size == (2 * 30, 30)
+
+
+def test_resume_with_the_runs_own_config(tmp_path):
+  workdir = str(tmp_path / "run")
+  run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
+      "--config.training.num_steps=2", "--config.training.image_every=0")
+  # no --config: the run's saved one (num_steps 2: nothing left, and it says how to go on)
+  proc = run("train.py", "--workdir", workdir)
+  assert "resumed" in proc.stdout and "nothing to train" in proc.stdout, proc.stdout
+  assert f"--config configs/run.py:{workdir}" in proc.stdout
+  # configs/run.py:RUN, with a field changed
+  proc = run("train.py", "--config", f"configs/run.py:{workdir}", "--workdir", workdir,
+             "--config.training.num_steps=4")
+  assert "step 4/4" in proc.stdout, proc.stdout
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  proc = run("train.py", check=False)
+  assert proc.returncode != 0 and "give --config" in proc.stderr
+  proc = run("train.py", "--workdir", str(tmp_path), check=False)
+  assert proc.returncode != 0 and "is not one" in proc.stderr
+
+
 def test_train_config_typo_is_refused(tmp_path):
   proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(tmp_path / "r"),
              "--config.training.batchsize=8", check=False)

@@ -7,7 +7,9 @@ import pytest
 from scoreflow_jax import trainer
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
+# run.py is a run folder's saved config (tests/test_cli.py), not a config of its own
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+               if p.stem not in ("__init__", "default", "run"))
 
 
 def test_config_files_are_found():
@@ -21,6 +23,13 @@ def test_config_is_valid(name, arg):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   trainer.validate_config(config)  # builds the model too; raises on bad values
   assert config.run_name.endswith("-tiny") == (arg == "tiny")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_variant_is_refused(name):
+  # configs/mnist.py:tyni used to start the full-size run
+  with pytest.raises(ValueError, match="unknown config variant 'tyni'"):
+    importlib.import_module(f"configs.{name}").get_config("tyni")
 
 
 def test_conv_gauss_is_the_conv_flow_on_the_gaussian_base():

@@ -192,6 +192,19 @@ def test_tfds_download_failure_explains_offline_source(monkeypatch):
   assert e.value.__cause__ is cause
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_tfds_source_on_a_folder_of_idx_files_points_to_offline(tmp_path, monkeypatch, gz):
+  # TFDS would take the folder for its cache and retry a download into it for
+  # minutes; the IDX files there say the user meant source='offline'.
+  _write_mnist(tmp_path, "test", 4, gz=gz)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # never reached
+  with pytest.raises(ValueError, match="source='offline'") as e:
+    data.load_split("mnist", "train", "tfds", str(tmp_path))
+  assert MNIST_HINT in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == sorted(  # nothing written there
+      f"t10k-{k}-idx{d}-ubyte" + (".gz" if gz else "") for k, d in (("images", 3), ("labels", 1)))
+
+
 def test_tfds_without_tensorflow_explains_offline_source(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ImportError, match=MNIST_HINT) as e:

@@ -304,6 +304,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.data.update(split="valid"), "data.split"),
     (lambda c: c.ema.update(posthoc_stds=(0.05, 0.5)), "ema.posthoc_stds must be sigma_rel"),
     (lambda c: c.ema.update(posthoc_stds=(0.1, 0.1)), "ema.posthoc_stds has a repeated"),
+    (lambda c: c.training.update(max_to_keep=0), "training.max_to_keep must be >= 1"),
+    (lambda c: c.training.update(image_every=5, images_per_class=0),
+     "training.images_per_class must be >= 1"),
+    (lambda c: c.sampling.update(num_steps=0), "sampling.num_steps must be >= 1"),
+    (lambda c: c.sampling.update(sigma_min=-1.0), "0 < sigma_min < sigma_max"),
+    (lambda c: c.sampling.update(sigma_min=90.0), "0 < sigma_min < sigma_max"),
+    (lambda c: c.sampling.update(rho=0.0), "sampling.rho"),
+    (lambda c: c.sampling.update(batch_size=0), "sampling.batch_size"),
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()
@@ -328,6 +336,48 @@ def test_workdir_that_is_not_a_run_is_left_alone(tmp_path):
     trainer.train_and_evaluate(tiny_config(), str(tmp_path / "mine"), log=lambda s: None)
   assert os.listdir(tmp_path / "mine") == ["notes.txt"]
   assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "run").write_text("precious")
+  with pytest.raises(NotADirectoryError, match="is a file, not a run folder"):
+    trainer.train_and_evaluate(tiny_config(), str(tmp_path / "run"), log=lambda s: None)
+  assert (tmp_path / "run").read_text() == "precious"
+
+
+def test_resume_that_would_delete_kept_checkpoints_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  ckpts = lambda: checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             read_only=True).steps()
+  trainer.train_and_evaluate(tiny_config(num_steps=8, checkpoint_every=2, keep_every=4,
+                                         max_to_keep=1), workdir, log=lambda s: None)
+  assert ckpts() == [4, 8]
+  for keep_every in (0, 8, 3):  # each would let orbax delete step 4 (or 8)
+    with pytest.raises(ValueError, match=r"steps \[4, 8\]|steps \[4\]"):
+      trainer.train_and_evaluate(tiny_config(num_steps=12, checkpoint_every=2, max_to_keep=1,
+                                             keep_every=keep_every),
+                                 workdir, log=lambda s: None)
+    assert ckpts() == [4, 8]
+  # a divisor of the old period keeps them all
+  trainer.train_and_evaluate(tiny_config(num_steps=12, checkpoint_every=2, keep_every=2,
+                                         max_to_keep=1), workdir, log=lambda s: None)
+  assert ckpts() == [4, 8, 10, 12]
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), workdir,
+                             log=lambda s: None)
+  for field, value, match in (("image_size", 16, r"shape \(28, 28, 1\)"),
+                              ("split", "test", "data.split='train'")):
+    config = tiny_config(num_steps=4)
+    config.data[field] = value
+    with pytest.raises(ValueError, match=match):
+      trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  msgs = []  # resumed with num_steps at or below the run's step: nothing trains, and says so
+  trainer.train_and_evaluate(tiny_config(num_steps=2), workdir, log=msgs.append)
+  assert any(m.startswith("nothing to train: the run is at step 2 and "
+                          "training.num_steps=2") for m in msgs), msgs
 
 
 def _tree_snapshot(path):
