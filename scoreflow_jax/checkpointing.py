@@ -5,8 +5,10 @@ step; the data position is the step, since batches are a function of it) and
 ``meta`` (the model config and the power EMAs' stds), so a resume with a different model is refused with a clear
 message instead of failing deep inside orbax or silently mixing runs.
 """
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Optional
 
@@ -61,16 +63,37 @@ def _diff(a, b, prefix="model"):
   return out
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_warning():
+  """Hides orbax's warning that a read-only manager's folder is read only (it
+  reads as if something were wrong with the run folder; sample.py printed it)."""
+  logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
+
+
 class Checkpointer:
   """Latest checkpoints (``max_to_keep``) plus every ``keep_every`` steps for good."""
 
   def __init__(self, directory: str, max_to_keep: int = 2, keep_every: int = 0,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, keep_period=keep_every or None, create=not read_only,
-        read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    if read_only:  # the values orbax would set itself, warning about each one
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, keep_period=keep_every or None, create=True)
+    with _without_read_only_warning():
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self):
     return list(self.manager.all_steps())

@@ -218,6 +218,24 @@ def _holds_offline_files(name, data_dir):
              for d in (data_dir, os.path.join(data_dir, _CIFAR_DIR)))
 
 
+# Where TFDS downloads each dataset from (its mnist.py and cifar.py).
+_DOWNLOAD_HOSTS = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu"}
+
+
+def _download_reachable(name, timeout=5.0):
+  """Whether TFDS could download ``name``: a TCP connection to its host (a
+  proxy in the environment: assumed yes, the proxy decides)."""
+  if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                     "http_proxy", "ALL_PROXY", "all_proxy")):
+    return True
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    socket.create_connection((_DOWNLOAD_HOSTS[name], 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
 def _load_tfds(name, split, data_dir):
   """Loads a split with TFDS, on the CPU only.
 
@@ -245,6 +263,15 @@ def _load_tfds(name, split, data_dir):
     tf.config.set_visible_devices([], "GPU")
   except (RuntimeError, ValueError):
     pass
+  try:
+    prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    prepared = True  # let tfds.load say what is wrong
+  if not prepared and not _download_reachable(name):
+    # tfds.load would retry the download for minutes before failing
+    raise RuntimeError(
+        f"TFDS has no prepared {name} (data_dir {data_dir or 'default'}) and cannot "
+        f"reach {_DOWNLOAD_HOSTS[name]} to download it. {hint}")
   try:
     ds = tfds.load(name, split=split, as_supervised=True, shuffle_files=False,
                    data_dir=data_dir)

@@ -34,11 +34,17 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, images/s and ETA over the last log interval."""
+  """Steps/s, images/s and ETA over the last log interval.
 
-  def __init__(self, start_step: int, total_steps: int, global_batch: int):
+  ``time_left`` (optional, a callable giving seconds): a time limit that may
+  end the run before ``total_steps``; the ETA is then the sooner of the two.
+  """
+
+  def __init__(self, start_step: int, total_steps: int, global_batch: int,
+               time_left=None):
     self.total = total_steps
     self.batch = global_batch
+    self.time_left = time_left
     self.last_step, self.last_time = start_step, time.perf_counter()
 
   def skip(self):
@@ -51,8 +57,11 @@ class Progress:
     steps_per_s = (step - self.last_step) / dt
     self.last_step, self.last_time = step, time.perf_counter()
     eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    limit = ""
+    if self.time_left is not None and self.time_left() < eta:
+      eta, limit = max(self.time_left(), 0.0), " (time limit)"
     text = (f"step {step}/{self.total} | loss {loss:.4f} | {steps_per_s:.2f} steps/s "
-            f"{steps_per_s * self.batch:.0f} img/s | ETA {format_duration(eta)}")
+            f"{steps_per_s * self.batch:.0f} img/s | ETA {format_duration(eta)}{limit}")
     return text, steps_per_s
 
 

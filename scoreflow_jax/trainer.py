@@ -351,7 +351,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   writer = run_logging.MetricWriter(workdir) if is_writer else None
   # train/wall_s: seconds of training so far, earlier processes of a resumed run included
   wall_before = run_logging.last_wall_s(workdir) if is_writer and start_step else 0.0
-  progress = run_logging.Progress(start_step, t.num_steps, t.batch_size)
+  time_left = ((lambda: t.time_limit_s - (_time_limit_clock() - started))
+               if t.time_limit_s else None)
+  progress = run_logging.Progress(start_step, t.num_steps, t.batch_size, time_left)
   image_dir = os.path.join(workdir, "images", "train")
   pending, last = [], {}
   step = start_step

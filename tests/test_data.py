@@ -163,6 +163,7 @@ def test_tfds_mnist_under_mock_data(monkeypatch):
                              real_set(devices, kind)))
   # A chunk smaller than the split exercises reading in pieces.
   monkeypatch.setattr(data, "_TFDS_CHUNK", 8)
+  monkeypatch.setattr(data, "_download_reachable", lambda name: True)  # no internet here
   with tfds.testing.mock_data(num_examples=20):
     images, labels = data.load_split("mnist", "train", "tfds")
     ds = tfds.load("mnist", split="train", as_supervised=True)
@@ -186,10 +187,21 @@ def test_tfds_download_failure_explains_offline_source(monkeypatch):
     raise cause
 
   monkeypatch.setattr(tfds, "load", failing_load)
+  monkeypatch.setattr(data, "_download_reachable", lambda name: True)
   with pytest.raises(RuntimeError) as e:
     data.load_split("mnist", "train", "tfds")
   assert MNIST_HINT in str(e.value)
   assert e.value.__cause__ is cause
+
+
+def test_tfds_without_a_way_to_download_fails_at_once(tmp_path, monkeypatch):
+  # Offline, tfds.load retried the download for 3.5 minutes before failing.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(data, "_download_reachable", lambda name: False)
+  monkeypatch.setattr(tfds, "load", lambda *a, **k: pytest.fail("tfds.load was called"))
+  with pytest.raises(RuntimeError, match="cannot reach storage.googleapis.com") as e:
+    data.load_split("mnist", "train", "tfds", str(tmp_path))
+  assert MNIST_HINT in str(e.value)
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -419,3 +431,21 @@ def test_run_splits_hold_out_validation_images(tmp_path):
   val_images, _ = data.load_dataset(synthetic)
   full, _ = data.make_synthetic(30, seed=0)
   np.testing.assert_array_equal(val_images, full[data.holdout_indices(30, 5)[1]])
+
+
+def test_download_reachable_probes_the_host_unless_a_proxy_decides(monkeypatch):
+  import socket
+  for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+              "all_proxy"):
+    monkeypatch.delenv(var, raising=False)
+  hosts = []
+
+  def refuse(address, timeout):
+    hosts.append(address)
+    raise OSError("unreachable")
+
+  monkeypatch.setattr(socket, "create_connection", refuse)
+  assert not data._download_reachable("cifar10")
+  assert hosts == [("www.cs.toronto.edu", 443)]
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+  assert data._download_reachable("mnist") and len(hosts) == 1

@@ -44,3 +44,18 @@ def test_bad_key_and_axis_are_named(tmp_path):
     run_logging.plot_loss_curves({"a": str(tmp_path / "m.jsonl")}, str(tmp_path / "c.png"), x="time")
   with pytest.raises(FileNotFoundError, match="run folder made by train.py"):
     run_logging.read_metrics(str(tmp_path / "missing"))
+
+
+def test_progress_eta_counts_down_to_a_time_limit_that_comes_first(monkeypatch):
+  clock = iter([100.0, 110.0, 110.0, 120.0, 120.0, 120.0, 130.0, 130.0])
+  monkeypatch.setattr(run_logging.time, "perf_counter", lambda: next(clock))
+  left = [30.0]
+  progress = run_logging.Progress(0, 1000, 8, time_left=lambda: left[0])
+  # 10 steps in 10 s: 990 s to go by steps, but the limit ends the run in 30 s
+  text, rate = progress.line(10, 0.5)
+  assert rate == 1.0 and text.endswith("| ETA 0:00:30 (time limit)"), text
+  left[0] = 5000.0  # the steps end first: the plain ETA
+  text, _ = progress.line(20, 0.5)
+  assert text.endswith("| ETA 0:16:20"), text
+  text, _ = run_logging.Progress(20, 1000, 8).line(30, 0.5)  # no limit
+  assert text.endswith("| ETA 0:16:10"), text
