@@ -1,12 +1,16 @@
 """Exact bits/dim of the MNIST test set under a trained density run.
 
 python bits_per_dim.py --workdir logs/<mnist-density run> --data_dir /path/to/mnist \
-  [--source offline] [--sigma 0.002] [--num_images 10000] [--out bpd.json]
+  [--source offline] [--sigma 0.002] [--num_images 10000] [--out bpd.json] [--overwrite]
 Class-conditional, uniform dequantisation, one forward pass per image (see
-scoreflow_jax/likelihood.py). Needs a run of configs/mnist_density.py.
+scoreflow_jax/likelihood.py). Needs a run of configs/mnist_density.py. Prints
+the result (JSON), then writes it to <workdir>/bits_per_dim.json
+unless --out is given; an existing file is replaced only with --overwrite
+(checked before any work).
 """
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -14,32 +18,54 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder of a parameterization='density' run.")
 flags.DEFINE_string("data_dir", None, "Folder of MNIST's IDX files (offline) or TFDS data dir.")
 flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
-flags.DEFINE_float("sigma", 0.002, "Noise level whose density is evaluated.")
-flags.DEFINE_integer("num_images", 10_000, "Test images to evaluate.")
+flags.DEFINE_float("sigma", 0.002, "Noise level whose density is evaluated (> 0).")
+flags.DEFINE_integer("num_images", 10_000, "Test images to evaluate (the first ones).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_string("out", None, "Results JSON (default: <workdir>/bits_per_dim.json).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out (or default "
+                  "results file); without it, a file that exists is an error.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  from scoreflow_jax import likelihood
+  if FLAGS.source == "offline" and not FLAGS.data_dir:
+    raise app.UsageError("--source offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files (or use --source tfds).")
+  if FLAGS.num_images < 1:
+    raise app.UsageError(f"--num_images must be >= 1, got {FLAGS.num_images}.")
+  try:
+    likelihood.check_sigma(FLAGS.sigma)
+  except ValueError as e:
+    raise app.UsageError(f"--{e}")
   import jax
-  from scoreflow_jax import data, generate, likelihood
-  model, state, config = generate.load_run(FLAGS.workdir, FLAGS.step)
-  images, labels = data.load_split("mnist", "test", FLAGS.source, FLAGS.data_dir)
-  images, labels = images[:FLAGS.num_images], labels[:FLAGS.num_images]
-  params = state.ema_params if FLAGS.ema else state.params
-  mean, _ = likelihood.bits_per_dim(model, params, images, labels, jax.random.key(0),
-                                    sigma=FLAGS.sigma)
+  from scoreflow_jax import data, generate
+  from scoreflow_jax.eval.usage import usage_errors
+  from scoreflow_jax.outputs import check_output
+  with usage_errors():
+    generate.load_run_config(FLAGS.workdir)  # a run folder, before out is made in it
+    out = check_output(FLAGS.out or os.path.join(FLAGS.workdir, "bits_per_dim.json"),
+                       FLAGS.overwrite, "--out" if FLAGS.out else "the default --out")
+    model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
+    likelihood.check_density_model(model)
+    images, labels = data.load_split("mnist", "test", FLAGS.source, FLAGS.data_dir)
+    images, labels = images[:FLAGS.num_images], labels[:FLAGS.num_images]
+    params = state.ema_params if FLAGS.ema else state.params
+    mean, _ = likelihood.bits_per_dim(model, params, images, labels,
+                                      jax.random.key(0), sigma=FLAGS.sigma)
   result = {"bits_per_dim": mean, "num_images": len(images), "sigma": FLAGS.sigma,
             "step": int(state.step), "weights": "ema" if FLAGS.ema else "raw",
             "workdir": os.path.abspath(FLAGS.workdir)}
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "bits_per_dim.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result))
+  print(json.dumps(result))  # before the write: a failing write loses nothing
+  try:
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+  except OSError as e:
+    raise app.UsageError(f"the result above was not written to {out}: {e}")
+  print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@ and class accuracy, against the MNIST test set.
 
 python evaluate.py --samples grid.npz --classifier classifier.npz \
   --data_dir /path/to/mnist_idx [--source offline] [--num_samples 10000] \
-  [--out results.json] [--memorisation] [--seed 0]
-grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples);
-classifier.npz from train_classifier.py. Results go to <samples>_eval.json
-unless --out is given.
+  [--out results.json] [--overwrite] [--memorisation] [--seed 0]
+grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples), its
+images in [-1, 1] (a float file with no negative pixel is refused as [0, 1]
+images: map them with x * 2 - 1); classifier.npz from train_classifier.py.
+Results are printed, then written to <samples>_eval.json unless --out is given;
+an existing results file is replaced only with --overwrite (checked before the
+scoring). They record the classifier file's sha256.
 
 Comparing models by one FD at 2k is comparing noise (a draw moves it by about
 2): score several sample draws of each model (sample.py --seed 0, 1, ...)
@@ -26,7 +29,8 @@ Several models side by side, each paired with the first by (file, reference
 seed), from their results files:
 python evaluate.py --compare lr3=lr3_eval.json,lr6=lr6_eval.json [--out cmp.json]
 prints each model's mean FD and, for the others, FD - the first's over the
-evaluations both hold (mean, range, in how many it is lower).
+evaluations both hold (mean, range, in how many it is lower). Results scored
+by different classifiers are refused.
 
 Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
 python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
@@ -35,7 +39,7 @@ python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
 prints the loss at fixed sigmas on the training and the test split (same
 noise) and, with --classifier, the FD of test and of training images noised
 to each start sigma and sampled back to 0 (against the other test images);
-writes RUN/diagnostics.json.
+writes RUN/diagnostics.json (or --out; an existing file only with --overwrite).
 """
 from absl import app, flags, logging
 
@@ -48,7 +52,10 @@ flags.DEFINE_string("data_dir", None, "Folder of MNIST's four IDX files (offline
 flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
 flags.DEFINE_integer("num_samples", 10_000, "Samples to evaluate (at most the number "
                      "in the file and 10k); the floor uses as many real images.")
-flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json).")
+flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json; "
+                    "--diagnose: RUN/diagnostics.json).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out (or default "
+                  "results file); without it, a file that exists is an error.")
 flags.DEFINE_list("seed", ["0"], "Seed of the random subsets (which reference "
                   "images); several (0,1,2): score against each, report the mean.")
 flags.DEFINE_enum("reference", "test", ["test", "validation"], "Real images to "
@@ -79,15 +86,17 @@ flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw on
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  from scoreflow_jax.eval.usage import usage_errors
   if FLAGS.compare:
     if FLAGS.samples or FLAGS.diagnose:
       raise app.UsageError("--compare reads results files; run --samples or"
                            " --diagnose separately.")
-    compare(FLAGS.compare, FLAGS.out)
+    with usage_errors():
+      compare(FLAGS.compare, FLAGS.out, FLAGS.overwrite)
     return
   if FLAGS.source == "offline" and not FLAGS.data_dir:
-    raise app.UsageError("--source=offline needs --data_dir, the folder of"
-                         " MNIST's four IDX files.")
+    raise app.UsageError("--source offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files (or use --source tfds).")
   try:
     seeds = [int(s) for s in FLAGS.seed]
   except ValueError as e:
@@ -99,6 +108,9 @@ def main(argv):
       raise app.UsageError("--diagnose takes one --seed.")
     if not FLAGS.workdir:
       raise app.UsageError("--diagnose needs --workdir, the run's folder.")
+    if FLAGS.num_images < 10:
+      raise app.UsageError(f"--num_images must be >= 10 (a tenth per class), got"
+                           f" {FLAGS.num_images}.")
     from scoreflow_jax.eval import diagnostics
     floats = lambda xs, default: (default if xs is None
                                   else tuple(float(x) for x in xs))
@@ -107,26 +119,35 @@ def main(argv):
       start_sigmas = floats(FLAGS.start_sigmas, diagnostics.DEFAULT_START_SIGMAS)
     except ValueError as e:
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
-    diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
-                             FLAGS.classifier, sigmas, start_sigmas,
-                             FLAGS.num_images, FLAGS.renoise_from,
-                             step=FLAGS.step, use_ema=FLAGS.ema, seed=seeds[0],
-                             out=FLAGS.out)
+    with usage_errors():
+      diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
+                               FLAGS.classifier, sigmas, start_sigmas,
+                               FLAGS.num_images, FLAGS.renoise_from,
+                               step=FLAGS.step, use_ema=FLAGS.ema, seed=seeds[0],
+                               out=FLAGS.out, overwrite=FLAGS.overwrite)
     return
   if not FLAGS.samples or not FLAGS.classifier:
     raise app.UsageError("give --samples and --classifier (or --diagnose "
                          "--workdir RUN).")
+  if FLAGS.num_samples < 2:
+    raise app.UsageError(f"--num_samples must be >= 2 (an FD needs two samples),"
+                         f" got {FLAGS.num_samples}.")
   from scoreflow_jax.eval import metrics
-  metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
-                               FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
-                               check_memorisation=FLAGS.memorisation,
-                               reference=FLAGS.reference)
+  with usage_errors():
+    metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
+                                 FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
+                                 check_memorisation=FLAGS.memorisation,
+                                 reference=FLAGS.reference,
+                                 overwrite=FLAGS.overwrite)
 
 
-def compare(specs, out=None):
+def compare(specs, out=None, overwrite=False):
   import json
   import os
   from scoreflow_jax.eval import metrics
+  from scoreflow_jax.outputs import check_output
+  if out:
+    out = check_output(out, overwrite, "--out")
   named = {}
   for spec in specs:
     name, sep, path = spec.rpartition("=")

@@ -1,8 +1,9 @@
 """Train the MNIST classifier that evaluate.py uses (never downloads).
 
 python train_classifier.py --data_dir /path/to/mnist_idx --out classifier.npz \
-  [--steps 3000] [--source offline|tfds] [--holdout 10000]
-Prints the MNIST test accuracy and stores it in the file's header. --holdout N
+  [--steps 3000] [--source offline|tfds] [--holdout 10000] [--overwrite]
+Prints the MNIST test accuracy and stores it in the file's header. An existing
+--out is replaced only with --overwrite (checked before training). --holdout N
 trains without the training images that runs with --config.data.holdout=N hold
 out, so that evaluate.py --reference validation scores against images the
 classifier has not seen either.
@@ -13,6 +14,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder of MNIST's four IDX files (offline), "
                     "or the TFDS data dir (tfds).")
 flags.DEFINE_string("out", None, "Output classifier file (.npz).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out; without it, a "
+                  "file that exists is an error.")
 flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
 flags.DEFINE_integer("steps", 3000, "Training steps.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -26,11 +29,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if FLAGS.source == "offline" and not FLAGS.data_dir:
-    raise app.UsageError("--source=offline needs --data_dir, the folder of"
-                         " MNIST's four IDX files.")
+    raise app.UsageError("--source offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files (or use --source tfds).")
+  if FLAGS.steps < 1 or FLAGS.batch_size < 1:
+    raise app.UsageError(f"--steps and --batch_size must be >= 1, got"
+                         f" {FLAGS.steps} and {FLAGS.batch_size}.")
   from scoreflow_jax.eval import classifier
-  classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
-                            FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout)
+  from scoreflow_jax.eval.usage import usage_errors
+  with usage_errors():
+    classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
+                              FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout,
+                              overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

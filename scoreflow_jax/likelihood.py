@@ -14,13 +14,34 @@ import jax.numpy as jnp
 import numpy as np
 
 
+SIGMA_HINT = ("q(x | sigma) is the density of the dequantised images plus"
+              " Gaussian noise of std sigma, and the network takes log(sigma) as"
+              " its noise input, so it is defined only for sigma > 0 (at 0 the"
+              " result is NaN); the default, 0.002, is the sampler's sigma_min.")
+
+
+def check_density_model(model):
+  """Raises ValueError unless ``model``'s network has a normalised density."""
+  if getattr(model.network, "parameterization", None) != "density":
+    raise ValueError("bits/dim needs a network with parameterization='density' "
+                     "(flow_type='conditional'); see configs/mnist_density.py")
+
+
+def check_sigma(sigma):
+  """Raises ValueError unless ``sigma`` is finite and > 0 (``SIGMA_HINT``)."""
+  if not (math.isfinite(sigma) and sigma > 0):
+    raise ValueError(f"sigma must be finite and > 0, got {sigma}: {SIGMA_HINT}")
+
+
 def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
                  batch_size=500):
   """Mean bits/dim (class-conditional) and per-image values, numpy."""
   network = model.network
-  if getattr(network, "parameterization", None) != "density":
-    raise ValueError("bits/dim needs a network with parameterization='density' "
-                     "(flow_type='conditional'); see configs/mnist_density.py")
+  check_density_model(model)
+  check_sigma(sigma)
+  if not len(images_uint8) or len(labels) != len(images_uint8):
+    raise ValueError(f"need N >= 1 images and N labels, got {len(images_uint8)}"
+                     f" and {len(labels)}.")
 
   @jax.jit
   def log_prob(params, pix, labels, key):

@@ -199,3 +199,54 @@ def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run
   assert any("FD by sigma_start" in line for line in logs)
   with pytest.raises(ValueError, match="renoise_from must name"):
     diagnostics.diagnose_run(workdir, data_dir, renoise_from=("val",))
+
+
+def _fake_run(tmp_path):
+  """A folder load_run_config reads as a run, with no checkpoint: a check that
+  passes goes on to load_run and fails there ("no checkpoint")."""
+  os.makedirs(tmp_path / "run" / "configs")
+  (tmp_path / "run" / "configs" / "config.json").write_text('{"model": {}}')
+  return str(tmp_path / "run")
+
+
+def test_diagnose_checks_its_inputs_and_output_before_any_work(tmp_path):
+  workdir = _fake_run(tmp_path)
+  diagnose = lambda **kw: diagnostics.diagnose_run(workdir, str(tmp_path), **kw)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):  # all checks passed
+    diagnose()
+  with pytest.raises(ValueError, match="sigmas must be a non-empty list"):
+    diagnose(sigmas=(0.1, -1.0))
+  with pytest.raises(ValueError, match="start_sigmas must be a non-empty list"):
+    diagnose(start_sigmas=(0.0,))
+  with pytest.raises(FileNotFoundError, match=r"classifier file .*none\.npz not found"):
+    diagnose(classifier_path=str(tmp_path / "none.npz"))
+  with pytest.raises(FileNotFoundError, match="not a run folder made by train.py"):
+    diagnostics.diagnose_run(str(tmp_path / "typo"), str(tmp_path))
+  assert not (tmp_path / "typo").exists()  # no folder made for the default out
+  out = tmp_path / "run" / "diagnostics.json"
+  out.write_text("kept")
+  with pytest.raises(FileExistsError, match="diagnostics.json exists; pass --overwrite"):
+    diagnose()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    diagnose(overwrite=True)
+  (tmp_path / "mine.json").write_text("kept")
+  with pytest.raises(FileExistsError, match=r"--out .*mine\.json exists"):
+    diagnose(out=str(tmp_path / "mine.json"))
+  assert out.read_text() == (tmp_path / "mine.json").read_text() == "kept"
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+              str(tmp_path))
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().endswith("pass --overwrite to replace it, or choose "
+                                      "another path. Nothing was written.")
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+              str(tmp_path), "--num_images", "5")
+  assert proc.returncode != 0 and "--num_images must be >= 10" in proc.stderr
+
+
+def test_diagnose_cli_names_its_own_data_flags(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
+              str(tmp_path / "missing"), "--out", str(tmp_path / "d.json"))
+  message = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert message.endswith("or use --source tfds.") and "config.data" not in message

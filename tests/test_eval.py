@@ -310,7 +310,8 @@ def test_compare_evaluations_pairs_by_file_and_seed():
   better = _combined({(0, 0): 18.0, (0, 1): 18.5, (1, 0): 17.0, (1, 1): 18.5}, acc=0.995)
   # seed 2 only in this one: paired on (0, 0) alone
   other = _combined({(0, 0): 25.0, (0, 2): 1.0})
-  single = dict(fd=19.0, fd_floor=7.0, num_samples=2000, class_accuracy=None, seed=1)
+  # (same classifier, same real images: the floor of seed 1, 8.0)
+  single = dict(fd=19.0, fd_floor=8.0, num_samples=2000, class_accuracy=None, seed=1)
   rows = metrics.compare_evaluations(
       {"base": base, "better": better, "other": other, "single": single})
   assert [r["name"] for r in rows] == ["base", "better", "other", "single"]
@@ -401,7 +402,7 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
   good = write("ho.npz", holdout=120, step=7)
   score = lambda paths, n, **kw: metrics.evaluate_sample_file(
       paths, clf, str(tmp_path), num_samples=n, out=str(tmp_path / "r.json"),
-      log=lambda _: None, reference="validation", **kw)
+      log=lambda _: None, reference="validation", overwrite=True, **kw)
   res = score(good, 50)  # 120 validation images: the floor is a disjoint 50 of them
   direct = metrics.evaluate_samples(params, samples, sample_labels, *val, n=50, seed=0)
   assert res["fd"] == pytest.approx(direct["fd"], rel=1e-5)
@@ -447,6 +448,14 @@ def test_classifier_can_leave_out_the_held_out_images(tmp_path):
                                 log=msgs.append, holdout=120)
   assert msgs[0].startswith("MNIST: 180 train, 40 test images")
   assert classifier_lib.load_classifier(out)[1]["holdout"] == 120
+  logged = len(msgs)
+  with pytest.raises(FileExistsError, match="clf.npz exists; pass --overwrite"):
+    classifier_lib.train_and_save(str(tmp_path), out, steps=2, batch_size=8,
+                                  log=msgs.append)
+  assert len(msgs) == logged  # refused before the data were read
+  classifier_lib.train_and_save(str(tmp_path), out, steps=2, batch_size=8,
+                                log=msgs.append, overwrite=True)
+  assert classifier_lib.load_classifier(out)[1]["holdout"] == 0
 
 
 def test_results_against_other_references_do_not_compare():
@@ -550,3 +559,221 @@ def test_gaussian_samples_have_each_class_mean_and_covariance():
                                atol=0.003)
   wide, _ = linear_floor.gaussian_samples(3 * x, labels, 1000)
   assert wide.min() == -1.0 and wide.max() == 1.0  # clipped to the data range
+
+
+def _error(proc):
+  """The message a script failed with: the last line of stderr (above it,
+  absl prints the script's docstring and flags)."""
+  lines = proc.stderr.strip().splitlines()
+  return lines[-1] if lines else ""
+
+
+def _evaluate(*args):
+  """evaluate.py run as a user runs it."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"),
+                         *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                        timeout=120, check=False)
+
+
+def test_samples_outside_minus1_1_are_refused_with_the_fix(tmp_path):
+  images, labels = data.make_synthetic(20, seed=5)
+  def write(name, x):
+    np.savez(tmp_path / name, images=x, labels=labels)
+    return tmp_path / name
+  unit = images.astype(np.float32) / 255.0  # real images in [0, 1]
+  with pytest.raises(ValueError, match=r"unit\.npz.*no negative pixel.*look like \[0, 1\]"
+                     r" images.*x \* 2 - 1"):
+    metrics.load_samples(write("unit.npz", unit))
+  with pytest.raises(ValueError, match=r"got \[0, 255\]\. They look like \[0, 255\].*"
+                     r"x / 127\.5 - 1"):
+    metrics.load_samples(write("bytes.npz", images.astype(np.float32)))
+  with pytest.raises(ValueError, match=r"got \[-3, 3\]\. Map them to \[-1, 1\]"):
+    metrics.load_samples(write("wide.npz", np.linspace(-3, 3, images.size).reshape(
+        images.shape)))
+  bad = unit * 2 - 1
+  bad[0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match=r"1 NaN or infinite pixels"):
+    metrics.load_samples(write("nan.npz", bad))
+  # what is scored: [-1, 1] floats (x * 2 - 1 of the [0, 1] ones), noise, uint8
+  fixed, _ = metrics.load_samples(write("fixed.npz", unit * 2 - 1))
+  np.testing.assert_allclose(fixed, classifier_lib.to_inputs(images), atol=1e-6)
+  metrics.load_samples(write("noise.npz", np.random.default_rng(0).uniform(
+      -1, 1, images.shape)))
+  assert metrics.load_samples(write("uint8.npz", images))[0].dtype == np.uint8
+  # the script says it in one message, before the classifier or data are read
+  proc = _evaluate("--samples", tmp_path / "unit.npz", "--classifier",
+                   tmp_path / "none.npz", "--data_dir", tmp_path)
+  assert proc.returncode != 0 and "look like [0, 1] images" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "unit_eval.json").exists()
+
+
+def _grid(tmp_path, trained, n=120):
+  """MNIST IDX files, a classifier and a samples file grid.npz in tmp_path."""
+  params, acc, test_images, test_labels, _ = trained
+  clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
+  images, labels = data.make_synthetic(n, seed=5)
+  np.savez(tmp_path / "grid.npz", images=data.to_model_batch(images, labels)["jpg"],
+           labels=labels)
+  return clf, tmp_path / "grid.npz"
+
+
+def test_evaluate_cli_replaces_no_results_file_unasked(trained, tmp_path):
+  clf, samples = _grid(tmp_path, trained)
+  args = ["--samples", samples, "--classifier", clf, "--data_dir", tmp_path,
+          "--num_samples", 50]
+  for out, extra in ((tmp_path / "grid_eval.json", []),  # the default --out
+                     (tmp_path / "mine.json", ["--out", tmp_path / "mine.json"])):
+    out.write_text("kept")
+    proc = _evaluate(*args, *extra)
+    assert proc.returncode != 0 and f"{out} exists; pass --overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr and "FD" not in proc.stdout  # before scoring
+    assert out.read_text() == "kept"
+  proc = _evaluate(*args, "--overwrite")
+  assert proc.returncode == 0, proc.stderr
+  res = json.loads((tmp_path / "grid_eval.json").read_text())
+  assert res["num_samples"] == 50
+  assert res["classifier_sha256"] == classifier_lib.file_sha256(clf)
+  assert len(res["classifier_sha256"]) == 16
+  # the results are printed before the write, so a write that fails loses nothing
+  os.symlink(tmp_path / "gone" / "r.json", tmp_path / "dangling.json")
+  proc = _evaluate(*args, "--out", tmp_path / "dangling.json")
+  assert proc.returncode != 0 and f"FD {res['fd']:.3f}" in proc.stdout
+  assert "the results above were not written" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_cli_checks_its_flags_first_and_names_its_own(trained, tmp_path):
+  clf, samples = _grid(tmp_path, trained)
+  args = ["--samples", samples, "--classifier", clf]
+  for n in (0, -3, 1):
+    proc = _evaluate(*args, "--data_dir", tmp_path, "--num_samples", n)
+    assert proc.returncode != 0 and "--num_samples must be >= 2" in proc.stderr
+  # data.py's hint names train.py's --config.data.*; this script's flags are
+  # --source and --data_dir
+  proc = _evaluate(*args, "--data_dir", tmp_path / "missing")
+  assert proc.returncode != 0 and _error(proc).endswith("or use --source tfds.")
+  assert "config.data" not in _error(proc) and "Traceback" not in proc.stderr
+  proc = _evaluate(*args)
+  assert proc.returncode != 0 and "--source offline needs --data_dir" in proc.stderr
+
+
+def test_data_hints_are_given_in_the_scripts_flags():
+  from absl import app
+  from scoreflow_jax.eval import usage
+  with pytest.raises(ValueError) as raised:
+    data.load_split("mnist", "test", "offline", None)
+  assert "--config.data.source=tfds" in str(raised.value)  # train.py's flags
+  text = usage.with_script_flags(str(raised.value))
+  assert text.startswith("--source offline needs --data_dir. ")
+  assert text.endswith("or use --source tfds.") and "config.data" not in text
+  assert usage.with_script_flags(
+      "instead use --config.data.source=offline --config.data.data_dir=/p/mnist.") == (
+          "instead use --source offline --data_dir /p/mnist.")
+  with pytest.raises(app.UsageError, match=r"^--source offline needs --data_dir\."):
+    with usage.usage_errors():
+      data.load_split("mnist", "test", "offline", None)
+  with pytest.raises(KeyError):  # a bug keeps its traceback
+    with usage.usage_errors():
+      raise KeyError("params")
+
+
+def _scored_by(tmp_path, clf, out):
+  """Results of tmp_path/grid.npz scored by the classifier file ``clf``."""
+  return metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), clf, str(tmp_path),
+                                      num_samples=50,
+                                      out=str(tmp_path / out), seed=[0, 1],
+                                      log=lambda _: None)
+
+
+def test_results_scored_by_other_classifiers_do_not_compare(trained, tmp_path):
+  clf, _ = _grid(tmp_path, trained)
+  params = trained[0]
+  other = tmp_path / "other_clf.npz"
+  classifier_lib.save_classifier(_scaled(params, 1.5), other)
+  a = _scored_by(tmp_path, clf, "a.json")
+  b = _scored_by(tmp_path, str(other), "b.json")
+  assert a["classifier_sha256"] != b["classifier_sha256"]
+  assert a["fd_floor"] != pytest.approx(b["fd_floor"], rel=1e-3)
+  with pytest.raises(ValueError, match=r"different classifiers.*clf\.npz, sha256 "
+                     f"{a['classifier_sha256']}.*other_clf\\.npz, sha256 "
+                     f"{b['classifier_sha256']}.*same --classifier"):
+    metrics.compare_evaluations({"a": a, "b": b})
+  again = _scored_by(tmp_path, clf, "a2.json")  # the same classifier
+  rows = metrics.compare_evaluations({"a": a, "again": again}, log=pytest.fail)
+  assert rows[1]["paired"]["pairs"] == 2 and abs(rows[1]["paired"]["mean"]) < 1e-4
+  proc = _evaluate("--compare", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
+  assert proc.returncode != 0 and "different classifiers" in proc.stderr
+  assert b["classifier_sha256"] in proc.stderr and "Traceback" not in proc.stderr
+  # results from before the sha256 was recorded: their floors tell
+  legacy = lambda r: {k: v for k, v in r.items() if k != "classifier_sha256"}
+  with pytest.raises(ValueError, match=r"not scored against the same real images.*"
+                     r"floors differ: \(file 0, seed 0\)"):
+    metrics.compare_evaluations({"a": legacy(a), "b": b})
+  assert len(metrics.compare_evaluations({"a": legacy(a), "again": again},
+                                         log=pytest.fail)) == 2
+
+
+def _scaled(tree, factor):
+  """Classifier parameters times ``factor``: another classifier."""
+  return {k: _scaled(v, factor) if isinstance(v, dict) else np.asarray(v) * factor
+          for k, v in tree.items()}
+
+
+def test_compare_checks_old_results_files_by_their_floors():
+  base = _combined({(0, 0): 20.0, (0, 1): 19.0})  # floors 7 and 8: no sha256
+  same = _combined({(0, 0): 18.0, (0, 1): 18.5})
+  assert metrics.compare_evaluations({"base": base, "same": same},
+                                     log=pytest.fail)[1]["paired"]["pairs"] == 2
+  other = dict(_combined({(0, 1): 18.0}), fd_runs=[
+      dict(draw=0, seed=1, fd=18.0, fd_floor=11.0)])
+  with pytest.raises(ValueError, match=r"other's and base's FDs at the same \(file, seed\)"
+                     r".*\(file 0, seed 1\) 11\.000 vs 8\.000"):
+    metrics.compare_evaluations({"base": base, "other": other})
+  # one classifier, but other reference images (a samples file of another size):
+  # the recorded sha256s agree, the floors do not
+  sha = "0123456789abcdef"
+  with pytest.raises(ValueError, match="hold different numbers of images"):
+    metrics.compare_evaluations({"base": dict(base, classifier_sha256=sha),
+                                 "other": dict(other, classifier_sha256=sha)})
+  logs = []
+  rows = metrics.compare_evaluations(
+      {"base": base, "apart": _combined({(0, 5): 18.0})}, log=logs.append)
+  assert len(logs) == 1 and "share no (file, seed) evaluation" in logs[0]
+  assert rows[1]["warning"] == logs[0] and rows[1]["paired"] is None
+  # one recorded sha256 beside an old file: the floors still decide
+  with_sha = dict(same, classifier_sha256="0123456789abcdef")
+  assert len(metrics.compare_evaluations({"base": base, "s": with_sha},
+                                         log=pytest.fail)) == 2
+
+
+def test_evaluate_cli_compare_checks_its_out_first(tmp_path):
+  for name in ("a", "b"):
+    with open(tmp_path / f"{name}.json", "w") as f:
+      json.dump(_combined({(0, 0): 20.0}), f)
+  (tmp_path / "cmp.json").write_text("kept")
+  files = f"{tmp_path / 'a.json'},{tmp_path / 'missing.json'}"
+  proc = _evaluate("--compare", files, "--out", tmp_path / "cmp.json")
+  assert proc.returncode != 0 and "cmp.json exists; pass --overwrite" in proc.stderr
+  assert (tmp_path / "cmp.json").read_text() == "kept"
+  proc = _evaluate("--compare", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                   "--out", tmp_path / "cmp.json", "--overwrite")
+  assert proc.returncode == 0, proc.stderr
+  assert [r["name"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]
+
+
+def test_train_classifier_replaces_no_classifier_unasked(tmp_path):
+  clf = tmp_path / "clf.npz"
+  clf.write_bytes(b"a classifier")
+  cmd = [sys.executable, os.path.join(REPO, "train_classifier.py"), "--data_dir",
+         str(tmp_path / "missing"), "--out", str(clf), "--steps", "2"]
+  run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True,
+                                      text=True, cwd=REPO, timeout=120, check=False)
+  proc = run()
+  assert proc.returncode != 0 and f"{clf} exists; pass --overwrite" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = run("--overwrite")  # past the check, to the missing data: this script's flags
+  assert proc.returncode != 0 and _error(proc).endswith("or use --source tfds.")
+  assert "config.data" not in _error(proc) and "Traceback" not in proc.stderr
+  assert clf.read_bytes() == b"a classifier"
+  proc = run("--overwrite", "--steps", "0")
+  assert proc.returncode != 0 and "--steps and --batch_size must be >= 1" in proc.stderr

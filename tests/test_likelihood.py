@@ -1,4 +1,9 @@
-"""Bits/dim of the exact-likelihood model."""
+"""Bits/dim of the exact-likelihood model, and bits_per_dim.py."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -42,3 +47,104 @@ def test_density_config_validation():
   config.model.score_flow.flow_type = "joint"
   with pytest.raises(ValueError, match="flow_type=conditional"):
     model_lib.build_model(config)
+
+
+def test_bits_per_dim_needs_sigma_above_0_and_images():
+  config = mnist_density.get_config("tiny")
+  model = model_lib.build_model(config)
+  images, labels = data.make_synthetic(2, seed=1)
+  params = model.init(jax.random.key(0), data.to_model_batch(images, labels))
+  for sigma in (0.0, -0.1, float("nan")):
+    with pytest.raises(ValueError, match=r"sigma must be finite and > 0.*log\(sigma\)"):
+      likelihood.bits_per_dim(model, params, images, labels, jax.random.key(0),
+                              sigma=sigma)
+  with pytest.raises(ValueError, match="need N >= 1 images"):
+    likelihood.bits_per_dim(model, params, images[:0], labels[:0], jax.random.key(0))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _error(proc):
+  """The message the script failed with (absl prints its docstring above)."""
+  return proc.stderr.strip().splitlines()[-1]
+
+
+def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
+  # the run folder does not exist: each error comes before it is read
+  run = lambda *args: _run("bits_per_dim.py", "--workdir", tmp_path / "none", *args)
+  for n in (-5, 0):
+    proc = run("--data_dir", tmp_path, "--num_images", n)
+    assert proc.returncode != 0 and _error(proc) == f"--num_images must be >= 1, got {n}."
+  proc = run("--data_dir", tmp_path, "--sigma", 0)
+  assert proc.returncode != 0 and _error(proc).startswith("--sigma must be finite and > 0")
+  assert "log(sigma)" in _error(proc)
+  proc = run()
+  assert proc.returncode != 0 and _error(proc).startswith(
+      "--source offline needs --data_dir")
+  proc = run("--data_dir", tmp_path)
+  assert proc.returncode != 0 and "not a run folder made by train.py" in _error(proc)
+  assert "Traceback" not in proc.stderr and not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def density_run(tmp_path_factory):
+  """A 2-step tiny density run trained on fake MNIST IDX files."""
+  tmp = tmp_path_factory.mktemp("density")
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", 40), ("t10k", 30)):
+    for kind, magic, array in (("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
+                               ("labels-idx1", 2049, np.arange(n) % 10)):
+      array = np.asarray(array, np.uint8)
+      raw = magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
+      (tmp / f"{prefix}-{kind}-ubyte").write_bytes(raw + array.tobytes())
+  workdir = tmp / "run"
+  proc = _run("train.py", "--config", "configs/mnist_density.py:tiny", "--workdir",
+              workdir, "--config.training.num_steps=2", "--config.training.image_every=0",
+              "--config.data.name=mnist", "--config.data.source=offline",
+              f"--config.data.data_dir={tmp}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir, tmp
+
+
+def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
+  workdir, data_dir = density_run
+  run = lambda *args: _run("bits_per_dim.py", "--workdir", workdir, "--data_dir",
+                           data_dir, "--num_images", 7, *args)
+  out = tmp_path / "bpd.json"
+  proc = run("--out", out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  first = json.loads(out.read_text())
+  assert first["num_images"] == 7 and np.isfinite(first["bits_per_dim"])
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == first
+  proc = run("--out", out, "--sigma", 0.1)  # another sigma, the same file
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert _error(proc).endswith("exists; pass --overwrite to replace it, or choose "
+                               "another path. Nothing was written.")
+  assert json.loads(out.read_text()) == first
+  proc = run("--out", out, "--sigma", 0.1, "--overwrite")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  second = json.loads(out.read_text())
+  assert second["sigma"] == 0.1 and second["bits_per_dim"] != first["bits_per_dim"]
+  # the default out, <workdir>/bits_per_dim.json
+  default = workdir / "bits_per_dim.json"
+  default.write_text("kept")
+  proc = run()
+  assert proc.returncode != 0 and f"--out {default} exists" in _error(proc)
+  assert default.read_text() == "kept"
+  default.unlink()
+  # the result is printed before the write, so a write that fails loses nothing
+  os.symlink(tmp_path / "gone" / "r.json", tmp_path / "dangling.json")
+  proc = run("--out", tmp_path / "dangling.json")
+  assert proc.returncode != 0 and "the result above was not written" in _error(proc)
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == first
+  # data.py's hint in this script's flags
+  proc = run("--out", tmp_path / "x.json", "--data_dir", tmp_path / "missing")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert _error(proc).endswith("or use --source tfds.") and "config.data" not in _error(proc)

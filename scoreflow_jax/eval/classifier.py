@@ -9,6 +9,7 @@ JSON ``header`` (format, architecture version, test accuracy, ...). The
 architecture's widths are read back from the parameter shapes.
 """
 import functools
+import hashlib
 import json
 import os
 import time
@@ -230,6 +231,16 @@ def save_classifier(params, path, **info):
     np.savez(f, header=np.array(json.dumps(header)), **arrays)
 
 
+def file_sha256(path, digits=16):
+  """The first ``digits`` hex digits of the sha256 of the file's bytes: which
+  classifier scored a result, whatever its path."""
+  digest = hashlib.sha256()
+  with open(os.fspath(path), "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()[:digits]
+
+
 def load_classifier(path):
   """Returns ``(params, header)`` from a file written by ``save_classifier``."""
   path = os.fspath(path)
@@ -271,15 +282,19 @@ def load_classifier(path):
 
 
 def train_and_save(data_dir, out, source="offline", steps=3000, batch_size=128,
-                   seed=0, log=print, holdout=0):
+                   seed=0, log=print, holdout=0, overwrite=False):
   """Trains on MNIST train, tests on MNIST test, writes ``out``; returns accuracy.
 
   ``source="offline"`` reads the IDX files in ``data_dir`` (no network).
   ``holdout`` > 0 leaves out the training images runs with that
   ``data.holdout`` hold out (``data.holdout_indices``), so that their
   validation split is new to the classifier as well; it is kept in the header.
+  An existing ``out`` is replaced only with ``overwrite`` (checked before the
+  training).
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from scoreflow_jax.outputs import check_output  # pylint: disable=g-import-not-at-top
+  out = check_output(out, overwrite, "--out")
   images, labels = data_lib.load_run_split("mnist", "train", source, data_dir,
                                            holdout)
   test_images, test_labels = data_lib.load_split("mnist", "test", source,

@@ -137,7 +137,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
                  classifier_path=None, sigmas=DEFAULT_SIGMAS,
                  start_sigmas=DEFAULT_START_SIGMAS, num_images: int = 1000,
                  renoise_from=("test", "train"), step=None, use_ema: bool = True,
-                 seed: int = 0, out=None, log=print):
+                 seed: int = 0, out=None, log=print, overwrite: bool = False):
   """Held-out loss by sigma (train vs test split) and, with a classifier,
   FD by sigma_start (:func:`renoise`), for a run.
 
@@ -147,18 +147,36 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   each split in ``renoise_from`` and scores against the rest of the test
   set (never the start images), so the two starts are comparable and their
   gap shows what the model knows of its training images. Writes
-  ``<workdir>/diagnostics.json`` (or ``out``) and returns the results.
+  ``<workdir>/diagnostics.json`` (or ``out``; an existing file only with
+  ``overwrite``, checked before any work) and returns the results.
   """
   import json  # pylint: disable=g-import-not-at-top
   import os
   import time
   from scoreflow_jax import data as data_lib, generate
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
+  from scoreflow_jax.outputs import check_output
   t0 = time.perf_counter()
   bad = [s for s in renoise_from if s not in ("train", "test")]
   if bad:
     raise ValueError(f"renoise_from must name 'train' and/or 'test', got {bad}")
+  sigmas = _check_sigmas(sigmas, "sigmas")
+  if start_sigmas:
+    start_sigmas = _check_sigmas(start_sigmas, "start_sigmas")
+  generate.load_run_config(workdir)  # a run folder, before out is made in it
+  if out is None:
+    out, what = os.path.join(workdir, "diagnostics.json"), "the default --out"
+  else:
+    out, what = os.fspath(out), "--out"
+  out = check_output(out, overwrite, what)
+  cparams = (None if classifier_path is None  # a wrong path: found before the loss part
+             else classifier_lib.load_classifier(classifier_path)[0])
   model, state, config = generate.load_run(workdir, step)
+  if start_sigmas and classifier_path is not None:
+    too_low = [s for s in start_sigmas if s <= config.sampling.sigma_min]
+    if too_low:
+      raise ValueError(f"start_sigmas {too_low} must be > the run's sampling"
+                       f" sigma_min = {config.sampling.sigma_min}")
   if config.data.name not in data_lib.DATASETS:
     raise ValueError(f"--diagnose needs real data; this run's data is "
                      f"{config.data.name!r} (choose from {data_lib.DATASETS})")
@@ -198,12 +216,13 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
       f"({results['weights']} weights):")
   log(format_loss_table(results))
   if classifier_path is not None and start_sigmas and renoise_from:
-    cparams, _ = classifier_lib.load_classifier(classifier_path)
     sc = config.sampling
     score = lambda images, labels: metrics.evaluate_samples(
         cparams, images, labels, rest[0], rest[1], len(images), seed=seed)
     results["renoise"] = {"sampler": sc.sampler, "num_steps": sc.num_steps,
                           "reference": f"the other {len(rest[0])} test images",
+                          "classifier": os.path.abspath(classifier_path),
+                          "classifier_sha256": classifier_lib.file_sha256(classifier_path),
                           "rows": {}}
     for split in renoise_from:
       images, labels = splits[split]
@@ -220,9 +239,11 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
             f"({time.perf_counter() - t0:.0f} s)")
       results["renoise"]["rows"][split] = rows
     log(format_renoise_table(results))
-  out = out or os.path.join(workdir, "diagnostics.json")
-  with open(out, "w") as f:
-    json.dump(results, f, indent=2)
+  try:  # the tables above were printed first: a failing write loses no number
+    with open(out, "w") as f:
+      json.dump(results, f, indent=2)
+  except OSError as e:
+    raise OSError(f"the results above were not written to {out}: {e}") from e
   log(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
   return results
 

@@ -11,6 +11,7 @@ import numpy as np
 import scipy.linalg
 
 from scoreflow_jax.eval import classifier as classifier_lib
+from scoreflow_jax.outputs import check_output
 
 SAMPLES_HINT = ("Make one with: python sample.py --workdir RUN"
                 " --num_per_class 1000 --out grid.png (writes grid.npz).")
@@ -215,14 +216,37 @@ def load_samples(path):
                      f" {images.shape}.")
   if images.dtype != np.uint8:
     images = images.astype(np.float32)
-    lo, hi = float(images.min()), float(images.max())
-    if not (np.isfinite(images).all() and lo >= -1.001 and hi <= 1.001):
-      raise ValueError(f"{path}: float 'images' must be finite and in [-1, 1],"
-                       f" got [{lo}, {hi}].")
+    _check_minus1_1(images, path)
   if labels is not None and labels.shape != (len(images),):
     raise ValueError(f"{path}: 'labels' must have shape ({len(images)},), got"
                      f" {labels.shape}.")
   return images, labels
+
+
+def _check_minus1_1(images, path):
+  """Raises unless float ``images`` are in [-1, 1] like sample.py's samples.
+
+  Images in another range would be scored as [-1, 1] ones without a sign:
+  real MNIST / 255 (in [0, 1]) scores an FD of about 444 instead of 14. MNIST
+  backgrounds are -1 in sample.py's samples (clipped to [-1, 1]), so a file
+  with no negative pixel at all is taken to be [0, 1] images.
+  """
+  if not np.isfinite(images).all():
+    raise ValueError(f"{path}: 'images' has {int(np.sum(~np.isfinite(images)))}"
+                     " NaN or infinite pixels (did the model diverge?).")
+  lo, hi = float(images.min()), float(images.max())
+  if lo < -1.001 or hi > 1.001:
+    guess = (" They look like [0, 255] pixels: save them as uint8, or map them"
+             " with x / 127.5 - 1." if lo >= 0 and hi <= 255 else
+             " Map them to [-1, 1] (sample.py clips its samples to it).")
+    raise ValueError(f"{path}: float 'images' must be in [-1, 1], got [{lo:g},"
+                     f" {hi:g}].{guess}")
+  if lo >= 0:
+    raise ValueError(
+        f"{path}: float 'images' are in [{lo:g}, {hi:g}], with no negative pixel:"
+        " they look like [0, 1] images, which would be scored as [-1, 1] ones"
+        " (MNIST's black background, -1 in sample.py's samples, as mid-grey)."
+        " Map them with x * 2 - 1 (or save uint8 pixels 0..255).")
 
 
 def combine_evaluations(evaluations):
@@ -264,29 +288,91 @@ def combine_evaluations(evaluations):
   return out
 
 
-def _fd_runs(results):
-  """{(draw, seed): fd} of one results dict, combined or single."""
+def _runs(results, key="fd"):
+  """{(draw, seed): results' ``key`` ("fd" or "fd_floor")} of one results dict,
+  combined or single; evaluations that do not hold ``key`` are left out."""
   runs = results.get("fd_runs")
   if runs is None:  # one file against one reference set
     seed = results.get("seed", 0)
     runs = [{"draw": 0, "seed": seed[0] if isinstance(seed, list) else seed,
-             "fd": results["fd"]}]
-  return {(r.get("draw", 0), r.get("seed", 0)): r["fd"] for r in runs}
+             "fd": results["fd"], "fd_floor": results.get("fd_floor")}]
+  return {(r.get("draw", 0), r.get("seed", 0)): r[key] for r in runs
+          if r.get(key) is not None}
 
 
-def compare_evaluations(named_results):
+def _classifier_name(name, results):
+  return (f"{name} ({results.get('classifier', 'classifier not recorded')},"
+          f" sha256 {results.get('classifier_sha256') or 'not recorded'})")
+
+
+def _check_same_classifier(named_results, log):
+  """Raises ValueError unless every model's FDs can be paired with the first's.
+
+  Results record the sha256 of the classifier file's bytes
+  (``classifier_sha256``); those that record it must agree. Then, at every
+  (file, seed) evaluation two models both hold, their real-vs-real floors must
+  be equal: the same classifier scoring the same real images gives the same
+  floor, while another classifier (an older results file records none), or a
+  samples file of another size (for one seed it draws other reference
+  images), gives another. Where a results file records no classifier and
+  shares no evaluation with the first, nothing shows which classifier it was:
+  it is compared with a printed warning (returned too, by name).
+  """
+  names = list(named_results)
+  shas = {n: r.get("classifier_sha256") for n, r in named_results.items()}
+  known = [n for n in names if shas[n]]
+  if len({shas[n] for n in known}) > 1:
+    raise ValueError(
+        "FDs in different classifiers' features do not compare: "
+        + "; ".join(_classifier_name(n, named_results[n]) for n in known)
+        + ". Score every model with the same --classifier.")
+  warnings_by_name = {}
+  base = names[0]
+  for name in names[1:]:
+    floors, base_floors = (_runs(named_results[n], "fd_floor") for n in (name, base))
+    keys = sorted(set(floors) & set(base_floors))
+    if not keys:
+      if not (shas[name] and shas[base]):
+        warnings_by_name[name] = (
+            f"warning: {name} or {base} does not record its classifier, and they share"
+            " no (file, seed) evaluation whose real-vs-real floors would show it is"
+            " the same one; compared as if it were (score both again with"
+            " evaluate.py to record it).")
+        log(warnings_by_name[name])
+      continue
+    differ = [k for k in keys if not np.isclose(floors[k], base_floors[k], rtol=1e-3)]
+    if differ:
+      shown = ", ".join(f"(file {d}, seed {s}) {floors[d, s]:.3f} vs {base_floors[d, s]:.3f}"
+                        for d, s in differ[:3])
+      raise ValueError(
+          f"{name}'s and {base}'s FDs at the same (file, seed) were not scored against"
+          f" the same real images in the same features: their real-vs-real floors"
+          f" differ: {shown}. Either the classifiers differ"
+          f" ({_classifier_name(name, named_results[name])} vs"
+          f" {_classifier_name(base, named_results[base])}), or the samples files"
+          " hold different numbers of images (for one seed, a file of another size"
+          " draws other reference images). Score draws of the same size with the"
+          " same --classifier (evaluate.py records its sha256).")
+  return warnings_by_name
+
+
+def compare_evaluations(named_results, log=print):
   """Models' FDs side by side, each paired with the first model's.
 
   ``named_results`` maps a name to the results of ``evaluate_sample_file``
   (one model each; the first is the baseline). Their FDs must be at the same
-  sample count. Pairs are the (sample file position, reference seed)
-  evaluations both hold: the same reference images, and the same sample
-  seed when both models' draws were listed in the same seed order (sample.py
-  --seed 0 first, then 1, ...). Returns one row per model with its mean FD and
-  spread and, from the second model on, ``paired``: the mean, min and max of
-  (its FD - the baseline's) over the pairs and in how many it is lower. A
-  paired difference whose range excludes 0 is worth more than a difference of
-  means within a draw's noise (about 2 at 2k).
+  sample count, against the same reference and in one classifier's features
+  (``_check_same_classifier``: the recorded sha256s, or for older results
+  files the floors; ``log`` prints a warning where neither can tell). Pairs
+  are the (sample file position, reference seed) evaluations both hold: the
+  same reference images when the files are of the same size, and the same
+  sample seed when both models' draws were listed in the same seed order
+  (sample.py --seed 0 first, then 1, ...). Returns one row per model with its
+  mean FD and spread, its classifier's sha256 and, from the second model on,
+  ``paired``: the mean, min and max of (its FD - the baseline's) over the
+  pairs and in how many it is lower. A paired difference whose range excludes
+  0 is worth more than a difference of means within a draw's noise (about 2
+  at 2k).
   """
   if len(named_results) < 2:
     raise ValueError("compare at least two evaluations.")
@@ -298,14 +384,18 @@ def compare_evaluations(named_results):
   if len(set(counts.values())) != 1:
     raise ValueError(f"FDs at different sample counts do not compare: {counts}."
                      " Evaluate every model with the same --num_samples.")
+  unchecked = _check_same_classifier(named_results, log)
   names = list(named_results)
-  base = _fd_runs(named_results[names[0]])
+  base = _runs(named_results[names[0]])
   rows = []
   for name in names:
-    res, runs = named_results[name], _fd_runs(named_results[name])
+    res, runs = named_results[name], _runs(named_results[name])
     row = {"name": name, "fd": res["fd"], "fd_sd": res.get("fd_sd", 0.0),
            "num_evaluations": res.get("num_evaluations", 1), "fd_floor": res["fd_floor"],
-           "class_accuracy": res.get("class_accuracy")}
+           "class_accuracy": res.get("class_accuracy"),
+           "classifier_sha256": res.get("classifier_sha256")}
+    if name in unchecked:
+      row["warning"] = unchecked[name]
     if name != names[0]:
       keys = sorted(set(runs) & set(base))
       if keys:
@@ -373,7 +463,8 @@ def _validation_holdout(paths):
 
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
-                         log=print, check_memorisation=False, reference="test"):
+                         log=print, check_memorisation=False, reference="test",
+                         overwrite=False):
   """Evaluates sample.py .npz file(s) against MNIST test; writes and returns results.
 
   ``reference="validation"`` scores against the training images the samples'
@@ -387,7 +478,11 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   file is scored against every seed's reference set and the results combined
   by ``combine_evaluations`` (several files need ``out``). Memorisation
   (nearest images of the run's training images) is measured on the first file
-  with the first seed.
+  with the first seed. An existing results file is replaced only with
+  ``overwrite`` (checked before the scoring); the results are logged before
+  they are written. They record the classifier file's path and the sha256 of
+  its bytes (``classifier_sha256``), so that ``compare_evaluations`` pairs
+  only FDs in one classifier's features.
   """
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   paths = [samples_path] if isinstance(samples_path, (str, os.PathLike)) else list(samples_path)
@@ -396,6 +491,9 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
     raise ValueError("need at least one samples file and one seed.")
   if reference not in REFERENCES:
     raise ValueError(f"unknown reference {reference!r}; choose one of {REFERENCES}.")
+  if num_samples < 2:
+    raise ValueError(f"num_samples must be >= 2 (an FD needs two samples), got"
+                     f" {num_samples}.")
   if len(paths) > 1 and out is None:
     raise ValueError(f"{len(paths)} samples files are scored together: name the"
                      " results file with out (evaluate.py --out FILE.json), so that"
@@ -404,8 +502,14 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   holdout = (_validation_holdout(paths) if reference == "validation"
              else sample_holdout(paths[0]))
   params, header = classifier_lib.load_classifier(classifier_path)
+  classifier_sha256 = classifier_lib.file_sha256(classifier_path)
   for images, _ in draws:
     classifier_lib.check_input_shape(params, images.shape[1:])
+  if out is None:
+    out, what = os.path.splitext(paths[0])[0] + "_eval.json", "the default --out"
+  else:
+    out, what = os.fspath(out), "--out"
+  out = check_output(out, overwrite, what)
   load = lambda split: data_lib.load_run_split("mnist", split, source, data_dir,
                                                holdout or 0)
   ref_images, ref_labels = load(reference)
@@ -434,14 +538,16 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   results.update(samples=(os.path.abspath(paths[0]) if len(paths) == 1
                           else [os.path.abspath(p) for p in paths]),
                  classifier=os.path.abspath(classifier_path),
+                 classifier_sha256=classifier_sha256,
                  classifier_test_accuracy=header.get("test_accuracy"),
                  classifier_holdout=header.get("holdout", 0),
                  seed=seeds[0] if len(seeds) == 1 else seeds)
-  if out is None:
-    out = os.path.splitext(paths[0])[0] + "_eval.json"
-  with open(out, "w") as f:
-    json.dump(results, f, indent=2)
-  log(format_results(results))
+  log(format_results(results))  # before the write: a failing write loses nothing
+  try:
+    with open(out, "w") as f:
+      json.dump(results, f, indent=2)
+  except OSError as e:
+    raise OSError(f"the results above were not written to {out}: {e}") from e
   log(f"wrote {out}")
   return results
 
