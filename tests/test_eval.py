@@ -1,6 +1,7 @@
 """Tests for scoreflow_jax.eval: Frechet distance, class accuracy, classifier."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -447,6 +448,8 @@ def test_classifier_can_leave_out_the_held_out_images(tmp_path):
   classifier_lib.train_and_save(str(tmp_path), out, steps=2, batch_size=8,
                                 log=msgs.append, holdout=120)
   assert msgs[0].startswith("MNIST: 180 train, 40 test images")
+  assert re.search(r"^step 2/2: loss \S+ \| [\d.]+ steps/s \| \d+ s, ETA 0:00:00$",
+                   "\n".join(msgs), re.M), msgs
   assert classifier_lib.load_classifier(out)[1]["holdout"] == 120
   logged = len(msgs)
   with pytest.raises(FileExistsError, match="clf.npz exists; pass --overwrite"):
@@ -777,3 +780,34 @@ def test_train_classifier_replaces_no_classifier_unasked(tmp_path):
   assert clf.read_bytes() == b"a classifier"
   proc = run("--overwrite", "--steps", "0")
   assert proc.returncode != 0 and "--steps and --batch_size must be >= 1" in proc.stderr
+
+
+def test_samples_of_some_classes_or_an_uneven_mix_are_flagged():
+  even = np.repeat(np.arange(10), 5)
+  assert metrics.class_balance_warning("a.npz", even) is None
+  assert metrics.class_balance_warning("a.npz", None) is None  # unlabelled: nothing known
+  assert metrics.class_balance_warning("a.npz", np.repeat(np.arange(10), [9] + [5] * 9)) is None
+  w = metrics.class_balance_warning("a.npz", np.repeat([0, 1, 2, 3], 10))
+  assert w.startswith("warning: a.npz has no samples of classes [4, 5, 6, 7, 8, 9]")
+  assert "sample.py without --classes" in w
+  w = metrics.class_balance_warning("a.npz", np.repeat(np.arange(10), [11] + [5] * 9))
+  assert "has 5 to 11 samples per class" in w
+  results = {"fd": 1.0, "fd_floor": 0.5, "num_samples": 40, "floor_source": "x",
+             "warnings": [w]}
+  assert metrics.format_results(results).splitlines()[-1] == w
+
+
+def test_evaluation_of_some_classes_records_the_warning(trained, tmp_path):
+  clf, _ = _grid(tmp_path, trained)
+  images, labels = data.make_synthetic(200, seed=5)
+  keep = labels < 4  # what sample.py --classes 0,1,2,3 writes
+  np.savez(tmp_path / "some.npz", images=data.to_model_batch(images, labels)["jpg"][keep],
+           labels=labels[keep])
+  logs = []
+  res = metrics.evaluate_sample_file(str(tmp_path / "some.npz"), str(clf), str(tmp_path),
+                                     num_samples=40, log=logs.append)
+  assert res["warnings"] == [w for w in logs if w.startswith("warning:")]
+  assert "no samples of classes [4, 5, 6, 7, 8, 9]" in res["warnings"][0]
+  res = metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), str(clf), str(tmp_path),
+                                     num_samples=40, log=logs.append)
+  assert "warnings" not in res

@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from scoreflow_jax.run_logging import format_duration
+
 FORMAT = "scoreflow-jax classifier"
 ARCH_VERSION = 1
 MAKE_HINT = ("Make one with: python train_classifier.py"
@@ -203,8 +205,10 @@ def train_classifier(images, labels, test_images=None, test_labels=None,
                                          labels[idx], step)
     losses.append(loss)
     if (step + 1) % log_every == 0 or step + 1 == steps:
-      log(f"step {step + 1}/{steps}: loss {float(np.mean(losses)):.4f}"
-          f" ({time.perf_counter() - t0:.0f} s)")
+      elapsed = time.perf_counter() - t0
+      rate = (step + 1) / max(elapsed, 1e-9)
+      log(f"step {step + 1}/{steps}: loss {float(np.mean(losses)):.4f} | {rate:.1f} "
+          f"steps/s | {elapsed:.0f} s, ETA {format_duration((steps - step - 1) / rate)}")
       losses = []
   params = jax.device_get(params)
   test_accuracy = None

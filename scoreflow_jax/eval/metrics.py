@@ -461,6 +461,25 @@ def _validation_holdout(paths):
   return next(iter(holdouts.values()))
 
 
+def class_balance_warning(path, labels, num_classes=10):
+  """A warning (None: none) when a samples file's labels do not cover the
+  classes about evenly: its FD against the whole reference set (all classes,
+  about 10% each) would then measure the class mix more than the images."""
+  if labels is None:
+    return None
+  counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+  missing = [k for k in range(num_classes) if counts[k] == 0]
+  if missing:
+    why = f"has no samples of classes {missing}"
+  elif counts.max() > 2 * counts.min():
+    why = f"has {counts.min()} to {counts.max()} samples per class"
+  else:
+    return None
+  return (f"warning: {path} {why}; its FD is against real images of all {num_classes}"
+          " classes in equal parts, so it measures the class mix more than the"
+          " images. Sample every class equally (sample.py without --classes).")
+
+
 def evaluate_sample_file(samples_path, classifier_path, data_dir,
                          source="offline", num_samples=10_000, out=None, seed=0,
                          log=print, check_memorisation=False, reference="test",
@@ -499,6 +518,10 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
                      " results file with out (evaluate.py --out FILE.json), so that"
                      " no file's own <samples>_eval.json is overwritten.")
   draws = [load_samples(p) for p in paths]  # every file checked before any work
+  warnings = [w for p, (_, labels) in zip(paths, draws)
+              for w in [class_balance_warning(p, labels)] if w]
+  for w in warnings:
+    log(w)
   holdout = (_validation_holdout(paths) if reference == "validation"
              else sample_holdout(paths[0]))
   params, header = classifier_lib.load_classifier(classifier_path)
@@ -542,6 +565,8 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
                  classifier_test_accuracy=header.get("test_accuracy"),
                  classifier_holdout=header.get("holdout", 0),
                  seed=seeds[0] if len(seeds) == 1 else seeds)
+  if warnings:
+    results["warnings"] = warnings
   log(format_results(results))  # before the write: a failing write loses nothing
   try:
     with open(out, "w") as f:
@@ -631,6 +656,7 @@ def format_results(results):
     lines.append("per class: " + " | ".join(
         f"{k} {'-' if a is None else f'{a:.3f}'}"
         for k, a in enumerate(results["per_class_accuracy"])))
+  lines += results.get("warnings", [])
   mem = results.get("memorisation")
   if mem:
     lines.append(f"nearest training image (L2, [-1, 1] pixels, n = {mem['num']}): samples "
