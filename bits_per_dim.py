@@ -43,7 +43,7 @@ def main(argv):
     raise app.UsageError(f"--{e}")
   import jax
   from scoreflow_jax import data, generate
-  from scoreflow_jax.eval.usage import usage_errors
+  from scoreflow_jax.usage import usage_errors
   from scoreflow_jax.outputs import check_output
   with usage_errors():
     generate.load_run_config(FLAGS.workdir)  # a run folder, before out is made in it

@@ -86,7 +86,7 @@ flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw on
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from scoreflow_jax.eval.usage import usage_errors
+  from scoreflow_jax.usage import usage_errors
   if FLAGS.compare:
     if FLAGS.samples or FLAGS.diagnose:
       raise app.UsageError("--compare reads results files; run --samples or"

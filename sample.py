@@ -62,13 +62,15 @@ def main(argv):
     raise app.UsageError("--posthoc_ema and --average_from each choose the weights; "
                          "pass one")
   replaced = FLAGS.average_from is not None or FLAGS.posthoc_ema is not None
-  generate.sample_from_run(
-      FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,
-      num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale, classes=classes,
-      num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
-      use_ema=FLAGS.ema and not replaced, batch_size=FLAGS.batch_size,
-      cfg_interval=interval, average_from=FLAGS.average_from,
-      posthoc_ema=FLAGS.posthoc_ema, overwrite=FLAGS.overwrite)
+  from scoreflow_jax.usage import usage_errors
+  with usage_errors():
+    generate.sample_from_run(
+        FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,
+        num_steps=FLAGS.num_steps, cfg_scale=FLAGS.cfg_scale, classes=classes,
+        num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
+        use_ema=FLAGS.ema and not replaced, batch_size=FLAGS.batch_size,
+        cfg_interval=interval, average_from=FLAGS.average_from,
+        posthoc_ema=FLAGS.posthoc_ema, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main(argv):
     raise app.UsageError(f"--steps and --batch_size must be >= 1, got"
                          f" {FLAGS.steps} and {FLAGS.batch_size}.")
   from scoreflow_jax.eval import classifier
-  from scoreflow_jax.eval.usage import usage_errors
+  from scoreflow_jax.usage import usage_errors
   with usage_errors():
     classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
                               FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout,

@@ -662,7 +662,7 @@ def test_evaluate_cli_checks_its_flags_first_and_names_its_own(trained, tmp_path
 
 def test_data_hints_are_given_in_the_scripts_flags():
   from absl import app
-  from scoreflow_jax.eval import usage
+  from scoreflow_jax import usage
   with pytest.raises(ValueError) as raised:
     data.load_split("mnist", "test", "offline", None)
   assert "--config.data.source=tfds" in str(raised.value)  # train.py's flags

@@ -1,7 +1,13 @@
-"""A user's errors in the scripts (evaluate.py, train_classifier.py,
-bits_per_dim.py): one message in the script's own flags, no traceback."""
+"""A user's errors in the scripts (sample.py, evaluate.py, train_classifier.py,
+bits_per_dim.py): one message in the script's own flags, no traceback.
+
+train.py keeps Python's tracebacks: its errors may come from a model being
+changed, where the traceback is what a researcher needs.
+"""
 import contextlib
 import re
+
+import sys
 
 from absl import app
 
@@ -13,7 +19,8 @@ _CONFIG_FLAGS = (
     (re.compile(r"(?<![-\w.])config\.data\.data_dir\b"), "--data_dir"),
     (re.compile(r"(?<![-\w.])source='(\w+)'"), r"--source \1"),
 )
-# A missing, unreadable or misnamed file, a bad value, a missing package.
+# A missing, unreadable or misnamed file, a bad value, a missing package; and
+# a checkpoint that does not fit (checkpointing.CheckpointError, in _is_users).
 USER_ERRORS = (OSError, ValueError, ImportError)
 
 
@@ -29,15 +36,23 @@ def with_script_flags(message: str) -> str:
 def usage_errors():
   """Re-raises a user's error as ``app.UsageError`` in the script's flags.
 
-  The user's errors are ``USER_ERRORS`` and any error whose message carries a
-  ``--config.data.`` hint (data.py's TFDS errors); ``app.run`` prints their
-  message without a traceback. Other errors (bugs) keep their traceback.
+  The user's errors are ``USER_ERRORS``, ``checkpointing.CheckpointError`` and
+  any error whose message carries a ``--config.data.`` hint (data.py's TFDS
+  errors); ``app.run`` prints their message without a traceback. Other errors
+  (bugs) keep their traceback.
   """
   try:
     yield
   except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, USER_ERRORS) and "--config.data." not in str(e):
+    if not _is_users(e):
       raise
     raise app.UsageError(with_script_flags(str(e))) from e
+
+
+def _is_users(e):
+  # checkpointing (and orbax) are imported only where a checkpoint was read
+  ckpt = sys.modules.get("scoreflow_jax.checkpointing")
+  return (isinstance(e, USER_ERRORS) or "--config.data." in str(e)
+          or (ckpt is not None and isinstance(e, ckpt.CheckpointError)))
