@@ -79,3 +79,50 @@ class DenoiserLossTest(chex.TestCase):
     per, _ = loss.sample_and_loss(lambda x, s: jnp.full_like(x, 0.7), x0,
                                   jax.random.key(0))
     np.testing.assert_allclose(per, 0.0, atol=1e-12)
+
+
+def test_training_loss_draws_sigma_noise_and_label_dropout_per_sample():
+  # DiffusionModel.per_sample_loss, what the train step differentiates: log sigma
+  # ~ N(p_mean, p_std^2) from the loss config, and the class dropped (zero
+  # embedding) for a fraction ucg_rate of the samples.
+  from configs import mnist
+  from scoreflow_jax import data, model as model_lib
+  config = mnist.get_config("tiny")
+  config.loss.p_mean, config.loss.p_std = 0.4, 0.7
+  config.model.conditioner.ucg_rate = 0.3
+  model = model_lib.build_model(config)
+  n = 1024
+  images, labels = data.make_synthetic(n)
+  batch = data.to_model_batch(images, labels)
+  params = model.init(jax.random.key(0), batch)
+  leaves, tree = jax.tree.flatten(params)  # move zero-initialised outputs: the class matters
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
+                                     for l, k in zip(leaves, ks)])
+  keys = jax.random.split(jax.random.key(2), n)
+  per_sample, sigma = jax.jit(model.per_sample_loss)(params, batch, keys)
+  log_sigma = np.log(np.asarray(sigma))
+  assert abs(log_sigma.mean() - 0.4) < 4 * 0.7 / np.sqrt(n)
+  assert abs(log_sigma.std() - 0.7) < 0.06
+  # The same sigma and noise (each sample's key split as documented), with the
+  # class kept and with it dropped: every loss is one of the two.
+  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  sigma_ref, noise = loss.per_sample_sigma_and_noise(sub[:, 1], batch["jpg"].shape,
+                                                     p_mean=0.4, p_std=0.7)
+  np.testing.assert_allclose(sigma_ref, sigma, rtol=1e-6)
+  den = model.denoiser(params)
+
+  def loss_with(cond):
+    return np.asarray(jax.jit(lambda c: loss.diffusion_loss(
+        lambda x, s: den(x, s, c), batch["jpg"], sigma_ref, noise))(cond))
+
+  kept = loss_with(model.condition(params, batch))
+  dropped = loss_with(model.condition(params, batch, force_zero_embeddings=("cls",)))
+  per_sample = np.asarray(per_sample)
+  is_kept = np.isclose(per_sample, kept, rtol=1e-4)
+  is_dropped = np.isclose(per_sample, dropped, rtol=1e-4)
+  assert np.all(is_kept | is_dropped)
+  apart = ~np.isclose(kept, dropped, rtol=1e-3)  # where the two tell the class apart
+  assert apart.mean() > 0.9
+  m = apart.sum()
+  assert abs(is_dropped[apart].mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / m)
