@@ -25,7 +25,10 @@ class ClassEmbedder(nn.Module):
   this class uses label ``n_classes - 1`` as "unconditional" (a quirk: for
   MNIST that is the digit 9); sgm's MNIST sampling instead zeroes the
   embedding (``force_uc_zero_embeddings=["cls"]``), which is what
-  :meth:`GeneralConditioner.unconditional` does.
+  :meth:`GeneralConditioner.unconditional` does. A label outside
+  [0, n_classes) embeds as NaN (a negative one too, not as a wrapped-around
+  row), so a wrong label shows in the loss instead of training another class;
+  the scripts check labels before they get here.
   """
   embed_dim: int
   n_classes: int = 1000
@@ -36,6 +39,8 @@ class ClassEmbedder(nn.Module):
     emb = nn.Embed(self.n_classes, self.embed_dim,
                    embedding_init=nn.initializers.normal(1.0),
                    name="embedding")(c)
+    valid = (c >= 0) & (c < self.n_classes)
+    emb = jnp.where(valid[..., None], emb, jnp.nan)
     if self.add_sequence_dim:
       emb = emb[:, None, :]
     return emb

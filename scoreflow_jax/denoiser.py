@@ -1,4 +1,6 @@
 """The EDM denoiser: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond)."""
+import jax.numpy as jnp
+
 from scoreflow_jax.edm import append_dims, edm_scaling
 
 
@@ -8,12 +10,18 @@ def denoise(network_fn, x, sigma, cond, sigma_data=0.5):
   Args:
     network_fn: ``(x_in, c_noise, cond) -> F`` with ``F`` shaped like ``x``.
     x: noisy input, (B, ...) in any layout.
-    sigma: noise levels, (B,); broadcast over ``x``'s other axes.
+    sigma: noise levels, (B,), or one for the whole batch (a scalar);
+      broadcast over ``x``'s other axes. Integers are taken as float32.
     cond: conditioning dict passed to the network unchanged.
   Returns ``network_fn(x * c_in, c_noise, cond) * c_out + x * c_skip``; the
   network receives ``c_noise`` with shape (B,), as sgm reshapes it back to
   sigma's shape.
   """
+  sigma = jnp.asarray(sigma)
+  if not jnp.issubdtype(sigma.dtype, jnp.floating):
+    sigma = sigma.astype(jnp.float32)
+  if sigma.ndim == 0:
+    sigma = jnp.full(x.shape[:1], sigma)
   sigma_b = append_dims(sigma, x.ndim)
   c_skip, c_out, c_in, c_noise = edm_scaling(sigma_b, sigma_data)
   c_noise = c_noise.reshape(sigma.shape)

@@ -2,12 +2,19 @@
 
 Pure functions with the semantics of sgm's ``EDMScaling``, ``EDMWeighting``,
 ``EDMSampling`` and ``EDMDiscretization`` (Karras et al. 2022). Every function
-is elementwise in ``sigma`` and keeps its dtype (float64 in, float64 out when
-x64 is enabled).
+is elementwise in ``sigma`` and keeps its floating dtype (float64 in, float64
+out when x64 is enabled); an integer ``sigma`` is taken as float32.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _float(sigma):
+  """``sigma`` as a floating array (integers as float32: in their own dtype,
+  sigma_data 0.5 would become 0)."""
+  sigma = jnp.asarray(sigma)
+  return sigma if jnp.issubdtype(sigma.dtype, jnp.floating) else sigma.astype(jnp.float32)
 
 
 def edm_scaling(sigma, sigma_data=0.5):
@@ -17,7 +24,7 @@ def edm_scaling(sigma, sigma_data=0.5):
   c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = 0.25 log(sigma) (sgm's EDMScaling;
   the EDM paper's c_noise is the same 1/4 ln sigma).
   """
-  sigma = jnp.asarray(sigma)
+  sigma = _float(sigma)
   sd = jnp.asarray(sigma_data, sigma.dtype)
   total = sigma**2 + sd**2
   c_skip = sd**2 / total
@@ -29,7 +36,7 @@ def edm_scaling(sigma, sigma_data=0.5):
 
 def edm_weighting(sigma, sigma_data=0.5):
   """Loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2."""
-  sigma = jnp.asarray(sigma)
+  sigma = _float(sigma)
   sd = jnp.asarray(sigma_data, sigma.dtype)
   return (sigma**2 + sd**2) / (sigma * sd) ** 2
 
@@ -58,6 +65,11 @@ def edm_discretization(num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0,
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if not 0 < sigma_min < sigma_max:
+    raise ValueError(f"the schedule needs 0 < sigma_min < sigma_max, got sigma_min="
+                     f"{sigma_min}, sigma_max={sigma_max}")
+  if not rho > 0:
+    raise ValueError(f"rho must be > 0, got {rho}")
   ramp = np.linspace(0.0, 1.0, num_steps, dtype=np.float64)
   min_inv_rho = sigma_min ** (1.0 / rho)
   max_inv_rho = sigma_max ** (1.0 / rho)

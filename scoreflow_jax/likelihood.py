@@ -35,17 +35,33 @@ def check_sigma(sigma):
 
 def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
                  batch_size=500):
-  """Mean bits/dim (class-conditional) and per-image values, numpy."""
+  """Mean bits/dim (class-conditional) and per-image values, numpy.
+
+  ``images_uint8``: (N, H, W, C) uint8 pixels; ``labels``: (N,) in [0,
+  n_classes). Image i's dequantisation noise comes from ``fold_in(key, i)``, so
+  the values do not depend on ``batch_size``.
+  """
   network = model.network
   check_density_model(model)
   check_sigma(sigma)
-  if not len(images_uint8) or len(labels) != len(images_uint8):
+  images_uint8, labels = np.asarray(images_uint8), np.asarray(labels)
+  if not len(images_uint8) or labels.shape != (len(images_uint8),):
     raise ValueError(f"need N >= 1 images and N labels, got {len(images_uint8)}"
-                     f" and {len(labels)}.")
+                     f" and {labels.shape}.")
+  if images_uint8.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 pixels 0..255 (8-bit data, dequantised "
+                     f"here), got {images_uint8.dtype}; from [-1, 1] images: "
+                     "np.rint((x + 1) * 127.5).astype(np.uint8)")
+  n_classes = getattr(model.conditioner.embedders[0], "n_classes", None)
+  if n_classes is not None and (labels.min() < 0 or labels.max() >= n_classes):
+    raise ValueError(f"labels must be in [0, {n_classes}), got [{labels.min()}, "
+                     f"{labels.max()}]")
 
   @jax.jit
-  def log_prob(params, pix, labels, key):
-    y = pix.astype(jnp.float32) + jax.random.uniform(key, pix.shape)
+  def log_prob(params, pix, labels, key, index):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    y = pix.astype(jnp.float32) + jax.vmap(
+        lambda k: jax.random.uniform(k, pix.shape[1:]))(keys)
     x = y / 128.0 - 1.0
     cond = model.condition(params, {"cls": labels})
     s = jnp.full((x.shape[0],), sigma, x.dtype)
@@ -55,8 +71,9 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
 
   out = []
   for i in range(0, len(images_uint8), batch_size):
-    out.append(np.asarray(log_prob(params, jnp.asarray(images_uint8[i:i + batch_size]),
-                                   jnp.asarray(labels[i:i + batch_size]),
-                                   jax.random.fold_in(key, i))))
+    j = slice(i, i + batch_size)
+    out.append(np.asarray(log_prob(params, jnp.asarray(images_uint8[j]),
+                                   jnp.asarray(labels[j]), key,
+                                   jnp.arange(len(images_uint8))[j])))
   bpd = np.concatenate(out)
   return float(bpd.mean()), bpd

@@ -33,9 +33,8 @@ from scoreflow_jax.edm import append_dims, edm_discretization
 
 
 def _sigmas(num_steps, sigma_min, sigma_max, rho):
-  """The float64 schedule, length num_steps + 1, with a trailing 0."""
-  if not sigma_min > 0:
-    raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
+  """The float64 schedule, length num_steps + 1, with a trailing 0 (raises on
+  a schedule that is not 0 < sigma_min < sigma_max, rho > 0)."""
   return edm_discretization(num_steps, sigma_min, sigma_max, rho)
 
 

@@ -20,6 +20,15 @@ def test_class_embedder_to_vector_and_table_lookup():
   assert 0.7 < float(jnp.std(table)) < 1.3
 
 
+def test_labels_outside_the_table_embed_as_nan():
+  # nn.Embed alone wraps -1 around to the last class (training it silently)
+  cond = cm.class_conditioner(embed_dim=4, n_classes=10, ucg_rate=0.0)
+  batch = {"cls": jnp.asarray([-1, 3, 10, 9])}
+  params = cond.init(jax.random.key(0), batch)
+  out = np.asarray(cond.apply(params, batch)["vector"])
+  assert np.all(np.isnan(out[[0, 2]])) and np.all(np.isfinite(out[[1, 3]]))
+
+
 def test_keys_by_rank_and_concatenation():
   cond = cm.GeneralConditioner(
       embedders=(cm.ClassEmbedder(4, 5), cm.ClassEmbedder(3, 5),

@@ -126,3 +126,13 @@ def test_training_loss_draws_sigma_noise_and_label_dropout_per_sample():
   assert apart.mean() > 0.9
   m = apart.sum()
   assert abs(is_dropped[apart].mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / m)
+
+
+def test_denoise_takes_one_sigma_for_the_batch_and_integer_sigma():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 1)), jnp.float32)
+  net = lambda x_in, c_noise, cond: x_in * 2.0 + c_noise[:, None, None, None]
+  per_sample = denoiser.denoise(net, x, jnp.full((3,), 2.0), None)
+  for sigma in (2.0, 2, jnp.array(2), jnp.full((3,), 2, jnp.int32)):
+    out = denoiser.denoise(net, x, sigma, None)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, per_sample)

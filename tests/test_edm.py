@@ -69,3 +69,16 @@ class EdmTest(chex.TestCase):
     self.assertEqual(len(edm.edm_discretization(5, append_zero=False)), 5)
     with pytest.raises(ValueError, match="num_steps"):
       edm.edm_discretization(0)
+    # an empty, upward or degenerate schedule (dpmpp_2m gave NaN, lms divided by 0)
+    for lo, hi, rho in ((1.0, 1.0, 7.0), (5.0, 1.0, 7.0), (0.0, 80.0, 7.0),
+                        (0.002, 0.0, 7.0), (0.002, 80.0, 0.0), (0.002, 80.0, -1.0)):
+      with pytest.raises(ValueError, match="0 < sigma_min < sigma_max|rho must be > 0"):
+        edm.edm_discretization(5, lo, hi, rho)
+
+  def test_integer_sigma_is_taken_as_float(self):
+    # in its own dtype, sigma_data 0.5 became 0: c_skip 0, weights inf
+    for fn in (edm.edm_scaling, edm.edm_weighting):
+      ints, floats = fn(jnp.array([1, 2])), fn(jnp.array([1.0, 2.0]))
+      for a, b in zip(jax.tree.leaves(ints), jax.tree.leaves(floats)):
+        self.assertEqual(a.dtype, jnp.float32)
+        np.testing.assert_array_equal(a, b)

@@ -12,7 +12,8 @@ from configs import mnist, mnist_density
 from scoreflow_jax import data, likelihood, model as model_lib
 
 
-def test_bits_per_dim_of_the_initial_gaussian():
+@pytest.mark.parametrize("sigma", [0.002, 0.5])
+def test_bits_per_dim_of_the_initial_gaussian(sigma):
   """At init the flow is the identity: q(x | sigma) = N(0, (sigma^2 + sd^2) I)."""
   config = mnist_density.get_config("tiny")
   model = model_lib.build_model(config)
@@ -20,19 +21,45 @@ def test_bits_per_dim_of_the_initial_gaussian():
   params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
   key = jax.random.key(7)
   mean, per_image = likelihood.bits_per_dim(model, params, images, labels, key,
-                                            sigma=0.002, batch_size=8)
+                                            sigma=sigma, batch_size=8)
   d = 28 * 28
-  s2 = 0.002**2 + 0.25
+  s2 = sigma**2 + 0.25  # at 0.5 a wrong sigma (e.g. sigma^2) is 20% off in s2
   expected = []
-  for i in range(0, 20, 8):
-    pix = images[i:i + 8].astype(np.float64)
+  for i in range(20):  # image i's dequantisation noise: fold_in(key, i)
+    pix = images[i].astype(np.float64)
     u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), pix.shape))
     x = (pix + u) / 128.0 - 1.0
-    logq = (-0.5 * np.sum(x.reshape(len(x), -1) ** 2, 1) / s2
-            - 0.5 * d * np.log(2 * np.pi * s2))
+    logq = -0.5 * np.sum(x**2) / s2 - 0.5 * d * np.log(2 * np.pi * s2)
     expected.append(-(logq - d * np.log(128.0)) / (d * np.log(2.0)))
-  np.testing.assert_allclose(per_image, np.concatenate(expected), rtol=1e-4)
+  np.testing.assert_allclose(per_image, expected, rtol=1e-4)
   assert abs(mean - per_image.mean()) < 1e-9
+
+
+def test_bits_per_dim_per_image_label_and_batch_size():
+  # A trained-looking flow (perturbed parameters): each image's value depends on
+  # its own label only, and not on how the images are batched.
+  config = mnist_density.get_config("tiny")
+  model = model_lib.build_model(config)
+  images, labels = data.make_synthetic(9, seed=1)
+  params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
+  leaves, tree = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
+                                     for l, k in zip(leaves, ks)])
+  bpd = lambda labels, batch_size=4: likelihood.bits_per_dim(
+      model, params, images, labels, jax.random.key(7), sigma=0.1,
+      batch_size=batch_size)[1]
+  base = bpd(labels)
+  np.testing.assert_allclose(bpd(labels, batch_size=5), base, rtol=1e-6)
+  other = labels.copy()
+  other[4] = (labels[4] + 1) % 10
+  changed = bpd(other)
+  np.testing.assert_allclose(np.delete(changed, 4), np.delete(base, 4), rtol=1e-6)
+  assert abs(changed[4] - base[4]) > 1e-4
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+    bpd(np.where(np.arange(9) == 2, 10, labels))
+  with pytest.raises(ValueError, match="images must be uint8"):
+    likelihood.bits_per_dim(model, params, images / 127.5 - 1.0, labels, jax.random.key(7))
 
 
 def test_bits_per_dim_needs_the_density_model():
