@@ -127,6 +127,11 @@ def test_log_scale_bound(max_log_scale):
   bound = max_log_scale * 2 * 3  # 2 layers x 3 transformed features
   assert np.all(np.abs(log_det) <= bound + 1e-4)
   assert np.max(np.abs(log_det)) > 0.5 * bound  # saturates near the bound
-  np.testing.assert_allclose(flows.bounded_log_scale(jnp.asarray(0.3)), np.tanh(0.3))
+  raw = jnp.linspace(-20.0, 20.0, 41)
+  np.testing.assert_allclose(flows.bounded_log_scale(raw, max_log_scale),
+                             max_log_scale * np.tanh(np.asarray(raw) / max_log_scale),
+                             rtol=1e-6)
+  # slope 1 at 0 whatever the bound: small outputs are log-scales as they are
+  np.testing.assert_allclose(jax.grad(flows.bounded_log_scale)(0.0, max_log_scale), 1.0)
   with pytest.raises(ValueError, match="max_log_scale"):
     flows.CouplingFlow(n_layers=1, hidden=4, max_log_scale=0.0).init(jax.random.key(0), x)

@@ -61,14 +61,21 @@ def test_step_matches_direct_gradient():
   keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(16))
   loss_fn = lambda p: jnp.mean(model.per_sample_loss(p, batch, keys)[0])
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params0)  # jitted: op by op is slow
+  per_sample, sigma = (np.asarray(a) for a in jax.jit(model.per_sample_loss)(
+      params0, batch, keys))
   updates, _ = tx.update(grads, tx.init(params0), params0)
   expected = optax.apply_updates(params0, updates)
   new_state, metrics = step(state, ts.global_batch(batch, mesh))
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-4)
   chex.assert_trees_all_close(jax.device_get(new_state.params), expected, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(np.sum(metrics["loss_bin_count"]), 16)
-  np.testing.assert_allclose(np.sum(metrics["loss_bin_sum"]) / 16, loss, rtol=1e-5)
+  # the per-sigma-bin losses behind train/loss_sigma_*: each sample in its sigma's bin
+  bins = np.searchsorted(np.asarray(ts.SIGMA_BINS), sigma, side="right")
+  counts = np.bincount(bins, minlength=len(ts.SIGMA_BINS))
+  sums = np.bincount(bins, weights=per_sample, minlength=len(ts.SIGMA_BINS))
+  assert counts.sum() == 16 and np.count_nonzero(counts) >= 2  # more than one bin used
+  np.testing.assert_array_equal(metrics["loss_bin_count"], counts)
+  np.testing.assert_allclose(metrics["loss_bin_sum"], sums, rtol=1e-5, atol=1e-6)
   assert int(new_state.step) == 1 and int(new_state.ema_num_updates) == 1
 
 
@@ -591,3 +598,19 @@ def test_checkpoint_written_before_power_emas_existed_restores(tmp_path):
   restored = generate.load_run(workdir, 4)[1]
   assert restored.phema_params == ()
   chex.assert_trees_all_equal(restored.params, state.params)
+
+
+def test_log_rows_average_each_sigma_bin_over_the_interval():
+  step = lambda loss, sums, counts, finite=True: {
+      "loss": np.float32(loss), "grad_norm": np.float32(1.0),
+      "learning_rate": np.float32(1e-3), "finite": np.bool_(finite),
+      "loss_bin_sum": np.asarray(sums, np.float32),
+      "loss_bin_count": np.asarray(counts, np.float32)}
+  out, finite = trainer._summarize([step(2.0, [1.0, 6.0, 0.0, 0.0], [1, 2, 0, 0]),
+                                    step(4.0, [3.0, 0.0, 0.0, 8.0], [1, 0, 0, 2])])
+  assert finite and out["train/loss"] == 3.0
+  # per bin: (sum over steps) / (count over steps); empty bins are left out
+  assert {k: v for k, v in out.items() if "sigma" in k} == {
+      "train/loss_sigma_0-0.1": 2.0, "train/loss_sigma_0.1-0.5": 3.0,
+      "train/loss_sigma_2-inf": 4.0}
+  assert not trainer._summarize([step(1.0, [0, 0, 0, 0], [0, 0, 0, 0], finite=False)])[1]
