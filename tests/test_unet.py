@@ -193,3 +193,89 @@ def test_train_steps_with_tiny_config(tiny):
   assert all(jax.tree.leaves(moved))
   loss0, loss30 = probe(state0.params), probe(params30)
   assert loss30 < 0.9 * loss0, (loss0, loss30)  # 1.11 -> 0.96 here
+
+
+# Numpy references of the UNet's blocks (sgm's torch semantics), on small
+# random inputs and every parameter moved off its (sometimes zero) init.
+
+def _np_conv(x, p, stride=1):
+  """torch Conv2d(padding=k // 2) in NHWC with an HWIO kernel."""
+  k = p["kernel"]
+  pad = k.shape[0] // 2
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  h_out = (x.shape[1] + 2 * pad - k.shape[0]) // stride + 1
+  w_out = (x.shape[2] + 2 * pad - k.shape[1]) // stride + 1
+  out = np.zeros((x.shape[0], h_out, w_out, k.shape[3]))
+  for i in range(h_out):
+    for j in range(w_out):
+      patch = xp[:, i * stride:i * stride + k.shape[0], j * stride:j * stride + k.shape[1]]
+      out[:, i, j] = np.einsum("bhwc,hwco->bo", patch, k)
+  return out + p["bias"]
+
+
+def _np_group_norm(x, p, groups, eps):
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * p["scale"] + p["bias"]
+
+
+def _np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def _np_linear(x, p):
+  return x @ p["kernel"] + p.get("bias", 0.0)
+
+
+def _init(module, *args):
+  params = module.init(jax.random.key(0), *args)["params"]
+  return jax.tree.map(np.asarray, _perturbed(params, scale=0.3))
+
+
+def test_attention_and_geglu_against_numpy():
+  import scipy.special
+  from scoreflow_jax.networks import unet
+  x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
+  attn = unet.CrossAttention(heads=2, dim_head=3)
+  p = _init(attn, x)
+  split = lambda t: t.reshape(2, 5, 2, 3)
+  q, k, v = (split(x @ p[n]["kernel"]) for n in ("to_q", "to_k", "to_v"))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(3)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)  # over the keys, per query
+  ref = _np_linear(np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 5, 6), p["to_out_0"])
+  np.testing.assert_allclose(attn.apply({"params": p}, x), ref, rtol=1e-4, atol=1e-5)
+  ff = unet.FeedForward()
+  p = _init(ff, x)
+  h, gate = np.split(_np_linear(x, p["net_0_proj"]), 2, axis=-1)
+  gelu = 0.5 * gate * (1.0 + scipy.special.erf(gate / np.sqrt(2.0)))  # exact GELU
+  np.testing.assert_allclose(ff.apply({"params": p}, x), _np_linear(h * gelu, p["net_2"]),
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_channels", [8, 12])  # identity skip, 1x1 conv skip
+def test_res_block_and_resampling_against_numpy(out_channels):
+  from scoreflow_jax.networks import unet
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 6, 6, 8)).astype(np.float32)
+  emb = rng.normal(size=(2, 10)).astype(np.float32)
+  block = unet.ResBlock(out_channels, num_groups=4)
+  p = _init(block, x, emb)
+  h = _np_conv(_np_silu(_np_group_norm(x, p["in_layers_0"], 4, 1e-5)), p["in_layers_2"])
+  h = h + _np_linear(_np_silu(emb), p["emb_layers_1"])[:, None, None, :]
+  h = _np_conv(_np_silu(_np_group_norm(h, p["out_layers_0"], 4, 1e-5)), p["out_layers_3"])
+  skip = x if out_channels == 8 else _np_conv(x, p["skip_connection"])
+  np.testing.assert_allclose(block.apply({"params": p}, x, emb), skip + h,
+                             rtol=1e-4, atol=1e-4)
+  down = unet.Downsample(8)
+  p = _init(down, x)
+  out = np.asarray(down.apply({"params": p}, x))
+  assert out.shape == (2, 3, 3, 8)
+  np.testing.assert_allclose(out, _np_conv(x, p["op"], stride=2), rtol=1e-4, atol=1e-4)
+  up = unet.Upsample(8)
+  p = _init(up, x)
+  nearest = x.repeat(2, axis=1).repeat(2, axis=2)
+  np.testing.assert_allclose(up.apply({"params": p}, x), _np_conv(nearest, p["conv"]),
+                             rtol=1e-4, atol=1e-4)
