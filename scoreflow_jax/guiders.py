@@ -31,6 +31,10 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
                        f"{tuple(sigma_interval)}")
 
   def guided(x, sigma, cond, uncond):
+    if uncond is None:
+      raise ValueError("classifier-free guidance needs the unconditional "
+                       "conditioning: close_over(guided, cond, uncond) with (cond, "
+                       "uncond) = model.unconditional(params, batch)")
     missing = set(cond) - set(uncond)
     if missing:
       raise ValueError(f"uncond lacks the conditioning keys {sorted(missing)}; "

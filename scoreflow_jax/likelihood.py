@@ -24,7 +24,7 @@ def check_density_model(model):
   """Raises ValueError unless ``model``'s network has a normalised density."""
   if getattr(model.network, "parameterization", None) != "density":
     raise ValueError("bits/dim needs a network with parameterization='density' "
-                     "(flow_type='conditional'); see configs/mnist_density.py")
+                     "(flow_type 'conditional' or 'conv'); see configs/mnist_density.py")
 
 
 def check_sigma(sigma):

@@ -188,7 +188,17 @@ def host(tree):
 
 
 def global_batch(local_batch, mesh: Mesh):
-  """A process's rows -> one global array sharded over the mesh's data axis."""
+  """A process's rows -> one global array sharded over the mesh's data axis.
+
+  The rows must split evenly over this process's devices in the mesh.
+  """
+  local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+  sizes = {len(x) for x in jax.tree.leaves(local_batch)}
+  bad = [n for n in sizes if n % local]
+  if bad:
+    raise ValueError(f"a batch of {bad[0]} rows does not split over {local} devices; "
+                     f"use a multiple of {local} (training.batch_size is checked "
+                     "for this)")
   sharding = NamedSharding(mesh, P(AXIS))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),

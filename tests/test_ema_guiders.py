@@ -85,6 +85,9 @@ class GuiderTest(chex.TestCase):
     with pytest.raises(ValueError, match="uncond"):
       guiders.vanilla_cfg(den, 2.0)(jnp.zeros((1, 1)), jnp.ones(1),
                                     {"vector": jnp.ones((1, 1))}, {})
+    guided = guiders.close_over(guiders.vanilla_cfg(den, 2.0), {"vector": jnp.ones((1, 1))})
+    with pytest.raises(ValueError, match="needs the unconditional conditioning"):
+      guided(jnp.zeros((1, 1)), jnp.ones(1))  # close_over without uncond
 
   def test_identity_and_close_over(self):
     den = lambda x, s, c: x + c["vector"]

@@ -614,3 +614,10 @@ def test_log_rows_average_each_sigma_bin_over_the_interval():
       "train/loss_sigma_0-0.1": 2.0, "train/loss_sigma_0.1-0.5": 3.0,
       "train/loss_sigma_2-inf": 4.0}
   assert not trainer._summarize([step(1.0, [0, 0, 0, 0], [0, 0, 0, 0], finite=False)])[1]
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_named():
+  mesh = ts.make_mesh()  # 4 devices
+  with pytest.raises(ValueError, match="a batch of 6 rows does not split over 4 devices"):
+    ts.global_batch({"jpg": np.zeros((6, 2)), "cls": np.zeros(6, np.int32)}, mesh)
+  assert ts.global_batch({"cls": np.arange(8)}, mesh)["cls"].shape == (8,)
