@@ -1,12 +1,16 @@
 """Train a diffusion model: python train.py --config configs/mnist.py [--workdir DIR].
 
 --workdir pointing at an existing run resumes it from its latest checkpoint,
-with the run's own saved config when --config is left out; to change fields on
-resume: --config configs/run.py:DIR --workdir DIR --config.training.num_steps=N.
+with the run's own saved config when --config is left out (that is
+--config configs/run.py:DIR), fields changed as usual:
+python train.py --workdir DIR --config.training.num_steps=N.
 Multi-process (several hosts): --coordinator_address host:port
 --num_processes N --process_id i, or nothing where JAX detects the cluster
 (TPU pods, SLURM); see docs/scaling.md.
 """
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -40,5 +44,27 @@ def main(argv):
   trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir)
 
 
+def _flag_value(argv, name):
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def with_run_config(argv):
+  """``argv`` with ``--config configs/run.py:DIR`` added when it has no --config
+  and --workdir DIR is a run: the run's saved config, which --config.* flags
+  can then change (they exist only once a config file is named)."""
+  workdir = _flag_value(argv, "workdir")
+  has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+  if has_config or not workdir or not (
+      os.path.isdir(os.path.join(workdir, "configs"))):
+    return argv
+  run_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "run.py")
+  return argv[:1] + [f"--config={run_py}:{workdir}"] + argv[1:]
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=with_run_config(sys.argv))

@@ -1,9 +1,9 @@
 """A run's own config, as train.py saved it in the run folder's configs/.
 
-Resume a run with some fields changed (the others as the run had them):
-python train.py --config configs/run.py:logs/<run> --workdir logs/<run> \
-  --config.training.num_steps=120000
-(`python train.py --workdir logs/<run>` alone resumes it unchanged.)
+train.py uses it when given --workdir of a run and no --config, so
+python train.py --workdir logs/<run> [--config.training.num_steps=120000]
+resumes the run as it was, or with the fields given changed; the long form is
+--config configs/run.py:logs/<run>.
 """
 from scoreflow_jax import generate
 

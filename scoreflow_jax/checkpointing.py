@@ -136,9 +136,9 @@ class Checkpointer:
       raise CheckpointError(
           f"the checkpoint in {path} was made with a different model config:\n  "
           + "\n  ".join(diffs) + "\nResume the run with its own config: python "
-          f"train.py --workdir {os.path.dirname(self.directory)} (with --config "
-          f"configs/run.py:{os.path.dirname(self.directory)} to change other "
-          "fields), or use a new --workdir for this config. Nothing was changed.")
+          f"train.py --workdir {os.path.dirname(self.directory)} (with "
+          "--config.* flags to change other fields), or use a new --workdir for "
+          "this config. Nothing was changed.")
     saved_stds = tuple(meta.get("posthoc_stds", ()))
     if saved_stds != posthoc_stds(config):
       raise CheckpointError(

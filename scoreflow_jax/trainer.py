@@ -314,9 +314,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     log(f"resumed {workdir} at step {int(state.step)}")
     if int(state.step) >= t.num_steps:
       log(f"nothing to train: the run is at step {int(state.step)} and "
-          f"training.num_steps={t.num_steps}; to train on, raise it (e.g. "
-          f"--config configs/run.py:{workdir} --workdir {workdir} "
-          f"--config.training.num_steps={2 * int(state.step)})")
+          f"training.num_steps={t.num_steps}; to train on, raise it (e.g. python "
+          f"train.py --workdir {workdir} --config.training.num_steps="
+          f"{2 * int(state.step)})")
     if before is not None:
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
   else:

@@ -167,12 +167,17 @@ def test_resume_with_the_runs_own_config(tmp_path):
   # no --config: the run's saved one (num_steps 2: nothing left, and it says how to go on)
   proc = run("train.py", "--workdir", workdir)
   assert "resumed" in proc.stdout and "nothing to train" in proc.stdout, proc.stdout
-  assert f"--config configs/run.py:{workdir}" in proc.stdout
-  # configs/run.py:RUN, with a field changed
-  proc = run("train.py", "--config", f"configs/run.py:{workdir}", "--workdir", workdir,
-             "--config.training.num_steps=4")
+  assert f"python train.py --workdir {workdir} --config.training.num_steps=4" in proc.stdout
+  # ... with a field changed: --config.* flags on the saved config
+  proc = run("train.py", f"--workdir={workdir}", "--config.training.num_steps=4")
   assert "step 4/4" in proc.stdout, proc.stdout
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  # the long form, configs/run.py:RUN
+  proc = run("train.py", "--config", f"configs/run.py:{workdir}", f"--workdir={workdir}",
+             "--config.training.num_steps=6")
+  assert "step 6/6" in proc.stdout, proc.stdout
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  saved = glob.glob(os.path.join(workdir, "configs", "*.json"))  # one per start
+  assert sorted(json.load(open(f))["training"]["num_steps"] for f in saved) == [2, 2, 4, 6]
   proc = run("train.py", check=False)
   assert proc.returncode != 0 and "give --config" in proc.stderr
   proc = run("train.py", "--workdir", str(tmp_path), check=False)
