@@ -41,6 +41,9 @@ def main(argv):
     config = generate.load_run_config(FLAGS.workdir)
   distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
+  from scoreflow_jax.usage import usage_errors
+  with usage_errors(script_flags=False):  # bad values: one line, before any work
+    trainer.validate_config(config)
   trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir)
 
 

@@ -1,8 +1,9 @@
 """A user's errors in the scripts (sample.py, evaluate.py, train_classifier.py,
 bits_per_dim.py): one message in the script's own flags, no traceback.
 
-train.py keeps Python's tracebacks: its errors may come from a model being
-changed, where the traceback is what a researcher needs.
+train.py uses it only for the config check before a run starts; errors from
+training keep their tracebacks (they may come from a model being changed,
+where the traceback is what a researcher needs).
 """
 import contextlib
 import re
@@ -33,13 +34,14 @@ def with_script_flags(message: str) -> str:
 
 
 @contextlib.contextmanager
-def usage_errors():
+def usage_errors(script_flags=True):
   """Re-raises a user's error as ``app.UsageError`` in the script's flags.
 
   The user's errors are ``USER_ERRORS``, ``checkpointing.CheckpointError`` and
   any error whose message carries a ``--config.data.`` hint (data.py's TFDS
   errors); ``app.run`` prints their message without a traceback. Other errors
-  (bugs) keep their traceback.
+  (bugs) keep their traceback. ``script_flags=False`` keeps the hints as they
+  are (train.py, whose flags they are).
   """
   try:
     yield
@@ -48,7 +50,7 @@ def usage_errors():
   except Exception as e:  # pylint: disable=broad-except
     if not _is_users(e):
       raise
-    raise app.UsageError(with_script_flags(str(e))) from e
+    raise app.UsageError(with_script_flags(str(e)) if script_flags else str(e)) from e
 
 
 def _is_users(e):

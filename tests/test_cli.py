@@ -189,3 +189,13 @@ def test_train_config_typo_is_refused(tmp_path):
              "--config.training.batchsize=8", check=False)
   assert proc.returncode != 0 and "batchsize" in proc.stderr
   assert not (tmp_path / "r").exists()
+
+
+def test_train_bad_values_are_one_line_before_any_work(tmp_path):
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(tmp_path / "r"),
+             "--config.sampling.num_steps=0", "--config.training.max_to_keep=0", check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.rstrip().endswith("invalid config:\n  training.max_to_keep must be >= 1 "
+                                       "(how many of the latest checkpoints stay; 0 would keep "
+                                       "none), got 0\n  sampling.num_steps must be >= 1, got 0")
+  assert not (tmp_path / "r").exists()
