@@ -36,6 +36,10 @@ class ClassEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, c):
+    c = jnp.asarray(c)
+    if c.ndim != 1 or not jnp.issubdtype(c.dtype, jnp.integer):
+      raise ValueError(f"class labels must be integers of shape (B,), got {c.dtype} "
+                       f"{c.shape}")
     emb = nn.Embed(self.n_classes, self.embed_dim,
                    embedding_init=nn.initializers.normal(1.0),
                    name="embedding")(c)

@@ -68,6 +68,10 @@ class DiffusionModel:
     Each sample's key gives its sigma, its noise and its label dropout, so the
     result for a global batch does not depend on how it is sharded.
     """
+    if not jnp.issubdtype(jnp.asarray(batch["jpg"]).dtype, jnp.floating):
+      raise ValueError(f"batch['jpg'] must be float images in [-1, 1] (data."
+                       f"to_model_batch makes them from uint8), got "
+                       f"{jnp.asarray(batch['jpg']).dtype}")
     x0 = self.first_stage.encode(batch["jpg"])
     sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     cond = self.condition(params, batch, sub[:, 0])

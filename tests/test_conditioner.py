@@ -27,6 +27,10 @@ def test_labels_outside_the_table_embed_as_nan():
   params = cond.init(jax.random.key(0), batch)
   out = np.asarray(cond.apply(params, batch)["vector"])
   assert np.all(np.isnan(out[[0, 2]])) and np.all(np.isfinite(out[[1, 3]]))
+  # (B, 1) labels would have embedded as (B, 1, D) and gone to "crossattn"
+  for bad in (jnp.asarray([[3], [1]]), jnp.asarray([3.0, 1.0])):
+    with pytest.raises(ValueError, match="class labels must be integers of shape"):
+      cond.apply(params, {"cls": bad})
 
 
 def test_keys_by_rank_and_concatenation():

@@ -126,6 +126,8 @@ def test_training_loss_draws_sigma_noise_and_label_dropout_per_sample():
   assert apart.mean() > 0.9
   m = apart.sum()
   assert abs(is_dropped[apart].mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / m)
+  with pytest.raises(ValueError, match=r"batch\['jpg'\] must be float images"):
+    model.per_sample_loss(params, {"jpg": images, "cls": labels}, keys)  # uint8
 
 
 def test_denoise_takes_one_sigma_for_the_batch_and_integer_sigma():
