@@ -31,10 +31,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from scoreflow_jax import likelihood
-  if FLAGS.source == "offline" and not FLAGS.data_dir:
-    raise app.UsageError("--source offline needs --data_dir, the folder of"
-                         " MNIST's four IDX files (or use --source tfds).")
+  from scoreflow_jax import likelihood, usage
+  usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
   if FLAGS.num_images < 1:
     raise app.UsageError(f"--num_images must be >= 1, got {FLAGS.num_images}.")
   try:
@@ -42,13 +40,11 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--{e}")
   import jax
-  from scoreflow_jax import data, generate
-  from scoreflow_jax.usage import usage_errors
-  from scoreflow_jax.outputs import check_output
-  with usage_errors():
+  from scoreflow_jax import data, generate, outputs
+  with usage.usage_errors():
     generate.load_run_config(FLAGS.workdir)  # a run folder, before out is made in it
-    out = check_output(FLAGS.out or os.path.join(FLAGS.workdir, "bits_per_dim.json"),
-                       FLAGS.overwrite, "--out" if FLAGS.out else "the default --out")
+    out = outputs.results_path(FLAGS.out, os.path.join(FLAGS.workdir, "bits_per_dim.json"),
+                               FLAGS.overwrite)
     model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
     likelihood.check_density_model(model)
     images, labels = data.load_split("mnist", "test", FLAGS.source, FLAGS.data_dir)
@@ -60,11 +56,8 @@ def main(argv):
             "step": int(state.step), "weights": "ema" if FLAGS.ema else "raw",
             "workdir": os.path.abspath(FLAGS.workdir)}
   print(json.dumps(result))  # before the write: a failing write loses nothing
-  try:
-    with open(out, "w") as f:
-      json.dump(result, f, indent=2)
-  except OSError as e:
-    raise app.UsageError(f"the result above was not written to {out}: {e}")
+  with usage.usage_errors():
+    outputs.write_json(out, result, printed="the result above was")
   print(f"wrote {out}", file=sys.stderr)
 
 

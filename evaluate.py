@@ -86,17 +86,15 @@ flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw on
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from scoreflow_jax.usage import usage_errors
+  from scoreflow_jax import usage
   if FLAGS.compare:
     if FLAGS.samples or FLAGS.diagnose:
       raise app.UsageError("--compare reads results files; run --samples or"
                            " --diagnose separately.")
-    with usage_errors():
+    with usage.usage_errors():
       compare(FLAGS.compare, FLAGS.out, FLAGS.overwrite)
     return
-  if FLAGS.source == "offline" and not FLAGS.data_dir:
-    raise app.UsageError("--source offline needs --data_dir, the folder of"
-                         " MNIST's four IDX files (or use --source tfds).")
+  usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
   try:
     seeds = [int(s) for s in FLAGS.seed]
   except ValueError as e:
@@ -119,7 +117,7 @@ def main(argv):
       start_sigmas = floats(FLAGS.start_sigmas, diagnostics.DEFAULT_START_SIGMAS)
     except ValueError as e:
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
-    with usage_errors():
+    with usage.usage_errors():
       diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
                                FLAGS.classifier, sigmas, start_sigmas,
                                FLAGS.num_images, FLAGS.renoise_from,
@@ -133,7 +131,7 @@ def main(argv):
     raise app.UsageError(f"--num_samples must be >= 2 (an FD needs two samples),"
                          f" got {FLAGS.num_samples}.")
   from scoreflow_jax.eval import metrics
-  with usage_errors():
+  with usage.usage_errors():
     metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,
                                  FLAGS.source, FLAGS.num_samples, FLAGS.out, seeds,
                                  check_memorisation=FLAGS.memorisation,
@@ -145,7 +143,7 @@ def compare(specs, out=None, overwrite=False):
   import json
   import os
   from scoreflow_jax.eval import metrics
-  from scoreflow_jax.outputs import check_output
+  from scoreflow_jax.outputs import check_output, write_json
   if out:
     out = check_output(out, overwrite, "--out")
   named = {}
@@ -170,8 +168,7 @@ def compare(specs, out=None, overwrite=False):
     raise app.UsageError(f"--compare: {e}")
   print(metrics.format_comparison(rows))
   if out:
-    with open(out, "w") as f:
-      json.dump(rows, f, indent=2)
+    write_json(out, rows)
     print(f"wrote {out}")
 
 

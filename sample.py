@@ -45,10 +45,6 @@ def main(argv):
                          f"{','.join(FLAGS.classes)}")
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-  try:
-    generate.output_paths(FLAGS.out, FLAGS.overwrite)
-  except (ValueError, OSError) as e:
-    raise app.UsageError(str(e))
   interval = None
   if FLAGS.cfg_interval is not None:
     if len(FLAGS.cfg_interval) != 2:

@@ -30,15 +30,13 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process)."
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from scoreflow_jax import distributed, generate, trainer
-  config = FLAGS.config
+  from scoreflow_jax import distributed, trainer
+  config = FLAGS.config  # a run's saved one when --workdir is a run (with_run_config)
   if config is None:
-    if not FLAGS.workdir or not trainer.is_run_folder(FLAGS.workdir):
-      raise app.UsageError(
-          "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
-          "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
-          "checkpoints/ or configs/ inside)" if FLAGS.workdir else ""))
-    config = generate.load_run_config(FLAGS.workdir)
+    raise app.UsageError(
+        "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
+        "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
+        "configs/ inside)" if FLAGS.workdir else ""))
   distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
   from scoreflow_jax.usage import usage_errors

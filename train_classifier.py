@@ -28,15 +28,13 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if FLAGS.source == "offline" and not FLAGS.data_dir:
-    raise app.UsageError("--source offline needs --data_dir, the folder of"
-                         " MNIST's four IDX files (or use --source tfds).")
+  from scoreflow_jax import usage
+  usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
   if FLAGS.steps < 1 or FLAGS.batch_size < 1:
     raise app.UsageError(f"--steps and --batch_size must be >= 1, got"
                          f" {FLAGS.steps} and {FLAGS.batch_size}.")
   from scoreflow_jax.eval import classifier
-  from scoreflow_jax.usage import usage_errors
-  with usage_errors():
+  with usage.usage_errors():
     classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
                               FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout,
                               overwrite=FLAGS.overwrite)

@@ -1,7 +1,7 @@
 """The EDM denoiser: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond)."""
 import jax.numpy as jnp
 
-from scoreflow_jax.edm import append_dims, edm_scaling
+from scoreflow_jax.edm import append_dims, as_float, edm_scaling
 
 
 def denoise(network_fn, x, sigma, cond, sigma_data=0.5):
@@ -18,9 +18,7 @@ def denoise(network_fn, x, sigma, cond, sigma_data=0.5):
   network receives ``c_noise`` with shape (B,), as sgm reshapes it back to
   sigma's shape.
   """
-  sigma = jnp.asarray(sigma)
-  if not jnp.issubdtype(sigma.dtype, jnp.floating):
-    sigma = sigma.astype(jnp.float32)
+  sigma = as_float(sigma)
   if sigma.ndim == 0:
     sigma = jnp.full(x.shape[:1], sigma)
   sigma_b = append_dims(sigma, x.ndim)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _float(sigma):
+def as_float(sigma):
   """``sigma`` as a floating array (integers as float32: in their own dtype,
   sigma_data 0.5 would become 0)."""
   sigma = jnp.asarray(sigma)
@@ -24,7 +24,7 @@ def edm_scaling(sigma, sigma_data=0.5):
   c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = 0.25 log(sigma) (sgm's EDMScaling;
   the EDM paper's c_noise is the same 1/4 ln sigma).
   """
-  sigma = _float(sigma)
+  sigma = as_float(sigma)
   sd = jnp.asarray(sigma_data, sigma.dtype)
   total = sigma**2 + sd**2
   c_skip = sd**2 / total
@@ -36,7 +36,7 @@ def edm_scaling(sigma, sigma_data=0.5):
 
 def edm_weighting(sigma, sigma_data=0.5):
   """Loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2."""
-  sigma = _float(sigma)
+  sigma = as_float(sigma)
   sd = jnp.asarray(sigma_data, sigma.dtype)
   return (sigma**2 + sd**2) / (sigma * sd) ** 2
 

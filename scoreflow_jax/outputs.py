@@ -1,4 +1,5 @@
 """Output files of the scripts: checked before any work, never silently replaced."""
+import json
 import os
 
 
@@ -25,3 +26,21 @@ def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str
   if not os.access(parent, os.W_OK):
     raise PermissionError(f"{what} {path}: the folder {parent} is not writable.")
   return path
+
+
+def results_path(out, default: str, overwrite: bool = False) -> str:
+  """``check_output`` of ``out`` (a script's --out), or of ``default`` when
+  ``out`` is None or empty."""
+  if not out:
+    return check_output(default, overwrite, "the default --out")
+  return check_output(os.fspath(out), overwrite, "--out")
+
+
+def write_json(path: str, obj, printed: str = "the results above were"):
+  """Writes ``obj`` as JSON to ``path``, once its numbers were printed: a
+  failing write says so (``printed``) and loses nothing."""
+  try:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=2)
+  except OSError as e:
+    raise OSError(f"{printed} not written to {path}: {e}") from e

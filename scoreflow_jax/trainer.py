@@ -103,8 +103,7 @@ def validate_config(config):
   build_model(config)  # raises on bad model values
 
 
-def is_run_folder(workdir):
-  """Whether ``workdir`` holds a run made by train.py (checkpoints/ or configs/)."""
+def _is_run_folder(workdir):
   return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
       os.path.join(workdir, "configs"))
 
@@ -123,7 +122,7 @@ def prepare_workdir(config, workdir=None, logdir="logs"):
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a run folder. Choose "
                              "a new folder (or a run's folder to resume it).")
   if (os.path.isdir(workdir) and os.listdir(workdir)
-      and not is_run_folder(workdir)):
+      and not _is_run_folder(workdir)):
     raise FileExistsError(
         f"--workdir {workdir} exists and is not a scoreflow run folder (no "
         "checkpoints/ or configs/). Choose a new or empty folder; nothing was "

@@ -33,6 +33,13 @@ def with_script_flags(message: str) -> str:
   return message
 
 
+def check_data_flags(source, data_dir):
+  """The scripts' --source/--data_dir: offline MNIST needs its folder."""
+  if source == "offline" and not data_dir:
+    raise app.UsageError("--source offline needs --data_dir, the folder of"
+                         " MNIST's four IDX files (or use --source tfds).")
+
+
 @contextlib.contextmanager
 def usage_errors(script_flags=True):
   """Re-raises a user's error as ``app.UsageError`` in the script's flags.

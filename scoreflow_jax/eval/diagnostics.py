@@ -150,12 +150,11 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   ``<workdir>/diagnostics.json`` (or ``out``; an existing file only with
   ``overwrite``, checked before any work) and returns the results.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os
   import time
   from scoreflow_jax import data as data_lib, generate
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
-  from scoreflow_jax.outputs import check_output
+  from scoreflow_jax.outputs import results_path, write_json
   t0 = time.perf_counter()
   bad = [s for s in renoise_from if s not in ("train", "test")]
   if bad:
@@ -164,11 +163,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   if start_sigmas:
     start_sigmas = _check_sigmas(start_sigmas, "start_sigmas")
   generate.load_run_config(workdir)  # a run folder, before out is made in it
-  if out is None:
-    out, what = os.path.join(workdir, "diagnostics.json"), "the default --out"
-  else:
-    out, what = os.fspath(out), "--out"
-  out = check_output(out, overwrite, what)
+  out = results_path(out, os.path.join(workdir, "diagnostics.json"), overwrite)
   cparams = (None if classifier_path is None  # a wrong path: found before the loss part
              else classifier_lib.load_classifier(classifier_path)[0])
   model, state, config = generate.load_run(workdir, step)
@@ -239,11 +234,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
             f"({time.perf_counter() - t0:.0f} s)")
       results["renoise"]["rows"][split] = rows
     log(format_renoise_table(results))
-  try:  # the tables above were printed first: a failing write loses no number
-    with open(out, "w") as f:
-      json.dump(results, f, indent=2)
-  except OSError as e:
-    raise OSError(f"the results above were not written to {out}: {e}") from e
+  write_json(out, results)  # after the tables: a failing write loses no number
   log(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
   return results
 

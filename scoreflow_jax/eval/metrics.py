@@ -3,7 +3,6 @@
 FD is biased upward at small sample counts, so every FD is printed with its
 floor: the FD between two disjoint sets of real images of the same size.
 """
-import json
 import os
 import warnings
 
@@ -11,7 +10,7 @@ import numpy as np
 import scipy.linalg
 
 from scoreflow_jax.eval import classifier as classifier_lib
-from scoreflow_jax.outputs import check_output
+from scoreflow_jax.outputs import results_path, write_json
 
 SAMPLES_HINT = ("Make one with: python sample.py --workdir RUN"
                 " --num_per_class 1000 --out grid.png (writes grid.npz).")
@@ -528,11 +527,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   classifier_sha256 = classifier_lib.file_sha256(classifier_path)
   for images, _ in draws:
     classifier_lib.check_input_shape(params, images.shape[1:])
-  if out is None:
-    out, what = os.path.splitext(paths[0])[0] + "_eval.json", "the default --out"
-  else:
-    out, what = os.fspath(out), "--out"
-  out = check_output(out, overwrite, what)
+  out = results_path(out, os.path.splitext(paths[0])[0] + "_eval.json", overwrite)
   load = lambda split: data_lib.load_run_split("mnist", split, source, data_dir,
                                                holdout or 0)
   ref_images, ref_labels = load(reference)
@@ -568,11 +563,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   if warnings:
     results["warnings"] = warnings
   log(format_results(results))  # before the write: a failing write loses nothing
-  try:
-    with open(out, "w") as f:
-      json.dump(results, f, indent=2)
-  except OSError as e:
-    raise OSError(f"the results above were not written to {out}: {e}") from e
+  write_json(out, results)
   log(f"wrote {out}")
   return results
 
