@@ -22,7 +22,20 @@ def get_config():
   data.prefetch = 2                      # batches prepared ahead by a background thread
 
   config.model = model = ml_collections.ConfigDict()
-  model.first_stage = "identity"         # identity (pixels); only identity is implemented
+  model.first_stage = "identity"         # identity (diffusion on pixels) | kl_autoencoder (on the latents of model.autoencoder)
+  model.autoencoder = ae = ml_collections.ConfigDict()  # first_stage=kl_autoencoder: sgm's AutoencoderKL, frozen; defaults: SDXL's VAE (sd_xl_base.yaml)
+  ae.weights = ml_collections.config_dict.placeholder(str)  # its state dict in sgm/ldm naming, .safetensors or .npz (e.g. sdxl_vae.safetensors, or a whole sgm checkpoint)
+  ae.sha256 = ""                         # filled in by train.py: the weights the run trained with (checked whenever the run is loaded)
+  ae.scale_factor = 0.13025              # DiffusionEngine.scale_factor: diffusion runs on scale_factor * z (SD 1.x/2.x VAE: 0.18215)
+  ae.sample_posterior = True             # training latents drawn from the posterior, as sgm's AutoencoderKL (False: its mean)
+  ae.in_channels = 3                     # image channels (the decoder gives as many)
+  ae.embed_dim = 4                       # latent channels: the network's in_channels
+  ae.z_channels = 4
+  ae.ch = 128                            # base width (a multiple of 32: GroupNorm(32))
+  ae.ch_mult = (1, 2, 4, 4)              # width per level; each level but the last halves H, W
+  ae.num_res_blocks = 2
+  ae.attn_resolutions = ()               # nominal sizes (resolution / 2^level) with attention blocks
+  ae.resolution = 256                    # the nominal input size attn_resolutions refers to
   model.sigma_data = 0.5                 # EDMScaling(sigma_data) of the Denoiser
   model.network = "score_flow"           # score_flow | unet
   model.score_flow = sf = ml_collections.ConfigDict()

@@ -39,6 +39,9 @@ def _signature(model: dict) -> dict:
   section = dict(LEGACY_DEFAULTS.get(network, {}))
   section.update(model.get(network, {}))
   sig[network] = section
+  if model.get("first_stage") == "kl_autoencoder":
+    # The latents depend on the weights' bytes, not on where the file lies.
+    sig["autoencoder"] = {k: v for k, v in model["autoencoder"].items() if k != "weights"}
   return sig
 
 

@@ -1,22 +1,136 @@
-"""First stages: the map between data and the space diffusion runs in."""
+"""First stages: the map between data and the space diffusion runs in.
+
+Every first stage has sgm's ``encode``/``decode`` with its parameters passed
+explicitly (``encode(params, x, keys=None)``, ``decode(params, z)``), its
+frozen parameters in ``.params`` (None for the identity) and
+``latent_shape(image_shape)``. The parameters are arguments of the jitted
+train step and sampler rather than constants closed over: XLA would embed a
+closed-over 80M-parameter VAE in the compiled program.
+"""
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+
+FIRST_STAGES = ("identity", "kl_autoencoder")
 
 
 class IdentityFirstStage:
   """sgm's IdentityFirstStage: diffusion runs on pixels (MNIST, CIFAR)."""
+  params = None
 
-  def encode(self, x):
+  def encode(self, params, x, keys=None):
+    del params, keys
     return x
 
-  def decode(self, z):
+  def decode(self, params, z):
+    del params
     return z
 
+  def latent_shape(self, image_shape):
+    return tuple(image_shape)
 
-FIRST_STAGES = {"identity": IdentityFirstStage}
+
+class KLAutoencoderFirstStage:
+  """sgm's ``AutoencoderKL`` as a frozen first stage of a ``DiffusionEngine``.
+
+  ``encode`` is the engine's ``encode_first_stage``: ``scale_factor`` times a
+  draw from the posterior N(mean, exp(logvar)) (sgm's
+  ``DiagonalGaussianRegularizer(sample=True)``), one key per sample, or its
+  mean when ``keys`` is None or ``sample`` is False. ``decode`` is
+  ``decode_first_stage``: the decoder of ``z / scale_factor``.
+  """
+
+  def __init__(self, module, params, scale_factor: float, sample: bool = True,
+               sha256: str = ""):
+    self.module, self.params = module, params
+    self.scale_factor, self.sample, self.sha256 = scale_factor, sample, sha256
+
+  def encode(self, params, x, keys=None):
+    mean, logvar = self.module.apply(params, x, method="moments")
+    z = mean
+    if keys is not None and self.sample:
+      noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+      z = mean + jnp.exp(0.5 * logvar) * noise
+    return self.scale_factor * z
+
+  def decode(self, params, z):
+    return self.module.apply(params, z / self.scale_factor, method="decode")
+
+  def latent_shape(self, image_shape):
+    return self.module.latent_shape(tuple(image_shape))
 
 
-def get_first_stage(name: str):
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def build_autoencoder(a):
+  """The Flax ``AutoencoderKL`` of ``config.model.autoencoder`` (no weights)."""
+  from scoreflow_jax.networks.autoencoder import AutoencoderKL
+  return AutoencoderKL(
+      embed_dim=a.embed_dim, ch=a.ch, ch_mult=tuple(a.ch_mult),
+      num_res_blocks=a.num_res_blocks, attn_resolutions=tuple(a.attn_resolutions),
+      resolution=a.resolution, in_channels=a.in_channels, out_ch=a.in_channels,
+      z_channels=a.z_channels, double_z=True)
+
+
+def check_autoencoder_config(a):
+  """Bad values of ``config.model.autoencoder``, named, before any loading."""
+  if a.ch < 32 or a.ch % 32:
+    raise ValueError(f"config.model.autoencoder.ch must be a multiple of 32 (sgm's "
+                     f"GroupNorm has 32 groups), got {a.ch}")
+  if not a.ch_mult or any(int(m) < 1 for m in a.ch_mult):
+    raise ValueError("config.model.autoencoder.ch_mult must be a non-empty tuple of "
+                     f"integers >= 1, got {tuple(a.ch_mult)}")
+  if a.num_res_blocks < 1 or a.z_channels < 1 or a.embed_dim < 1 or a.in_channels < 1:
+    raise ValueError("config.model.autoencoder.num_res_blocks, z_channels, embed_dim "
+                     "and in_channels must be >= 1, got "
+                     f"{a.num_res_blocks}, {a.z_channels}, {a.embed_dim}, {a.in_channels}")
+  if not a.scale_factor > 0:
+    raise ValueError("config.model.autoencoder.scale_factor must be > 0 (SDXL's VAE: "
+                     f"0.13025, SD 1.x/2.x: 0.18215), got {a.scale_factor}")
+  if not a.weights:
+    raise ValueError("first_stage 'kl_autoencoder' needs its weights: set "
+                     "--config.model.autoencoder.weights=/path/to/vae.safetensors (an "
+                     "sgm/ldm AutoencoderKL state dict, .safetensors or .npz)")
+
+
+def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
+  """The KL first stage of ``config.model.autoencoder``, weights loaded and checked."""
+  from scoreflow_jax.networks import autoencoder as ae
+  check_autoencoder_config(a)
+  path = os.path.expanduser(a.weights)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no autoencoder weights at {path} "
+                            "(config.model.autoencoder.weights)")
+  sha256 = file_sha256(path)
+  if a.sha256 and a.sha256 != sha256:
+    raise ValueError(f"the autoencoder weights at {path} are not the ones this run "
+                     f"was trained with: sha256 {sha256[:12]}..., the run's config "
+                     f"says {a.sha256[:12]}...; point --config.model.autoencoder.weights "
+                     "at the file the run used")
+  module = build_autoencoder(a)
+  try:
+    params = ae.params_from_state_dict(module, ae.load_state_dict(path))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  params = jax.tree.map(jnp.asarray, params)
+  return KLAutoencoderFirstStage(module, params, float(a.scale_factor),
+                                 bool(a.sample_posterior), sha256)
+
+
+def get_first_stage(model_config):
+  """The first stage of ``config.model`` (``first_stage`` and ``autoencoder``)."""
+  name = model_config.first_stage
   if name not in FIRST_STAGES:
-    raise ValueError(f"unknown first stage {name!r}; choose one of "
-                     f"{sorted(FIRST_STAGES)} (a KL autoencoder for latents is "
-                     "not implemented yet)")
-  return FIRST_STAGES[name]()
+    raise ValueError(f"unknown first stage {name!r}; choose one of {FIRST_STAGES} "
+                     "(config.model.first_stage)")
+  if name == "identity":
+    return IdentityFirstStage()
+  return load_kl_autoencoder(model_config.autoencoder)

@@ -28,7 +28,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
   scale = sc.cfg_scale if cfg_scale is None else cfg_scale
   sampler = samplers.get_sampler(sc.sampler)
 
-  def generate(params, labels, z, key_data):
+  def generate(params, first_stage_params, labels, z, key_data):
     key = jax.random.wrap_key_data(key_data)
     batch = {"cls": labels}
     cond, uncond = model.unconditional(params, batch)
@@ -38,14 +38,14 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
     x = sampler(guiders.close_over(guided, cond, uncond), z,
                 num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                 sigma_max=sc.sigma_max, rho=sc.rho, key=key, **sampler_options)
-    return model.first_stage.decode(x)
+    return model.first_stage.decode(first_stage_params, x)
 
   if mesh is None:
     jitted = jax.jit(generate)
     place = lambda x, spec: x
   else:
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-    jitted = jax.jit(generate, in_shardings=(rep, shard, shard, rep),
+    jitted = jax.jit(generate, in_shardings=(rep, rep, shard, shard, rep),
                      out_shardings=shard)
 
     def place(x, spec):
@@ -55,11 +55,17 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
       return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
                                           lambda idx: x[idx])
 
+  # The first stage's frozen weights are an argument of the sampler, placed once.
+  fs_params = model.first_stage.params
+  if fs_params is not None and mesh is not None:
+    from scoreflow_jax.train_step import replicate
+    fs_params = replicate(fs_params, mesh)
+
   def fn(params, labels, key, image_shape):
     k_z, k_s = jax.random.split(key)
-    z = np.asarray(jax.random.normal(k_z, (len(labels),) + tuple(image_shape),
-                                     jnp.float32))
-    out = jitted(params, place(np.asarray(labels, np.int32), P(AXIS)),
+    shape = model.first_stage.latent_shape(image_shape)
+    z = np.asarray(jax.random.normal(k_z, (len(labels),) + tuple(shape), jnp.float32))
+    out = jitted(params, fs_params, place(np.asarray(labels, np.int32), P(AXIS)),
                  place(z, P(AXIS)), place(jax.random.key_data(k_s), P()))
     if not out.is_fully_addressable:
       from jax.experimental import multihost_utils

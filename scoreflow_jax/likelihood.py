@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scoreflow_jax import first_stage as first_stage_lib
 
 SIGMA_HINT = ("q(x | sigma) is the density of the dequantised images plus"
               " Gaussian noise of std sigma, and the network takes log(sigma) as"
@@ -22,6 +23,10 @@ SIGMA_HINT = ("q(x | sigma) is the density of the dequantised images plus"
 
 def check_density_model(model):
   """Raises ValueError unless ``model``'s network has a normalised density."""
+  if not isinstance(model.first_stage, first_stage_lib.IdentityFirstStage):
+    raise ValueError("bits/dim is of images, so it needs a model that diffuses pixels "
+                     "(config.model.first_stage='identity'); this run diffuses "
+                     "autoencoder latents")
   if getattr(model.network, "parameterization", None) != "density":
     raise ValueError("bits/dim needs a network with parameterization='density' "
                      "(flow_type 'conditional' or 'conv'); see configs/mnist_density.py")

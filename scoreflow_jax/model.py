@@ -41,7 +41,9 @@ class DiffusionModel:
     k_cond, k_net = jax.random.split(key)
     cond_params = self.conditioner.init(k_cond, batch)
     cond = self.conditioner.apply(cond_params, batch)
-    x = self.first_stage.encode(batch["jpg"])
+    images = jnp.asarray(batch["jpg"])
+    x = jnp.zeros(images.shape[:1] + self.first_stage.latent_shape(images.shape[1:]),
+                  images.dtype)
     sigma = jnp.ones((x.shape[0],), x.dtype)
     net_params = self.network.init(k_net, x, jnp.log(sigma), cond)
     return {"conditioner": cond_params["params"], "network": net_params["params"]}
@@ -62,17 +64,26 @@ class DiffusionModel:
         {"params": params["network"]}, x_in, c_noise, cond)
     return lambda x, sigma, cond: denoise(net, x, sigma, cond, self.sigma_data)
 
-  def per_sample_loss(self, params, batch, keys):
+  def per_sample_loss(self, params, batch, keys, first_stage_params=None):
     """Training loss (B,) and sigma (B,) with one typed key per sample.
 
-    Each sample's key gives its sigma, its noise and its label dropout, so the
-    result for a global batch does not depend on how it is sharded.
+    Each sample's key gives its sigma, its noise, its label dropout and (with
+    a KL first stage) its posterior draw, so the result for a global batch
+    does not depend on how it is sharded. ``first_stage_params``: the first
+    stage's frozen parameters (``self.first_stage.params`` when None, which
+    a jitted caller would compile in as constants: the train step passes
+    them as an argument).
     """
     if not jnp.issubdtype(jnp.asarray(batch["jpg"]).dtype, jnp.floating):
       raise ValueError(f"batch['jpg'] must be float images in [-1, 1] (data."
                        f"to_model_batch makes them from uint8), got "
                        f"{jnp.asarray(batch['jpg']).dtype}")
-    x0 = self.first_stage.encode(batch["jpg"])
+    if first_stage_params is None:
+      first_stage_params = self.first_stage.params
+    # A third stream for the posterior draw; the identity stage draws nothing,
+    # so pixel-space runs keep the keys they always had.
+    x0 = jax.lax.stop_gradient(self.first_stage.encode(
+        first_stage_params, batch["jpg"], jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)))
     sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     cond = self.condition(params, batch, sub[:, 0])
     sigma, noise = loss_lib.per_sample_sigma_and_noise(
@@ -170,7 +181,7 @@ def build_model(config) -> DiffusionModel:
     network = _build_unet(m.unet)
   return DiffusionModel(
       network=network, conditioner=cond,
-      first_stage=first_stage_lib.get_first_stage(m.first_stage),
+      first_stage=first_stage_lib.get_first_stage(m),
       sigma_data=m.sigma_data, loss_type=config.loss.type,
       loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
       p_std=config.loss.p_std,

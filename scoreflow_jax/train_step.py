@@ -113,7 +113,9 @@ def _sigma_bin_stats(per_sample, sigma):
 
 def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
                     posthoc_stds=()):
-  """Returns ``step(state, batch) -> (state, metrics)``, jitted, state donated.
+  """Returns ``step(state, batch, first_stage_params=None) -> (state, metrics)``,
+  jitted, state donated; ``first_stage_params`` (replicated) are the first
+  stage's frozen weights, None for the identity.
 
   The step updates sgm's EMA (``ema_decay``) and, with ``posthoc_stds``, one
   power-function EMA per entry (``state.phema_params``, created with the same
@@ -125,7 +127,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
   number of devices.
   """
 
-  def per_device(state, batch):
+  def per_device(state, batch, first_stage_params):
     local_b = batch["jpg"].shape[0]
     first = jax.lax.axis_index(AXIS) * local_b
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -133,7 +135,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
         first + jnp.arange(local_b))
 
     def loss_fn(params):
-      per_sample, sigma = model.per_sample_loss(params, batch, keys)
+      per_sample, sigma = model.per_sample_loss(params, batch, keys, first_stage_params)
       return jnp.mean(per_sample), (per_sample, sigma)
 
     (loss, (per_sample, sigma)), grads = jax.value_and_grad(
@@ -164,9 +166,16 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
   # check_vma=False gives pmap's semantics: gradients of the replicated
   # parameters are per-device until the explicit pmean (with vma checking,
   # JAX would psum them implicitly and the pmean would double count).
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                           out_specs=(P(), P()), check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
+  jitted = jax.jit(sharded, donate_argnums=(0,))
+
+  def step(state, batch, first_stage_params=None):
+    # The first stage's frozen weights are an argument, not a constant of the
+    # compiled step (``replicate`` them once; None for the identity).
+    return jitted(state, batch, first_stage_params)
+
+  return step
 
 
 def replicate(tree, mesh: Mesh):

@@ -8,6 +8,7 @@ Run folder (the reference design's layout)::
     images/train/         EMA sample grids, one row per class
     events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
 """
+import functools
 import os
 import time
 
@@ -100,7 +101,28 @@ def validate_config(config):
                     f"validation), got {config.data.holdout}")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-  build_model(config)  # raises on bad model values
+  model = build_model(config)  # raises on bad model values
+  shape = data_lib.image_shape(config.data)
+  model.first_stage.latent_shape(shape)  # raises on images the first stage cannot take
+  _check_channels(config, shape[-1])
+
+
+def _check_channels(config, data_channels):
+  """The data's channels against the first stage's and the network's."""
+  m = config.model
+  net_channels = m[m.network].in_channels
+  if m.first_stage == "kl_autoencoder":
+    a = m.autoencoder
+    if data_channels != a.in_channels:
+      raise ValueError(f"the data has {data_channels} channels but "
+                       f"model.autoencoder.in_channels={a.in_channels}")
+    if net_channels != a.embed_dim:
+      raise ValueError(f"model.{m.network}.in_channels={net_channels} must be the "
+                       f"autoencoder's latent channels, model.autoencoder.embed_dim="
+                       f"{a.embed_dim}")
+  elif data_channels != net_channels:
+    raise ValueError(f"the data has {data_channels} channels but "
+                     f"model.{m.network}.in_channels={net_channels}")
 
 
 def _is_run_folder(workdir):
@@ -241,8 +263,9 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
   """Fills the Gaussian base's statistics (params and EMA) from the training set."""
   from scoreflow_jax.networks import gaussian_base as gaussian_lib
   t0 = time.perf_counter()
+  # Fitted to the first stage's posterior means (its latents without the draw).
   encode = jax.jit(model.first_stage.encode)
-  x = np.concatenate([np.asarray(encode(data_lib.to_model_batch(
+  x = np.concatenate([np.asarray(encode(model.first_stage.params, data_lib.to_model_batch(
       images[i:i + 1000], labels[i:i + 1000])["jpg"])) for i in range(0, len(images), 1000)])
   sf, n_classes = config.model.score_flow, config.model.conditioner.n_classes
   if sf.gaussian_components == 1:
@@ -284,15 +307,15 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   if images.shape[1:] != data_lib.image_shape(config.data):
     raise ValueError(f"data images are {images.shape[1:]}, expected "
                      f"{data_lib.image_shape(config.data)} for data.name={config.data.name!r}")
-  net = config.model.network
-  if images.shape[-1] != config.model[net].in_channels:
-    raise ValueError(f"the data has {images.shape[-1]} channels but "
-                     f"model.{net}.in_channels={config.model[net].in_channels}")
+  _check_channels(config, images.shape[-1])
   if int(labels.max()) >= config.model.conditioner.n_classes:
     raise ValueError(f"labels go up to {int(labels.max())} but "
                      f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
 
   model = build_model(config)
+  if config.model.first_stage == "kl_autoencoder":
+    # The run's config records the weights it trains with (checked on every load).
+    config.model.autoencoder.sha256 = model.first_stage.sha256
   tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
   sample = data_lib.to_model_batch(images[:1], labels[:1])
   stds = checkpointing.posthoc_stds(config)
@@ -342,7 +365,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         f" snapshots are the checkpoints kept every {t.keep_every} steps"
         + ("" if t.keep_every else " -- none with training.keep_every=0: only the latest "
            "checkpoints will be there to reconstruct from"))
-  step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay, stds)
+  step_fn = functools.partial(
+      ts.make_train_step(model, tx, schedule, mesh, config.ema.decay, stds),
+      first_stage_params=(None if model.first_stage.params is None
+                          else ts.replicate(model.first_stage.params, mesh)))
   batches = data_lib.BatchIterator(
       images, labels, t.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -146,8 +146,8 @@ def _stop_on_time_after(monkeypatch, n, nonfinite_at=None):
   def make_counted(*args, **kwargs):
     step_fn = make(*args, **kwargs)
 
-    def counted(state, batch):
-      state, metrics = step_fn(state, batch)
+    def counted(state, batch, **kwargs):
+      state, metrics = step_fn(state, batch, **kwargs)
       calls[0] += 1
       if calls[0] == nonfinite_at:
         metrics = dict(metrics, finite=jnp.asarray(False))

@@ -199,7 +199,8 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   encoded = {}  # split -> (x0 in the denoiser's space, conditioning), for both parts
   for split, (images, labels) in splits.items():
     batch = data_lib.to_model_batch(images, labels)
-    encoded[split] = (model.first_stage.encode(jnp.asarray(batch["jpg"])),
+    encoded[split] = (model.first_stage.encode(model.first_stage.params,  # the mean
+                                               jnp.asarray(batch["jpg"])),
                       model.condition(params, batch))
 
   for split in splits:
@@ -228,7 +229,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
                              num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                              rho=sc.rho)
         out_images = np.clip(np.asarray(model.first_stage.decode(
-            jnp.asarray(out_images))), -1.0, 1.0)
+            model.first_stage.params, jnp.asarray(out_images))), -1.0, 1.0)
         rows.append({"sigma_start": float(s), **score(out_images, labels)})
         log(f"  {split} images from sigma {s:g}: FD {rows[-1]['fd']:.2f} "
             f"({time.perf_counter() - t0:.0f} s)")

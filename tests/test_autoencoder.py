@@ -1,0 +1,275 @@
+"""The KL-autoencoder first stage: sgm's numbers, weight loading, and latent
+diffusion through the train step, the trainer and the sampler."""
+import json
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mnist
+from scoreflow_jax import data, first_stage as first_stage_lib, generate
+from scoreflow_jax import model as model_lib, trainer
+from scoreflow_jax import train_step as ts
+from scoreflow_jax.networks import autoencoder as ae
+from tests import kl_weights
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "sgm_kl_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def reference():
+  with np.load(REFERENCE) as f:
+    ref = {k: f[k] for k in f.files}
+  config = json.loads(str(ref["config"]))
+  module = ae.AutoencoderKL(
+      embed_dim=config["embed_dim"], ch=config["ch"], ch_mult=tuple(config["ch_mult"]),
+      num_res_blocks=config["num_res_blocks"],
+      attn_resolutions=tuple(config["attn_resolutions"]),
+      resolution=config["resolution"], in_channels=config["in_channels"],
+      out_ch=config["out_ch"], z_channels=config["z_channels"])
+  names_shapes = list(zip(ref["names"].tolist(), json.loads(str(ref["shapes"]))))
+  state_dict = kl_weights.deterministic_state_dict(names_shapes, seed=0)
+  return module, state_dict, ref
+
+
+nchw = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))
+nhwc = lambda a: np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def test_matches_sgm_in_float64(reference, x64):
+  # bench/make_kl_reference.py ran sgm's own Encoder/Decoder/DiagonalGaussian
+  # (torch, float64) on these weights and inputs.
+  module, state_dict, ref = reference
+  params = ae.params_from_state_dict(module, state_dict, dtype=np.float64)
+  x, z = jnp.asarray(nhwc(ref["x"])), jnp.asarray(nhwc(ref["z"]))
+  h = module.apply(params, x, method=lambda m, x: m.encoder(x))
+  mean, logvar = module.apply(params, x, method="moments")
+  decoded = module.apply(params, z, method="decode")
+  assert mean.dtype == jnp.float64
+  for ours, name in ((h, "h"), (mean, "mean"), (logvar, "logvar"), (decoded, "decoded")):
+    np.testing.assert_allclose(nchw(ours), ref[name], rtol=1e-9, atol=1e-10, err_msg=name)
+  np.testing.assert_allclose(ae.kl_divergence(mean, logvar), ref["kl"], rtol=1e-10)
+  # the sgm state dict's names are exactly what the port reads and writes
+  assert sorted(ae.state_dict_from_params(params)) == sorted(ref["names"].tolist())
+
+
+def test_state_dict_variants_and_errors(reference, tmp_path):
+  module, state_dict, ref = reference
+  params = ae.params_from_state_dict(module, state_dict)
+  # a whole sgm checkpoint: the first stage under first_stage_model., other parts ignored
+  whole = {"first_stage_model." + k: v for k, v in state_dict.items()}
+  whole["model.diffusion_model.out.0.weight"] = np.zeros(3)
+  chex.assert_trees_all_equal(ae.params_from_state_dict(module, whole), params)
+  # an autoencoder's own training checkpoint: its loss modules are skipped
+  chex.assert_trees_all_equal(ae.params_from_state_dict(
+      module, dict(state_dict, **{"loss.logvar": np.zeros(())})), params)
+  # attention projections stored as Linear (O, I), as some converters write them
+  linear = dict(state_dict)
+  linear["encoder.mid.attn_1.q.weight"] = state_dict["encoder.mid.attn_1.q.weight"][..., 0, 0]
+  chex.assert_trees_all_equal(ae.params_from_state_dict(module, linear), params)
+
+  missing = dict(state_dict)
+  del missing["decoder.conv_out.bias"]
+  with pytest.raises(ValueError, match=r"missing: decoder\.conv_out\.bias"):
+    ae.params_from_state_dict(module, missing)
+  with pytest.raises(ValueError, match=r"unexpected: encoder\.extra\.weight"):
+    ae.params_from_state_dict(module, dict(state_dict, **{"encoder.extra.weight": np.ones(2)}))
+  # a checkpoint of another ddconfig (ch 64 instead of 32) names the fields to set
+  wider = ae.AutoencoderKL(embed_dim=4, ch=64, ch_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8,), resolution=16)
+  with pytest.raises(ValueError, match=r"wrong shape: .*ch, ch_mult, num_res_blocks"):
+    ae.params_from_state_dict(wider, state_dict)
+
+
+def test_safetensors_files(reference, tmp_path):
+  _, state_dict, _ = reference
+  small = {k: v for k, v in list(state_dict.items())[:6]}
+  for dtype in (np.float32, np.float16, np.float64):
+    path = str(tmp_path / f"w_{np.dtype(dtype).name}.safetensors")
+    ae.save_safetensors({k: v.astype(dtype) for k, v in small.items()}, path)
+    back = ae.load_state_dict(path)
+    assert sorted(back) == sorted(small)
+    for k, v in small.items():
+      assert back[k].dtype == dtype and back[k].shape == v.shape
+      np.testing.assert_array_equal(back[k], v.astype(dtype))
+  # bfloat16, as SDXL's fp16-fix VAEs and many trainers save: its top 16 bits of float32
+  value = np.array([1.5, -2.25, 3.0e-3], np.float32)
+  raw = (value.view(np.uint32) >> 16).astype("<u2").tobytes()
+  header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
+  path = str(tmp_path / "bf16.safetensors")
+  with open(path, "wb") as f:
+    f.write(len(header).to_bytes(8, "little") + header + raw)
+  np.testing.assert_allclose(ae.load_state_dict(path)["w"], value, rtol=1e-2)
+  np.savez(str(tmp_path / "w.npz"), **small)
+  assert sorted(ae.load_state_dict(str(tmp_path / "w.npz"))) == sorted(small)
+  with pytest.raises(ValueError, match="safetensors.torch.save_file"):
+    ae.load_state_dict(str(tmp_path / "vae.ckpt"))
+  (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{notjson")
+  with pytest.raises(ValueError, match="is not a safetensors file"):
+    ae.load_state_dict(str(tmp_path / "junk.safetensors"))
+
+
+def test_first_stage_encode_decode(reference):
+  # DiffusionEngine: encode_first_stage = scale * (posterior draw), decode
+  # divides by the scale first; one key per sample.
+  module, state_dict, ref = reference
+  params = ae.params_from_state_dict(module, state_dict)
+  stage = first_stage_lib.KLAutoencoderFirstStage(module, params, scale_factor=0.5)
+  x = jnp.asarray(nhwc(ref["x"]), jnp.float32)
+  mean, logvar = module.apply(params, x, method="moments")
+  keys = jax.random.split(jax.random.key(3), 2)
+  noise = jnp.stack([jax.random.normal(k, mean.shape[1:]) for k in keys])
+  np.testing.assert_allclose(stage.encode(params, x, keys),
+                             0.5 * (mean + jnp.exp(0.5 * logvar) * noise), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(stage.encode(params, x), 0.5 * mean, rtol=1e-6)
+  # each sample's draw depends on its own key only
+  swapped = stage.encode(params, x[::-1], keys[::-1])
+  np.testing.assert_allclose(swapped[::-1], stage.encode(params, x, keys), rtol=1e-6, atol=1e-6)
+  mode_only = first_stage_lib.KLAutoencoderFirstStage(module, params, 0.5, sample=False)
+  np.testing.assert_allclose(mode_only.encode(params, x, keys), 0.5 * mean, rtol=1e-6)
+  z = jnp.asarray(nhwc(ref["z"]), jnp.float32)
+  np.testing.assert_allclose(stage.decode(params, 0.5 * z), nhwc(ref["decoded"]),
+                             rtol=2e-4, atol=2e-4)
+  assert stage.latent_shape((16, 16, 3)) == (8, 8, 4)
+  with pytest.raises(ValueError, match="sides divisible by 2"):
+    stage.latent_shape((15, 16, 3))
+
+
+# --- latent diffusion end to end: a tiny autoencoder for 28x28x1 images -------------
+
+def _write_weights(path, seed=0):
+  module = ae.AutoencoderKL(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+  ae.save_safetensors(ae.state_dict_from_params(params), str(path))
+
+
+def latent_config(weights, **training):
+  config = mnist.get_config("tiny")
+  config.model.first_stage = "kl_autoencoder"
+  a = config.model.autoencoder
+  a.weights, a.in_channels, a.ch, a.ch_mult = str(weights), 1, 32, (1, 2)
+  a.num_res_blocks, a.resolution, a.scale_factor = 1, 28, 0.7
+  config.model.score_flow.in_channels = 4
+  config.training.image_every = 0
+  for k, v in training.items():
+    config.training[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+  _write_weights(path)
+  return path
+
+
+def test_loss_is_the_pixel_loss_of_the_encoded_batch(weights):
+  # sgm's shared_step: encode_first_stage, then the loss on the latents. The
+  # KL model's loss equals a latent-space model's loss on the latents drawn
+  # with each sample's third key stream.
+  config = latent_config(weights)
+  model = model_lib.build_model(config)
+  images, labels = data.make_synthetic(8)
+  batch = data.to_model_batch(images, labels)
+  params = model.init(jax.random.key(0), batch)
+  keys = jax.random.split(jax.random.key(1), 8)
+  fs = model.first_stage
+  latents = fs.encode(fs.params, jnp.asarray(batch["jpg"]),
+                      jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
+  assert latents.shape == (8, 14, 14, 4)
+  pixel_space = model_lib.DiffusionModel(
+      network=model.network, conditioner=model.conditioner,
+      first_stage=first_stage_lib.IdentityFirstStage(), sigma_data=model.sigma_data)
+  ours, sigma = jax.jit(model.per_sample_loss)(params, batch, keys, fs.params)
+  theirs, sigma2 = jax.jit(pixel_space.per_sample_loss)(
+      params, {"jpg": latents, "cls": batch["cls"]}, keys)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+  np.testing.assert_array_equal(sigma, sigma2)
+  # the posterior draw matters: the loss on its mean differs
+  mean_only = jax.jit(pixel_space.per_sample_loss)(
+      params, {"jpg": fs.encode(fs.params, jnp.asarray(batch["jpg"])), "cls": batch["cls"]},
+      keys)[0]
+  assert not np.allclose(ours, mean_only, rtol=1e-3)
+
+
+def test_latent_train_step_same_on_1_and_4_devices(weights):
+  config = latent_config(weights)
+  model = model_lib.build_model(config)
+  tx, schedule = ts.make_optimizer(config.optim, 100)
+  images, labels = data.make_synthetic(16)
+  batch = data.to_model_batch(images, labels)
+  results = {}
+  for n in (1, 4):
+    mesh = ts.make_mesh(jax.devices()[:n])
+    state = ts.replicate(ts.create_train_state(model, tx, jax.random.key(0), batch), mesh)
+    step = ts.make_train_step(model, tx, schedule, mesh, 0.99)
+    fs_params = ts.replicate(model.first_stage.params, mesh)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, ts.global_batch(batch, mesh), fs_params)
+      losses.append(float(metrics["loss"]))
+    results[n] = (jax.device_get(state.params), losses)
+  chex.assert_trees_all_close(results[4][0], results[1][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(results[4][1], results[1][1], rtol=1e-5)
+  # the network sees latents: its flow is over 14 * 14 * 4 features
+  assert model.first_stage.latent_shape((28, 28, 1)) == (14, 14, 4)
+
+
+def test_train_and_sample_latent_run(weights, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=2)
+  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  saved = generate.load_run_config(workdir)
+  assert saved.model.first_stage == "kl_autoencoder"
+  assert saved.model.autoencoder.sha256 == first_stage_lib.file_sha256(str(weights))
+  out = str(tmp_path / "grid.png")
+  generate.sample_from_run(workdir, out, num_per_class=1, classes=[0, 3], num_steps=2,
+                           log=lambda s: None)
+  with np.load(out[:-4] + ".npz") as f:
+    images = f["images"]
+  assert images.shape == (2, 28, 28, 1)  # decoded to pixels
+  assert np.isfinite(images).all() and images.std() > 0
+
+  # other weights under the run's path: refused, naming the file, and nothing written
+  _write_weights(weights.parent / "other.safetensors", seed=1)
+  original = str(weights) + ".orig"
+  shutil.copy(weights, original)
+  try:
+    shutil.copy(weights.parent / "other.safetensors", weights)
+    with pytest.raises(ValueError, match="not the ones this run was trained with"):
+      generate.sample_from_run(workdir, str(tmp_path / "grid2.png"), num_per_class=1,
+                               log=lambda s: None)
+    assert not os.path.exists(tmp_path / "grid2.png")
+  finally:
+    shutil.copy(original, weights)
+
+
+def test_config_errors(weights, tmp_path):
+  config = latent_config(weights)
+  config.model.score_flow.in_channels = 1
+  with pytest.raises(ValueError, match=r"must be the autoencoder's latent channels.*embed_dim=4"):
+    trainer.validate_config(config)
+  config = latent_config(tmp_path / "nowhere.safetensors")
+  with pytest.raises(FileNotFoundError, match="no autoencoder weights at"):
+    trainer.validate_config(config)
+  config = latent_config(weights)
+  config.model.autoencoder.weights = None
+  with pytest.raises(ValueError, match="needs its weights"):
+    trainer.validate_config(config)
+  config = latent_config(weights)
+  config.data.image_size = 27  # the autoencoder halves the sides once
+  with pytest.raises(ValueError, match="sides divisible by 2"):
+    trainer.validate_config(config)
+  config = latent_config(weights)
+  config.model.autoencoder.ch = 48
+  with pytest.raises(ValueError, match="multiple of 32"):
+    trainer.validate_config(config)
+  config = latent_config(weights)
+  config.model.first_stage = "vq"
+  with pytest.raises(ValueError, match="unknown first stage 'vq'"):
+    trainer.validate_config(config)
