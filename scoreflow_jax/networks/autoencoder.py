@@ -310,12 +310,15 @@ def state_dict_from_params(params) -> Dict[str, np.ndarray]:
   return out
 
 
-def save_safetensors(state_dict: Dict[str, np.ndarray], path: str):
-  """Writes named float arrays as a ``.safetensors`` file (readable by torch)."""
+def save_safetensors(state_dict: Dict[str, np.ndarray], path: str, metadata=None):
+  """Writes named float arrays as a ``.safetensors`` file (readable by torch),
+  with ``metadata`` (str -> str) in its header."""
   import json
   names = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
            np.dtype(np.float16): "F16"}
   header, chunks, offset = {}, [], 0
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   for name in sorted(state_dict):
     array = np.ascontiguousarray(state_dict[name])
     if array.dtype not in names:

@@ -1,0 +1,31 @@
+"""MNIST diffused in the latents of a small KL autoencoder (latent diffusion).
+
+The first stage is sgm's AutoencoderKL as train_autoencoder.py trains it by
+default (ch 32, ch_mult (1, 2, 2), one ResnetBlock per level, 4 latent
+channels): 28x28x1 images become 7x7x4 latents (196 numbers instead of 784),
+and samples are decoded back to pixels. The network is configs/mnist_mixture.py's
+MLP flow on a per-class Gaussian-mixture base, here fitted to the latents.
+Train the autoencoder first, then pass its weights:
+
+  python train_autoencoder.py --data_dir /path/to/mnist --out vae.safetensors
+  python train.py --config configs/mnist_latent.py \\
+    --config.data.source=offline --config.data.data_dir=/path/to/mnist \\
+    --config.model.autoencoder.weights=vae.safetensors \\
+    --config.model.autoencoder.scale_factor=S
+
+with S the scale_factor train_autoencoder.py printed (1 / the latents' std).
+"""
+from configs import mnist_mixture
+
+
+def get_config(arg=None):
+  config = mnist_mixture.get_config(arg)
+  config.run_name = config.run_name.replace("mnist-mixture", "mnist-latent", 1)
+  config.model.first_stage = "kl_autoencoder"
+  a = config.model.autoencoder
+  a.in_channels, a.resolution = 1, 28
+  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions = 32, (1, 2, 2), 1, ()
+  a.embed_dim = a.z_channels = 4
+  a.scale_factor = 1.0  # set it to what train_autoencoder.py printed
+  config.model.score_flow.in_channels = a.embed_dim
+  return config

@@ -1,0 +1,168 @@
+"""Training a small KL autoencoder to use as a first stage (train_autoencoder.py).
+
+The loss is sgm's ``LPIPSWithDiscriminator`` without its perceptual and GAN
+terms and with its learnt log-variance fixed at 0: per image, the L1
+reconstruction error summed over pixels of a decode of a *posterior draw*,
+plus ``kl_weight`` times KL(q(z|x) || N(0, I)) (Stable Diffusion's VAEs:
+1e-6), averaged over the batch. Enough for MNIST; a VAE for natural images
+needs the perceptual and adversarial terms (or released weights: the first
+stage loads any sgm/ldm AutoencoderKL state dict).
+"""
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scoreflow_jax.networks import autoencoder as ae
+from scoreflow_jax.run_logging import format_duration
+
+
+def loss_terms(module, params, x, key):
+  """``(per-image L1 sum, per-image KL)`` of one batch, the decode of a draw."""
+  mean, logvar = module.apply(params, x, method="moments")
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  rec = module.apply(params, z, method="decode")
+  axes = tuple(range(1, x.ndim))
+  return jnp.sum(jnp.abs(x - rec), axis=axes), ae.kl_divergence(mean, logvar)
+
+
+def train(module, images, steps: int, batch_size: int = 64, learning_rate: float = 1e-3,
+          kl_weight: float = 1e-6, seed: int = 0, log=print, log_every: int = 100):
+  """Trains ``module`` on ``images`` (float NHWC in [-1, 1]); returns params.
+
+  Adam with a cosine decay to 1% of ``learning_rate``; batches are drawn from
+  a fresh permutation each epoch of ``np.random.default_rng(seed)``.
+  """
+  if steps < 1 or not 0 < batch_size <= len(images):
+    raise ValueError(f"need steps >= 1 (got {steps}) and 0 < batch_size <= "
+                     f"{len(images)} (got {batch_size})")
+  if kl_weight < 0:
+    raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+  key = jax.random.key(seed)
+  # init draws from fold_in(key, steps); step s from fold_in(key, s)
+  params = jax.jit(module.init)(jax.random.fold_in(key, steps), images[:1])
+  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, 0.01))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step_fn(params, opt_state, x, step):
+    def loss_fn(p):
+      rec, kl = loss_terms(module, p, x, jax.random.fold_in(key, step))
+      return jnp.mean(rec + kl_weight * kl), (jnp.mean(rec), jnp.mean(kl))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, (loss,) + aux
+
+  rng = np.random.default_rng(seed)
+  perm, pos = rng.permutation(len(images)), 0
+  t0, window = time.perf_counter(), []
+  for step in range(steps):
+    if pos + batch_size > len(perm):
+      perm, pos = rng.permutation(len(images)), 0
+    idx = np.sort(perm[pos:pos + batch_size])
+    pos += batch_size
+    params, opt_state, terms = step_fn(params, opt_state, images[idx], step)
+    window.append(terms)
+    if (step + 1) % log_every == 0 or step + 1 == steps:
+      loss, rec, kl = (float(np.mean([t[i] for t in window])) for i in range(3))
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite autoencoder loss at step {step + 1}; "
+                                 "try a lower --learning_rate")
+      elapsed = time.perf_counter() - t0
+      rate = (step + 1) / max(elapsed, 1e-9)
+      log(f"step {step + 1}/{steps}: loss {loss:.2f} (L1 sum {rec:.2f}, KL {kl:.1f} "
+          f"per image) | {rate:.2f} steps/s | {elapsed:.0f} s, ETA "
+          f"{format_duration((steps - step - 1) / rate)}")
+      window = []
+  return jax.device_get(params)
+
+
+def evaluate(module, params, images, batch_size: int = 500):
+  """Reconstruction of the posterior means and the latents' statistics.
+
+  Returns ``mae`` (mean absolute error per pixel, images in [-1, 1]),
+  ``psnr`` (dB, of images mapped to [0, 1]), ``latent_std`` (of the means)
+  and ``scale_factor`` = 1 / latent_std, which gives the diffusion unit-variance
+  latents (how Stable Diffusion's 0.18215 was chosen).
+  """
+  @jax.jit
+  def run(x):
+    mean, _ = module.apply(params, x, method="moments")
+    rec = jnp.clip(module.apply(params, mean, method="decode"), -1.0, 1.0)
+    return mean, rec
+  means, abs_err, sq_err = [], 0.0, []
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    mean, rec = (np.asarray(a) for a in run(x))
+    means.append(mean)
+    abs_err += float(np.abs(rec - x).sum())
+    sq_err.append(((rec - x) / 2.0) ** 2)
+  means = np.concatenate(means)
+  mse = np.concatenate(sq_err).reshape(len(images), -1).mean(axis=1)
+  std = float(means.std())
+  return {"mae": abs_err / images.size,
+          "psnr": float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
+          "latent_std": std, "scale_factor": 1.0 / std}
+
+
+def config_flags(module, scale_factor: float, path: str) -> str:
+  """The train.py flags that use the saved weights as the first stage."""
+  fields = {"weights": path, "scale_factor": f"{scale_factor:.5g}",
+            "in_channels": module.in_channels, "embed_dim": module.embed_dim,
+            "z_channels": module.z_channels, "ch": module.ch,
+            "ch_mult": "'(" + ",".join(str(m) for m in module.ch_mult) + ",)'",
+            "num_res_blocks": module.num_res_blocks,
+            "attn_resolutions": "'(" + "".join(f"{r}," for r in module.attn_resolutions) + ")'",
+            "resolution": module.resolution}
+  return " ".join(["--config.model.first_stage=kl_autoencoder"] + [
+      f"--config.model.autoencoder.{k}={v}" for k, v in fields.items()])
+
+
+def metadata(module, results: dict) -> dict:
+  """The ddconfig and measured numbers, stored in the .safetensors header."""
+  ddconfig = {"embed_dim": module.embed_dim, "ch": module.ch,
+              "ch_mult": list(module.ch_mult), "num_res_blocks": module.num_res_blocks,
+              "attn_resolutions": list(module.attn_resolutions),
+              "resolution": module.resolution, "in_channels": module.in_channels,
+              "z_channels": module.z_channels, "double_z": module.double_z}
+  return {"ddconfig": json.dumps(ddconfig), "results": json.dumps(results)}
+
+
+def train_and_save(module, data_dir, out, source="offline", dataset="mnist", steps=2000,
+                   batch_size=64, learning_rate=1e-3, kl_weight=1e-6, seed=0,
+                   holdout=0, overwrite=False, log=print):
+  """Trains ``module`` on a data set's training split, scores it on the test
+  split, writes ``out`` (.safetensors, sgm's names) and returns the results.
+
+  An existing ``out`` is replaced only with ``overwrite`` (checked first).
+  ``holdout`` leaves out the training images that runs with that
+  ``data.holdout`` hold out, as train_classifier.py does.
+  """
+  from scoreflow_jax import data as data_lib
+  from scoreflow_jax.outputs import check_output
+  if not out.endswith(".safetensors"):
+    raise ValueError(f"--out must be a .safetensors file, got {out}")
+  out = check_output(out, overwrite, "--out")
+  images, _ = data_lib.load_run_split(dataset, "train", source, data_dir, holdout)
+  test_images, _ = data_lib.load_split(dataset, "test", source, data_dir)
+  module.latent_shape(images.shape[1:])  # raises on images it cannot take
+  to_float = lambda u8: u8.astype(np.float32) / 127.5 - 1.0
+  images, test_images = to_float(images), to_float(test_images)
+  log(f"{dataset}: {len(images):,} train, {len(test_images):,} test images; {steps} "
+      f"steps of {batch_size}; latents {module.latent_shape(images.shape[1:])}")
+  t0 = time.perf_counter()
+  params = train(module, images, steps, batch_size, learning_rate, kl_weight, seed, log)
+  seconds = time.perf_counter() - t0
+  results = evaluate(module, params, test_images)
+  results.update(dataset=dataset, steps=steps, batch_size=batch_size,
+                 learning_rate=learning_rate, kl_weight=kl_weight, seed=seed,
+                 holdout=int(holdout), train_seconds=round(seconds, 1))
+  log(f"test reconstruction (posterior means): MAE {results['mae']:.4f}, PSNR "
+      f"{results['psnr']:.2f} dB; latent std {results['latent_std']:.4f}")
+  ae.save_safetensors(ae.state_dict_from_params(params), out, metadata(module, results))
+  log(f"wrote {out} ({seconds:.0f} s of training). Train on its latents with:\n  "
+      + config_flags(module, results["scale_factor"], out))
+  return results

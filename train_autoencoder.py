@@ -1,0 +1,68 @@
+"""Train a small KL autoencoder (sgm's AutoencoderKL) as a latent first stage.
+
+python train_autoencoder.py --data_dir /path/to/mnist_idx --out vae.safetensors \
+  [--steps 2000] [--ch 32 --ch_mult 1,2,2 --embed_dim 4] [--overwrite]
+Writes the weights in sgm's state-dict names (.safetensors, readable by
+torch), scores the reconstruction on the test split, and prints the train.py
+flags that diffuse in its latents (--config.model.first_stage=kl_autoencoder
+...), scale_factor = 1 / the latents' std included. The loss is L1 + KL
+(sgm's without LPIPS and GAN): enough for MNIST. An existing --out is
+replaced only with --overwrite (checked before training).
+"""
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Folder of the data set's original files "
+                    "(offline), or the TFDS data dir (tfds).")
+flags.DEFINE_string("out", None, "Output weights (.safetensors).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where the data come from.")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "cifar10"], "Data set.")
+flags.DEFINE_integer("steps", 2000, "Training steps.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam's peak rate (cosine decay to 1%).")
+flags.DEFINE_float("kl_weight", 1e-6, "Weight of the KL term (Stable Diffusion: 1e-6).")
+flags.DEFINE_integer("seed", 0, "Seed of initialization, batches and posterior draws.")
+flags.DEFINE_integer("holdout", 0, "Leave out the training images a run with "
+                     "--config.data.holdout=N holds out.")
+flags.DEFINE_integer("ch", 32, "Base width (a multiple of 32).")
+flags.DEFINE_list("ch_mult", ["1", "2", "2"], "Width per level; all but the last "
+                  "halve the sides (1,2,2: 28x28 -> 7x7).")
+flags.DEFINE_integer("num_res_blocks", 1, "ResnetBlocks per level.")
+flags.DEFINE_list("attn_resolutions", [], "Sizes with attention blocks (the middle "
+                  "always has one).")
+flags.DEFINE_integer("embed_dim", 4, "Latent channels.")
+flags.mark_flags_as_required(["out"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from scoreflow_jax import data as data_lib, first_stage, usage
+  usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
+  try:
+    ch_mult = tuple(int(m) for m in FLAGS.ch_mult)
+    attn = tuple(int(r) for r in FLAGS.attn_resolutions)
+  except ValueError:
+    raise app.UsageError("--ch_mult and --attn_resolutions are integers separated by "
+                         f"commas, got {FLAGS.ch_mult} and {FLAGS.attn_resolutions}.")
+  if FLAGS.steps < 1 or FLAGS.batch_size < 1:
+    raise app.UsageError(f"--steps and --batch_size must be >= 1, got {FLAGS.steps} "
+                         f"and {FLAGS.batch_size}.")
+  import ml_collections
+  shape = data_lib.IMAGE_SHAPES[FLAGS.dataset]
+  a = ml_collections.ConfigDict(dict(
+      weights="-", scale_factor=1.0, in_channels=shape[-1], embed_dim=FLAGS.embed_dim,
+      z_channels=FLAGS.embed_dim, ch=FLAGS.ch, ch_mult=ch_mult,
+      num_res_blocks=FLAGS.num_res_blocks, attn_resolutions=attn, resolution=shape[0]))
+  from scoreflow_jax import autoencoder_training
+  with usage.usage_errors():
+    first_stage.check_autoencoder_config(a)
+    autoencoder_training.train_and_save(
+        first_stage.build_autoencoder(a), FLAGS.data_dir, FLAGS.out, FLAGS.source,
+        FLAGS.dataset, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate,
+        FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite)
+
+
+if __name__ == "__main__":
+  app.run(main)
