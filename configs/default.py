@@ -26,7 +26,7 @@ def get_config():
   model.autoencoder = ae = ml_collections.ConfigDict()  # first_stage=kl_autoencoder: sgm's AutoencoderKL, frozen; defaults: SDXL's VAE (sd_xl_base.yaml)
   ae.weights = ml_collections.config_dict.placeholder(str)  # its state dict in sgm/ldm naming, .safetensors or .npz (e.g. sdxl_vae.safetensors, or a whole sgm checkpoint)
   ae.sha256 = ""                         # filled in by train.py: the weights the run trained with (checked whenever the run is loaded)
-  ae.scale_factor = 0.13025              # DiffusionEngine.scale_factor: diffusion runs on scale_factor * z (SD 1.x/2.x VAE: 0.18215)
+  ae.scale_factor = 0.13025              # DiffusionEngine.scale_factor: diffusion runs on scale_factor * z; SDXL's (SD 1.x/2.x: 0.18215) gives unit-variance latents, for model.sigma_data=1 (halve it for 0.5)
   ae.sample_posterior = True             # training latents drawn from the posterior, as sgm's AutoencoderKL (False: its mean)
   ae.in_channels = 3                     # image channels (the decoder gives as many)
   ae.embed_dim = 4                       # latent channels: the network's in_channels

@@ -13,7 +13,8 @@ Train the autoencoder first, then pass its weights:
     --config.model.autoencoder.weights=vae.safetensors \\
     --config.model.autoencoder.scale_factor=S
 
-with S the scale_factor train_autoencoder.py printed (1 / the latents' std).
+with S the scale_factor train_autoencoder.py printed: 0.5 / the latents'
+std, so that they have the std sigma_data = 0.5 the denoiser assumes.
 """
 from configs import mnist_mixture
 

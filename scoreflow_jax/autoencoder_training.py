@@ -80,13 +80,15 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   return jax.device_get(params)
 
 
-def evaluate(module, params, images, batch_size: int = 500):
+def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 0.5):
   """Reconstruction of the posterior means and the latents' statistics.
 
   Returns ``mae`` (mean absolute error per pixel, images in [-1, 1]),
   ``psnr`` (dB, of images mapped to [0, 1]), ``latent_std`` (of the means)
-  and ``scale_factor`` = 1 / latent_std, which gives the diffusion unit-variance
-  latents (how Stable Diffusion's 0.18215 was chosen).
+  and ``scale_factor`` = sigma_data / latent_std: scaled latents have the
+  std the denoiser's EDM preconditioning assumes (``model.sigma_data``, 0.5
+  in every config here), as EDM2 scales Stable Diffusion's latents. (Stable
+  Diffusion's own 0.18215 = 1 / std gives unit variance, for its eps-loss.)
   """
   @jax.jit
   def run(x):
@@ -105,7 +107,7 @@ def evaluate(module, params, images, batch_size: int = 500):
   std = float(means.std())
   return {"mae": abs_err / images.size,
           "psnr": float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
-          "latent_std": std, "scale_factor": 1.0 / std}
+          "latent_std": std, "scale_factor": sigma_data / std}
 
 
 def config_flags(module, scale_factor: float, path: str) -> str:

@@ -307,7 +307,7 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
   mean = module.apply(trained, images, method="moments")[0]
   rec = np.clip(module.apply(trained, mean, method="decode"), -1, 1)
   np.testing.assert_allclose(after["mae"], np.abs(rec - images).mean(), rtol=1e-4)
-  np.testing.assert_allclose(after["scale_factor"], 1.0 / np.std(mean), rtol=1e-4)
+  np.testing.assert_allclose(after["scale_factor"], 0.5 / np.std(mean), rtol=1e-4)
   mse = (((rec - images) / 2) ** 2).reshape(64, -1).mean(1)
   np.testing.assert_allclose(after["psnr"], np.mean(-10 * np.log10(mse)), rtol=1e-4)
   with pytest.raises(ValueError, match="kl_weight must be >= 0"):
