@@ -2,6 +2,7 @@
 import importlib
 import pathlib
 
+import numpy as np
 import pytest
 
 from scoreflow_jax import trainer
@@ -19,8 +20,20 @@ def test_config_files_are_found():
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
 @pytest.mark.parametrize("name", NAMES)
-def test_config_is_valid(name, arg):
+def test_config_is_valid(name, arg, tmp_path):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
+  if config.model.first_stage == "kl_autoencoder":
+    # the autoencoder's weights are the user's (train_autoencoder.py): asked for,
+    # then any of the config's ddconfig accepted
+    with pytest.raises(ValueError, match="needs its weights"):
+      trainer.validate_config(config)
+    import jax
+    from scoreflow_jax import first_stage
+    from scoreflow_jax.networks import autoencoder as ae
+    module = first_stage.build_autoencoder(config.model.autoencoder)
+    params = module.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+    config.model.autoencoder.weights = str(tmp_path / "vae.safetensors")
+    ae.save_safetensors(ae.state_dict_from_params(params), config.model.autoencoder.weights)
   trainer.validate_config(config)  # builds the model too; raises on bad values
   assert config.run_name.endswith("-tiny") == (arg == "tiny")
 
