@@ -5,8 +5,9 @@ python bench/train_throughput.py --parameterization preconditioned --batch 128
   [--set model.score_flow.gaussian_rank=256 ...]
 
 Builds configs/<config>.py's model (mnist by default; mnist_conv, mnist_unet,
-...; the parameterization is overridden for ScoreFlowNetworks) and times
-train_step.make_train_step on one fixed random MNIST-shaped batch. The first
+mnist_latent, ...; the parameterization is overridden for ScoreFlowNetworks)
+and times train_step.make_train_step on one fixed random batch of the
+config's image shape (a KL first stage encodes it inside the step). The first
 call (tracing + XLA compile + one step) is timed apart from the steady state.
 ``--mode direct`` replaces the score grad_u phi by the flow's image features
 z[:, :D] (one forward pass, no inner jax.grad); loss, AdamW, EMA and, for
@@ -15,6 +16,7 @@ is what exactness costs. The last line printed is one JSON object.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -58,7 +60,9 @@ def apply_overrides(config, items):
     for name in path:
       node = node[name]
     old = node[leaf]
-    node[leaf] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
+    # placeholders (None: data_dir, autoencoder.weights) are strings here
+    node[leaf] = (value if old is None or isinstance(old, str)
+                  else type(old)(ast.literal_eval(value)))
   return config
 
 
@@ -88,7 +92,7 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
   import importlib
   import jax
   import numpy as np
-  from scoreflow_jax import train_step as ts
+  from scoreflow_jax import data as data_lib, train_step as ts
   from scoreflow_jax.model import build_model
 
   if mode not in MODES:
@@ -108,7 +112,8 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
   if mode == "direct":
     model = dataclasses.replace(model, network=direct_network(model.network))
   rng = np.random.default_rng(seed)
-  batch = {"jpg": rng.uniform(-1, 1, (batch_size, 28, 28, 1)).astype(np.float32),
+  shape = data_lib.image_shape(config.data)
+  batch = {"jpg": rng.uniform(-1, 1, (batch_size,) + shape).astype(np.float32),
            "cls": rng.integers(0, 10, (batch_size,)).astype(np.int32)}
   mesh = ts.make_mesh(jax.devices()[:devices])
   tx, schedule = ts.make_optimizer(config.optim, config.training.num_steps,
@@ -117,6 +122,9 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
                                 {k: v[:1] for k, v in batch.items()})
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
+  if model.first_stage.params is not None:  # a KL first stage: its weights, placed once
+    step_fn = functools.partial(
+        step_fn, first_stage_params=ts.replicate(model.first_stage.params, mesh))
   return step_fn, ts.replicate(state, mesh), ts.global_batch(batch, mesh), n_params
 
 
