@@ -107,8 +107,11 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
   check_autoencoder_config(a)
   path = os.path.expanduser(a.weights)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no autoencoder weights at {path} "
-                            "(config.model.autoencoder.weights)")
+    raise FileNotFoundError(
+        f"no autoencoder weights at {path} (config.model.autoencoder.weights); "
+        "for a run trained with them, put the file (or a copy: the run checks its "
+        "sha256, not its path) back there, or resume with train.py --workdir RUN "
+        "--config.model.autoencoder.weights=NEW_PATH")
   sha256 = file_sha256(path)
   if a.sha256 and a.sha256 != sha256:
     raise ValueError(f"the autoencoder weights at {path} are not the ones this run "

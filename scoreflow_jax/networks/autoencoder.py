@@ -14,9 +14,10 @@ As in sgm, attention blocks sit at the levels whose nominal resolution
 Submodules are named after sgm's state-dict keys (``down.0.block.1`` is
 ``encoder.down.0.block.1``), so a checkpoint converts by renaming
 ``weight`` -> ``kernel``/``scale`` and transposing convolutions from OIHW to
-HWIO (:func:`params_from_state_dict`). Not ported: dropout (0 in every
-released VAE), ``tanh_out``/``give_pre_end``, linear and xformers attention
-(the same weights as vanilla), the GAN/LPIPS training losses.
+HWIO (:func:`params_from_state_dict`). xformers attention
+("vanilla-xformers") has vanilla's weights and math, so its checkpoints load.
+Not ported: dropout (0 in every released VAE), ``tanh_out``/``give_pre_end``,
+linear attention, the GAN/LPIPS training losses.
 """
 from typing import Dict, Sequence
 
