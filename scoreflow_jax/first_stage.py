@@ -117,7 +117,8 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
     raise ValueError(f"the autoencoder weights at {path} are not the ones this run "
                      f"was trained with: sha256 {sha256[:12]}..., the run's config "
                      f"says {a.sha256[:12]}...; point --config.model.autoencoder.weights "
-                     "at the file the run used")
+                     "at the file the run used (a new run from this run's config with "
+                     "other weights: also pass --config.model.autoencoder.sha256='')")
   module = build_autoencoder(a)
   try:
     params = ae.params_from_state_dict(module, ae.load_state_dict(path))

@@ -173,6 +173,10 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
   def step(state, batch, first_stage_params=None):
     # The first stage's frozen weights are an argument, not a constant of the
     # compiled step (``replicate`` them once; None for the identity).
+    if first_stage_params is None and model.first_stage.params is not None:
+      raise ValueError("this model has a KL first stage: pass its weights, step(state, "
+                       "batch, first_stage_params=replicate(model.first_stage.params, "
+                       "mesh)), or they would be compiled into the step")
     return jitted(state, batch, first_stage_params)
 
   return step

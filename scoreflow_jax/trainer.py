@@ -314,8 +314,12 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
 
   model = build_model(config)
   if config.model.first_stage == "kl_autoencoder":
-    # The run's config records the weights it trains with (checked on every load).
+    # The run's config records the weights it trains with (checked on every
+    # load), and where they are: an absolute path, so that sample.py and
+    # evaluate.py find them from any folder.
     config.model.autoencoder.sha256 = model.first_stage.sha256
+    config.model.autoencoder.weights = os.path.abspath(
+        os.path.expanduser(config.model.autoencoder.weights))
   tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
   sample = data_lib.to_model_batch(images[:1], labels[:1])
   stds = checkpointing.posthoc_stds(config)

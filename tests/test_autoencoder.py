@@ -210,6 +210,8 @@ def test_latent_train_step_same_on_1_and_4_devices(weights):
     state = ts.replicate(ts.create_train_state(model, tx, jax.random.key(0), batch), mesh)
     step = ts.make_train_step(model, tx, schedule, mesh, 0.99)
     fs_params = ts.replicate(model.first_stage.params, mesh)
+    with pytest.raises(ValueError, match="pass its weights"):  # not compiled in
+      step(state, ts.global_batch(batch, mesh))
     losses = []
     for _ in range(2):
       state, metrics = step(state, ts.global_batch(batch, mesh), fs_params)
@@ -224,10 +226,12 @@ def test_latent_train_step_same_on_1_and_4_devices(weights):
 def test_train_and_sample_latent_run(weights, tmp_path):
   workdir = str(tmp_path / "run")
   config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=2)
+  config.model.autoencoder.weights = os.path.relpath(str(weights))  # as typed by a user
   trainer.train_and_evaluate(config, workdir, log=lambda s: None)
   saved = generate.load_run_config(workdir)
   assert saved.model.first_stage == "kl_autoencoder"
   assert saved.model.autoencoder.sha256 == first_stage_lib.file_sha256(str(weights))
+  assert saved.model.autoencoder.weights == str(weights)  # absolute: found from any folder
   out = str(tmp_path / "grid.png")
   generate.sample_from_run(workdir, out, num_per_class=1, classes=[0, 3], num_steps=2,
                            log=lambda s: None)

@@ -223,7 +223,12 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
     for split in renoise_from:
       images, labels = splits[split]
       x0, cond = encoded[split]
-      rows = [{"sigma_start": 0.0, **score(images, labels)}]
+      start = images
+      if model.first_stage.params is not None:
+        # a latent run's images pass the decoder: its floor is the row-0 baseline
+        start = np.clip(np.asarray(model.first_stage.decode(model.first_stage.params, x0)),
+                        -1.0, 1.0)
+      rows = [{"sigma_start": 0.0, **score(start, labels)}]
       for s in start_sigmas:
         out_images = renoise(den, params, x0, cond, s, key, sampler=sc.sampler,
                              num_steps=sc.num_steps, sigma_min=sc.sigma_min,
