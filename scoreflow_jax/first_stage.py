@@ -7,11 +7,12 @@ frozen parameters in ``.params`` (None for the identity) and
 train step and sampler rather than constants closed over: XLA would embed a
 closed-over 80M-parameter VAE in the compiled program.
 """
-import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
+
+from scoreflow_jax.outputs import file_sha256
 
 FIRST_STAGES = ("identity", "kl_autoencoder")
 
@@ -60,14 +61,6 @@ class KLAutoencoderFirstStage:
 
   def latent_shape(self, image_shape):
     return self.module.latent_shape(tuple(image_shape))
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def build_autoencoder(a):

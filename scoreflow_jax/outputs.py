@@ -1,4 +1,6 @@
-"""Output files of the scripts: checked before any work, never silently replaced."""
+"""Output files of the scripts: checked before any work, never silently replaced;
+and which file a result came from (``file_sha256``)."""
+import hashlib
 import json
 import os
 
@@ -44,3 +46,13 @@ def write_json(path: str, obj, printed: str = "the results above were"):
       json.dump(obj, f, indent=2)
   except OSError as e:
     raise OSError(f"{printed} not written to {path}: {e}") from e
+
+
+def file_sha256(path) -> str:
+  """The sha256 of a file's bytes (hex): which classifier scored a result, or
+  which autoencoder a run trained with, whatever their paths."""
+  digest = hashlib.sha256()
+  with open(os.fspath(path), "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -29,7 +29,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def validate_config(config):
-  """Checks values a run would otherwise fail on late or silently; raises ValueError."""
+  """Checks values a run would otherwise fail on late or silently; raises
+  ValueError. Returns the model it built (a KL first stage's weights loaded)."""
   t = config.training
   n_dev = jax.device_count()
   problems = []
@@ -105,6 +106,7 @@ def validate_config(config):
   shape = data_lib.image_shape(config.data)
   model.first_stage.latent_shape(shape)  # raises on images the first stage cannot take
   _check_channels(config, shape[-1])
+  return model
 
 
 def _check_channels(config, data_channels):
@@ -294,7 +296,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
 
   Returns a summary dict (workdir, final step, last logged metrics).
   """
-  validate_config(config)
+  model = validate_config(config)
   # The time limit counts from here: data loading, the Gaussian base's fit and
   # compilation are part of what a run costs (equal-wall-clock comparisons).
   started = _time_limit_clock()
@@ -312,7 +314,6 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
     raise ValueError(f"labels go up to {int(labels.max())} but "
                      f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
 
-  model = build_model(config)
   if config.model.first_stage == "kl_autoencoder":
     # The run's config records the weights it trains with (checked on every
     # load), and where they are: an absolute path, so that sample.py and

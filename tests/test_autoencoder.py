@@ -318,21 +318,12 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
     aet.train(module, images, steps=1, kl_weight=-1.0)
 
 
-def _write_mnist_idx(directory, images, labels, prefix):
-  import gzip
-  for kind, magic, array in (("images-idx3", 2051, images[..., 0]),
-                             ("labels-idx1", 2049, labels)):
-    array = np.asarray(array, np.uint8)
-    with gzip.open(directory / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
-      f.write(magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes()
-              + array.tobytes())
-
-
 def test_train_autoencoder_script_then_latent_config(tmp_path):
   # The script's weights and printed flags give a first stage that loads them.
   from tests.test_cli import run
-  _write_mnist_idx(tmp_path, *data.make_synthetic(64, seed=1), "train")
-  _write_mnist_idx(tmp_path, *data.make_synthetic(32, seed=2), "t10k")
+  from tests.test_eval import _write_mnist
+  _write_mnist(tmp_path, *data.make_synthetic(64, seed=1), "train")
+  _write_mnist(tmp_path, *data.make_synthetic(32, seed=2), "t10k")
   out = tmp_path / "vae.safetensors"
   args = ("train_autoencoder.py", "--data_dir", str(tmp_path), "--out", str(out),
           "--steps", "3", "--batch_size", "8", "--ch_mult", "1,2")

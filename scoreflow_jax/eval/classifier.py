@@ -9,7 +9,6 @@ JSON ``header`` (format, architecture version, test accuracy, ...). The
 architecture's widths are read back from the parameter shapes.
 """
 import functools
-import hashlib
 import json
 import os
 import time
@@ -238,11 +237,8 @@ def save_classifier(params, path, **info):
 def file_sha256(path, digits=16):
   """The first ``digits`` hex digits of the sha256 of the file's bytes: which
   classifier scored a result, whatever its path."""
-  digest = hashlib.sha256()
-  with open(os.fspath(path), "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()[:digits]
+  from scoreflow_jax.outputs import file_sha256 as sha256  # pylint: disable=g-import-not-at-top
+  return sha256(path)[:digits]
 
 
 def load_classifier(path):

@@ -19,6 +19,7 @@ HWIO (:func:`params_from_state_dict`). xformers attention
 Not ported: dropout (0 in every released VAE), ``tanh_out``/``give_pre_end``,
 linear attention, the GAN/LPIPS training losses.
 """
+import json
 from typing import Dict, Sequence
 
 import flax.linen as nn
@@ -270,7 +271,6 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   raw little-endian bytes), without the safetensors package. Torch pickles
   (``.ckpt``, ``.pt``) are refused with how to convert them.
   """
-  import json
   if path.endswith(".npz"):
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
@@ -314,7 +314,6 @@ def state_dict_from_params(params) -> Dict[str, np.ndarray]:
 def save_safetensors(state_dict: Dict[str, np.ndarray], path: str, metadata=None):
   """Writes named float arrays as a ``.safetensors`` file (readable by torch),
   with ``metadata`` (str -> str) in its header."""
-  import json
   names = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32",
            np.dtype(np.float16): "F16"}
   header, chunks, offset = {}, [], 0
