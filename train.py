@@ -41,8 +41,8 @@ def main(argv):
                                FLAGS.num_processes, FLAGS.process_id)
   from scoreflow_jax.usage import usage_errors
   with usage_errors(script_flags=False):  # bad values: one line, before any work
-    trainer.validate_config(config)
-  trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir)
+    model = trainer.validate_config(config)
+  trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir, model=model)
 
 
 def _flag_value(argv, name):

@@ -7,7 +7,9 @@ python bench/train_throughput.py --parameterization preconditioned --batch 128
 Builds configs/<config>.py's model (mnist by default; mnist_conv, mnist_unet,
 mnist_latent, ...; the parameterization is overridden for ScoreFlowNetworks)
 and times train_step.make_train_step on one fixed random batch of the
-config's image shape (a KL first stage encodes it inside the step). The first
+config's image shape (a KL first stage: the batch's posterior moments, as
+train.py caches them; with --set model.autoencoder.cache_moments=False the
+step encodes the images, as sgm does). The first
 call (tracing + XLA compile + one step) is timed apart from the steady state.
 ``--mode direct`` replaces the score grad_u phi by the flow's image features
 z[:, :D] (one forward pass, no inner jax.grad); loss, AdamW, EMA and, for
@@ -122,9 +124,14 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
                                 {k: v[:1] for k, v in batch.items()})
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
-  if model.first_stage.params is not None:  # a KL first stage: its weights, placed once
-    step_fn = functools.partial(
-        step_fn, first_stage_params=ts.replicate(model.first_stage.params, mesh))
+  fs = model.first_stage
+  if fs.params is not None and config.model.autoencoder.cache_moments:
+    # what train.py does by default: the batch is the posterior moments,
+    # computed once; the step draws the latents and runs no encoder
+    batch = {"moments": np.asarray(jax.jit(fs.moments)(fs.params, batch["jpg"])),
+             "cls": batch["cls"]}
+  elif fs.params is not None:  # the encoder in every step: its weights, placed once
+    step_fn = functools.partial(step_fn, first_stage_params=ts.replicate(fs.params, mesh))
   return step_fn, ts.replicate(state, mesh), ts.global_batch(batch, mesh), n_params
 
 

@@ -286,15 +286,24 @@ def _load_tfds(name, split, data_dir):
   return np.concatenate(images), np.concatenate(labels)
 
 
-def to_model_batch(images, labels):
-  """Returns ``{"jpg": images / 127.5 - 1 as float32, "cls": int32 labels}``."""
+def to_model_images(images):
+  """uint8 images -> float32 ``images / 127.5 - 1``, in [-1, 1]."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f"images must be uint8, got {images.dtype}.")
-  return {
-      "jpg": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
-      "cls": np.asarray(labels, np.int32),
-  }
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_model_batch(images, labels):
+  """Returns ``{"jpg": images / 127.5 - 1 as float32, "cls": int32 labels}``."""
+  return {"jpg": to_model_images(images), "cls": np.asarray(labels, np.int32)}
+
+
+def to_moments_batch(moments, labels):
+  """Returns ``{"moments": float32 moments, "cls": int32 labels}``: a batch of a
+  KL first stage's posterior parameters (``first_stage.dataset_moments``)
+  instead of images; the train step draws the latents from them."""
+  return {"moments": np.asarray(moments, np.float32), "cls": np.asarray(labels, np.int32)}
 
 
 class BatchIterator:
@@ -310,12 +319,14 @@ class BatchIterator:
 
   ``step`` is the next step ``next()`` returns; store it in the checkpoint and
   pass it back as ``start_step``. ``prefetch`` batches are prepared ahead in a
-  daemon thread (0: none); ``close()`` stops it.
+  daemon thread (0: none); ``close()`` stops it. ``make_batch(rows, labels)``
+  makes a batch of the selected rows: ``to_model_batch`` for uint8 images,
+  ``to_moments_batch`` for a KL first stage's cached moments.
   """
 
   def __init__(self, images, labels, global_batch_size, seed,
                process_index=0, process_count=1, start_step=0,
-               drop_remainder=True, prefetch=2):
+               drop_remainder=True, prefetch=2, make_batch=to_model_batch):
     images = np.asarray(images)
     labels = np.asarray(labels)
     num_examples = images.shape[0]
@@ -336,6 +347,7 @@ class BatchIterator:
                        " be >= 0.")
     self.images = images
     self.labels = labels
+    self.make_batch = make_batch
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.seed = seed
@@ -380,12 +392,12 @@ class BatchIterator:
   def get_global_batch(self, step):
     """Returns the model batch of all processes for ``step``."""
     idx = self.global_indices(step)
-    return to_model_batch(self.images[idx], self.labels[idx])
+    return self.make_batch(self.images[idx], self.labels[idx])
 
   def get_local_batch(self, step):
     """Returns this process's model batch for ``step``."""
     idx = self.local_indices(step)
-    return to_model_batch(self.images[idx], self.labels[idx])
+    return self.make_batch(self.images[idx], self.labels[idx])
 
   def __iter__(self):
     return self

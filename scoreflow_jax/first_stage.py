@@ -7,11 +7,16 @@ frozen parameters in ``.params`` (None for the identity) and
 train step and sampler rather than constants closed over: XLA would embed a
 closed-over 80M-parameter VAE in the compiled program.
 """
+import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from scoreflow_jax.data import to_model_images
 from scoreflow_jax.outputs import file_sha256
 
 FIRST_STAGES = ("identity", "kl_autoencoder")
@@ -48,19 +53,70 @@ class KLAutoencoderFirstStage:
     self.module, self.params = module, params
     self.scale_factor, self.sample, self.sha256 = scale_factor, sample, sha256
 
-  def encode(self, params, x, keys=None):
-    mean, logvar = self.module.apply(params, x, method="moments")
+  def moments(self, params, x):
+    """The posterior's parameters for images ``x``: (B, h, w, 2 * embed_dim),
+    the mean then the log-variance (clamped as sgm's), as sgm's ``moments``.
+
+    The encoder is deterministic, so they can be computed once per image
+    (``dataset_moments``) and drawn from in every step (``encode_moments``):
+    the same latents' distribution as ``encode`` in every step, without the
+    encoder's cost."""
+    return jnp.concatenate(self.module.apply(params, x, method="moments"), axis=-1)
+
+  def encode_moments(self, moments, keys=None):
+    """``encode`` from ``moments(params, x)``: scale * (mean + std * noise),
+    noise from each sample's key (the mean when ``keys`` is None or
+    ``sample`` is False)."""
+    mean, logvar = jnp.split(jnp.asarray(moments), 2, axis=-1)
     z = mean
     if keys is not None and self.sample:
       noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
       z = mean + jnp.exp(0.5 * logvar) * noise
     return self.scale_factor * z
 
+  def encode(self, params, x, keys=None):
+    return self.encode_moments(self.moments(params, x), keys)
+
   def decode(self, params, z):
     return self.module.apply(params, z / self.scale_factor, method="decode")
 
   def latent_shape(self, image_shape):
     return self.module.latent_shape(tuple(image_shape))
+
+
+def dataset_moments(stage, images, chunk=1000, log=None, log_every_s=10.0):
+  """``stage.moments`` of every uint8 image, as float32 numpy (N, h, w, 2 * C).
+
+  Runs in chunks of about ``chunk`` images split over this process's devices
+  (every process encodes all of ``images``: each holds the whole data set);
+  the last chunk is padded to the same shape, so there is one compilation.
+  ``log`` gets a line with images/s and the ETA every ``log_every_s``.
+  """
+  images = np.asarray(images)
+  n = len(images)
+  if images.dtype != np.uint8 or images.ndim != 4 or not n:
+    raise ValueError(f"dataset_moments takes uint8 images (N, H, W, C), got "
+                     f"{images.dtype} {images.shape}")
+  devices = jax.local_devices()
+  mesh = Mesh(np.asarray(devices), ("data",))
+  chunk = math.ceil(min(chunk, n) / len(devices)) * len(devices)
+  params = jax.device_put(stage.params, NamedSharding(mesh, P()))
+  moments = jax.jit(stage.moments)
+  sharding = NamedSharding(mesh, P("data"))
+  out, t0, last_log = [], time.perf_counter(), time.perf_counter()
+  for start in range(0, n, chunk):
+    x = to_model_images(images[start:start + chunk])
+    pad = chunk - len(x)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    out.append(np.asarray(moments(params, jax.device_put(x, sharding)))[:chunk - pad])
+    done, now = start + chunk - pad, time.perf_counter()
+    if log is not None and now - last_log >= log_every_s and done < n:
+      rate = done / (now - t0)
+      log(f"encoding the training set: {done:,}/{n:,} images | {rate:.0f} img/s | "
+          f"ETA {(n - done) / rate:.0f} s")
+      last_log = now
+  return np.concatenate(out)
 
 
 def build_autoencoder(a):

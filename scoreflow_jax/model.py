@@ -69,21 +69,32 @@ class DiffusionModel:
 
     Each sample's key gives its sigma, its noise, its label dropout and (with
     a KL first stage) its posterior draw, so the result for a global batch
-    does not depend on how it is sharded. ``first_stage_params``: the first
+    does not depend on how it is sharded. ``batch`` holds images (``"jpg"``)
+    or, for a KL first stage, their cached posterior parameters
+    (``"moments"``, ``first_stage.dataset_moments``): the same latents'
+    distribution, without running the encoder. ``first_stage_params``: the first
     stage's frozen parameters (``self.first_stage.params`` when None, which
     a jitted caller would compile in as constants: the train step passes
     them as an argument).
     """
-    if not jnp.issubdtype(jnp.asarray(batch["jpg"]).dtype, jnp.floating):
-      raise ValueError(f"batch['jpg'] must be float images in [-1, 1] (data."
-                       f"to_model_batch makes them from uint8), got "
-                       f"{jnp.asarray(batch['jpg']).dtype}")
-    if first_stage_params is None:
-      first_stage_params = self.first_stage.params
     # A third stream for the posterior draw; the identity stage draws nothing,
     # so pixel-space runs keep the keys they always had.
-    x0 = jax.lax.stop_gradient(self.first_stage.encode(
-        first_stage_params, batch["jpg"], jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)))
+    draw_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+    if "moments" in batch:  # a KL first stage's cached posterior parameters
+      if not hasattr(self.first_stage, "encode_moments"):
+        raise ValueError("the batch holds 'moments' (a KL first stage's cached "
+                         "posterior parameters) but this model's first stage is "
+                         f"{type(self.first_stage).__name__}: give it 'jpg' images")
+      x0 = self.first_stage.encode_moments(batch["moments"], draw_keys)
+    else:
+      if not jnp.issubdtype(jnp.asarray(batch["jpg"]).dtype, jnp.floating):
+        raise ValueError(f"batch['jpg'] must be float images in [-1, 1] (data."
+                         f"to_model_batch makes them from uint8), got "
+                         f"{jnp.asarray(batch['jpg']).dtype}")
+      if first_stage_params is None:
+        first_stage_params = self.first_stage.params
+      x0 = self.first_stage.encode(first_stage_params, batch["jpg"], draw_keys)
+    x0 = jax.lax.stop_gradient(x0)
     sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     cond = self.condition(params, batch, sub[:, 0])
     sigma, noise = loss_lib.per_sample_sigma_and_noise(

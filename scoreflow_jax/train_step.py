@@ -115,7 +115,8 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
                     posthoc_stds=()):
   """Returns ``step(state, batch, first_stage_params=None) -> (state, metrics)``,
   jitted, state donated; ``first_stage_params`` (replicated) are the first
-  stage's frozen weights, None for the identity.
+  stage's frozen weights, None for the identity or for batches of cached
+  posterior ``"moments"`` (which need no encoder).
 
   The step updates sgm's EMA (``ema_decay``) and, with ``posthoc_stds``, one
   power-function EMA per entry (``state.phema_params``, created with the same
@@ -128,7 +129,7 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
   """
 
   def per_device(state, batch, first_stage_params):
-    local_b = batch["jpg"].shape[0]
+    local_b = batch["cls"].shape[0]  # "jpg" images or cached "moments": both per sample
     first = jax.lax.axis_index(AXIS) * local_b
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(
@@ -173,10 +174,12 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
   def step(state, batch, first_stage_params=None):
     # The first stage's frozen weights are an argument, not a constant of the
     # compiled step (``replicate`` them once; None for the identity).
-    if first_stage_params is None and model.first_stage.params is not None:
+    if (first_stage_params is None and model.first_stage.params is not None
+        and "moments" not in batch):
       raise ValueError("this model has a KL first stage: pass its weights, step(state, "
                        "batch, first_stage_params=replicate(model.first_stage.params, "
-                       "mesh)), or they would be compiled into the step")
+                       "mesh)), or they would be compiled into the step (or give "
+                       "batches of cached 'moments': data.to_moments_batch)")
     return jitted(state, batch, first_stage_params)
 
   return step

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from scoreflow_jax import checkpointing, data as data_lib, generate, run_logging
-from scoreflow_jax import ema as ema_lib, samplers
+from scoreflow_jax import ema as ema_lib, first_stage as first_stage_lib, samplers
 from scoreflow_jax import train_step as ts
 from scoreflow_jax.model import build_model
 
@@ -261,14 +261,18 @@ def sample_grid(model, params, config, mesh, key, step_images_path=None):
   return grid
 
 
-def _fit_gaussian_base(state, model, config, images, labels, log):
-  """Fills the Gaussian base's statistics (params and EMA) from the training set."""
+def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
+  """Fills the Gaussian base's statistics (params and EMA) from the training set
+  (``moments``: a KL first stage's cached posterior parameters of ``images``)."""
   from scoreflow_jax.networks import gaussian_base as gaussian_lib
   t0 = time.perf_counter()
   # Fitted to the first stage's posterior means (its latents without the draw).
-  encode = jax.jit(model.first_stage.encode)
-  x = np.concatenate([np.asarray(encode(model.first_stage.params, data_lib.to_model_batch(
-      images[i:i + 1000], labels[i:i + 1000])["jpg"])) for i in range(0, len(images), 1000)])
+  if moments is not None:
+    x = np.asarray(model.first_stage.encode_moments(moments))
+  else:
+    encode = jax.jit(model.first_stage.encode)
+    x = np.concatenate([np.asarray(encode(model.first_stage.params, data_lib.to_model_images(
+        images[i:i + 1000]))) for i in range(0, len(images), 1000)])
   sf, n_classes = config.model.score_flow, config.model.conditioner.n_classes
   if sf.gaussian_components == 1:
     stats = gaussian_lib.fit(x, labels, n_classes, sf.gaussian_rank)
@@ -291,14 +295,19 @@ def _fit_gaussian_base(state, model, config, images, labels, log):
                        phema_params=tuple(fill(p) for p in state.phema_params))
 
 
-def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
+def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=None):
   """Trains ``config`` in ``workdir`` (resuming it if it holds checkpoints).
 
-  Returns a summary dict (workdir, final step, last logged metrics).
+  ``model``: what ``validate_config(config)`` returned, when the caller has
+  checked the config already (a KL first stage's weights are not read and
+  hashed again); None: checked here. Returns a summary dict (workdir, final
+  step, last logged metrics, final state).
   """
-  model = validate_config(config)
-  # The time limit counts from here: data loading, the Gaussian base's fit and
-  # compilation are part of what a run costs (equal-wall-clock comparisons).
+  if model is None:
+    model = validate_config(config)
+  # The time limit counts from here: data loading, encoding the training set
+  # (cached moments), the Gaussian base's fit and compilation are part of what
+  # a run costs (equal-wall-clock comparisons).
   started = _time_limit_clock()
   workdir = prepare_workdir(config, workdir, logdir)
   is_writer = jax.process_index() == 0
@@ -329,10 +338,20 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=t.max_to_keep, keep_every=t.keep_every)
-  if ckpt.latest_step() is not None:
-    before = _last_start_config(workdir)
-    if before is not None:
-      _check_resume(config, before, workdir, ckpt.steps())
+  resuming = ckpt.latest_step() is not None
+  before = _last_start_config(workdir) if resuming else None
+  if before is not None:
+    _check_resume(config, before, workdir, ckpt.steps())
+  moments = None
+  if (config.model.first_stage == "kl_autoencoder"
+      and config.model.autoencoder.get("cache_moments", True)):
+    t0 = time.perf_counter()
+    moments = first_stage_lib.dataset_moments(model.first_stage, images, log=log)
+    log(f"encoded the {len(images):,} training images once: their posterior moments "
+        f"{moments.shape[1:]} ({moments.nbytes / 2**20:.0f} MiB, "
+        f"{time.perf_counter() - t0:.1f} s) give each step's latents without the encoder "
+        "(model.autoencoder.cache_moments=False: encode every batch)")
+  if resuming:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -349,7 +368,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
   else:
     state = init_state()
     if model.frozen_module is not None:
-      state = _fit_gaussian_base(state, model, config, images, labels, log)
+      state = _fit_gaussian_base(state, model, config, images, labels, log, moments)
     log(f"new run {workdir}")
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
@@ -370,14 +389,16 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print):
         f" snapshots are the checkpoints kept every {t.keep_every} steps"
         + ("" if t.keep_every else " -- none with training.keep_every=0: only the latest "
            "checkpoints will be there to reconstruct from"))
+  # Batches of cached moments need no encoder; images need the KL stage's weights.
   step_fn = functools.partial(
       ts.make_train_step(model, tx, schedule, mesh, config.ema.decay, stds),
-      first_stage_params=(None if model.first_stage.params is None
+      first_stage_params=(None if model.first_stage.params is None or moments is not None
                           else ts.replicate(model.first_stage.params, mesh)))
   batches = data_lib.BatchIterator(
-      images, labels, t.batch_size, seed=config.seed,
+      images if moments is None else moments, labels, t.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      start_step=start_step, prefetch=config.data.prefetch)
+      start_step=start_step, prefetch=config.data.prefetch,
+      make_batch=data_lib.to_model_batch if moments is None else data_lib.to_moments_batch)
   writer = run_logging.MetricWriter(workdir) if is_writer else None
   # train/wall_s: seconds of training so far, earlier processes of a resumed run included
   wall_before = run_logging.last_wall_s(workdir) if is_writer and start_step else 0.0

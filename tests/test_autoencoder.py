@@ -132,6 +132,12 @@ def test_first_stage_encode_decode(reference):
   np.testing.assert_allclose(swapped[::-1], stage.encode(params, x, keys), rtol=1e-6, atol=1e-6)
   mode_only = first_stage_lib.KLAutoencoderFirstStage(module, params, 0.5, sample=False)
   np.testing.assert_allclose(mode_only.encode(params, x, keys), 0.5 * mean, rtol=1e-6)
+  # cached moments: sgm's (mean, logvar) side by side, and the same draws
+  moments = stage.moments(params, x)
+  assert moments.shape == mean.shape[:-1] + (2 * mean.shape[-1],)
+  np.testing.assert_array_equal(moments, jnp.concatenate([mean, logvar], -1))
+  np.testing.assert_array_equal(stage.encode_moments(moments, keys), stage.encode(params, x, keys))
+  np.testing.assert_array_equal(stage.encode_moments(moments), stage.encode(params, x))
   z = jnp.asarray(nhwc(ref["z"]), jnp.float32)
   np.testing.assert_allclose(stage.decode(params, 0.5 * z), nhwc(ref["decoded"]),
                              rtol=2e-4, atol=2e-4)
@@ -198,6 +204,39 @@ def test_loss_is_the_pixel_loss_of_the_encoded_batch(weights):
   assert not np.allclose(ours, mean_only, rtol=1e-3)
 
 
+def test_cached_moments_give_the_encoders_latents_and_loss(weights):
+  # model.autoencoder.cache_moments: the training set's posterior moments are
+  # computed once (in chunks, over the devices) and each step draws from them
+  # with the key it would have encoded with: the loss is the per-step encode's.
+  config = latent_config(weights)
+  model = model_lib.build_model(config)
+  fs = model.first_stage
+  images, labels = data.make_synthetic(13)
+  direct = jax.jit(fs.moments)(fs.params, data.to_model_images(images))
+  lines = []
+  cached = first_stage_lib.dataset_moments(fs, images, chunk=5, log=lines.append,
+                                           log_every_s=0.0)
+  assert cached.dtype == np.float32 and cached.shape == (13, 14, 14, 8)
+  np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-6)  # 13 = 8 + 5 (4 padded)
+  assert lines and "img/s" in lines[0] and "ETA" in lines[0]
+  with pytest.raises(ValueError, match="uint8 images"):
+    first_stage_lib.dataset_moments(fs, data.to_model_images(images))
+
+  batch = data.to_model_batch(images, labels)
+  params = model.init(jax.random.key(0), batch)
+  keys = jax.random.split(jax.random.key(1), 13)
+  loss = jax.jit(model.per_sample_loss)
+  from_images, sigma = loss(params, batch, keys, fs.params)
+  from_moments, sigma2 = loss(params, data.to_moments_batch(cached, labels), keys)
+  np.testing.assert_allclose(from_moments, from_images, rtol=1e-5)
+  np.testing.assert_array_equal(sigma, sigma2)
+  pixel_space = model_lib.DiffusionModel(
+      network=model.network, conditioner=model.conditioner,
+      first_stage=first_stage_lib.IdentityFirstStage(), sigma_data=model.sigma_data)
+  with pytest.raises(ValueError, match="holds 'moments'.*IdentityFirstStage"):
+    pixel_space.per_sample_loss(params, data.to_moments_batch(cached, labels), keys)
+
+
 def test_latent_train_step_same_on_1_and_4_devices(weights):
   config = latent_config(weights)
   model = model_lib.build_model(config)
@@ -217,8 +256,20 @@ def test_latent_train_step_same_on_1_and_4_devices(weights):
       state, metrics = step(state, ts.global_batch(batch, mesh), fs_params)
       losses.append(float(metrics["loss"]))
     results[n] = (jax.device_get(state.params), losses)
-  chex.assert_trees_all_close(results[4][0], results[1][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(results[4][1], results[1][1], rtol=1e-5)
+  # batches of cached moments: no encoder weights needed, the same step
+  mesh = ts.make_mesh(jax.devices()[:4])
+  state = ts.replicate(ts.create_train_state(model, tx, jax.random.key(0), batch), mesh)
+  step = ts.make_train_step(model, tx, schedule, mesh, 0.99)
+  moments_batch = ts.global_batch(data.to_moments_batch(
+      first_stage_lib.dataset_moments(model.first_stage, images), labels), mesh)
+  losses = []
+  for _ in range(2):
+    state, metrics = step(state, moments_batch)
+    losses.append(float(metrics["loss"]))
+  results["moments"] = (jax.device_get(state.params), losses)
+  for n in (4, "moments"):
+    chex.assert_trees_all_close(results[n][0], results[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[n][1], results[1][1], rtol=1e-5)
   # the network sees latents: its flow is over 14 * 14 * 4 features
   assert model.first_stage.latent_shape((28, 28, 1)) == (14, 14, 4)
 
@@ -252,6 +303,27 @@ def test_train_and_sample_latent_run(weights, tmp_path):
     assert not os.path.exists(tmp_path / "grid2.png")
   finally:
     shutil.copy(original, weights)
+
+
+def test_cached_and_per_step_encoding_train_alike(weights, tmp_path):
+  # train.py's default encodes the training set once; cache_moments=False
+  # encodes every batch, as sgm does. Same batches, same keys, same draws:
+  # the same parameters after a few steps, up to float rounding.
+  states, logs, summaries = {}, {}, {}
+  for cache in (True, False):
+    config = latent_config(weights, num_steps=3, checkpoint_every=3, log_every=1)
+    config.model.autoencoder.cache_moments = cache
+    logs[cache] = []
+    out = trainer.train_and_evaluate(config, str(tmp_path / f"run_{cache}"),
+                                     log=logs[cache].append)
+    assert out["step"] == 3
+    states[cache] = ts.host(out["state"].params)
+    summaries[cache] = out["metrics"]
+  chex.assert_trees_all_close(states[True], states[False], rtol=1e-4, atol=1e-6)
+  assert any("encoded the 256 training images once" in line for line in logs[True])
+  assert not any("encoded the" in line for line in logs[False])
+  np.testing.assert_allclose(summaries[True]["train/loss"], summaries[False]["train/loss"],
+                             rtol=1e-5)
 
 
 def test_config_errors(weights, tmp_path):
@@ -334,7 +406,8 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   workdir = tmp_path / "run"
   run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(workdir),
       "--config.training.num_steps=2", "--config.training.image_every=2",
-      "--config.model.score_flow.in_channels=4", *flags)
+      "--config.model.score_flow.in_channels=4", "--config.data.name=mnist",
+      "--config.data.source=offline", f"--config.data.data_dir={tmp_path}", *flags)
   saved = generate.load_run_config(str(workdir)).model.autoencoder
   header = json.loads(out.read_bytes()[8:8 + int.from_bytes(out.read_bytes()[:8], "little")])
   results = json.loads(header["__metadata__"]["results"])
@@ -349,3 +422,36 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   assert bad.returncode != 0 and "integers separated by commas" in bad.stderr
   bad = run(*args[:-1], "1,2", "--overwrite", "--ch", "48", check=False)
   assert bad.returncode != 0 and "multiple of 32" in bad.stderr
+
+  _check_latent_diagnose(str(workdir), str(tmp_path))
+
+
+def _check_latent_diagnose(workdir, data_dir):
+  """evaluate.py --diagnose on a latent run: its losses are in the latents and
+  its sigma-0 FD row scores the start images through the autoencoder (the
+  decoder's floor), as every later row's images are decoded."""
+  from scoreflow_jax.eval import classifier as classifier_lib, diagnostics, metrics
+  images, labels = data.make_synthetic(200, seed=0)
+  cparams, _ = classifier_lib.train_classifier(
+      images, labels, steps=2, log=lambda s: None, widths=(8, 16, 16), hidden=32,
+      dropout=0.0, batch_size=32)
+  clf = os.path.join(os.path.dirname(workdir), "clf.npz")
+  classifier_lib.save_classifier(cparams, clf)
+  res = diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, sigmas=(1.0,),
+                                 start_sigmas=(0.5,), num_images=10,
+                                 renoise_from=("test",), log=lambda s: None)
+  assert all(np.isfinite(res["loss"][split][0]) for split in ("train", "test"))
+  row0 = res["renoise"]["rows"]["test"][0]
+  # row 0 recomputed: the 10 start images' posterior means, decoded
+  model, _, _ = generate.load_run(workdir)
+  fs = model.first_stage
+  test_images, test_labels = data.load_run_split("mnist", "test", "offline", data_dir)
+  idx = diagnostics.balanced_subset(test_labels, 10, 10)
+  rest = np.ones(len(test_labels), bool)
+  rest[idx] = False
+  x = jnp.asarray(data.to_model_images(test_images[idx]))
+  decoded = np.clip(np.asarray(fs.decode(fs.params, fs.encode(fs.params, x))), -1.0, 1.0)
+  score = lambda imgs: metrics.evaluate_samples(
+      cparams, imgs, test_labels[idx], test_images[rest], test_labels[rest], 10)["fd"]
+  np.testing.assert_allclose(row0["fd"], score(decoded), rtol=1e-4)
+  assert not np.isclose(row0["fd"], score(test_images[idx]), rtol=1e-3)  # not the raw images
