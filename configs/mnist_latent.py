@@ -14,7 +14,10 @@ Train the autoencoder first, then pass its weights:
     --config.model.autoencoder.scale_factor=S
 
 with S the scale_factor train_autoencoder.py printed: 0.5 / the latents'
-std, so that they have the std sigma_data = 0.5 the denoiser assumes.
+std, so that they have the std sigma_data = 0.5 the denoiser assumes. The
+training set is encoded once at the start (model.autoencoder.cache_moments:
+about a minute on a 2-core CPU) and each step draws its latents from the
+stored posterior moments.
 """
 from configs import mnist_mixture
 
