@@ -40,8 +40,10 @@ def _signature(model: dict) -> dict:
   section.update(model.get(network, {}))
   sig[network] = section
   if model.get("first_stage") == "kl_autoencoder":
-    # The latents depend on the weights' bytes, not on where the file lies.
-    sig["autoencoder"] = {k: v for k, v in model["autoencoder"].items() if k != "weights"}
+    # The latents depend on the weights' bytes, not on where the file lies,
+    # nor on whether the steps encode each batch or draw from cached moments.
+    sig["autoencoder"] = {k: v for k, v in model["autoencoder"].items()
+                          if k not in ("weights", "cache_moments")}
   return sig
 
 

@@ -324,6 +324,16 @@ def test_cached_and_per_step_encoding_train_alike(weights, tmp_path):
   assert not any("encoded the" in line for line in logs[False])
   np.testing.assert_allclose(summaries[True]["train/loss"], summaries[False]["train/loss"],
                              rtol=1e-5)
+  # a run goes on either way (and runs from before the switch, whose
+  # checkpoints do not record it, still load)
+  config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=1)
+  config.model.autoencoder.cache_moments = False
+  assert trainer.train_and_evaluate(config, str(tmp_path / "run_True"),
+                                    log=lambda s: None)["step"] == 4
+  from scoreflow_jax import checkpointing
+  old = json.loads(config.model.to_json())
+  del old["autoencoder"]["cache_moments"]
+  assert checkpointing._signature(old) == checkpointing.model_signature(config)
 
 
 def test_config_errors(weights, tmp_path):
