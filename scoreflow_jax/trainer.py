@@ -267,12 +267,12 @@ def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
   from scoreflow_jax.networks import gaussian_base as gaussian_lib
   t0 = time.perf_counter()
   # Fitted to the first stage's posterior means (its latents without the draw).
-  if moments is not None:
-    x = np.asarray(model.first_stage.encode_moments(moments))
+  if model.first_stage.params is None:  # the identity: the images themselves
+    x = data_lib.to_model_images(images)
   else:
-    encode = jax.jit(model.first_stage.encode)
-    x = np.concatenate([np.asarray(encode(model.first_stage.params, data_lib.to_model_images(
-        images[i:i + 1000]))) for i in range(0, len(images), 1000)])
+    if moments is None:  # cache_moments=False: encoded here for the fit only
+      moments = first_stage_lib.dataset_moments(model.first_stage, images)
+    x = np.asarray(model.first_stage.encode_moments(moments))
   sf, n_classes = config.model.score_flow, config.model.conditioner.n_classes
   if sf.gaussian_components == 1:
     stats = gaussian_lib.fit(x, labels, n_classes, sf.gaussian_rank)
