@@ -2,22 +2,27 @@
 # Builds the CARRY folder that bench/gpu_quality.sh and bench/gpu_session.sh
 # read on a lent GPU machine (it has JAX, flax, optax, orbax and chex, but no
 # ml_collections, tensorboardX or internet). Run here, from the repository root:
-#   bash bench/make_carry.sh CARRY MNIST_DIR CLASSIFIER_NPZ
+#   bash bench/make_carry.sh CARRY MNIST_DIR CLASSIFIER_NPZ [VAE_SAFETENSORS]
 # CARRY gets whl/ (ml_collections and tensorboardX wheels, no dependencies),
-# mnist/ (the four IDX .gz files, copied) and classifier.npz (copied). Nothing
+# mnist/ (the four IDX .gz files, copied), classifier.npz (copied) and, for a
+# latent run, vae.safetensors (train_autoencoder.py's weights, copied; pass a
+# run --config.model.autoencoder.weights=CARRY/vae.safetensors and the other
+# flags train_autoencoder.py printed). Nothing
 # already in CARRY is overwritten. Keep CARRY inside the repository and ignored
 # by git (/.gpu/ is), and pass it to the device tool's `carry`.
 set -eu
-CARRY=$1; MNIST=$2; CLF=$3
+CARRY=$1; MNIST=$2; CLF=$3; VAE=${4:-}
 FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
 for f in $FILES; do
   [ -f "$MNIST/$f" ] || { echo "make_carry: $MNIST/$f is missing (the MNIST IDX .gz files)" >&2; exit 1; }
 done
 [ -f "$CLF" ] || { echo "make_carry: $CLF is missing (train it: python train_classifier.py --out $CLF)" >&2; exit 1; }
+[ -z "$VAE" ] || [ -f "$VAE" ] || { echo "make_carry: $VAE is missing (train it: python train_autoencoder.py --out $VAE)" >&2; exit 1; }
 mkdir -p "$CARRY/whl" "$CARRY/mnist"
 for pkg in ml_collections tensorboardx; do  # wheel names are lower case
   ls "$CARRY/whl" | grep -qi "^$pkg-" || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/whl" $pkg
 done
 for f in $FILES; do cp -n "$MNIST/$f" "$CARRY/mnist/"; done
 cp -n "$CLF" "$CARRY/classifier.npz"
+[ -z "$VAE" ] || cp -n "$VAE" "$CARRY/vae.safetensors"
 du -sh "$CARRY"; ls "$CARRY"/whl

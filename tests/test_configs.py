@@ -15,7 +15,8 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
 
 def test_config_files_are_found():
   assert {"mnist", "mnist_seed", "mnist_gauss", "mnist_mixture", "mnist_conv",
-          "mnist_conv_gauss", "mnist_conv_mixture", "mnist_unet", "cifar10"} <= set(NAMES)
+          "mnist_conv_gauss", "mnist_conv_mixture", "mnist_latent", "mnist_latent_conv",
+          "mnist_unet", "cifar10"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny"])
@@ -81,6 +82,25 @@ def test_conv_mixture_is_a_small_conv_flow_on_the_mixture_base():
   assert config.to_dict() == conv.to_dict()
   tiny = mnist_conv_mixture.get_config("tiny").model.score_flow
   assert tiny.gaussian_components == 50 and tiny.conv_channels == 8
+
+
+def test_latent_configs_are_their_pixel_networks_on_a_kl_first_stage():
+  # mnist_latent.py: mnist_mixture.py in 7x7x4 latents; mnist_latent_conv.py:
+  # mnist_conv_mixture.py in 14x14x1 latents (the conv flow's squeeze needs
+  # even sides). Only the first stage and the network's channels differ.
+  from configs import mnist_conv_mixture, mnist_latent, mnist_latent_conv, mnist_mixture
+  for latent, pixel, ch_mult, channels in ((mnist_latent, mnist_mixture, (1, 2, 2), 4),
+                                           (mnist_latent_conv, mnist_conv_mixture, (1, 2), 1)):
+    for arg in (None, "tiny"):
+      config, base = latent.get_config(arg), pixel.get_config(arg)
+      a = config.model.autoencoder
+      assert config.model.first_stage == "kl_autoencoder" and a.weights is None
+      assert tuple(a.ch_mult) == ch_mult and a.embed_dim == a.z_channels == channels
+      assert config.model.score_flow.in_channels == channels
+      assert "latent" in config.run_name
+      base.model.first_stage, base.model.autoencoder = "kl_autoencoder", a
+      base.model.score_flow.in_channels, base.run_name = channels, config.run_name
+      assert config.to_dict() == base.to_dict()
 
 
 @pytest.mark.parametrize("field,value", [("gaussian_components", 0), ("gaussian_rank", 0)])
