@@ -6,8 +6,8 @@ training keep their tracebacks (they may come from a model being changed,
 where the traceback is what a researcher needs).
 """
 import contextlib
+import os
 import re
-
 import sys
 
 from absl import app
@@ -48,14 +48,16 @@ def usage_errors(script_flags=True):
   any error whose message carries a ``--config.data.`` hint (data.py's TFDS
   errors); ``app.run`` prints their message without a traceback. Other errors
   (bugs) keep their traceback. ``script_flags=False`` keeps the hints as they
-  are (train.py, whose flags they are).
+  are (train.py, whose flags they are). With the environment variable
+  ``SCOREFLOW_TRACEBACK=1`` every error keeps its traceback: for a ValueError
+  or OSError that is a bug (a model being changed) rather than a user's.
   """
   try:
     yield
   except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_users(e):
+    if not _is_users(e) or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0"):
       raise
     raise app.UsageError(with_script_flags(str(e)) if script_flags else str(e)) from e
 

@@ -680,6 +680,17 @@ def test_data_hints_are_given_in_the_scripts_flags():
       raise KeyError("params")
 
 
+def test_user_errors_keep_their_traceback_on_request(monkeypatch):
+  # a ValueError may be a bug too: SCOREFLOW_TRACEBACK=1 re-raises it as it was
+  from absl import app
+  from scoreflow_jax import usage
+  for value, raised in (("1", ValueError), ("0", app.UsageError), ("", app.UsageError)):
+    monkeypatch.setenv("SCOREFLOW_TRACEBACK", value)
+    with pytest.raises(raised, match="bad shape"):
+      with usage.usage_errors():
+        raise ValueError("bad shape")
+
+
 def _scored_by(tmp_path, clf, out):
   """Results of tmp_path/grid.npz scored by the classifier file ``clf``."""
   return metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), clf, str(tmp_path),
