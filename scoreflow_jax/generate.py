@@ -77,16 +77,19 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
 def generate_images(model, params, sampling_config, labels: Sequence[int], key,
                     image_shape, batch_size: int = 256, cfg_scale=None, mesh=None,
-                    progress=None, cfg_interval=None, **sampler_options):
+                    progress=None, cfg_interval=None, sampler_fn=None, **sampler_options):
   """Generates one image per label in batches; returns numpy (N, H, W, C) in [-1, 1].
 
   Batches are padded to a fixed size (a multiple of the device count) so the
-  sampler compiles once; batch b uses fold_in(key, b).
+  sampler compiles once; batch b uses fold_in(key, b). ``sampler_fn``: what
+  ``make_sampler_fn`` returned for these settings and ``mesh``, kept by a
+  caller that samples again (the trainer's grids), so that it compiles once
+  per run instead of once per call.
   """
   n_dev = 1 if mesh is None else mesh.size
   batch_size = max(n_dev, (min(batch_size, len(labels)) + n_dev - 1) // n_dev * n_dev)
-  fn = make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
-                       **sampler_options)
+  fn = sampler_fn or make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
+                                     **sampler_options)
   labels = np.asarray(labels, np.int32)
   out = []
   num_batches = math.ceil(len(labels) / batch_size)

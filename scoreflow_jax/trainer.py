@@ -247,14 +247,17 @@ def _summarize(metrics_list):
   return out, finite
 
 
-def sample_grid(model, params, config, mesh, key, step_images_path=None):
-  """An EMA sample grid, one row per class; returns uint8 grid."""
+def sample_grid(model, params, config, mesh, key, step_images_path=None, sampler_fn=None):
+  """An EMA sample grid, one row per class; returns uint8 grid. ``sampler_fn``:
+  ``generate.make_sampler_fn(model, config.sampling, mesh=mesh)``, made once
+  per run so that the sampler compiles once."""
   n_classes = config.model.conditioner.n_classes
   per = config.training.images_per_class
   labels = np.repeat(np.arange(n_classes), per)
   shape = data_lib.image_shape(config.data)
   images = generate.generate_images(model, params, config.sampling, labels, key,
-                                    shape, config.sampling.batch_size, mesh=mesh)
+                                    shape, config.sampling.batch_size, mesh=mesh,
+                                    sampler_fn=sampler_fn)
   grid = generate.image_grid(images, rows=n_classes)
   if step_images_path:
     generate.save_png(grid, step_images_path)
@@ -407,6 +410,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   progress = run_logging.Progress(start_step, t.num_steps, t.batch_size, time_left)
   image_dir = os.path.join(workdir, "images", "train")
   pending, last = [], {}
+  grid_sampler = None
   step = start_step
   try:
     while step < t.num_steps:
@@ -469,8 +473,11 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
         t0 = time.perf_counter()
         path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
+        if grid_sampler is None:  # made once: every later grid reuses its compilation
+          grid_sampler = generate.make_sampler_fn(model, config.sampling, mesh=mesh)
         sample_grid(model, state.ema_params, config, mesh,
-                    jax.random.fold_in(jax.random.key(config.seed + 1), step), path)
+                    jax.random.fold_in(jax.random.key(config.seed + 1), step), path,
+                    sampler_fn=grid_sampler)
         log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
         progress.skip()
   finally:

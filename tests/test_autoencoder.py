@@ -274,11 +274,39 @@ def test_latent_train_step_same_on_1_and_4_devices(weights):
   assert model.first_stage.latent_shape((28, 28, 1)) == (14, 14, 4)
 
 
-def test_train_and_sample_latent_run(weights, tmp_path):
-  workdir = str(tmp_path / "run")
-  config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=2)
-  config.model.autoencoder.weights = os.path.relpath(str(weights))  # as typed by a user
-  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, tmp_path):
+  # train.py's default encodes the training set once; cache_moments=False
+  # encodes every batch, as sgm does. Same batches, same keys, same draws:
+  # the same parameters after a few steps, up to float rounding.
+  states, logs, summaries = {}, {}, {}
+  for cache in (True, False):
+    config = latent_config(weights, num_steps=3, checkpoint_every=3, log_every=1)
+    config.model.autoencoder.cache_moments = cache
+    if cache:
+      config.model.autoencoder.weights = os.path.relpath(str(weights))  # as typed by a user
+    logs[cache] = []
+    out = trainer.train_and_evaluate(config, str(tmp_path / f"run_{cache}"),
+                                     log=logs[cache].append)
+    assert out["step"] == 3
+    states[cache] = ts.host(out["state"].params)
+    summaries[cache] = out["metrics"]
+  chex.assert_trees_all_close(states[True], states[False], rtol=1e-4, atol=1e-6)
+  assert any("encoded the 256 training images once" in line for line in logs[True])
+  assert not any("encoded the" in line for line in logs[False])
+  np.testing.assert_allclose(summaries[True]["train/loss"], summaries[False]["train/loss"],
+                             rtol=1e-5)
+  # a run goes on either way (and runs from before the switch, whose
+  # checkpoints do not record it, still load)
+  workdir = str(tmp_path / "run_True")
+  config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=1)
+  config.model.autoencoder.cache_moments = False
+  assert trainer.train_and_evaluate(config, workdir, log=lambda s: None)["step"] == 4
+  from scoreflow_jax import checkpointing
+  old = json.loads(config.model.to_json())
+  del old["autoencoder"]["cache_moments"]
+  assert checkpointing._signature(old) == checkpointing.model_signature(config)
+
+  # the run folder names its autoencoder, and sample.py decodes to pixels
   saved = generate.load_run_config(workdir)
   assert saved.model.first_stage == "kl_autoencoder"
   assert saved.model.autoencoder.sha256 == first_stage_lib.file_sha256(str(weights))
@@ -303,37 +331,6 @@ def test_train_and_sample_latent_run(weights, tmp_path):
     assert not os.path.exists(tmp_path / "grid2.png")
   finally:
     shutil.copy(original, weights)
-
-
-def test_cached_and_per_step_encoding_train_alike(weights, tmp_path):
-  # train.py's default encodes the training set once; cache_moments=False
-  # encodes every batch, as sgm does. Same batches, same keys, same draws:
-  # the same parameters after a few steps, up to float rounding.
-  states, logs, summaries = {}, {}, {}
-  for cache in (True, False):
-    config = latent_config(weights, num_steps=3, checkpoint_every=3, log_every=1)
-    config.model.autoencoder.cache_moments = cache
-    logs[cache] = []
-    out = trainer.train_and_evaluate(config, str(tmp_path / f"run_{cache}"),
-                                     log=logs[cache].append)
-    assert out["step"] == 3
-    states[cache] = ts.host(out["state"].params)
-    summaries[cache] = out["metrics"]
-  chex.assert_trees_all_close(states[True], states[False], rtol=1e-4, atol=1e-6)
-  assert any("encoded the 256 training images once" in line for line in logs[True])
-  assert not any("encoded the" in line for line in logs[False])
-  np.testing.assert_allclose(summaries[True]["train/loss"], summaries[False]["train/loss"],
-                             rtol=1e-5)
-  # a run goes on either way (and runs from before the switch, whose
-  # checkpoints do not record it, still load)
-  config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=1)
-  config.model.autoencoder.cache_moments = False
-  assert trainer.train_and_evaluate(config, str(tmp_path / "run_True"),
-                                    log=lambda s: None)["step"] == 4
-  from scoreflow_jax import checkpointing
-  old = json.loads(config.model.to_json())
-  del old["autoencoder"]["cache_moments"]
-  assert checkpointing._signature(old) == checkpointing.model_signature(config)
 
 
 def test_config_errors(weights, tmp_path):
@@ -440,13 +437,10 @@ def _check_latent_diagnose(workdir, data_dir):
   """evaluate.py --diagnose on a latent run: its losses are in the latents and
   its sigma-0 FD row scores the start images through the autoencoder (the
   decoder's floor), as every later row's images are decoded."""
-  from scoreflow_jax.eval import classifier as classifier_lib, diagnostics, metrics
-  images, labels = data.make_synthetic(200, seed=0)
-  cparams, _ = classifier_lib.train_classifier(
-      images, labels, steps=2, log=lambda s: None, widths=(8, 16, 16), hidden=32,
-      dropout=0.0, batch_size=32)
+  from scoreflow_jax.eval import diagnostics, metrics
+  from tests.test_diagnostics import write_tiny_classifier
   clf = os.path.join(os.path.dirname(workdir), "clf.npz")
-  classifier_lib.save_classifier(cparams, clf)
+  cparams = write_tiny_classifier(clf)
   res = diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, sigmas=(1.0,),
                                  start_sigmas=(0.5,), num_images=10,
                                  renoise_from=("test",), log=lambda s: None)

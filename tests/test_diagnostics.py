@@ -177,16 +177,23 @@ def test_diagnose_cli_on_a_tiny_run(tiny_run, tmp_path):
   assert proc.returncode != 0 and "--diagnose takes one --seed" in proc.stderr
 
 
-def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run, tmp_path):
+def write_tiny_classifier(path):
+  """A two-step classifier on synthetic digits, saved to ``path``: features
+  for FD rows that only need to be the same function everywhere."""
   from scoreflow_jax import data as data_lib
   from scoreflow_jax.eval import classifier as classifier_lib
-  workdir, data_dir = tiny_run
   images, labels = data_lib.make_synthetic(200, seed=0)
   params, _ = classifier_lib.train_classifier(
       images, labels, steps=2, log=lambda s: None, widths=(8, 16, 16), hidden=32,
       dropout=0.0, batch_size=32)
+  classifier_lib.save_classifier(params, str(path))
+  return params
+
+
+def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run, tmp_path):
+  workdir, data_dir = tiny_run
   clf = str(tmp_path / "clf.npz")
-  classifier_lib.save_classifier(params, clf)
+  write_tiny_classifier(clf)
   logs = []
   res = diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, sigmas=(1.0,),
                                  start_sigmas=(0.5, 2.0), num_images=20,

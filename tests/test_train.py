@@ -102,12 +102,25 @@ def test_initial_state_is_the_eager_init_bit_for_bit():
   assert int(state.step) == 0 and int(state.ema_num_updates) == 0
 
 
-def test_tiny_training_learns(tmp_path):
-  config = tiny_config(num_steps=100, log_every=10, checkpoint_every=100)
+def test_tiny_training_learns(tmp_path, monkeypatch):
+  config = tiny_config(num_steps=100, log_every=10, checkpoint_every=100, image_every=50)
+  made = []  # the grids' sampler is made (and compiled) once per run, not per grid
+  make = generate.make_sampler_fn
+  monkeypatch.setattr(generate, "make_sampler_fn", lambda *a, **k: made.append(1) or make(*a, **k))
   out = trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
   losses = _losses(out["workdir"])
   assert out["step"] == 100
   assert losses[100] < 0.5 * losses[10], losses
+  assert len(made) == 1
+  images = os.path.join(out["workdir"], "images", "train")
+  assert sorted(os.listdir(images)) == ["step_0000050.png", "step_0000100.png"]
+  # the last grid is the EMA weights' grid, sampled afresh
+  from PIL import Image
+  fresh = trainer.sample_grid(model_lib.build_model(config),
+                              ts.host(out["state"].ema_params), config, ts.make_mesh(),
+                              jax.random.fold_in(jax.random.key(config.seed + 1), 100))
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(os.path.join(images, "step_0000100.png"))), fresh[..., 0])
 
 
 def test_time_limit_counts_data_loading(tmp_path, monkeypatch):
