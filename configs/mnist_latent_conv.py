@@ -6,9 +6,10 @@ autoencoder that halves the sides once and keeps one channel: 28x28x1 images
 become 14x14x1 latents (196 numbers, as configs/mnist_latent.py's 7x7x4),
 whose even sides the conv flow's squeeze needs. The best model measured on the
 2-core CPU: 2k mean FD 12.6 / 99.4% unguided (Heun, 18 steps) after 20
-minutes, against 14.0 for configs/mnist_latent.py and 14.9 for
-configs/mnist_conv_mixture.py on pixels after 44 minutes (docs/results.md,
-"Latent diffusion"). Train the autoencoder first, then pass its weights:
+minutes (12.4 after 40: converged), against 14.0 for configs/mnist_latent.py
+and 14.9 for configs/mnist_conv_mixture.py on pixels after 44 minutes; the
+MLP flow on these latents gives 22.8 (docs/results.md, "Latent diffusion").
+Train the autoencoder first, then pass its weights:
 
   python train_autoencoder.py --data_dir /path/to/mnist --out vae14.safetensors \\
     --ch_mult 1,2 --embed_dim 1
