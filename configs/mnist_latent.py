@@ -25,13 +25,21 @@ from configs import mnist_mixture
 def get_config(arg=None):
   config = mnist_mixture.get_config(arg)
   config.run_name = config.run_name.replace("mnist-mixture", "mnist-latent", 1)
+  # What train_autoencoder.py printed for its defaults (seed 0, 2,000 steps,
+  # session 20: latent std 3.283); other weights: set the value it prints.
+  return with_mnist_autoencoder(config, ch_mult=(1, 2, 2), embed_dim=4, scale_factor=0.1523)
+
+
+def with_mnist_autoencoder(config, ch_mult, embed_dim, scale_factor):
+  """``config``'s network diffused in the latents of a VAE as
+  train_autoencoder.py trains it for MNIST (ch 32, one ResnetBlock per level,
+  no attention) with ``--ch_mult`` and ``--embed_dim``; the weights are the
+  user's (model.autoencoder.weights)."""
   config.model.first_stage = "kl_autoencoder"
   a = config.model.autoencoder
   a.in_channels, a.resolution = 1, 28
-  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions = 32, (1, 2, 2), 1, ()
-  a.embed_dim = a.z_channels = 4
-  # What train_autoencoder.py printed for its defaults (seed 0, 2,000 steps,
-  # session 20: latent std 3.283); other weights: set the value it prints.
-  a.scale_factor = 0.1523
-  config.model.score_flow.in_channels = a.embed_dim
+  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions = 32, ch_mult, 1, ()
+  a.embed_dim = a.z_channels = embed_dim
+  a.scale_factor = scale_factor
+  config.model.score_flow.in_channels = embed_dim
   return config

@@ -21,19 +21,13 @@ Train the autoencoder first, then pass its weights:
 with S the scale_factor train_autoencoder.py printed (0.5 / the latents'
 std). The training set is encoded once when the run starts.
 """
-from configs import mnist_conv_mixture
+from configs import mnist_conv_mixture, mnist_latent
 
 
 def get_config(arg=None):
   config = mnist_conv_mixture.get_config(arg)
   config.run_name = config.run_name.replace("mnist-conv-mixture", "mnist-latent-conv", 1)
-  config.model.first_stage = "kl_autoencoder"
-  a = config.model.autoencoder
-  a.in_channels, a.resolution = 1, 28
-  a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions = 32, (1, 2), 1, ()
-  a.embed_dim = a.z_channels = 1
   # What train_autoencoder.py printed for these flags (seed 0, 2,000 steps,
   # session 21: latent std 3.131); other weights: set the value it prints.
-  a.scale_factor = 0.15969
-  config.model.score_flow.in_channels = a.embed_dim
-  return config
+  return mnist_latent.with_mnist_autoencoder(config, ch_mult=(1, 2), embed_dim=1,
+                                             scale_factor=0.15969)
