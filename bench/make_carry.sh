@@ -5,9 +5,10 @@
 #   bash bench/make_carry.sh CARRY MNIST_DIR CLASSIFIER_NPZ [VAE_SAFETENSORS]
 # CARRY gets whl/ (ml_collections and tensorboardX wheels, no dependencies),
 # mnist/ (the four IDX .gz files, copied), classifier.npz (copied) and, for a
-# latent run, vae.safetensors (train_autoencoder.py's weights, copied; pass a
-# run --config.model.autoencoder.weights=CARRY/vae.safetensors and the other
-# flags train_autoencoder.py printed). Nothing
+# latent run, vae.safetensors (train_autoencoder.py's weights, copied; a run
+# of configs/mnist_latent.py or mnist_latent_conv.py, which hold the VAE's
+# ddconfig, then takes --config.model.autoencoder.weights=CARRY/vae.safetensors
+# and the scale_factor the script printed, if not the config's). Nothing
 # already in CARRY is overwritten. Keep CARRY inside the repository and ignored
 # by git (/.gpu/ is), and pass it to the device tool's `carry`.
 set -eu
