@@ -410,7 +410,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   progress = run_logging.Progress(start_step, t.num_steps, t.batch_size, time_left)
   image_dir = os.path.join(workdir, "images", "train")
   pending, last = [], {}
-  grid_sampler = None
+  # The grids' sampler, made once: every grid reuses its compilation.
+  grid_sampler = (generate.make_sampler_fn(model, config.sampling, mesh=mesh)
+                  if t.image_every else None)
   step = start_step
   try:
     while step < t.num_steps:
@@ -473,8 +475,6 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
         t0 = time.perf_counter()
         path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
-        if grid_sampler is None:  # made once: every later grid reuses its compilation
-          grid_sampler = generate.make_sampler_fn(model, config.sampling, mesh=mesh)
         sample_grid(model, state.ema_params, config, mesh,
                     jax.random.fold_in(jax.random.key(config.seed + 1), step), path,
                     sampler_fn=grid_sampler)
