@@ -345,15 +345,20 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   before = _last_start_config(workdir) if resuming else None
   if before is not None:
     _check_resume(config, before, workdir, ckpt.steps())
-  moments = None
-  if (config.model.first_stage == "kl_autoencoder"
-      and config.model.autoencoder.get("cache_moments", True)):
+
+  def encode_once():
+    if (config.model.first_stage != "kl_autoencoder"
+        or not config.model.autoencoder.get("cache_moments", True)):
+      return None
     t0 = time.perf_counter()
     moments = first_stage_lib.dataset_moments(model.first_stage, images, log=log)
     log(f"encoded the {len(images):,} training images once: their posterior moments "
         f"{moments.shape[1:]} ({moments.nbytes / 2**20:.0f} MiB, "
         f"{time.perf_counter() - t0:.1f} s) give each step's latents without the encoder "
         "(model.autoencoder.cache_moments=False: encode every batch)")
+    return moments
+
+  moments = None
   if resuming:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree.map(
@@ -368,7 +373,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
           f"{2 * int(state.step)})")
     if before is not None:
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
+    if int(state.step) < t.num_steps:  # no encoding for a run with nothing to train
+      moments = encode_once()
   else:
+    moments = encode_once()
     state = init_state()
     if model.frozen_module is not None:
       state = _fit_gaussian_base(state, model, config, images, labels, log, moments)

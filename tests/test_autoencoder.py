@@ -301,6 +301,11 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=1)
   config.model.autoencoder.cache_moments = False
   assert trainer.train_and_evaluate(config, workdir, log=lambda s: None)["step"] == 4
+  # with nothing left to train, a resume says so without encoding the data set
+  config.model.autoencoder.cache_moments, lines = True, []
+  assert trainer.train_and_evaluate(config, workdir, log=lines.append)["step"] == 4
+  assert any("nothing to train" in line for line in lines)
+  assert not any("encoded the" in line for line in lines), lines
   from scoreflow_jax import checkpointing
   old = json.loads(config.model.to_json())
   del old["autoencoder"]["cache_moments"]
