@@ -74,6 +74,10 @@ def edm_discretization(num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0,
   min_inv_rho = sigma_min ** (1.0 / rho)
   max_inv_rho = sigma_max ** (1.0 / rho)
   sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+  # the ends exactly (the powers miss them by an ulp: 0.05 -> 0.049999999999999996),
+  # so that s_tmin = sigma_min, s_tmax = sigma_max or a guidance interval ending
+  # at sigma_max include them
+  sigmas[0], sigmas[-1] = sigma_max, (sigma_min if num_steps > 1 else sigma_max)
   if append_zero:
     sigmas = np.append(sigmas, 0.0)
   return sigmas.astype(dtype)

@@ -101,6 +101,9 @@ def _start(z, sigmas):
 
 def _edm_gammas(sigmas, s_churn, s_tmin, s_tmax):
   """Per-step churn gamma_i = min(s_churn / n, sqrt 2 - 1) inside [s_tmin, s_tmax], else 0."""
+  if not s_churn >= 0:
+    raise ValueError(f"s_churn must be >= 0 (0: no churn, EDM's deterministic sampler), "
+                     f"got {s_churn}")
   num_steps = len(sigmas) - 1
   gamma = min(s_churn / num_steps, 2**0.5 - 1)
   inside = (s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= s_tmax)
@@ -109,6 +112,8 @@ def _edm_gammas(sigmas, s_churn, s_tmin, s_tmax):
 
 def _ancestral_step(sigma_from, sigma_to, eta):
   """Returns numpy ``(sigma_down, sigma_up)``, sgm's get_ancestral_step."""
+  if not eta >= 0:  # a negative eta gives NaN samples (the root of a negative number)
+    raise ValueError(f"eta must be >= 0 (0: deterministic, 1: ancestral), got {eta}")
   if not eta:
     return sigma_to, np.zeros_like(sigma_to)
   sigma_up = np.minimum(

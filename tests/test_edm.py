@@ -66,6 +66,9 @@ class EdmTest(chex.TestCase):
     np.testing.assert_allclose(s[0], 80.0, rtol=1e-14)
     np.testing.assert_allclose(s[4], 0.002, rtol=1e-12)
     self.assertTrue(np.all(np.diff(s) < 0))
+    s = edm.edm_discretization(18, 0.05, 5.42)  # the powers alone give 0.049999999999999996
+    self.assertEqual((s[0], s[17]), (5.42, 0.05))
+    self.assertEqual(list(edm.edm_discretization(1, 0.05, 5.42)), [5.42, 0.0])
     self.assertEqual(len(edm.edm_discretization(5, append_zero=False)), 5)
     with pytest.raises(ValueError, match="num_steps"):
       edm.edm_discretization(0)

@@ -444,6 +444,24 @@ class ApiTest(X64TestCase):
     with self.assertRaises(TypeError):
       samplers.num_noise_draws("dpmpp_2m", 20, eta=0.5)
 
+  def test_negative_churn_or_eta_is_refused(self):
+    # s_churn < 0 shrank sigma_hat below sigma without noise; eta < 0 gave NaN samples
+    key = jax.random.key(0)
+    for name in ("euler_edm", "heun_edm"):
+      with self.assertRaisesRegex(ValueError, "s_churn must be >= 0"):
+        samplers.get_sampler(name)(gaussian_denoiser, self.z, num_steps=4, key=key,
+                                   s_churn=-1.0)
+    for name in ("euler_ancestral", "dpmpp_2s_ancestral"):
+      with self.assertRaisesRegex(ValueError, "eta must be >= 0"):
+        samplers.get_sampler(name)(gaussian_denoiser, self.z, num_steps=4, key=key,
+                                   eta=-2.0)
+
+  def test_churn_window_at_the_schedule_ends_includes_them(self):
+    # s_tmin = sigma_min and s_tmax = sigma_max churn every step (the schedule's
+    # ends are exact; 5.42 came out 5.420000000000001 before)
+    self.assertEqual(samplers.num_noise_draws("euler_edm", 6, sigma_min=0.05, sigma_max=5.42,
+                                              s_churn=1.0, s_tmin=0.05, s_tmax=5.42), 6)
+
   def test_wrong_noise_shape_raises(self):
     with self.assertRaisesRegex(ValueError, r"noise must have shape \(4, 2, 4, 4, 1\)"):
       samplers.euler_ancestral(gaussian_denoiser, self.z, num_steps=4,

@@ -108,7 +108,9 @@ def renoise(denoise_fn, params, x0, cond, sigma_start: float, key, *,
                        sigma_max=sigma_start, rho=rho,
                        key=jax.random.wrap_key_data(key_data))
 
-  sampler_key = jax.random.fold_in(key, 1)  # for stochastic samplers
+  # for stochastic samplers: fold_in(key, i) is image i's noise, so an index no
+  # image has (until session 23 this was fold_in(key, 1), image 1's noise key)
+  sampler_key = jax.random.fold_in(key, 2**32 - 1)
   out = []
   n = x0.shape[0]
   for start in range(0, n, batch_size):
