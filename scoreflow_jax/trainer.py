@@ -28,6 +28,16 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
+def _agreed(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process. A time limit read from each
+  process's own clock could stop one a step before the others, which would
+  then wait for it in the next step's collectives forever."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def validate_config(config):
   """Checks values a run would otherwise fail on late or silently; raises
   ValueError. Returns the model it built (a KL first stage's weights loaded)."""
@@ -72,6 +82,9 @@ def validate_config(config):
                     f" (EDM2 uses (0.05, 0.1)), got {stds!r}")
   elif len(set(stds)) != len(stds):
     problems.append(f"ema.posthoc_stds has a repeated value: {stds!r}")
+  if config.seed < 0:
+    problems.append(f"seed must be >= 0 (numpy's generators take no negative seed), "
+                    f"got {config.seed}")
   if config.optim.learning_rate <= 0:
     problems.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
   if config.optim.warmup_steps < 0:
@@ -139,8 +152,20 @@ def prepare_workdir(config, workdir=None, logdir="logs"):
   is overwritten.
   """
   if workdir is None:
+    if jax.process_count() > 1:  # each process would stamp its own folder
+      raise ValueError("a run of several processes needs --workdir (the same folder "
+                       "for all of them)")
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-    workdir = os.path.join(logdir, f"{stamp}-{config.run_name}")
+    base = os.path.abspath(os.path.join(logdir, f"{stamp}-{config.run_name}"))
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for i in range(1000):  # runs started in the same second get -1, -2, ...
+      workdir = base if i == 0 else f"{base}-{i}"
+      try:
+        os.mkdir(workdir)  # atomic: exactly one start gets each name
+        return workdir
+      except FileExistsError:
+        continue
+    raise FileExistsError(f"no free run folder name next to {base}")
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a run folder. Choose "
@@ -210,6 +235,23 @@ def _check_resume(config, before, workdir, steps):
           "would train on other data" + (" (and on images its validation split held"
           " out)" if name == "holdout" else "") + f". Resume with --config.data."
           f"{name}={old}, or start a new --workdir. Nothing was changed.")
+  holdout = config.data.get("holdout", 0)
+  if holdout and before.data.get("source") not in (None, config.data.source):
+    raise ValueError(
+        f"{workdir} was trained with data.source={before.data.source!r} and holds out "
+        f"{holdout:,} training images by their position, which another source orders "
+        f"differently: resuming with {config.data.source!r} would train on images its "
+        f"validation split held out. Resume with --config.data.source="
+        f"{before.data.source}, or start a new --workdir. Nothing was changed.")
+  old_clip = before.optim.get("grad_clip_norm", 0.0)
+  new_clip = config.optim.get("grad_clip_norm", 0.0)
+  if bool(old_clip) != bool(new_clip):
+    raise ValueError(
+        f"{workdir} was trained with optim.grad_clip_norm={old_clip}; resuming with "
+        f"{new_clip} would change the optimizer state's layout, which its checkpoints "
+        "cannot be restored into. Resume with --config.optim.grad_clip_norm="
+        f"{old_clip} (a non-zero norm can change to another non-zero one), or start a "
+        "new --workdir with it. Nothing was changed.")
   old_shape, new_shape = data_lib.image_shape(before.data), data_lib.image_shape(config.data)
   if old_shape != new_shape:
     raise ValueError(
@@ -424,7 +466,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   step = start_step
   try:
     while step < t.num_steps:
-      out_of_time = bool(t.time_limit_s) and _time_limit_clock() - started > t.time_limit_s
+      out_of_time = bool(t.time_limit_s) and _agreed(
+          _time_limit_clock() - started > t.time_limit_s)
       # Out of time, the steps since the last log are summarised and checked
       # like at a log step, then saved like at a checkpoint step.
       if not out_of_time:
@@ -455,7 +498,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
               f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
               f"the last good checkpoint in {ckpt.directory} (step "
               f"{ckpt.latest_step()}) is intact. Try a lower "
-              "--config.optim.learning_rate or --config.optim.grad_clip_norm=1.0.")
+              "--config.optim.learning_rate" + (
+                  "" if config.optim.get("grad_clip_norm", 0.0) else
+                  ", or --config.optim.grad_clip_norm=1.0 in a new --workdir (a "
+                  "resume cannot switch clipping on)") + ".")
         text, steps_per_s = progress.line(step, scalars["train/loss"])
         scalars["train/steps_per_s"] = steps_per_s
         scalars["train/images_per_s"] = steps_per_s * t.batch_size

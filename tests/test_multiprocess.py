@@ -35,7 +35,11 @@ def test_two_processes_match_one(tmp_path):
   workdir, out = str(tmp_path / "mp_run"), str(tmp_path / "params")
   port = _free_port()
   t0 = time.perf_counter()
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), workdir, out, "6"],
+  # Both run with a one-hour time limit; process 1 reads its start two hours early.
+  # Process 0 decides for both (each deciding alone, process 1 stopped at once
+  # and process 0 waited for it in the next step's collectives until killed).
+  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), workdir, out, "6",
+                             str(7200.0 * i)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   try:

@@ -279,10 +279,15 @@ def test_held_out_images_stay_out_of_training_and_of_a_resume(tmp_path):
     config.data.holdout, config.training.num_steps = other, 4
     with pytest.raises(ValueError, match="trained with data.holdout=56"):
       trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  # another source orders the images otherwise: its held-out 56 would be others
+  config.data.holdout, source = 56, config.data.source
+  config.data.source = "tfds" if source == "offline" else "offline"
+  with pytest.raises(ValueError, match=f"data.source='{source}' and holds out 56"):
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  config.data.source = source
   assert sorted(os.listdir(os.path.join(workdir, "configs"))) == configs
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     read_only=True).steps() == [2]
-  config.data.holdout = 56
   trainer.train_and_evaluate(config, workdir, log=lambda s: None)
   # sample.py records the run's held-out images, for evaluate.py --reference validation
   out = str(tmp_path / "grid.png")
@@ -297,8 +302,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   trainer.train_and_evaluate(tiny_config(num_steps=10, checkpoint_every=10), workdir, log=lambda s: None)
   config = tiny_config(num_steps=40, log_every=5, checkpoint_every=5)
   config.optim.learning_rate = 1e30
-  with pytest.raises(trainer.NonFiniteError, match="last good checkpoint"):
+  with pytest.raises(trainer.NonFiniteError, match="last good checkpoint") as err:
     trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  # clipping is advised for a new run only: a resume cannot switch it on (below)
+  assert "grad_clip_norm=1.0 in a new --workdir" in str(err.value)
   steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).steps()
   assert 10 in steps
   # the run can still be resumed from what is there
@@ -332,6 +339,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.sampling.update(sigma_min=90.0), "0 < sigma_min < sigma_max"),
     (lambda c: c.sampling.update(rho=0.0), "sampling.rho"),
     (lambda c: c.sampling.update(batch_size=0), "sampling.batch_size"),
+    (lambda c: c.update(seed=-1), "seed must be >= 0"),  # was a data thread's traceback
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()
@@ -356,6 +364,15 @@ def test_workdir_that_is_not_a_run_is_left_alone(tmp_path):
     trainer.train_and_evaluate(tiny_config(), str(tmp_path / "mine"), log=lambda s: None)
   assert os.listdir(tmp_path / "mine") == ["notes.txt"]
   assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+  # a sweep started with & stamps its folders to the second: they shared one
+  monkeypatch.setattr(trainer.time, "strftime", lambda fmt: "2026-12-02T12-00-00")
+  config = tiny_config()
+  made = [trainer.prepare_workdir(config, None, str(tmp_path / "logs")) for _ in range(3)]
+  base = str(tmp_path / "logs" / f"2026-12-02T12-00-00-{config.run_name}")
+  assert made == [base, base + "-1", base + "-2"] and all(os.path.isdir(m) for m in made)
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path):
@@ -394,6 +411,11 @@ def test_resume_on_other_data_is_refused(tmp_path):
     config.data[field] = value
     with pytest.raises(ValueError, match=match):
       trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  # clipping on or off changes the optimizer state's layout (its advice was a dead end)
+  config = tiny_config(num_steps=4)
+  config.optim.grad_clip_norm = 1.0
+  with pytest.raises(ValueError, match="optim.grad_clip_norm=0.0; resuming with 1.0"):
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
   msgs = []  # resumed with num_steps at or below the run's step: nothing trains, and says so
   trainer.train_and_evaluate(tiny_config(num_steps=2), workdir, log=msgs.append)
   assert any(m.startswith("nothing to train: the run is at step 2 and "
