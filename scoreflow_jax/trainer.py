@@ -325,6 +325,12 @@ def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
     stats = gaussian_lib.fit_mixture(x, labels, n_classes, sf.gaussian_components,
                                      sf.gaussian_rank, seed=config.seed,
                                      covariance_prior=sf.gaussian_covariance_prior)
+  if jax.process_count() > 1:
+    # Process 0's fit on every process: each fits on its own devices' numerics
+    # (GPU encodes and BLAS need not agree bit for bit), and the state is
+    # replicated from every process's own copy.
+    from jax.experimental import multihost_utils
+    stats = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(stats))
 
   def fill(params):
     params = jax.tree.map(lambda a: a, params)  # a copy of the containers
@@ -364,6 +370,12 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
     raise ValueError(f"data images are {images.shape[1:]}, expected "
                      f"{data_lib.image_shape(config.data)} for data.name={config.data.name!r}")
   _check_channels(config, images.shape[-1])
+  if len(images) < t.batch_size:
+    holdout = int(config.data.get("holdout", 0))
+    raise ValueError(
+        f"training.batch_size={t.batch_size} is more than the {len(images):,} training "
+        f"images" + (f" left by data.holdout={holdout:,}" if holdout else "") + "; lower "
+        "training.batch_size" + (" or data.holdout" if holdout else ""))
   if int(labels.max()) >= config.model.conditioner.n_classes:
     raise ValueError(f"labels go up to {int(labels.max())} but "
                      f"model.conditioner.n_classes={config.model.conditioner.n_classes}")

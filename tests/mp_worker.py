@@ -15,6 +15,8 @@ def main(process_id, port, workdir, out, num_steps, clock_skew_s=0.0):
   distributed.maybe_initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=2, process_id=process_id)
   config = mnist.get_config("tiny")
+  # a fitted base (two components per class): process 0's fit is broadcast
+  config.model.score_flow.update(gaussian_base=True, gaussian_components=2, gaussian_rank=4)
   config.training.update(num_steps=num_steps, log_every=3, checkpoint_every=3,
                          image_every=0, time_limit_s=3600)
   # this process reads its start clock_skew_s early (as if it had started

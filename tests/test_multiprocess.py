@@ -23,6 +23,7 @@ def _free_port():
 
 def _tiny(num_steps):
   config = mnist.get_config("tiny")
+  config.model.score_flow.update(gaussian_base=True, gaussian_components=2, gaussian_rank=4)
   config.training.update(num_steps=num_steps, log_every=3, checkpoint_every=3, image_every=0)
   return config
 
@@ -53,6 +54,7 @@ def test_two_processes_match_one(tmp_path):
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
   assert "2 processes" in logs[0] and "4 devices" in logs[0]
+  assert all("Gaussian base fitted" in log for log in logs)
 
   single = trainer.train_and_evaluate(_tiny(6), str(tmp_path / "single"), log=lambda s: None)
   expected = _flat(single["state"])

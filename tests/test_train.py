@@ -340,6 +340,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (lambda c: c.sampling.update(rho=0.0), "sampling.rho"),
     (lambda c: c.sampling.update(batch_size=0), "sampling.batch_size"),
     (lambda c: c.update(seed=-1), "seed must be >= 0"),  # was a data thread's traceback
+    (lambda c: c.data.update(holdout=250),  # 6 images left: was the data thread's error
+     "batch_size=16 is more than the 6 training images left by data.holdout=250"),
 ])
 def test_bad_config_values(tmp_path, override, match):
   config = tiny_config()
