@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from typing import Optional
 
 
 def format_duration(seconds: float) -> str:
@@ -66,9 +67,28 @@ class Progress:
 
 
 def _read_rows(path: str):
-  """The rows of a metrics.jsonl, as dicts."""
+  """The rows of a metrics.jsonl, as dicts, without those of lost steps.
+
+  The file is only appended to. A run stopped between checkpoints (killed,
+  or a non-finite loss) logged steps past the checkpoint it resumes from,
+  then trains and logs them again: a row below an earlier row's step drops
+  the rows after its step, and one at the step of rows with the same keys
+  replaces them, so each step has the row of the training that continued.
+  """
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    rows = [json.loads(l) for l in f if l.strip()]
+  kept = []
+  for row in rows:
+    step = row.get("step")
+    if step is not None:
+      while kept and kept[-1].get("step", -1) > step:
+        kept.pop()
+      first = len(kept)
+      while first and kept[first - 1].get("step") == step:
+        first -= 1
+      kept[first:] = [r for r in kept[first:] if set(r) != set(row)]
+    kept.append(row)
+  return kept
 
 
 def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
@@ -117,12 +137,14 @@ def read_metrics(path: str, key: str = "train/loss"):
           None if None in wall else wall)
 
 
-def last_wall_s(workdir: str) -> float:
-  """The last ``train/wall_s`` logged in ``workdir`` (0 if none): where a
-  resumed run's clock continues from."""
+def last_wall_s(workdir: str, step: Optional[int] = None) -> float:
+  """The last ``train/wall_s`` logged in ``workdir`` (0 if none), at or before
+  ``step`` if given: where a run resumed from the checkpoint at ``step``
+  continues its clock from (steps logged past it were lost)."""
   path = os.path.join(workdir, "metrics.jsonl")
   rows = _read_rows(path) if os.path.isfile(path) else []
-  return float(next((r["train/wall_s"] for r in reversed(rows) if "train/wall_s" in r), 0.0))
+  return float(next((r["train/wall_s"] for r in reversed(rows) if "train/wall_s" in r
+                     and (step is None or r.get("step", 0) <= step)), 0.0))
 
 
 def plot_loss_curves(runs, out_path: str, x: str = "step", key: str = "train/loss",

@@ -466,7 +466,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       make_batch=data_lib.to_model_batch if moments is None else data_lib.to_moments_batch)
   writer = run_logging.MetricWriter(workdir) if is_writer else None
   # train/wall_s: seconds of training so far, earlier processes of a resumed run included
-  wall_before = run_logging.last_wall_s(workdir) if is_writer and start_step else 0.0
+  wall_before = (run_logging.last_wall_s(workdir, start_step) if is_writer and start_step
+                 else 0.0)
   time_left = ((lambda: t.time_limit_s - (_time_limit_clock() - started))
                if t.time_limit_s else None)
   progress = run_logging.Progress(start_step, t.num_steps, t.batch_size, time_left)

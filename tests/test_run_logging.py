@@ -25,6 +25,22 @@ def test_metrics_rows_and_last_wall_clock(tmp_path):
   assert run_logging.last_wall_s(str(tmp_path / "new_run")) == 0.0
 
 
+def test_steps_logged_past_the_checkpoint_a_run_resumed_from_are_dropped(tmp_path):
+  # killed at step 250 after its checkpoint at 200: the rows of 220 and 240 were
+  # lost, the resume logged 220 and 240 again, its clock continuing from 200's
+  row = lambda step, wall: {"step": step, "train/loss": 1.0 / step, "train/wall_s": wall}
+  _write(tmp_path / "metrics.jsonl", [
+      row(180, 18.0), row(200, 20.0), {"step": 200, "eval/fd": 9.0}, row(220, 22.0),
+      row(240, 24.0), row(220, 23.0), row(240, 25.0), row(260, 27.0)])
+  assert run_logging.last_wall_s(str(tmp_path), step=200) == 20.0
+  steps, _, wall = run_logging.read_metrics(str(tmp_path))
+  assert (steps, wall) == ([180, 200, 220, 240, 260], [18.0, 20.0, 23.0, 25.0, 27.0])
+  assert run_logging.read_metrics(str(tmp_path), "eval/fd")[:2] == ([200], [9.0])
+  # a row at the same step and with the same keys replaces (one lost log, again)
+  _write(tmp_path / "m2.jsonl", [row(200, 20.0), row(220, 22.0), row(220, 23.0)])
+  assert run_logging.read_metrics(str(tmp_path / "m2.jsonl"))[2] == [20.0, 23.0]
+
+
 def test_old_runs_have_no_wall_clock_and_plot_by_step(tmp_path):
   _write(tmp_path / "old.jsonl", [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.9}])
   _write(tmp_path / "new.jsonl", [{"step": 1, "train/loss": 1.0, "train/wall_s": 3.0}])
