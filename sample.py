@@ -43,13 +43,23 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--classes takes integer labels, e.g. 0,1,2; got "
                          f"{','.join(FLAGS.classes)}")
+  if classes == []:
+    raise app.UsageError("--classes is empty: name at least one class, e.g. 0,3 (or "
+                         "leave it out for all)")
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
   interval = None
   if FLAGS.cfg_interval is not None:
     if len(FLAGS.cfg_interval) != 2:
       raise app.UsageError(f"--cfg_interval takes lo,hi, got {','.join(FLAGS.cfg_interval)}")
-    interval = tuple(float(v) for v in FLAGS.cfg_interval)
+    try:
+      interval = tuple(float(v) for v in FLAGS.cfg_interval)
+    except ValueError:
+      raise app.UsageError(f"--cfg_interval takes two numbers lo,hi, got "
+                           f"{','.join(FLAGS.cfg_interval)}")
+    if not 0 <= interval[0] < interval[1]:
+      raise app.UsageError(f"--cfg_interval needs 0 <= lo < hi (guidance where lo < "
+                           f"sigma <= hi), got {interval}: it would guide nowhere")
   if FLAGS.average_from is not None and FLAGS["ema"].present and FLAGS.ema:
     raise app.UsageError("--average_from averages the raw weights; drop --ema")
   if FLAGS.posthoc_ema is not None and FLAGS["ema"].present and FLAGS.ema:

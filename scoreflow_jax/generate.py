@@ -341,6 +341,9 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   png, npz = output_paths(out, overwrite)
   n_classes = load_run_config(workdir).model.conditioner.n_classes
   classes = list(range(n_classes)) if classes is None else list(classes)
+  if not classes:
+    raise ValueError("classes is empty: name at least one class (sample.py --classes 0,3), "
+                     "or leave it out for all of them")
   bad = [c for c in classes if not 0 <= c < n_classes]
   if bad:
     raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
@@ -359,12 +362,19 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
       **sampler_options)
   grid = image_grid(images, rows=len(classes))
   save_png(grid, png)
-  np.savez(npz, images=images.astype(np.float32), labels=labels,
-           step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)))
   weights = ("EMA weights" if use_ema
              else f"raw weights averaged from step {average_from}" if average_from is not None
              else f"post-hoc EMA, sigma_rel {posthoc_ema:g}" if posthoc_ema is not None
              else "raw weights")
+  # how the samples were made, beside them (evaluate.py pairs draws by seed)
+  np.savez(npz, images=images.astype(np.float32), labels=labels,
+           step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)),
+           seed=np.int64(seed), weights=np.str_(weights),
+           sampler=np.str_(config.sampling.sampler),
+           num_steps=np.int64(config.sampling.num_steps), cfg_scale=np.float64(cfg_scale),
+           cfg_interval=np.asarray(cfg_interval if cfg_interval is not None else (),
+                                   np.float64),
+           batch_size=np.int64(batch_size))
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "

@@ -75,6 +75,11 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   assert npz["images"].min() >= -1 and npz["images"].max() <= 1
   np.testing.assert_array_equal(npz["labels"], [3, 3, 3, 1, 1, 1, 4, 4, 4])
   assert int(npz["step"]) == 10 and int(npz["holdout"]) == 0  # trained on all of train
+  # how they were made (evaluate.py pairs draws by seed)
+  assert (int(npz["seed"]), str(npz["sampler"]), int(npz["num_steps"])) == (
+      1, "euler_ancestral", 3)
+  assert (float(npz["cfg_scale"]), str(npz["weights"]), npz["cfg_interval"].size,
+          int(npz["batch_size"])) == (2.0, "EMA weights", 0, 4)
   # the same seed gives the same images
   out2 = str(tmp_path / "grid2.png")
   run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral", "--num_steps", "3",
@@ -136,6 +141,13 @@ def test_sample_bad_inputs(trained_run, tmp_path):
   proc = run("sample.py", "--workdir", workdir, "--average_from", "11", "--out",
              str(tmp_path / "x.png"), check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr and "no checkpoint at steps 11..10 to average" in proc.stderr
+  for flag, message in (("--cfg_interval=a,b", "takes two numbers lo,hi"),
+                        ("--cfg_interval=5,0.3", "0 <= lo < hi"),  # guided nowhere
+                        ("--classes=", "--classes is empty")):  # numpy's error, late
+    proc = run("sample.py", "--workdir", workdir, flag, "--out", str(tmp_path / "x.png"),
+               check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "x.png")
 
 

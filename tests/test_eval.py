@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,12 @@ def test_real_samples_score_near_floor_and_noise_far(trained):
   assert bad["fd"] > 20.0 * bad["fd_floor"]
   assert bad["fd_floor"] == real["fd_floor"]  # same seed, same real subsets
   assert bad["class_accuracy"] < 0.5
+  # a file of another size, scored at the same n: the same reference and floor
+  # images (they drew others before session 23, and compare could not pair them)
+  more = metrics.evaluate_samples(params, np.concatenate([noise, noise[:37]]),
+                                  np.concatenate([held_labels, held_labels[:37]]),
+                                  test_images, test_labels, n=200)
+  assert more["fd_floor"] == real["fd_floor"]
 
 
 def test_floor_uses_second_set_when_reference_is_small(trained):
@@ -262,8 +269,9 @@ def test_evaluate_cli_writes_json(trained, tmp_path):
   assert results["class_accuracy"] >= 0.95
   assert results["fd"] < 2.0 * results["fd_floor"]
   assert results["memorisation"]["num"] == 300 and "nearest training image" in proc.stdout
-  # two draws (here the same file twice) against two reference sets
-  proc = subprocess.run(cmd[:3] + [f"{samples},{samples}"] + cmd[4:-1]
+  # two draws (here the same images in two files) against two reference sets
+  shutil.copy(samples, tmp_path / "copy.npz")
+  proc = subprocess.run(cmd[:3] + [f"{samples},{tmp_path / 'copy.npz'}"] + cmd[4:-1]
                         + ["--seed", "0,1", "--out", str(tmp_path / "two.json")],
                         capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr
@@ -364,6 +372,14 @@ def test_several_draws_and_reference_sets_are_each_scored_and_averaged(trained, 
   with pytest.raises(ValueError, match="--out"):
     metrics.evaluate_sample_file(paths, clf, str(tmp_path), num_samples=100, seed=[0, 1])
   assert not (tmp_path / "grid_s0_eval.json").exists()
+  # a file or seed twice would count as two evaluations; the results are no input
+  for files, seeds in (([paths[0], paths[0]], [0]), (paths, [0, 0])):
+    with pytest.raises(ValueError, match="given twice"):
+      metrics.evaluate_sample_file(files, clf, str(tmp_path), num_samples=100, seed=seeds,
+                                   out=str(tmp_path / "x.json"))
+  with pytest.raises(ValueError, match="is one of the inputs"):
+    metrics.evaluate_sample_file(paths, clf, str(tmp_path), num_samples=100, seed=[0],
+                                 out=paths[1], overwrite=True)
   out = tmp_path / "both.json"
   res = metrics.evaluate_sample_file(paths, clf, str(tmp_path), num_samples=100,
                                      out=str(out), seed=[0, 1, 2], log=lambda _: None)
@@ -466,6 +482,10 @@ def test_results_against_other_references_do_not_compare():
   with pytest.raises(ValueError, match="different reference images"):
     metrics.compare_evaluations({"a": a, "b": b})
   assert len(metrics.compare_evaluations({"a": dict(a, reference="validation"), "b": b})) == 2
+  # the validation images of runs that held out other images are other images
+  with pytest.raises(ValueError, match=r"different data.holdout.*'a': 5000, 'b': 10000"):
+    metrics.compare_evaluations({"a": dict(a, reference="validation", holdout=5000),
+                                 "b": dict(b, holdout=10000)})
 
 
 def test_nearest_distances_known_inputs():
@@ -511,6 +531,10 @@ def test_bad_samples_files_are_clear(tmp_path):
   np.savez(out_of_range, images=np.full((2, 28, 28, 1), 255.0), labels=[0, 1])
   with pytest.raises(ValueError, match=r"range\.npz.*\[-1, 1\]"):
     metrics.load_samples(out_of_range)
+  negative = tmp_path / "negative.npz"
+  np.savez(negative, images=-np.ones((2, 28, 28, 1)), labels=[-1, 1])
+  with pytest.raises(ValueError, match=r"negative\.npz: 'labels' must be class indices"):
+    metrics.load_samples(negative)
 
 
 def test_linear_floor_matches_monte_carlo_of_the_linear_denoiser():
@@ -746,7 +770,7 @@ def test_compare_checks_old_results_files_by_their_floors():
   # one classifier, but other reference images (a samples file of another size):
   # the recorded sha256s agree, the floors do not
   sha = "0123456789abcdef"
-  with pytest.raises(ValueError, match="hold different numbers of images"):
+  with pytest.raises(ValueError, match="held different numbers of images"):
     metrics.compare_evaluations({"base": dict(base, classifier_sha256=sha),
                                  "other": dict(other, classifier_sha256=sha)})
   logs = []

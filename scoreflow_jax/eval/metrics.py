@@ -151,8 +151,14 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
                      f" {num_samples} and {num_ref}.")
   classifier_lib.check_input_shape(classifier_params, sample_images.shape[1:])
   classifier_lib.check_input_shape(classifier_params, ref_images.shape[1:])
+  pick = np.random.default_rng(seed).permutation(num_samples)[:n]
+  # The reference (and floor) images depend on (seed, n) only, not on the
+  # samples file's size, so that files of other sizes scored at the same n
+  # pair. The generator skips a permutation of n first: for a file of n
+  # images, the draws of every earlier version (which drew the reference after
+  # the file's own permutation).
   rng = np.random.default_rng(seed)
-  pick = rng.permutation(num_samples)[:n]
+  rng.permutation(n)
   ref_perm = rng.permutation(num_ref)
   ref_idx = ref_perm[:n]
   if num_ref >= 2 * n:
@@ -219,6 +225,9 @@ def load_samples(path):
   if labels is not None and labels.shape != (len(images),):
     raise ValueError(f"{path}: 'labels' must have shape ({len(images)},), got"
                      f" {labels.shape}.")
+  if labels is not None and (labels.dtype.kind not in "iu" or labels.min() < 0):
+    raise ValueError(f"{path}: 'labels' must be class indices >= 0 (integers), got"
+                     f" {labels.dtype} from {labels.min()} to {labels.max()}.")
   return images, labels
 
 
@@ -348,10 +357,10 @@ def _check_same_classifier(named_results, log):
           f" the same real images in the same features: their real-vs-real floors"
           f" differ: {shown}. Either the classifiers differ"
           f" ({_classifier_name(name, named_results[name])} vs"
-          f" {_classifier_name(base, named_results[base])}), or the samples files"
-          " hold different numbers of images (for one seed, a file of another size"
-          " draws other reference images). Score draws of the same size with the"
-          " same --classifier (evaluate.py records its sha256).")
+          f" {_classifier_name(base, named_results[base])}), or (results from"
+          " before session 23) the samples files held different numbers of images."
+          " Score every model with the same --classifier (evaluate.py records its"
+          " sha256).")
   return warnings_by_name
 
 
@@ -379,6 +388,12 @@ def compare_evaluations(named_results, log=print):
   if len(set(refs.values())) != 1:
     raise ValueError(f"FDs against different reference images do not compare: {refs}."
                      " Evaluate every model with the same --reference.")
+  if next(iter(refs.values())) == "validation":
+    holdouts = {name: r.get("holdout") for name, r in named_results.items()}
+    if len(set(holdouts.values())) != 1:
+      raise ValueError(f"FDs against the validation images of runs with different "
+                       f"data.holdout do not compare: {holdouts} (other images were "
+                       "held out). Compare them against --reference test.")
   counts = {name: r["num_samples"] for name, r in named_results.items()}
   if len(set(counts.values())) != 1:
     raise ValueError(f"FDs at different sample counts do not compare: {counts}."
@@ -512,6 +527,15 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2 (an FD needs two samples), got"
                      f" {num_samples}.")
+  repeated = sorted({p for p in paths if [os.path.realpath(q) for q in paths].count(
+      os.path.realpath(p)) > 1})
+  if repeated or len(set(seeds)) != len(seeds):
+    raise ValueError(f"a samples file or seed is given twice (files {repeated}, seeds "
+                     f"{seeds}): repeated evaluations would count as independent ones "
+                     "and understate the FD's spread.")
+  if out is not None and os.path.realpath(out) in {os.path.realpath(p) for p in
+                                                   paths + [classifier_path]}:
+    raise ValueError(f"--out {out} is one of the inputs; name another results file.")
   if len(paths) > 1 and out is None:
     raise ValueError(f"{len(paths)} samples files are scored together: name the"
                      " results file with out (evaluate.py --out FILE.json), so that"
