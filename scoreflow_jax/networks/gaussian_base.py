@@ -17,6 +17,8 @@ leaves them alone (train_step.make_optimizer(frozen=...)). They start as zeros
 (D_G = 0) and are filled from the training set by :func:`fit` (the trainer does
 this at the start of a new run).
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,15 @@ def fit(x, labels, n_classes: int, rank: int):
 # (the gather reads B x D x K floats per product); both give the same numbers.
 MAX_SLOTS_FOR_PRODUCTS = 64
 
+# The base's products in full float32 everywhere: by default GPUs multiply
+# float32 in TF32 and TPUs in bfloat16, and the mixture's log-densities are
+# differences of large terms (|x - m|^2 / r by products, r small), whose
+# rounding at TF32's 10 mantissa bits would move the responsibilities at small
+# sigma. No change on CPUs, which multiply float32 in float32 anyway.
+_EXACT = jax.lax.Precision.HIGHEST
+_einsum = functools.partial(jnp.einsum, precision=_EXACT)
+_matmul = functools.partial(jnp.matmul, precision=_EXACT)
+
 
 def _projections(basis, index, dtype):
   """(span, coords): a -> V_b a (B, K) -> (B, D) and a -> V_b^T a (B, D) -> (B, K),
@@ -101,11 +112,11 @@ def _projections(basis, index, dtype):
   slots = basis.shape[0]
   if slots > MAX_SLOTS_FOR_PRODUCTS:
     v = basis[index]
-    return (lambda a: jnp.einsum("bdk,bk->bd", v, a),
-            lambda a: jnp.einsum("bdk,bd->bk", v, a))
+    return (lambda a: _einsum("bdk,bk->bd", v, a),
+            lambda a: _einsum("bdk,bd->bk", v, a))
   onehot = jax.nn.one_hot(index, slots, dtype=dtype)  # (B, S)
-  return (lambda a: jnp.einsum("sdk,bsk->bd", basis, onehot[:, :, None] * a[:, None, :]),
-          lambda a: jnp.einsum("bsk,bs->bk", jnp.einsum("sdk,bd->bsk", basis, a), onehot))
+  return (lambda a: _einsum("sdk,bsk->bd", basis, onehot[:, :, None] * a[:, None, :]),
+          lambda a: _einsum("bsk,bs->bk", _einsum("sdk,bd->bsk", basis, a), onehot))
 
 
 class MixtureBase(nn.Module):
@@ -154,9 +165,9 @@ class MixtureBase(nn.Module):
     owner = np.arange(mean.shape[0]) // self.components       # class of each component
     s2 = (sigma**2)[:, None]                                  # (B, 1)
     # p_j = V_j^T (x - m_j) (B, M, K); |x - m_j|^2 (B, M) by products.
-    proj = (jnp.einsum("bd,mdk->bmk", x_flat, basis)
-            - jnp.einsum("md,mdk->mk", mean, basis)[None])
-    dist2 = (jnp.sum(x_flat**2, -1, keepdims=True) - 2.0 * x_flat @ mean.T
+    proj = (_einsum("bd,mdk->bmk", x_flat, basis)
+            - _einsum("md,mdk->mk", mean, basis)[None])
+    dist2 = (jnp.sum(x_flat**2, -1, keepdims=True) - 2.0 * _matmul(x_flat, mean.T)
              + jnp.sum(mean**2, -1)[None])
     w2 = variances[None] + s2[:, :, None]                     # (B, M, K)
     r2 = residual[None] + s2                                  # (B, M)
@@ -173,8 +184,8 @@ class MixtureBase(nn.Module):
     # a_j = sigma^2 (1 / (w_j + sigma^2) - 1 / (r_j + sigma^2)), b_j = sigma^2 / (r_j + sigma^2).
     a = s2[:, :, None] * (1.0 / w2 - 1.0 / r2[..., None])
     b = gamma * s2 / r2
-    step = (jnp.einsum("bmk,mdk->bd", gamma[..., None] * a * proj, basis)
-            + jnp.sum(b, -1, keepdims=True) * x_flat - b @ mean)
+    step = (_einsum("bmk,mdk->bd", gamma[..., None] * a * proj, basis)
+            + jnp.sum(b, -1, keepdims=True) * x_flat - _matmul(b, mean))
     return x_flat - step, log_density
 
 
