@@ -1,8 +1,11 @@
 """Exact bits/dim of 8-bit images under the "density" ScoreFlowNetwork.
 
 Pixels p in {0..255} are dequantised uniformly, y = p + u, u ~ U[0, 1)^D, and
-mapped to x = y / 128 - 1 in [-1, 1). Then -log P(p) <= E_u[-log q_y(y)] with
-log q_y(y) = log q(x | sigma, c) - D log 128, so the reported bits/dim,
+mapped to x = (y - 1/2) / 127.5 - 1: pixel p's bin is centred on p / 127.5 - 1,
+the value the model was trained on (until session 23 the bins were
+[p / 128 - 1, (p + 1) / 128 - 1), with the training values of p = 0 and 255 on
+their edges, which cost bits at small sigma). Then -log P(p) <= E_u[-log q_y(y)]
+with log q_y(y) = log q(x | sigma, c) - D log 127.5, so the reported bits/dim,
 E[-log q_y(y)] / (D log 2), is an upper bound on the model's discrete NLL.
 q(x | sigma, c) is the flow's normalised conditional density at a small
 sigma (default sigma_min = 0.002), evaluated in one forward pass per image.
@@ -15,7 +18,7 @@ import numpy as np
 
 from scoreflow_jax import first_stage as first_stage_lib
 
-SIGMA_HINT = ("q(x | sigma) is the density of the dequantised images plus"
+SIGMA_HINT = ("q(x | sigma) is the model's density of the training images plus"
               " Gaussian noise of std sigma, and the network takes log(sigma) as"
               " its noise input, so it is defined only for sigma > 0 (at 0 the"
               " result is NaN); the default, 0.002, is the sampler's sigma_min.")
@@ -67,12 +70,12 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
     y = pix.astype(jnp.float32) + jax.vmap(
         lambda k: jax.random.uniform(k, pix.shape[1:]))(keys)
-    x = y / 128.0 - 1.0
+    x = (y - 0.5) / 127.5 - 1.0  # bins centred on the training values p / 127.5 - 1
     cond = model.condition(params, {"cls": labels})
     s = jnp.full((x.shape[0],), sigma, x.dtype)
     logq = network.apply({"params": params["network"]}, x, s, cond, method="log_prob")
     d = math.prod(x.shape[1:])
-    return (-(logq - d * math.log(128.0))) / (d * math.log(2.0))
+    return (-(logq - d * math.log(127.5))) / (d * math.log(2.0))
 
   out = []
   for i in range(0, len(images_uint8), batch_size):

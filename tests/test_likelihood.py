@@ -28,9 +28,9 @@ def test_bits_per_dim_of_the_initial_gaussian(sigma):
   for i in range(20):  # image i's dequantisation noise: fold_in(key, i)
     pix = images[i].astype(np.float64)
     u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), pix.shape))
-    x = (pix + u) / 128.0 - 1.0
+    x = (pix + u - 0.5) / 127.5 - 1.0  # pixel p's bin is centred on p / 127.5 - 1
     logq = -0.5 * np.sum(x**2) / s2 - 0.5 * d * np.log(2 * np.pi * s2)
-    expected.append(-(logq - d * np.log(128.0)) / (d * np.log(2.0)))
+    expected.append(-(logq - d * np.log(127.5)) / (d * np.log(2.0)))
   np.testing.assert_allclose(per_image, expected, rtol=1e-4)
   assert abs(mean - per_image.mean()) < 1e-9
 
