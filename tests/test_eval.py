@@ -190,6 +190,14 @@ def test_real_samples_score_near_floor_and_noise_far(trained):
                                   np.concatenate([held_labels, held_labels[:37]]),
                                   test_images, test_labels, n=200)
   assert more["fd_floor"] == real["fd_floor"]
+  # ... and the images every earlier version drew for a file of n images: R the
+  # first n of a permutation drawn after one of n, the floor's set the next n
+  rng = np.random.default_rng(0)
+  rng.permutation(200)
+  perm, cache = rng.permutation(len(test_images)), metrics.ClassifierCache(params)
+  floor = metrics.frechet_distance(cache.get("features", test_images, perm[200:400]),
+                                   cache.get("features", test_images, perm[:200]))
+  assert real["fd_floor"] == pytest.approx(floor, rel=1e-6)
 
 
 def test_floor_uses_second_set_when_reference_is_small(trained):
