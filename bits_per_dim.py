@@ -1,9 +1,11 @@
-"""Exact bits/dim of the MNIST test set under a trained density run.
+"""Exact bits/dim of a data set's test split under a trained density run.
 
 python bits_per_dim.py --workdir logs/<mnist-density run> --data_dir /path/to/mnist \
   [--source offline] [--sigma 0.002] [--num_images 10000] [--out bpd.json] [--overwrite]
 Class-conditional, uniform dequantisation, one forward pass per image (see
-scoreflow_jax/likelihood.py). Needs a run of configs/mnist_density.py. Prints
+scoreflow_jax/likelihood.py). Needs a parameterization='density' run (e.g.
+configs/mnist_density.py); the test split is that of the run's data.name
+(MNIST for a run on synthetic data). Prints
 the result (JSON), then writes it to <workdir>/bits_per_dim.json
 unless --out is given; an existing file is replaced only with --overwrite
 (checked before any work).
@@ -16,8 +18,10 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder of a parameterization='density' run.")
-flags.DEFINE_string("data_dir", None, "Folder of MNIST's IDX files (offline) or TFDS data dir.")
-flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
+flags.DEFINE_string("data_dir", None, "Folder of the data set's original files "
+                    "(offline: MNIST's IDX files, CIFAR-10's python batches) or the "
+                    "TFDS data dir.")
+flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where the data come from.")
 flags.DEFINE_float("sigma", 0.002, "Noise level whose density is evaluated (> 0).")
 flags.DEFINE_integer("num_images", 10_000, "Test images to evaluate (the first ones).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -42,17 +46,19 @@ def main(argv):
   import jax
   from scoreflow_jax import data, generate, outputs
   with usage.usage_errors():
-    generate.load_run_config(FLAGS.workdir)  # a run folder, before out is made in it
+    run_config = generate.load_run_config(FLAGS.workdir)  # a run folder, before out
+    name = run_config.data.name if run_config.data.name in data.DATASETS else "mnist"
     out = outputs.results_path(FLAGS.out, os.path.join(FLAGS.workdir, "bits_per_dim.json"),
                                FLAGS.overwrite)
     model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
     likelihood.check_density_model(model)
-    images, labels = data.load_split("mnist", "test", FLAGS.source, FLAGS.data_dir)
+    images, labels = data.load_split(name, "test", FLAGS.source, FLAGS.data_dir)
     images, labels = images[:FLAGS.num_images], labels[:FLAGS.num_images]
     params = state.ema_params if FLAGS.ema else state.params
     mean, _ = likelihood.bits_per_dim(model, params, images, labels,
                                       jax.random.key(0), sigma=FLAGS.sigma)
-  result = {"bits_per_dim": mean, "num_images": len(images), "sigma": FLAGS.sigma,
+  result = {"bits_per_dim": mean, "dataset": name, "num_images": len(images),
+            "sigma": FLAGS.sigma,
             "step": int(state.step), "weights": "ema" if FLAGS.ema else "raw",
             "workdir": os.path.abspath(FLAGS.workdir)}
   print(json.dumps(result))  # before the write: a failing write loses nothing

@@ -175,3 +175,26 @@ def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
   proc = run("--out", tmp_path / "x.json", "--data_dir", tmp_path / "missing")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert _error(proc).endswith("or use --source tfds.") and "config.data" not in _error(proc)
+
+
+def test_bits_per_dim_cli_scores_the_runs_own_data_set(tmp_path):
+  # a CIFAR-10 density run is scored on CIFAR-10's test batch (it was MNIST's:
+  # a shape traceback)
+  from tests.test_data import _write_cifar
+  folder = tmp_path / "cifar-10-batches-py"
+  _write_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)], 8)
+  _, test_labels = _write_cifar(folder, ["test_batch"], 6)
+  workdir = tmp_path / "run"
+  proc = _run("train.py", "--config", "configs/cifar10.py:tiny", "--workdir", workdir,
+              "--config.training.num_steps=1", "--config.training.image_every=0",
+              "--config.training.batch_size=8", "--config.data.name=cifar10",
+              "--config.model.score_flow.parameterization=density",
+              "--config.model.score_flow.flow_type=conditional",
+              "--config.data.source=offline", f"--config.data.data_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = tmp_path / "bpd.json"
+  proc = _run("bits_per_dim.py", "--workdir", workdir, "--data_dir", tmp_path, "--out", out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["dataset"] == "cifar10" and result["num_images"] == len(test_labels) == 6
+  assert np.isfinite(result["bits_per_dim"])
