@@ -527,14 +527,13 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2 (an FD needs two samples), got"
                      f" {num_samples}.")
-  repeated = sorted({p for p in paths if [os.path.realpath(q) for q in paths].count(
-      os.path.realpath(p)) > 1})
+  real = [os.path.realpath(p) for p in paths]
+  repeated = sorted({p for p, r in zip(paths, real) if real.count(r) > 1})
   if repeated or len(set(seeds)) != len(seeds):
     raise ValueError(f"a samples file or seed is given twice (files {repeated}, seeds "
                      f"{seeds}): repeated evaluations would count as independent ones "
                      "and understate the FD's spread.")
-  if out is not None and os.path.realpath(out) in {os.path.realpath(p) for p in
-                                                   paths + [classifier_path]}:
+  if out is not None and os.path.realpath(out) in real + [os.path.realpath(classifier_path)]:
     raise ValueError(f"--out {out} is one of the inputs; name another results file.")
   if len(paths) > 1 and out is None:
     raise ValueError(f"{len(paths)} samples files are scored together: name the"
