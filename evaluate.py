@@ -40,6 +40,13 @@ prints the loss at fixed sigmas on the training and the test split (same
 noise) and, with --classifier, the FD of test and of training images noised
 to each start sigma and sampled back to 0 (against the other test images);
 writes RUN/diagnostics.json (or --out; an existing file only with --overwrite).
+
+What a first stage costs any model diffusing in its latents
+(scoreflow_jax/eval/autoencoder_floor.py):
+python evaluate.py --autoencoder vae.safetensors --classifier classifier.npz \
+  --data_dir /path/to/mnist_idx [--seed 0,1,2] [--num_samples 10000]
+scores the autoencoder's reconstructions (train_autoencoder.py's file) of the
+floor's own real images and prints FD - floor; writes vae_floor.json (or --out).
 """
 from absl import app, flags, logging
 
@@ -80,6 +87,9 @@ flags.DEFINE_list("start_sigmas", None, "--diagnose: start sigmas of the FD "
                   "part (default 0.05,0.2,0.5,1,2,5; empty: skip).")
 flags.DEFINE_integer("step", None, "--diagnose: the checkpoint's step (default: "
                      "the latest).")
+flags.DEFINE_string("autoencoder", None, "Score this autoencoder's reconstructions "
+                    "(a train_autoencoder.py .safetensors) of the floor's real images "
+                    "instead of a samples file: the limit of a model in its latents.")
 flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw ones).")
 
 
@@ -87,10 +97,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from scoreflow_jax import usage
+  modes = [f"--{m}" for m in ("samples", "diagnose", "compare", "autoencoder")
+           if getattr(FLAGS, m)]
+  if len(modes) > 1:
+    raise app.UsageError(f"{' and '.join(modes)} are separate runs of this script:"
+                         " give one of them.")
   if FLAGS.compare:
-    if FLAGS.samples or FLAGS.diagnose:
-      raise app.UsageError("--compare reads results files; run --samples or"
-                           " --diagnose separately.")
     with usage.usage_errors():
       compare(FLAGS.compare, FLAGS.out, FLAGS.overwrite)
     return
@@ -124,12 +136,21 @@ def main(argv):
                                step=FLAGS.step, use_ema=FLAGS.ema, seed=seeds[0],
                                out=FLAGS.out, overwrite=FLAGS.overwrite)
     return
-  if not FLAGS.samples or not FLAGS.classifier:
-    raise app.UsageError("give --samples and --classifier (or --diagnose "
-                         "--workdir RUN).")
   if FLAGS.num_samples < 2:
     raise app.UsageError(f"--num_samples must be >= 2 (an FD needs two samples),"
                          f" got {FLAGS.num_samples}.")
+  if FLAGS.autoencoder:
+    if not FLAGS.classifier:
+      raise app.UsageError("--autoencoder needs --classifier (train_classifier.py).")
+    from scoreflow_jax.eval import autoencoder_floor
+    with usage.usage_errors():
+      autoencoder_floor.autoencoder_floor(
+          FLAGS.autoencoder, FLAGS.classifier, FLAGS.data_dir, FLAGS.source,
+          FLAGS.num_samples, seeds, FLAGS.out, FLAGS.overwrite)
+    return
+  if not FLAGS.samples or not FLAGS.classifier:
+    raise app.UsageError("give --samples and --classifier (or --diagnose "
+                         "--workdir RUN, or --autoencoder VAE).")
   from scoreflow_jax.eval import metrics
   with usage.usage_errors():
     metrics.evaluate_sample_file(FLAGS.samples, FLAGS.classifier, FLAGS.data_dir,

@@ -9,6 +9,7 @@ needs the perceptual and adversarial terms (or released weights: the first
 stage loads any sgm/ldm AutoencoderKL state dict).
 """
 import json
+import os
 import time
 
 import jax
@@ -80,6 +81,44 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   return jax.device_get(params)
 
 
+def _reconstructions(module, params, images, batch_size):
+  """Yields (x, posterior mean, decode of the mean clipped to [-1, 1]) per batch."""
+  @jax.jit
+  def run(x):
+    mean, _ = module.apply(params, x, method="moments")
+    return mean, jnp.clip(module.apply(params, mean, method="decode"), -1.0, 1.0)
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    yield (x, *(np.asarray(a) for a in run(x)))
+
+
+def reconstruct(module, params, images, batch_size: int = 500):
+  """Decodes of the posterior means of ``images`` ([-1, 1]), clipped to [-1, 1]."""
+  return np.concatenate([rec for _, _, rec in
+                         _reconstructions(module, params, images, batch_size)])
+
+
+def load_trained(path: str):
+  """``(module, params, results)`` of a file written by train_autoencoder.py,
+  its architecture read from the ddconfig in the file's header."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no autoencoder weights at {path}; train_autoencoder.py "
+                            "--out FILE.safetensors writes them.")
+  meta = ae.safetensors_metadata(path) if path.endswith(".safetensors") else {}
+  if "ddconfig" not in meta:
+    raise ValueError(f"{path} has no ddconfig in its header (train_autoencoder.py "
+                     "writes one), so its architecture is unknown; use a file written "
+                     "by train_autoencoder.py.")
+  ddconfig = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in json.loads(meta["ddconfig"]).items()}
+  module = ae.AutoencoderKL(out_ch=ddconfig["in_channels"], **ddconfig)
+  try:
+    params = ae.params_from_state_dict(module, ae.load_state_dict(path))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  return module, jax.tree.map(jnp.asarray, params), json.loads(meta.get("results", "{}"))
+
+
 def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 0.5):
   """Reconstruction of the posterior means and the latents' statistics.
 
@@ -90,15 +129,8 @@ def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 
   in every config here), as EDM2 scales Stable Diffusion's latents. (Stable
   Diffusion's own 0.18215 = 1 / std gives unit variance, for its eps-loss.)
   """
-  @jax.jit
-  def run(x):
-    mean, _ = module.apply(params, x, method="moments")
-    rec = jnp.clip(module.apply(params, mean, method="decode"), -1.0, 1.0)
-    return mean, rec
   means, abs_err, sq_err = [], 0.0, []
-  for i in range(0, len(images), batch_size):
-    x = images[i:i + batch_size]
-    mean, rec = (np.asarray(a) for a in run(x))
+  for x, mean, rec in _reconstructions(module, params, images, batch_size):
     means.append(mean)
     abs_err += float(np.abs(rec - x).sum())
     sq_err.append(((rec - x) / 2.0) ** 2)

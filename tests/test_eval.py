@@ -854,3 +854,93 @@ def test_evaluation_of_some_classes_records_the_warning(trained, tmp_path):
   res = metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), str(clf), str(tmp_path),
                                      num_samples=40, log=logs.append)
   assert "warnings" not in res
+
+
+# --- what a first stage costs: reconstructions of the floor's own images ------------
+
+def _tiny_vae_file(path, seed=0):
+  """A randomly initialised 28x28x1 KL autoencoder written as train_autoencoder.py
+  writes one (its ddconfig in the header)."""
+  import jax
+  import jax.numpy as jnp
+  from scoreflow_jax import autoencoder_training as aet
+  from scoreflow_jax.networks import autoencoder as ae
+  module = ae.AutoencoderKL(embed_dim=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+  ae.save_safetensors(ae.state_dict_from_params(params), str(path),
+                      aet.metadata(module, {"steps": 0}))
+  return module, params
+
+
+def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_path,
+                                                                  monkeypatch):
+  from scoreflow_jax import autoencoder_training as aet
+  from scoreflow_jax.eval import autoencoder_floor as af
+  params, acc, test_images, test_labels, _ = trained  # 400 test images
+  _write_mnist(tmp_path, test_images, test_labels, "t10k")
+  train_images, train_labels = data.make_synthetic(300, seed=4)
+  _write_mnist(tmp_path, train_images, train_labels, "train")
+  clf = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, clf, test_accuracy=acc)
+  vae = tmp_path / "vae.safetensors"
+  module, vae_params = _tiny_vae_file(vae)
+  score = lambda n, seeds, out, **kw: af.autoencoder_floor(
+      str(vae), str(clf), str(tmp_path), num_samples=n, seeds=seeds,
+      out=str(tmp_path / out), log=lambda _: None, **kw)
+
+  # An untrained autoencoder's reconstructions, seed 1 of n = 150 (the floor's
+  # images are 150 test images disjoint from the reference): the FD of the
+  # reconstructions of exactly those images, computed here by hand.
+  res = score(150, [1, 2], "random.json")
+  ref_idx, floor_idx, where = metrics.reference_indices(1, 150, 400)
+  assert where == "reference" and res["floor_source"] == "mnist test vs disjoint test"
+  rec = aet.reconstruct(module, vae_params,
+                        test_images[floor_idx].astype(np.float32) / 127.5 - 1.0)
+  feats = lambda x: classifier_lib.extract_features(params, x)
+  by_hand = metrics.frechet_distance(feats(rec), feats(test_images[ref_idx]))
+  assert res["fd_runs"][0]["seed"] == 1
+  assert res["fd_runs"][0]["fd"] == pytest.approx(by_hand, rel=1e-4)
+  costs = [r["fd"] - r["fd_floor"] for r in res["fd_runs"]]
+  assert res["fd_cost"] == pytest.approx(np.mean(costs))
+  assert min(costs) > 10 * res["fd_floor"]  # noise from an untrained decoder
+  assert res["autoencoder_training"] == {"steps": 0}
+  assert res["autoencoder_sha256"] == af.file_sha256(str(vae))
+  with open(tmp_path / "random.json") as f:
+    assert json.load(f)["fd_cost"] == pytest.approx(res["fd_cost"])
+
+  # A perfect autoencoder costs exactly nothing, at n = 150 (floor from the
+  # reference) and at n = 250 (floor from the train split): the images
+  # reconstructed are the floor's own, in any order.
+  monkeypatch.setattr(aet, "reconstruct",
+                      lambda m, p, x, batch_size=500: x[::-1].copy())
+  for n, source in ((150, "mnist test vs disjoint test"), (250, "mnist train vs test")):
+    res = score(n, [0, 1], f"perfect{n}.json")
+    assert res["floor_source"] == source and res["num_samples"] == n
+    for r in res["fd_runs"]:
+      assert r["fd"] == pytest.approx(r["fd_floor"], rel=1e-6)
+    assert abs(res["fd_cost"]) < 1e-6 * res["fd_floor"]
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    score(150, [0], "random.json")
+
+
+def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
+  vae = tmp_path / "vae.safetensors"
+  _tiny_vae_file(vae)
+  base = ["--autoencoder", vae, "--classifier", clf, "--data_dir", tmp_path]
+  proc = _evaluate(*base, "--num_samples", 100)
+  assert proc.returncode == 0, proc.stderr
+  assert "the autoencoder's cost: FD - floor" in proc.stdout
+  assert os.path.exists(tmp_path / "vae_floor.json")
+  assert "exists; pass --overwrite" in _error(_evaluate(*base, "--num_samples", 100))
+  proc = _evaluate(*base, "--samples", "x.npz")
+  assert "--samples and --autoencoder are separate runs" in _error(proc)
+  from scoreflow_jax.networks import autoencoder as ae
+  bare = tmp_path / "bare.safetensors"  # an sgm state dict: no ddconfig
+  ae.save_safetensors(ae.load_state_dict(str(vae)), str(bare))
+  proc = _evaluate("--autoencoder", bare, "--classifier", clf, "--data_dir", tmp_path)
+  assert "has no ddconfig in its header" in _error(proc)
+  proc = _evaluate(*base[:-1], tmp_path / "missing")
+  assert "missing does not exist" in _error(proc)

@@ -121,6 +121,31 @@ class ClassifierCache:
     return values[idx]
 
 
+def reference_indices(seed, n, num_ref, num_floor_images=None):
+  """Which real images ``evaluate_samples`` compares: ``(ref_idx, floor_idx,
+  floor_source)``, n indices into the reference and n of the floor's second
+  real set, the reference itself (``floor_source`` "reference") when it has
+  >= 2n images, else ``floor_images`` ("floor_images", ``num_floor_images`` of
+  them).
+
+  They depend on (seed, n) only, not on the samples file's size, so that files
+  of other sizes scored at the same n pair. The generator skips a permutation
+  of n first: for a file of n images, the draws of every earlier version
+  (which drew the reference after the file's own permutation).
+  """
+  rng = np.random.default_rng(seed)
+  rng.permutation(n)
+  ref_perm = rng.permutation(num_ref)
+  if num_ref >= 2 * n:
+    return ref_perm[:n], ref_perm[n:2 * n], "reference"
+  if num_floor_images is not None and num_floor_images >= n:
+    return ref_perm[:n], rng.permutation(num_floor_images)[:n], "floor_images"
+  raise ValueError(
+      f"the floor needs a second set of {n} real images: the reference has"
+      f" {num_ref} < 2n = {2 * n} and floor_images has {num_floor_images or 0}."
+      " Pass floor_images (e.g. the train split) or a smaller n.")
+
+
 def evaluate_samples(classifier_params, sample_images, sample_labels,
                      ref_images, ref_labels=None, n=10_000, floor_images=None,
                      seed=0, cache=None):
@@ -152,28 +177,9 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   classifier_lib.check_input_shape(classifier_params, sample_images.shape[1:])
   classifier_lib.check_input_shape(classifier_params, ref_images.shape[1:])
   pick = np.random.default_rng(seed).permutation(num_samples)[:n]
-  # The reference (and floor) images depend on (seed, n) only, not on the
-  # samples file's size, so that files of other sizes scored at the same n
-  # pair. The generator skips a permutation of n first: for a file of n
-  # images, the draws of every earlier version (which drew the reference after
-  # the file's own permutation).
-  rng = np.random.default_rng(seed)
-  rng.permutation(n)
-  ref_perm = rng.permutation(num_ref)
-  ref_idx = ref_perm[:n]
-  if num_ref >= 2 * n:
-    floor_set, floor_idx = ref_images, ref_perm[n:2 * n]
-    floor_source = "reference"
-  elif floor_images is not None and len(floor_images) >= n:
-    floor_set = np.asarray(floor_images)
-    floor_idx = rng.permutation(len(floor_set))[:n]
-    floor_source = "floor_images"
-  else:
-    have = 0 if floor_images is None else len(floor_images)
-    raise ValueError(
-        f"the floor needs a second set of {n} real images: the reference has"
-        f" {num_ref} < 2n = {2 * n} and floor_images has {have}. Pass"
-        " floor_images (e.g. the train split) or a smaller n.")
+  ref_idx, floor_idx, floor_source = reference_indices(
+      seed, n, num_ref, None if floor_images is None else len(floor_images))
+  floor_set = ref_images if floor_source == "reference" else np.asarray(floor_images)
   ref_feats = cache.get("features", ref_images, ref_idx)
   results = {
       "fd": frechet_distance(cache.get("features", sample_images, pick),

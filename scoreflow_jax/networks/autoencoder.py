@@ -300,6 +300,21 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+def safetensors_metadata(path: str) -> Dict[str, str]:
+  """The ``__metadata__`` of a ``.safetensors`` file's header ({} if none),
+  read without its tensors."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+    try:
+      n = int.from_bytes(head, "little")
+      if len(head) < 8 or n > 100_000_000:
+        raise ValueError("no safetensors header")
+      header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not a safetensors file ({e})") from None
+  return header.get("__metadata__", {})
+
+
 def state_dict_from_params(params) -> Dict[str, np.ndarray]:
   """The inverse of :func:`params_from_state_dict`: sgm's names, torch layouts."""
   params = params.get("params", params)
