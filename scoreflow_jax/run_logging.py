@@ -16,11 +16,15 @@ class MetricWriter:
   """Scalars to TensorBoard (tensorboardX: no TensorFlow needed) and metrics.jsonl.
 
   Only the writing process (process 0) creates one; others use ``None``.
+  A resumed run passes ``purge_step`` (its checkpoint's step + 1): TensorBoard
+  then hides the earlier process's events from that step on, the steps lost
+  to a stop between checkpoints that this process trains again (as
+  ``_read_rows`` drops them from metrics.jsonl).
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, purge_step: Optional[int] = None):
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(logdir=workdir)
+    self.tb = SummaryWriter(logdir=workdir, purge_step=purge_step)
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict):

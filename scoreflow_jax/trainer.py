@@ -464,7 +464,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start_step, prefetch=config.data.prefetch,
       make_batch=data_lib.to_model_batch if moments is None else data_lib.to_moments_batch)
-  writer = run_logging.MetricWriter(workdir) if is_writer else None
+  writer = (run_logging.MetricWriter(workdir, purge_step=start_step + 1 if start_step
+                                     else None) if is_writer else None)
   # train/wall_s: seconds of training so far, earlier processes of a resumed run included
   wall_before = (run_logging.last_wall_s(workdir, start_step) if is_writer and start_step
                  else 0.0)

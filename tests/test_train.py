@@ -203,6 +203,26 @@ def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch)
                                    read_only=True).steps() == []
 
 
+def _tensorboard_purge_steps(workdir):
+  """Steps of the SessionLog START events (tensorboardX's purge_step) in a
+  run's TensorBoard event files (TFRecords of Event protos)."""
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for name in sorted(os.listdir(workdir)):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    with open(os.path.join(workdir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 16 + n  # length, its crc, the record, its crc
+      if event.HasField("session_log") and event.session_log.status == 1:  # START
+        steps.append(event.step)
+  return steps
+
+
 def test_resume_continues_exactly(tmp_path):
   quiet = lambda s: None
   full = trainer.train_and_evaluate(
@@ -220,6 +240,10 @@ def test_resume_continues_exactly(tmp_path):
   with open(os.path.join(part, "metrics.jsonl")) as f:
     wall = [json.loads(l)["train/wall_s"] for l in f]
   assert len(wall) == 20 and all(np.diff(wall) > 0) and wall[0] > 0
+  # TensorBoard is told to hide the first process's events from step 11 on
+  # (none here; those of steps lost to a kill between checkpoints)
+  assert _tensorboard_purge_steps(part) == [11]
+  assert _tensorboard_purge_steps(full["workdir"]) == []
   # two starts, two config files; none overwritten
   assert len(os.listdir(os.path.join(part, "configs"))) == 2
 
