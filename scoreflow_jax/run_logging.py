@@ -24,7 +24,10 @@ class MetricWriter:
 
   def __init__(self, workdir: str, purge_step: Optional[int] = None):
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(logdir=workdir, purge_step=purge_step)
+    # tensorboardX names event files by the second and opens them "wb": the
+    # pid keeps a process started in the same second from replacing one
+    self.tb = SummaryWriter(logdir=workdir, purge_step=purge_step,
+                            filename_suffix=f".{os.getpid()}")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict):

@@ -75,3 +75,17 @@ def test_progress_eta_counts_down_to_a_time_limit_that_comes_first(monkeypatch):
   assert text.endswith("| ETA 0:16:20"), text
   text, _ = run_logging.Progress(20, 1000, 8).line(30, 0.5)  # no limit
   assert text.endswith("| ETA 0:16:10"), text
+
+
+def test_a_process_started_in_the_same_second_keeps_the_others_events(tmp_path, monkeypatch):
+  # tensorboardX names event files by the second and opens them "wb"
+  import os
+  import time
+  monkeypatch.setattr(time, "time", lambda: 1796000000.25)
+  for pid in (101, 102):
+    monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+    w = run_logging.MetricWriter(str(tmp_path), purge_step=5 if pid == 102 else None)
+    w.write(pid, {"train/loss": 1.0})
+    w.close()
+  events = sorted(f for f in os.listdir(tmp_path) if f.startswith("events"))
+  assert len(events) == 2 and all(os.path.getsize(tmp_path / f) > 0 for f in events)
