@@ -7,6 +7,8 @@ frozen parameters in ``.params`` (None for the identity) and
 train step and sampler rather than constants closed over: XLA would embed a
 closed-over 80M-parameter VAE in the compiled program.
 """
+import hashlib
+import json
 import math
 import os
 import time
@@ -122,6 +124,44 @@ def dataset_moments(stage, images, chunk=None, log=None, log_every_s=10.0):
           f"ETA {(n - done) / rate:.0f} s")
       last_log = now
   return np.concatenate(out)
+
+
+def stored_dataset_moments(stage, images, path, write=True, log=None):
+  """``dataset_moments`` kept in ``path`` (.npy), so that a resumed run reads
+  them back instead of encoding the training set again.
+
+  A sidecar ``path``.json records what they are the moments of: the
+  autoencoder's sha256 and the sha256 of the images' bytes (their order and
+  any holdout included). They are read back only when both match and the
+  array has the recorded shape; otherwise the images are encoded and, with
+  ``write`` (the writing process), both files are replaced, each atomically
+  and the array first. Returns ``(moments, read_back)``.
+  """
+  images = np.asarray(images)
+  digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+  want = {"autoencoder_sha256": stage.sha256, "images_sha256": digest,
+          "images_shape": list(images.shape)}
+  sidecar = path + ".json"
+  try:
+    with open(sidecar) as f:
+      have = json.load(f)
+    if {k: have.get(k) for k in want} == want:
+      moments = np.load(path, allow_pickle=False)
+      if list(moments.shape) == have.get("moments_shape") and moments.dtype == np.float32:
+        return moments, True
+  except (OSError, ValueError) as e:  # missing, unreadable or partly written files
+    if log is not None and os.path.exists(sidecar):
+      log(f"{path} could not be read back ({e}); encoding again")
+  moments = dataset_moments(stage, images, log=log)
+  if write:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      np.save(f, moments)
+    os.replace(path + ".tmp", path)
+    with open(sidecar + ".tmp", "w") as f:
+      json.dump(dict(want, moments_shape=list(moments.shape)), f)
+    os.replace(sidecar + ".tmp", sidecar)
+  return moments, False
 
 
 def build_autoencoder(a):

@@ -218,6 +218,9 @@ def _warn_if_rate_changed(config, before, step, schedule, log):
         f"{config.training.num_steps})")
 
 
+# a latent run's training-set posterior moments (cache_moments), read back on a resume
+MOMENTS_FILE = "latent_moments.npy"
+
 # data fields a resumed run must keep: another value trains on other images
 # (holdout: on images its validation split held out).
 _RUN_DATA_FIELDS = ("name", "split", "holdout")
@@ -405,11 +408,18 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
         or not config.model.autoencoder.get("cache_moments", True)):
       return None
     t0 = time.perf_counter()
-    moments = first_stage_lib.dataset_moments(model.first_stage, images, log=log)
+    path = os.path.join(workdir, MOMENTS_FILE)
+    moments, read_back = first_stage_lib.stored_dataset_moments(
+        model.first_stage, images, path, write=is_writer, log=log)
+    if read_back:
+      log(f"read the {len(images):,} training images' posterior moments back from "
+          f"{path} ({time.perf_counter() - t0:.1f} s)")
+      return moments
     log(f"encoded the {len(images):,} training images once: their posterior moments "
         f"{moments.shape[1:]} ({moments.nbytes / 2**20:.0f} MiB, "
         f"{time.perf_counter() - t0:.1f} s) give each step's latents without the encoder "
-        "(model.autoencoder.cache_moments=False: encode every batch)")
+        "(model.autoencoder.cache_moments=False: encode every batch)"
+        + (f"; kept in {path} for a resume" if is_writer else ""))
     return moments
 
   moments = None

@@ -295,12 +295,34 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   assert not any("encoded the" in line for line in logs[False])
   np.testing.assert_allclose(summaries[True]["train/loss"], summaries[False]["train/loss"],
                              rtol=1e-5)
+  # the moments are kept in the run folder with what they are the moments of
+  workdir = str(tmp_path / "run_True")
+  path = os.path.join(workdir, trainer.MOMENTS_FILE)
+  kept = np.load(path)
+  fresh = first_stage_lib.dataset_moments(
+      first_stage_lib.get_first_stage(latent_config(weights).model),
+      data.load_dataset(latent_config(weights).data)[0])
+  np.testing.assert_array_equal(kept, fresh)
+  assert not os.path.exists(os.path.join(str(tmp_path / "run_False"), trainer.MOMENTS_FILE))
   # a run goes on either way (and runs from before the switch, whose
   # checkpoints do not record it, still load)
-  workdir = str(tmp_path / "run_True")
   config = latent_config(weights, num_steps=4, checkpoint_every=4, log_every=1)
   config.model.autoencoder.cache_moments = False
   assert trainer.train_and_evaluate(config, workdir, log=lambda s: None)["step"] == 4
+  # a resume reads them back: the same training as encoding again
+  lines, again = [], {}
+  for read_back in (True, False):
+    if not read_back:
+      os.remove(path + ".json")
+    copy = str(tmp_path / f"resumed_{read_back}")
+    shutil.copytree(workdir, copy)
+    out = trainer.train_and_evaluate(
+        latent_config(weights, num_steps=6, checkpoint_every=6, log_every=1), copy,
+        log=lines.append)
+    again[read_back] = ts.host(out["state"].params)
+  assert sum("read the 256 training images' posterior moments back" in l for l in lines) == 1
+  assert sum("encoded the 256 training images once" in l for l in lines) == 1
+  chex.assert_trees_all_equal(again[True], again[False])
   # with nothing left to train, a resume says so without encoding the data set
   config.model.autoencoder.cache_moments, lines = True, []
   assert trainer.train_and_evaluate(config, workdir, log=lines.append)["step"] == 4
