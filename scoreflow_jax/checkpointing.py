@@ -157,13 +157,18 @@ class Checkpointer:
         return self._restore_fields(path, {f: getattr(abstract_state, f) for f in fields})
       try:
         return self._restore_state(step, abstract_state)
-      except ValueError:
+      except ValueError as first:
         if saved_stds:
           raise
         # Written before the train state had power EMAs: restore the other
-        # fields and put back the empty tuple.
+        # fields and put back the empty tuple. If that fails too, the first
+        # error is the one to report (another shape, not a missing field).
         fields = {f.name for f in dataclasses.fields(abstract_state)} - {"phema_params"}
-        restored = self._restore_state(step, {k: getattr(abstract_state, k) for k in fields})
+        try:
+          restored = self._restore_state(step, {k: getattr(abstract_state, k)
+                                                for k in fields})
+        except Exception:  # pylint: disable=broad-except
+          raise first from None
         return abstract_state.replace(phema_params=(), **restored)
     except Exception as e:
       raise CheckpointError(

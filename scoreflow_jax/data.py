@@ -14,6 +14,7 @@ import os
 import pickle
 import queue
 import threading
+import zlib
 
 import numpy as np
 
@@ -149,7 +150,7 @@ def _read_idx(path, magic):
   try:
     with opener(path, "rb") as f:
       data = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise ValueError(f"{path}: cannot read file ({e}); it is corrupt or"
                      " truncated, download it again.") from e
   ndim = magic & 0xFF

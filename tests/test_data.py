@@ -73,6 +73,19 @@ def test_offline_mnist_truncated_gzip_names_file(tmp_path):
     data.load_split("mnist", "train", "offline", tmp_path)
 
 
+def test_offline_mnist_corrupt_gzip_stream_names_file(tmp_path):
+  # flipped bytes inside the deflate stream raise zlib.error, not OSError
+  import gzip
+  raw = (2049).to_bytes(4, "big") + (5000).to_bytes(4, "big") + bytes(
+      np.random.default_rng(0).integers(0, 10, 5000, dtype=np.uint8))
+  blob = bytearray(gzip.compress(raw))
+  blob[20:60] = bytes(b ^ 0xFF for b in blob[20:60])
+  _write_mnist(tmp_path, "train", 3)
+  (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(bytes(blob))
+  with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz: cannot read.*corrupt"):
+    data.load_split("mnist", "train", "offline", tmp_path)
+
+
 def test_offline_mnist_count_mismatch(tmp_path):
   _write_mnist(tmp_path, "train", 3)
   _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", 2049, np.zeros(4))

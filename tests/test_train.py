@@ -659,6 +659,16 @@ def test_checkpoint_written_before_power_emas_existed_restores(tmp_path):
   restored = generate.load_run(workdir, 4)[1]
   assert restored.phema_params == ()
   chex.assert_trees_all_equal(restored.params, state.params)
+  # a state of other shapes is refused for its shapes, not for the legacy
+  # retry's missing power EMAs
+  abstract = jax.eval_shape(lambda: restored.replace(params=jax.tree.map(
+      lambda a: jnp.zeros(a.shape + (2,), a.dtype), restored.params)))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(abstract, config, step=2)
+  assert "not compatible with the stored shape" in str(err.value)
+  assert "phema_params" not in str(err.value)
+  ckpt.close()
 
 
 def test_log_rows_average_each_sigma_bin_over_the_interval():
