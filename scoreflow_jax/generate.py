@@ -321,7 +321,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   ``out`` names either; the other goes beside it (:func:`output_paths`).
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
   and the run's ``step`` and ``holdout`` (``data.holdout``: which training images
-  it held out, for ``evaluate.py --reference validation``).
+  it held out, for ``evaluate.py --reference validation``) and ``data_source``
+  (whose order of the training split those positions refer to).
   ``average_from``: sample the average of the raw weights kept at steps
   ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
   raw weights; ``posthoc_ema``: sample the power-function EMA of that sigma_rel
@@ -369,6 +370,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   # how the samples were made, beside them (evaluate.py pairs draws by seed)
   np.savez(npz, images=images.astype(np.float32), labels=labels,
            step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)),
+           data_source=np.str_(config.data.source),
            seed=np.int64(seed), weights=np.str_(weights),
            sampler=np.str_(config.sampling.sampler),
            num_steps=np.int64(config.sampling.num_steps), cfg_scale=np.float64(cfg_scale),

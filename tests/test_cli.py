@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scoreflow_jax import generate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,6 +77,7 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   assert npz["images"].min() >= -1 and npz["images"].max() <= 1
   np.testing.assert_array_equal(npz["labels"], [3, 3, 3, 1, 1, 1, 4, 4, 4])
   assert int(npz["step"]) == 10 and int(npz["holdout"]) == 0  # trained on all of train
+  assert str(npz["data_source"]) == generate.load_run_config(workdir).data.source
   # how they were made (evaluate.py pairs draws by seed)
   assert (int(npz["seed"]), str(npz["sampler"]), int(npz["num_steps"])) == (
       1, "euler_ancestral", 3)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -262,3 +263,20 @@ def test_diagnose_cli_names_its_own_data_flags(tiny_run, tmp_path):
   message = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert message.endswith("or use --source tfds.") and "config.data" not in message
+
+
+def test_diagnose_refuses_a_holdout_read_in_another_sources_order(tiny_run, tmp_path):
+  # data.holdout picks training images by position, and TFDS orders MNIST
+  # otherwise than the IDX files: the 'train' images would include held-out ones
+  workdir, data_dir = tiny_run
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  for name in os.listdir(os.path.join(copy, "configs")):
+    path = os.path.join(copy, "configs", name)
+    config = json.load(open(path))
+    config["data"].update(source="tfds", holdout=10)
+    json.dump(config, open(path, "w"))
+  with pytest.raises(ValueError, match=r"position in its tfds data.*--source tfds"):
+    diagnostics.diagnose_run(copy, data_dir, "offline", num_images=20, sigmas=(1.0,),
+                             out=str(tmp_path / "d.json"))
+  assert not os.path.exists(tmp_path / "d.json")

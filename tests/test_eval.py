@@ -429,6 +429,7 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
       paths, clf, str(tmp_path), num_samples=n, out=str(tmp_path / "r.json"),
       log=lambda _: None, reference="validation", overwrite=True, **kw)
   res = score(good, 50)  # 120 validation images: the floor is a disjoint 50 of them
+  res0 = res["fd"]
   direct = metrics.evaluate_samples(params, samples, sample_labels, *val, n=50, seed=0)
   assert res["fd"] == pytest.approx(direct["fd"], rel=1e-5)
   assert res["fd_floor"] == pytest.approx(direct["fd_floor"], rel=1e-5)
@@ -461,6 +462,19 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
       score(write("bad.npz", **extra), 50)
   with pytest.raises(ValueError, match="different data.holdout"):
     score([good, write("other.npz", holdout=60)], 50)
+  # held out by position in TFDS's order: other images in the IDX files' order
+  assert score(write("offline.npz", holdout=120, data_source="offline"), 50)["fd"] == res0
+  tfds_run = write("tfds.npz", holdout=120, data_source="tfds")
+  with pytest.raises(ValueError, match=r"position in its tfds data.*--source tfds"):
+    score(tfds_run, 50)
+  with pytest.raises(ValueError, match="--source tfds"):
+    metrics.evaluate_sample_file(tfds_run, clf, str(tmp_path), num_samples=50,
+                                 out=str(tmp_path / "m.json"), log=lambda _: None,
+                                 check_memorisation=True)
+  # against the test set, without the memorisation check, the order does not matter
+  assert metrics.evaluate_sample_file(tfds_run, clf, str(tmp_path), num_samples=50,
+                                      out=str(tmp_path / "t.json"),
+                                      log=lambda _: None)["reference"] == "test"
   with pytest.raises(ValueError, match="unknown reference"):
     metrics.evaluate_sample_file(good, clf, str(tmp_path), reference="train")
 

@@ -180,6 +180,12 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   if config.data.name != "mnist" and classifier_path is not None:
     raise ValueError("the FD part needs the MNIST classifier; this run's data is "
                      f"{config.data.name!r} (leave out the classifier)")
+  if config.data.get("holdout", 0) and config.data.source != source:
+    raise ValueError(
+        f"the run held out data.holdout={config.data.holdout} training images by "
+        f"their position in its {config.data.source} data, and --source {source} "
+        "orders MNIST otherwise: its 'train' images would include held-out ones. "
+        f"Diagnose it with --source {config.data.source} and that source's --data_dir.")
   params = state.ema_params if use_ema else state.params
   n_classes = config.model.conditioner.n_classes
   den = lambda p, x, sigma, cond: model.denoiser(p)(x, sigma, cond)

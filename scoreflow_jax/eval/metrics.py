@@ -459,6 +459,26 @@ def sample_holdout(path):
     return int(f["holdout"]) if "holdout" in f.files else None
 
 
+def check_holdout_source(paths, source, holdout):
+  """Raises unless the runs that wrote ``paths`` read their data from ``source``.
+
+  ``data.holdout`` picks images by position in the training split, and TFDS
+  orders MNIST otherwise than its IDX files: with another source, the
+  "validation" images (and the "train" ones of the memorisation check) would
+  be other images, most of them images the run trained on. Files written
+  before sample.py recorded the source are not checked.
+  """
+  for p in paths:
+    with np.load(os.fspath(p), allow_pickle=False) as f:
+      recorded = str(f["data_source"]) if "data_source" in f.files else None
+    if recorded is not None and recorded != source:
+      raise ValueError(
+          f"{p} comes from a run that held out data.holdout={holdout} images by "
+          f"their position in its {recorded} data, and --source {source} orders "
+          "MNIST otherwise: its validation (and training) images would be other "
+          f"ones. Score it with --source {recorded} and that source's --data_dir.")
+
+
 def _validation_holdout(paths):
   """The one ``data.holdout`` > 0 of the runs that wrote ``paths``, or why not."""
   holdouts = {p: sample_holdout(p) for p in paths}
@@ -552,6 +572,8 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
     log(w)
   holdout = (_validation_holdout(paths) if reference == "validation"
              else sample_holdout(paths[0]))
+  if holdout and (reference == "validation" or check_memorisation):
+    check_holdout_source(paths, source, holdout)
   params, header = classifier_lib.load_classifier(classifier_path)
   classifier_sha256 = classifier_lib.file_sha256(classifier_path)
   for images, _ in draws:
