@@ -22,7 +22,7 @@ WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as N
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results}; mkdir -p $R
 draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
-pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude=checkpoints . ) ; }
+pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude='latent_moments.npy*' --exclude=checkpoints . ) ; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $CARRY/whl/*.whl
 nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
