@@ -956,5 +956,5 @@ def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
   ae.save_safetensors(ae.load_state_dict(str(vae)), str(bare))
   proc = _evaluate("--autoencoder", bare, "--classifier", clf, "--data_dir", tmp_path)
   assert "has no ddconfig in its header" in _error(proc)
-  proc = _evaluate(*base[:-1], tmp_path / "missing")
+  proc = _evaluate(*base[:-1], tmp_path / "missing", "--out", tmp_path / "m.json")
   assert "missing does not exist" in _error(proc)
