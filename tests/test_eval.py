@@ -922,6 +922,8 @@ def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_p
   assert res["autoencoder_sha256"] == af.file_sha256(str(vae))
   with open(tmp_path / "random.json") as f:
     assert json.load(f)["fd_cost"] == pytest.approx(res["fd_cost"])
+  from PIL import Image
+  assert Image.open(tmp_path / "random.png").size == (10 * 30, 10 * 30)  # 10 classes x 5 pairs
 
   # A perfect autoencoder costs exactly nothing, at n = 150 (floor from the
   # reference) and at n = 250 (floor from the train split): the images
@@ -935,6 +937,9 @@ def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_p
       assert r["fd"] == pytest.approx(r["fd_floor"], rel=1e-6)
     assert abs(res["fd_cost"]) < 1e-6 * res["fd_floor"]
   with pytest.raises(FileExistsError, match="--overwrite"):
+    score(150, [0], "random.json")
+  (tmp_path / "random.json").unlink()
+  with pytest.raises(FileExistsError, match=r"the picture .*random\.png exists"):
     score(150, [0], "random.json")
 
 

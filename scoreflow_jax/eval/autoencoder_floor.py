@@ -19,7 +19,7 @@ import numpy as np
 
 from scoreflow_jax.eval import classifier as classifier_lib
 from scoreflow_jax.eval import metrics
-from scoreflow_jax.outputs import file_sha256, results_path, write_json
+from scoreflow_jax.outputs import check_output, file_sha256, results_path, write_json
 
 
 def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offline",
@@ -31,8 +31,9 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
   reconstructions (combined over ``seeds``, one reference set each), with
   ``fd_cost`` (the mean of fd - fd_floor; ``fd_cost_min`` / ``fd_cost_max``
   over the seeds), the autoencoder's path, sha256 and training record. ``out``
-  defaults to ``<autoencoder>_floor.json``; an existing file is replaced only
-  with ``overwrite``.
+  defaults to ``<autoencoder>_floor.json``; beside it, a .png of the first
+  seed's real images and their reconstructions, five of each class. Existing
+  files are replaced only with ``overwrite``.
   """
   from scoreflow_jax import autoencoder_training as aet  # pylint: disable=g-import-not-at-top
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -47,6 +48,7 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
     raise ValueError(f"--out {out} is one of the inputs; name another results file.")
   out = results_path(out, os.path.splitext(autoencoder_path)[0] + "_floor.json",
                      overwrite)
+  png = check_output(os.path.splitext(out)[0] + ".png", overwrite, "the picture")
   module, ae_params, trained = aet.load_trained(autoencoder_path)
   params, header = classifier_lib.load_classifier(classifier_path)
   load = lambda split: data_lib.load_split("mnist", split, source, data_dir)
@@ -67,6 +69,8 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
     real, labels = real[floor_idx], labels[floor_idx]
     log(f"seed {seed}: reconstructing the floor's {n:,} real images")
     rec = aet.reconstruct(module, ae_params, real.astype(np.float32) / 127.5 - 1.0)
+    if seed == seeds[0]:
+      _save_pairs(png, real, rec, labels)
     res = metrics.evaluate_samples(params, rec, labels, ref_images, ref_labels, n,
                                    floor_images, seed, cache)
     evaluations.append(dict(res, seed=seed, fd_cost=res["fd"] - res["fd_floor"]))
@@ -94,5 +98,18 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
          f" {len(seeds)} reference sets)" if len(seeds) > 1 else "")
       + f", reconstructing the floor's own {other} images")
   write_json(out, results)
-  log(f"wrote {out}")
+  log(f"wrote {out} and {png} (per class, real images and their reconstructions)")
   return results
+
+
+def _save_pairs(path, real, rec, labels, per_class=5):
+  """A row per class: ``per_class`` (real, reconstruction) pairs side by side."""
+  from scoreflow_jax.generate import image_grid, save_png  # pylint: disable=g-import-not-at-top
+  classes = sorted(set(int(c) for c in labels))
+  rows = []
+  for c in classes:
+    idx = np.flatnonzero(labels == c)[:per_class]
+    pairs = np.stack([real[idx].astype(np.float32) / 127.5 - 1.0, rec[idx]], axis=1)
+    blank = np.full((per_class - len(idx), 2) + pairs.shape[2:], -1.0, np.float32)
+    rows.append(np.concatenate([pairs, blank]).reshape((-1,) + pairs.shape[2:]))
+  save_png(image_grid(np.concatenate(rows), rows=len(classes)), path)
