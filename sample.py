@@ -14,7 +14,8 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_string("sampler", None, "Sampler (default: the run's config): euler_edm, "
                     "heun_edm, euler_ancestral, dpmpp_2s_ancestral, dpmpp_2m, lms.")
 flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's config).")
-flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: none).")
+flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (1: none; "
+                   "default: the run's config, 1 in every config here).")
 flags.DEFINE_list("cfg_interval", None, "lo,hi: guide only where lo < sigma <= hi "
                   "(default: every sigma).")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")

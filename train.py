@@ -37,9 +37,10 @@ def main(argv):
         "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
         "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
         "configs/ inside)" if FLAGS.workdir else ""))
-  distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
-                               FLAGS.num_processes, FLAGS.process_id)
   from scoreflow_jax.usage import usage_errors
+  with usage_errors(script_flags=False):
+    distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                                 FLAGS.num_processes, FLAGS.process_id)
   with usage_errors(script_flags=False):  # bad values: one line, before any work
     model = trainer.validate_config(config)
   trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir, model=model)

@@ -77,6 +77,8 @@ class GeneralConditioner(nn.Module):
     if not len(self.embedders) == len(self.input_keys) == len(self.ucg_rates):
       raise ValueError("embedders, input_keys and ucg_rates must have one entry "
                        "per embedder")
+    if key is not None and not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.wrap_key_data(key)  # a raw jax.random.PRNGKey (uint32 words)
     output = {}
     for i, (embedder, input_key, rate) in enumerate(
         zip(self.embedders, self.input_keys, self.ucg_rates)):

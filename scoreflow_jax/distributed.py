@@ -20,6 +20,14 @@ def maybe_initialize(enabled=False, coordinator_address=None, num_processes=None
   if process_id is None and "JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["JAX_PROCESS_ID"])
   if coordinator_address is None and not enabled:
+    if (num_processes or 1) > 1 or (process_id or 0) > 0:
+      # else each process would train alone as process 0 of 1, all of them
+      # writing the same run folder
+      raise ValueError(
+          f"--num_processes {num_processes} / --process_id {process_id} (or "
+          "JAX_NUM_PROCESSES / JAX_PROCESS_ID) need --coordinator_address "
+          "HOST:PORT (process 0's; or JAX_COORDINATOR_ADDRESS), or --distributed "
+          "where JAX finds the processes itself (TPU pods, SLURM)")
     return False
   if coordinator_address is not None and (num_processes is None or process_id is None):
     raise ValueError("a coordinator address needs --num_processes and --process_id "

@@ -312,7 +312,7 @@ def output_paths(out: str, overwrite: bool = False):
 
 
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
-                    cfg_scale=1.0, classes=None, num_per_class=10, seed=0,
+                    cfg_scale=None, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
                     average_from=None, posthoc_ema=None, overwrite=False,
                     **sampler_options):
@@ -323,7 +323,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   and the run's ``step`` and ``holdout`` (``data.holdout``: which training images
   it held out, for ``evaluate.py --reference validation``) and ``data_source``
   (whose order of the training split those positions refer to).
-  ``average_from``: sample the average of the raw weights kept at steps
+  ``sampler``, ``num_steps`` and ``cfg_scale`` default to the run's
+  ``config.sampling``. ``average_from``: sample the average of the raw weights kept at steps
   ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
   raw weights; ``posthoc_ema``: sample the power-function EMA of that sigma_rel
   (``posthoc_ema_params``); ``use_ema`` must then be False. Returns the images.
@@ -350,6 +351,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
   model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
                                   posthoc_ema)
+  if cfg_scale is None:  # like sampler and num_steps: the run's own
+    cfg_scale = float(config.sampling.cfg_scale)
   from scoreflow_jax import data as data_lib, train_step as ts
   shape = data_lib.image_shape(config.data)
   params = state.ema_params if use_ema else state.params

@@ -89,6 +89,21 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
       "--cfg_scale", "2.0", "--classes", "3,1,4", "--num_per_class", "3", "--seed", "1",
       "--batch_size", "4", "--out", out2)
   np.testing.assert_array_equal(np.load(str(tmp_path / "grid2.npz"))["images"], npz["images"])
+  # without --cfg_scale, the run's own sampling.cfg_scale (as --sampler, --num_steps)
+  import shutil
+  copy = str(tmp_path / "run_cfg2")
+  shutil.copytree(workdir, copy)
+  for name in glob.glob(os.path.join(copy, "configs", "*.json")):
+    saved = json.load(open(name))
+    saved["sampling"]["cfg_scale"] = 2.0
+    json.dump(saved, open(name, "w"))
+  out3 = str(tmp_path / "grid3.png")
+  generate.sample_from_run(copy, out3, sampler="euler_ancestral", num_steps=3,
+                           classes=[3, 1, 4], num_per_class=3, seed=1, batch_size=4,
+                           log=lambda s: None)
+  with np.load(str(tmp_path / "grid3.npz")) as f:
+    assert float(f["cfg_scale"]) == 2.0
+    np.testing.assert_allclose(f["images"], npz["images"], atol=1e-5)
 
 
 def test_sample_average_of_checkpoints(trained_run, tmp_path):

@@ -64,6 +64,15 @@ def test_ucg_dropout_rate_and_whole_sample():
   out2 = cond.apply(params, batch, key=jax.random.key(2))["vector"]
   assert not np.array_equal(np.all(np.asarray(out2) == 0, 1), zero_rows)
   assert not np.any(np.all(np.asarray(cond.apply(params, batch)["vector"]) == 0, 1))
+  # a raw (legacy) key, one or one per sample, is the typed key of its words
+  raw = jax.random.PRNGKey(1)
+  np.testing.assert_array_equal(cond.apply(params, batch, key=raw)["vector"],
+                                cond.apply(params, batch, key=jax.random.wrap_key_data(raw))["vector"])
+  per_sample = jax.random.split(jax.random.key(3), 8)
+  small = {"cls": batch["cls"][:8]}
+  np.testing.assert_array_equal(
+      cond.apply(params, small, key=jax.random.key_data(per_sample))["vector"],
+      cond.apply(params, small, key=per_sample)["vector"])
 
 
 def test_unconditional_zero_embeddings():

@@ -75,3 +75,19 @@ def test_two_processes_match_one(tmp_path):
   a, b = _flat(resumed["state"]), _flat(straight["state"])
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_processes_without_a_coordinator_are_refused(monkeypatch):
+  # else each would train alone as process 0 of 1, all writing one run folder
+  import pytest
+  from scoreflow_jax import distributed
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(var, raising=False)
+  with pytest.raises(ValueError, match="need --coordinator_address"):
+    distributed.maybe_initialize(False, None, 2, 1)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  with pytest.raises(ValueError, match="need --coordinator_address"):
+    distributed.maybe_initialize()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+  assert distributed.maybe_initialize() is False  # one process: nothing to start
+  assert distributed.maybe_initialize(False, None, 1, 0) is False
