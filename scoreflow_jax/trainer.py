@@ -140,9 +140,16 @@ def _check_channels(config, data_channels):
                      f"model.{m.network}.in_channels={net_channels}")
 
 
+# a latent run's training-set posterior moments (cache_moments), read back on a resume
+MOMENTS_FILE = "latent_moments.npy"
+
+
 def _is_run_folder(workdir):
-  return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
-      os.path.join(workdir, "configs"))
+  """A run's folder: checkpoints/ or configs/ inside, or only the latent
+  moments a new run stored before it was stopped (it starts again there)."""
+  return (os.path.isdir(os.path.join(workdir, "checkpoints"))
+          or os.path.isdir(os.path.join(workdir, "configs"))
+          or all(f.startswith(MOMENTS_FILE) for f in os.listdir(workdir)))
 
 
 def prepare_workdir(config, workdir=None, logdir="logs"):
@@ -217,9 +224,6 @@ def _warn_if_rate_changed(config, before, step, schedule, log):
         f"training.num_steps {before.training.num_steps} -> "
         f"{config.training.num_steps})")
 
-
-# a latent run's training-set posterior moments (cache_moments), read back on a resume
-MOMENTS_FILE = "latent_moments.npy"
 
 # data fields a resumed run must keep: another value trains on other images
 # (holdout: on images its validation split held out).

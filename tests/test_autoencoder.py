@@ -323,6 +323,16 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   assert sum("read the 256 training images' posterior moments back" in l for l in lines) == 1
   assert sum("encoded the 256 training images once" in l for l in lines) == 1
   chex.assert_trees_all_equal(again[True], again[False])
+  # a new run stopped after storing them (before its configs/) starts again there
+  stopped = tmp_path / "stopped"
+  os.makedirs(stopped)
+  for name in (trainer.MOMENTS_FILE, trainer.MOMENTS_FILE + ".json"):
+    shutil.copy(tmp_path / "resumed_False" / name, stopped / name)  # re-encoded there
+  (stopped / (trainer.MOMENTS_FILE + ".tmp")).write_bytes(b"cut short")
+  lines = []
+  trainer.train_and_evaluate(latent_config(weights, num_steps=1, log_every=1),
+                             str(stopped), log=lines.append)
+  assert any("posterior moments back" in l for l in lines)
   # with nothing left to train, a resume says so without encoding the data set
   config.model.autoencoder.cache_moments, lines = True, []
   assert trainer.train_and_evaluate(config, workdir, log=lines.append)["step"] == 4
