@@ -10,7 +10,7 @@ def denoise(network_fn, x, sigma, cond, sigma_data=0.5):
   Args:
     network_fn: ``(x_in, c_noise, cond) -> F`` with ``F`` shaped like ``x``.
     x: noisy input, (B, ...) in any layout.
-    sigma: noise levels > 0 (c_noise is log sigma), (B,), or one for the
+    sigma: noise levels > 0 (c_noise is 0.25 log sigma), (B,), or one for the
       whole batch (a scalar); broadcast over ``x``'s other axes. Integers are
       taken as float32.
     cond: conditioning dict passed to the network unchanged.
