@@ -142,6 +142,9 @@ def main(argv):
   if FLAGS.autoencoder:
     if not FLAGS.classifier:
       raise app.UsageError("--autoencoder needs --classifier (train_classifier.py).")
+    if FLAGS.reference != "test" or FLAGS.memorisation:
+      raise app.UsageError("--autoencoder scores against the test set, with no "
+                           "memorisation check: drop --reference and --memorisation.")
     from scoreflow_jax.eval import autoencoder_floor
     with usage.usage_errors():
       autoencoder_floor.autoencoder_floor(

@@ -161,19 +161,22 @@ class Checkpointer:
         if saved_stds:
           raise
         # Written before the train state had power EMAs: restore the other
-        # fields and put back the empty tuple. If that fails too, the first
-        # error is the one to report (another shape, not a missing field).
+        # fields and put back the empty tuple. If that fails too, either
+        # error may be the cause (other shapes in a new checkpoint, or in an
+        # old one, whose first error is its missing power EMAs): both are told.
         fields = {f.name for f in dataclasses.fields(abstract_state)} - {"phema_params"}
         try:
           restored = self._restore_state(step, {k: getattr(abstract_state, k)
                                                 for k in fields})
-        except Exception:  # pylint: disable=broad-except
-          raise first from None
+        except Exception as second:  # pylint: disable=broad-except
+          raise ValueError(
+              f"{str(first)[:400]}; and as a checkpoint from before power EMAs "
+              f"(without phema_params): {str(second)[:400]}") from None
         return abstract_state.replace(phema_params=(), **restored)
     except Exception as e:
       raise CheckpointError(
           f"checkpoint {path} could not be restored into this model's train state "
-          f"({type(e).__name__}: {str(e)[:500]}). It was left as it is; if it is "
+          f"({type(e).__name__}: {str(e)[:900]}). It was left as it is; if it is "
           f"corrupt, move it out of {self.directory} to resume from an earlier "
           f"step (steps there: {self.steps()}).") from e
 

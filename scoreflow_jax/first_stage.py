@@ -126,42 +126,56 @@ def dataset_moments(stage, images, chunk=None, log=None, log_every_s=10.0):
   return np.concatenate(out)
 
 
-def stored_dataset_moments(stage, images, path, write=True, log=None):
-  """``dataset_moments`` kept in ``path`` (.npy), so that a resumed run reads
-  them back instead of encoding the training set again.
-
-  A sidecar ``path``.json records what they are the moments of: the
-  autoencoder's sha256 and the sha256 of the images' bytes (their order and
-  any holdout included). They are read back only when both match and the
-  array has the recorded shape; otherwise the images are encoded and, with
-  ``write`` (the writing process), both files are replaced, each atomically
-  and the array first. Returns ``(moments, read_back)``.
-  """
-  images = np.asarray(images)
-  digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
-  want = {"autoencoder_sha256": stage.sha256, "images_sha256": digest,
+def _moments_signature(stage, images):
+  images = np.ascontiguousarray(images)
+  return {"autoencoder_sha256": stage.sha256,
+          "images_sha256": hashlib.sha256(images.data).hexdigest(),
           "images_shape": list(images.shape)}
+
+
+def read_stored_moments(stage, images, path, log=None):
+  """The moments ``store_moments`` kept in ``path`` for these ``images`` and this
+  autoencoder, or None (none there, other images or weights, unreadable).
+
+  The sidecar ``path``.json records what they are the moments of: the
+  autoencoder's sha256 and the sha256 of the images' bytes (their order and
+  any holdout included); the array must have the recorded shape.
+  """
   sidecar = path + ".json"
+  if not os.path.exists(sidecar):
+    return None
   try:
     with open(sidecar) as f:
       have = json.load(f)
-    if {k: have.get(k) for k in want} == want:
-      moments = np.load(path, allow_pickle=False)
-      if list(moments.shape) == have.get("moments_shape") and moments.dtype == np.float32:
-        return moments, True
-  except (OSError, ValueError) as e:  # missing, unreadable or partly written files
-    if log is not None and os.path.exists(sidecar):
-      log(f"{path} could not be read back ({e}); encoding again")
-  moments = dataset_moments(stage, images, log=log)
-  if write:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-      np.save(f, moments)
-    os.replace(path + ".tmp", path)
-    with open(sidecar + ".tmp", "w") as f:
-      json.dump(dict(want, moments_shape=list(moments.shape)), f)
-    os.replace(sidecar + ".tmp", sidecar)
-  return moments, False
+    want = _moments_signature(stage, images)
+    if not isinstance(have, dict) or {k: have.get(k) for k in want} != want:
+      return None
+    moments = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:  # unreadable or partly written files
+    if log is not None:
+      log(f"{path} could not be read back ({type(e).__name__}: {e}); encoding again")
+    return None
+  if list(moments.shape) != have.get("moments_shape") or moments.dtype != np.float32:
+    return None
+  return moments
+
+
+def store_moments(stage, images, moments, path):
+  """Keeps ``moments`` of ``images`` in ``path`` (.npy) and its sidecar .json,
+  for ``read_stored_moments``. The old sidecar goes first and the new one comes
+  last, each file replaced atomically: a stop in between leaves an array
+  without a sidecar, which is encoded again, never one read as other images'.
+  """
+  sidecar = path + ".json"
+  if os.path.exists(sidecar):
+    os.remove(sidecar)
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, np.asarray(moments, np.float32))
+  os.replace(path + ".tmp", path)
+  with open(sidecar + ".tmp", "w") as f:
+    json.dump(dict(_moments_signature(stage, images),
+                   moments_shape=list(np.shape(moments))), f)
+  os.replace(sidecar + ".tmp", sidecar)
 
 
 def build_autoencoder(a):

@@ -145,11 +145,8 @@ MOMENTS_FILE = "latent_moments.npy"
 
 
 def _is_run_folder(workdir):
-  """A run's folder: checkpoints/ or configs/ inside, or only the latent
-  moments a new run stored before it was stopped (it starts again there)."""
-  return (os.path.isdir(os.path.join(workdir, "checkpoints"))
-          or os.path.isdir(os.path.join(workdir, "configs"))
-          or all(f.startswith(MOMENTS_FILE) for f in os.listdir(workdir)))
+  return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
+      os.path.join(workdir, "configs"))
 
 
 def prepare_workdir(config, workdir=None, logdir="logs"):
@@ -410,22 +407,23 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   def encode_once():
     if (config.model.first_stage != "kl_autoencoder"
         or not config.model.autoencoder.get("cache_moments", True)):
-      return None
+      return None, False
     t0 = time.perf_counter()
-    path = os.path.join(workdir, MOMENTS_FILE)
-    moments, read_back = first_stage_lib.stored_dataset_moments(
-        model.first_stage, images, path, write=is_writer, log=log)
-    if read_back:
+    moments = first_stage_lib.read_stored_moments(model.first_stage, images,
+                                                  moments_path, log)
+    if moments is not None:
       log(f"read the {len(images):,} training images' posterior moments back from "
-          f"{path} ({time.perf_counter() - t0:.1f} s)")
-      return moments
+          f"{moments_path} ({time.perf_counter() - t0:.1f} s)")
+      return moments, False
+    moments = first_stage_lib.dataset_moments(model.first_stage, images, log=log)
     log(f"encoded the {len(images):,} training images once: their posterior moments "
         f"{moments.shape[1:]} ({moments.nbytes / 2**20:.0f} MiB, "
         f"{time.perf_counter() - t0:.1f} s) give each step's latents without the encoder "
         "(model.autoencoder.cache_moments=False: encode every batch)"
-        + (f"; kept in {path} for a resume" if is_writer else ""))
-    return moments
+        + (f"; kept in {moments_path} for a resume" if is_writer else ""))
+    return moments, True
 
+  moments_path, to_store = os.path.join(workdir, MOMENTS_FILE), False
   moments = None
   if resuming:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -442,9 +440,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
     if before is not None:
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
     if int(state.step) < t.num_steps:  # no encoding for a run with nothing to train
-      moments = encode_once()
+      moments, to_store = encode_once()
   else:
-    moments = encode_once()
+    moments, to_store = encode_once()
     state = init_state()
     if model.frozen_module is not None:
       state = _fit_gaussian_base(state, model, config, images, labels, log, moments)
@@ -452,6 +450,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
+    if to_store:  # after configs/: a folder holding them is a run's
+      first_stage_lib.store_moments(model.first_stage, images, moments, moments_path)
   state = ts.replicate(state, mesh)
   start_step = int(ts.host(state.step))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))

@@ -323,16 +323,6 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   assert sum("read the 256 training images' posterior moments back" in l for l in lines) == 1
   assert sum("encoded the 256 training images once" in l for l in lines) == 1
   chex.assert_trees_all_equal(again[True], again[False])
-  # a new run stopped after storing them (before its configs/) starts again there
-  stopped = tmp_path / "stopped"
-  os.makedirs(stopped)
-  for name in (trainer.MOMENTS_FILE, trainer.MOMENTS_FILE + ".json"):
-    shutil.copy(tmp_path / "resumed_False" / name, stopped / name)  # re-encoded there
-  (stopped / (trainer.MOMENTS_FILE + ".tmp")).write_bytes(b"cut short")
-  lines = []
-  trainer.train_and_evaluate(latent_config(weights, num_steps=1, log_every=1),
-                             str(stopped), log=lines.append)
-  assert any("posterior moments back" in l for l in lines)
   # with nothing left to train, a resume says so without encoding the data set
   config.model.autoencoder.cache_moments, lines = True, []
   assert trainer.train_and_evaluate(config, workdir, log=lines.append)["step"] == 4
@@ -368,6 +358,41 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
     assert not os.path.exists(tmp_path / "grid2.png")
   finally:
     shutil.copy(original, weights)
+
+
+def test_stored_moments_are_read_back_only_for_their_images_and_weights(weights, tmp_path,
+                                                                        monkeypatch):
+  stage = first_stage_lib.get_first_stage(latent_config(weights).model)
+  images = data.make_synthetic(6)[0]
+  moments = np.arange(6 * 14 * 14 * 8, dtype=np.float32).reshape(6, 14, 14, 8)
+  path = str(tmp_path / "m.npy")
+  read = lambda imgs=images: first_stage_lib.read_stored_moments(stage, imgs, path)
+  assert read() is None  # nothing stored
+  first_stage_lib.store_moments(stage, images, moments, path)
+  np.testing.assert_array_equal(read(), moments)
+  assert read(images[::-1]) is None  # the same images in another order
+  other = first_stage_lib.KLAutoencoderFirstStage(stage.module, stage.params, 0.7,
+                                                  sha256="other")
+  assert first_stage_lib.read_stored_moments(other, images, path) is None
+  # a stop between the two files leaves no sidecar that describes other moments
+  real_replace = os.replace
+  def stop_at_sidecar(src, dst):
+    if dst.endswith(".json"):
+      raise KeyboardInterrupt
+    real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", stop_at_sidecar)
+  with pytest.raises(KeyboardInterrupt):
+    first_stage_lib.store_moments(stage, images[::-1], moments[::-1], path)
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert read() is None and read(images[::-1]) is None
+  # unreadable files are encoded again, not a crash
+  first_stage_lib.store_moments(stage, images, moments, path)
+  open(path, "wb").close()  # empty: np.load raises EOFError
+  assert read() is None
+  first_stage_lib.store_moments(stage, images, moments, path)
+  with open(path + ".json", "w") as f:
+    f.write("[1, 2]")
+  assert read() is None
 
 
 def test_config_errors(weights, tmp_path):

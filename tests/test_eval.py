@@ -956,6 +956,8 @@ def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
   assert "exists; pass --overwrite" in _error(_evaluate(*base, "--num_samples", 100))
   proc = _evaluate(*base, "--samples", "x.npz")
   assert "--samples and --autoencoder are separate runs" in _error(proc)
+  for extra in (["--reference", "validation"], ["--memorisation"]):
+    assert "drop --reference and --memorisation" in _error(_evaluate(*base, *extra))
   from scoreflow_jax.networks import autoencoder as ae
   bare = tmp_path / "bare.safetensors"  # an sgm state dict: no ddconfig
   ae.save_safetensors(ae.load_state_dict(str(vae)), str(bare))
