@@ -639,6 +639,7 @@ def test_posthoc_ema_needs_a_run_that_tracked_power_emas(tmp_path):
     generate.load_run(workdir, posthoc_ema=0.05)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_checkpoint_written_before_power_emas_existed_restores(tmp_path):
   # Checkpoints from before TrainState.phema_params (and their meta without
   # posthoc_stds) restore with an empty tuple there.
@@ -659,17 +660,29 @@ def test_checkpoint_written_before_power_emas_existed_restores(tmp_path):
   restored = generate.load_run(workdir, 4)[1]
   assert restored.phema_params == ()
   chex.assert_trees_all_equal(restored.params, state.params)
-  # a state of other shapes is refused naming its shapes, in a new checkpoint
-  # (step 2) and in an old one (step 4, whose first error is the missing
-  # power EMAs), not only the legacy retry's or the first attempt's error
+  # a state of other shapes is refused naming its shapes (not only the legacy
+  # retry's missing power EMAs)
   abstract = jax.eval_shape(lambda: restored.replace(params=jax.tree.map(
       lambda a: jnp.zeros(a.shape + (2,), a.dtype), restored.params)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  for step in (2, 4):
-    with pytest.raises(checkpointing.CheckpointError) as err:
-      ckpt.restore(abstract, config, step=step)
-    assert "not compatible with the stored shape" in str(err.value), step
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(abstract, config, step=2)
+  assert "not compatible with the stored shape" in str(err.value)
+  # an old checkpoint of other shapes fails first for its missing power EMAs,
+  # then for its shapes: both are told (orbax's errors stood in for here: its
+  # abandoned reads of a real one warn in later tests)
+  errors = iter([ValueError("tree structures do not match: phema_params MISSING"),
+                 ValueError("Requested shape (3,) is not compatible with (2,)")])
+  def fail(step, target):
+    raise next(errors)
+  ckpt._restore_state = fail
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    ckpt.restore(abstract, config, step=4)
+  assert "phema_params MISSING" in str(err.value)
+  assert "before power EMAs (without phema_params): Requested shape" in str(err.value)
   ckpt.close()
+  import gc  # orbax's abandoned reads of the failed restore: collected here, not
+  gc.collect()  # in a later test (the mark above keeps their warnings out of the log)
 
 
 def test_log_rows_average_each_sigma_bin_over_the_interval():
