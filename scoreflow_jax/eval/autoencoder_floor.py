@@ -73,7 +73,7 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
       _save_pairs(png, real, rec, labels)
     res = metrics.evaluate_samples(params, rec, labels, ref_images, ref_labels, n,
                                    floor_images, seed, cache)
-    evaluations.append(dict(res, seed=seed, fd_cost=res["fd"] - res["fd_floor"]))
+    evaluations.append(dict(res, draw=0, seed=seed, fd_cost=res["fd"] - res["fd_floor"]))
   results = (metrics.combine_evaluations(evaluations) if len(evaluations) > 1
              else dict(evaluations[0]))
   costs = [e["fd_cost"] for e in evaluations]
