@@ -30,6 +30,13 @@ def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str
   return path
 
 
+def check_not_an_input(out, inputs):
+  """Raises when ``out`` (a script's --out; None: its default) is one of the
+  files ``inputs`` it reads, so that writing results cannot replace one."""
+  if out is not None and os.path.realpath(out) in {os.path.realpath(p) for p in inputs}:
+    raise ValueError(f"--out {out} is one of the inputs; name another results file.")
+
+
 def results_path(out, default: str, overwrite: bool = False) -> str:
   """``check_output`` of ``out`` (a script's --out), or of ``default`` when
   ``out`` is None or empty."""

@@ -19,7 +19,8 @@ import numpy as np
 
 from scoreflow_jax.eval import classifier as classifier_lib
 from scoreflow_jax.eval import metrics
-from scoreflow_jax.outputs import check_output, file_sha256, results_path, write_json
+from scoreflow_jax.outputs import (check_not_an_input, check_output, file_sha256,
+                                   results_path, write_json)
 
 
 def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offline",
@@ -43,9 +44,7 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2 (an FD needs two samples), got"
                      f" {num_samples}.")
-  inputs = [os.path.realpath(p) for p in (autoencoder_path, classifier_path)]
-  if out is not None and os.path.realpath(out) in inputs:
-    raise ValueError(f"--out {out} is one of the inputs; name another results file.")
+  check_not_an_input(out, [autoencoder_path, classifier_path])
   out = results_path(out, os.path.splitext(autoencoder_path)[0] + "_floor.json",
                      overwrite)
   png = check_output(os.path.splitext(out)[0] + ".png", overwrite, "the picture")
@@ -68,7 +67,7 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
                     else (floor_images, floor_labels))
     real, labels = real[floor_idx], labels[floor_idx]
     log(f"seed {seed}: reconstructing the floor's {n:,} real images")
-    rec = aet.reconstruct(module, ae_params, real.astype(np.float32) / 127.5 - 1.0)
+    rec = aet.reconstruct(module, ae_params, data_lib.to_model_images(real))
     if seed == seeds[0]:
       _save_pairs(png, real, rec, labels)
     res = metrics.evaluate_samples(params, rec, labels, ref_images, ref_labels, n,
@@ -104,12 +103,13 @@ def autoencoder_floor(autoencoder_path, classifier_path, data_dir, source="offli
 
 def _save_pairs(path, real, rec, labels, per_class=5):
   """A row per class: ``per_class`` (real, reconstruction) pairs side by side."""
+  from scoreflow_jax.data import to_model_images  # pylint: disable=g-import-not-at-top
   from scoreflow_jax.generate import image_grid, save_png  # pylint: disable=g-import-not-at-top
   classes = sorted(set(int(c) for c in labels))
   rows = []
   for c in classes:
     idx = np.flatnonzero(labels == c)[:per_class]
-    pairs = np.stack([real[idx].astype(np.float32) / 127.5 - 1.0, rec[idx]], axis=1)
+    pairs = np.stack([to_model_images(real[idx]), rec[idx]], axis=1)
     blank = np.full((per_class - len(idx), 2) + pairs.shape[2:], -1.0, np.float32)
     rows.append(np.concatenate([pairs, blank]).reshape((-1,) + pairs.shape[2:]))
   save_png(image_grid(np.concatenate(rows), rows=len(classes)), path)

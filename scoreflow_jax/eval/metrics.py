@@ -10,7 +10,7 @@ import numpy as np
 import scipy.linalg
 
 from scoreflow_jax.eval import classifier as classifier_lib
-from scoreflow_jax.outputs import results_path, write_json
+from scoreflow_jax.outputs import check_not_an_input, results_path, write_json
 
 SAMPLES_HINT = ("Make one with: python sample.py --workdir RUN"
                 " --num_per_class 1000 --out grid.png (writes grid.npz).")
@@ -559,8 +559,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
     raise ValueError(f"a samples file or seed is given twice (files {repeated}, seeds "
                      f"{seeds}): repeated evaluations would count as independent ones "
                      "and understate the FD's spread.")
-  if out is not None and os.path.realpath(out) in real + [os.path.realpath(classifier_path)]:
-    raise ValueError(f"--out {out} is one of the inputs; name another results file.")
+  check_not_an_input(out, paths + [classifier_path])
   if len(paths) > 1 and out is None:
     raise ValueError(f"{len(paths)} samples files are scored together: name the"
                      " results file with out (evaluate.py --out FILE.json), so that"
