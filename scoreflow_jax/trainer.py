@@ -28,14 +28,20 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
+def _process_0s(tree):
+  """Process 0's ``tree`` (numpy leaves) on every process; ``tree`` itself in a
+  single-process run."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
 def _agreed(flag: bool) -> bool:
   """Process 0's ``flag`` on every process. A time limit read from each
   process's own clock could stop one a step before the others, which would
   then wait for it in the next step's collectives forever."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+  return bool(_process_0s(np.asarray(flag)))
 
 
 def validate_config(config):
@@ -329,12 +335,10 @@ def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
     stats = gaussian_lib.fit_mixture(x, labels, n_classes, sf.gaussian_components,
                                      sf.gaussian_rank, seed=config.seed,
                                      covariance_prior=sf.gaussian_covariance_prior)
-  if jax.process_count() > 1:
-    # Process 0's fit on every process: each fits on its own devices' numerics
-    # (GPU encodes and BLAS need not agree bit for bit), and the state is
-    # replicated from every process's own copy.
-    from jax.experimental import multihost_utils
-    stats = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(stats))
+  # Process 0's fit on every process: each fits on its own devices' numerics
+  # (GPU encodes and BLAS need not agree bit for bit), and the state is
+  # replicated from every process's own copy.
+  stats = _process_0s(stats)
 
   def fill(params):
     params = jax.tree.map(lambda a: a, params)  # a copy of the containers
