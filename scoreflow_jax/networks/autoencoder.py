@@ -279,13 +279,9 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
                      "convert a torch checkpoint with safetensors.torch.save_file("
                      "torch.load(path)['state_dict'], 'vae.safetensors')")
   with open(path, "rb") as f:
-    data = f.read()
-  try:
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not a safetensors file ({e})") from None
-  out, body = {}, memoryview(data)[8 + n:]
+    header = _read_header(f, path)
+    body = memoryview(f.read())
+  out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
@@ -300,19 +296,25 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+def _read_header(f, path: str) -> dict:
+  """The JSON header of the .safetensors file open as ``f`` (an 8-byte length,
+  at most 100 MB as the format allows, then the JSON), leaving ``f`` at the
+  tensors' bytes."""
+  head = f.read(8)
+  try:
+    n = int.from_bytes(head, "little")
+    if len(head) < 8 or n > 100_000_000:
+      raise ValueError("no safetensors header")
+    return json.loads(f.read(n))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
 def safetensors_metadata(path: str) -> Dict[str, str]:
   """The ``__metadata__`` of a ``.safetensors`` file's header ({} if none),
   read without its tensors."""
   with open(path, "rb") as f:
-    head = f.read(8)
-    try:
-      n = int.from_bytes(head, "little")
-      if len(head) < 8 or n > 100_000_000:
-        raise ValueError("no safetensors header")
-      header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path} is not a safetensors file ({e})") from None
-  return header.get("__metadata__", {})
+    return _read_header(f, path).get("__metadata__", {})
 
 
 def state_dict_from_params(params) -> Dict[str, np.ndarray]:
