@@ -68,6 +68,46 @@ def _diff(a, b, prefix="model"):
   return out
 
 
+def _shapes(tree) -> dict:
+  """The shape of each array in ``tree`` (concrete or abstract), keyed by its
+  path as orbax stores it ("params/network/.../kernel")."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True),
+                               sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def _stored_shapes(path: str) -> Optional[dict]:
+  """The shapes of the arrays in checkpoint ``path``'s state, from its
+  metadata alone (no array is read); None where the metadata cannot be read,
+  which leaves the judgement to the restore itself."""
+  try:
+    reader = ocp.StandardCheckpointer()
+    try:
+      tree = reader.metadata(os.path.join(path, "state")).item_metadata.tree
+    finally:
+      reader.close()
+    return _shapes(tree)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _shape_differences(stored: Optional[dict], wanted: dict, partial: bool) -> list:
+  """What stops ``stored`` restoring into ``wanted``: arrays missing, extra
+  (unless only some fields are read) or of another shape."""
+  if stored is None:
+    return []
+  out = []
+  for k in sorted(set(stored) | set(wanted)):
+    if k not in stored:
+      out.append(f"{k}: not in the checkpoint vs {wanted[k]}")
+    elif k not in wanted:
+      if not partial:
+        out.append(f"{k}: {stored[k]} vs not in this run's state")
+    elif stored[k] != wanted[k]:
+      out.append(f"{k}: {stored[k]} vs {wanted[k]}")
+  return out
+
+
 class _DropReadOnlyNotice(logging.Filter):
   def filter(self, record):
     return not str(record.msg).startswith("Given directory is read only")
@@ -152,9 +192,24 @@ class Checkpointer:
           "profile is tracked from step 0 and cannot be added, dropped or changed "
           "on resume. Resume with --config.ema.posthoc_stds="
           f"'{saved_stds}', or start a new --workdir. Nothing was changed.")
+    target = abstract_state if fields is None else {
+        f: getattr(abstract_state, f) for f in fields}
+    differences = _shape_differences(_stored_shapes(path), _shapes(target),
+                                     partial=fields is not None)
+    if differences:
+      # Told before orbax reads anything: its failed reads leave coroutines
+      # behind, and its message names one array where this names them all.
+      shown = differences[:8] + ([f"... and {len(differences) - 8} more"]
+                                 if len(differences) > 8 else [])
+      raise CheckpointError(
+          f"checkpoint {path} holds a train state of other shapes than this "
+          f"run's ({len(differences)} arrays differ; stored vs now):\n  "
+          + "\n  ".join(shown) + "\nIts model config matches, so the code or "
+          "the optimizer settings (optim.*) differ from those that wrote it. "
+          "Resume with those, or start a new --workdir. It was left as it is.")
     try:
       if fields is not None:
-        return self._restore_fields(path, {f: getattr(abstract_state, f) for f in fields})
+        return self._restore_fields(path, target)
       try:
         return self._restore_state(step, abstract_state)
       except ValueError as first:
