@@ -93,15 +93,40 @@ flags.DEFINE_string("autoencoder", None, "Score this autoencoder's reconstructio
 flags.DEFINE_bool("ema", True, "--diagnose: the EMA weights (--noema: the raw ones).")
 
 
+# The flags each mode reads (--out and --overwrite: every mode's).
+_SCORING = ("classifier", "data_dir", "source", "num_samples", "seed")
+MODE_FLAGS = {
+    "samples": _SCORING + ("reference", "memorisation"),
+    "compare": (),
+    "diagnose": ("workdir", "classifier", "data_dir", "source", "seed", "num_images",
+                 "sigmas", "renoise_from", "start_sigmas", "step", "ema"),
+    "autoencoder": _SCORING,
+}
+
+
+def _check_mode_flags(mode):
+  """Refuses flags the mode would ignore (a --reference validation given to
+  --diagnose would otherwise score against the test set without a word)."""
+  others = {f for m, fs in MODE_FLAGS.items() for f in fs + (m,)}
+  ignored = sorted(f for f in others - set(MODE_FLAGS[mode]) - {mode}
+                   if FLAGS[f].present)
+  if ignored:
+    raise app.UsageError(
+        f"--{mode} does not use {', '.join('--' + f for f in ignored)}: drop "
+        f"{'it' if len(ignored) == 1 else 'them'} (--{mode} reads "
+        f"{', '.join('--' + f for f in MODE_FLAGS[mode] + ('out', 'overwrite'))}).")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from scoreflow_jax import usage
-  modes = [f"--{m}" for m in ("samples", "diagnose", "compare", "autoencoder")
+  modes = [m for m in ("samples", "diagnose", "compare", "autoencoder")
            if getattr(FLAGS, m)]
   if len(modes) > 1:
-    raise app.UsageError(f"{' and '.join(modes)} are separate runs of this script:"
-                         " give one of them.")
+    raise app.UsageError(f"{' and '.join('--' + m for m in modes)} are separate runs"
+                         " of this script: give one of them.")
+  _check_mode_flags(modes[0] if modes else "samples")
   if FLAGS.compare:
     with usage.usage_errors():
       compare(FLAGS.compare, FLAGS.out, FLAGS.overwrite)
@@ -111,8 +136,8 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seed]
   except ValueError as e:
     raise app.UsageError(f"--seed must be integers, e.g. 0 or 0,1,2: {e}")
-  if not seeds:
-    raise app.UsageError("--seed needs at least one integer.")
+  if not seeds or min(seeds) < 0:
+    raise app.UsageError(f"--seed needs non-negative integers, got {FLAGS.seed}.")
   if FLAGS.diagnose:
     if len(seeds) > 1:
       raise app.UsageError("--diagnose takes one --seed.")
@@ -142,9 +167,6 @@ def main(argv):
   if FLAGS.autoencoder:
     if not FLAGS.classifier:
       raise app.UsageError("--autoencoder needs --classifier (train_classifier.py).")
-    if FLAGS.reference != "test" or FLAGS.memorisation:
-      raise app.UsageError("--autoencoder scores against the test set, with no "
-                           "memorisation check: drop --reference and --memorisation.")
     from scoreflow_jax.eval import autoencoder_floor
     with usage.usage_errors():
       autoencoder_floor.autoencoder_floor(
@@ -167,8 +189,9 @@ def compare(specs, out=None, overwrite=False):
   import json
   import os
   from scoreflow_jax.eval import metrics
-  from scoreflow_jax.outputs import check_output, write_json
+  from scoreflow_jax.outputs import check_not_an_input, check_output, write_json
   if out:
+    check_not_an_input(out, [spec.rpartition("=")[2] for spec in specs])
     out = check_output(out, overwrite, "--out")
   named = {}
   for spec in specs:

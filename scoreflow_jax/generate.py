@@ -353,6 +353,11 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
                                   posthoc_ema)
   if cfg_scale is None:  # like sampler and num_steps: the run's own
     cfg_scale = float(config.sampling.cfg_scale)
+  if cfg_interval is not None and cfg_scale == 1.0:
+    raise ValueError(f"cfg_interval {tuple(cfg_interval)} limits guidance, but the "
+                     "scale is 1 (no guidance; the run's sampling.cfg_scale unless "
+                     "--cfg_scale is given): pass --cfg_scale S with S != 1, or drop "
+                     "--cfg_interval.")
   from scoreflow_jax import data as data_lib, train_step as ts
   shape = data_lib.image_shape(config.data)
   params = state.ema_params if use_ema else state.params

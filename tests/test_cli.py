@@ -161,7 +161,9 @@ def test_sample_bad_inputs(trained_run, tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr and "no checkpoint at steps 11..10 to average" in proc.stderr
   for flag, message in (("--cfg_interval=a,b", "takes two numbers lo,hi"),
                         ("--cfg_interval=5,0.3", "0 <= lo < hi"),  # guided nowhere
-                        ("--classes=", "--classes is empty")):  # numpy's error, late
+                        ("--classes=", "--classes is empty"),  # numpy's error, late
+                        # the run's scale is 1: an interval would guide nothing
+                        ("--cfg_interval=0.3,5", "limits guidance, but the scale is 1")):
     proc = run("sample.py", "--workdir", workdir, flag, "--out", str(tmp_path / "x.png"),
                check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

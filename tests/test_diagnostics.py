@@ -212,6 +212,17 @@ def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run
   assert any("FD by sigma_start" in line for line in logs)
   with pytest.raises(ValueError, match="renoise_from must name"):
     diagnostics.diagnose_run(workdir, data_dir, renoise_from=("val",))
+  # 30 starts leave 30 test images, too few for the FD's floor (2 x 30): told
+  # before the loss part, with the largest count that fits (60 / 3)
+  logs = []
+  with pytest.raises(ValueError, match=r"needs 2 x 30 of them: pass --num_images 20 "):
+    diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, sigmas=(1.0,),
+                             start_sigmas=(0.5,), num_images=30,
+                             out=str(tmp_path / "d30.json"), log=logs.append)
+  assert not logs and not os.path.exists(tmp_path / "d30.json")
+  with pytest.raises(ValueError, match="is one of the inputs"):
+    diagnostics.diagnose_run(workdir, data_dir, classifier_path=clf, out=clf,
+                             overwrite=True)
 
 
 def _fake_run(tmp_path):

@@ -477,6 +477,23 @@ def test_validation_reference_is_the_runs_held_out_training_images(trained, tmp_
                                       log=lambda _: None)["reference"] == "test"
   with pytest.raises(ValueError, match="unknown reference"):
     metrics.evaluate_sample_file(good, clf, str(tmp_path), reference="train")
+  # against the test set at n > half of it, the floor's second set comes from the
+  # whole training split, whatever the run held out: the same floor for every run
+  many, many_labels = data.make_synthetic(300, seed=6)
+  def score_test(h):
+    np.savez(tmp_path / f"n{h}.npz", images=many, labels=many_labels, holdout=h)
+    return metrics.evaluate_sample_file(
+        str(tmp_path / f"n{h}.npz"), clf, str(tmp_path), num_samples=300,
+        out=str(tmp_path / f"n{h}.json"), log=lambda _: None)
+  floors = {h: score_test(h) for h in (0, 120)}
+  assert len(test_images) < 2 * 300 and floors[0]["num_samples"] == 300
+  assert floors[0]["floor_source"] == "mnist train vs test"
+  assert floors[0]["fd_floor"] == floors[120]["fd_floor"]
+  direct = metrics.evaluate_samples(params, many, many_labels, test_images,
+                                    test_labels, n=300, floor_images=train_images, seed=0)
+  assert floors[120]["fd_floor"] == pytest.approx(direct["fd_floor"], rel=1e-5)
+  assert len(metrics.compare_evaluations(
+      {"a": floors[0], "b": floors[120]}, log=pytest.fail)) == 2
 
 
 def test_classifier_can_leave_out_the_held_out_images(tmp_path):
@@ -590,6 +607,19 @@ def test_linear_floor_knowing_the_class_helps():
     c, u, mixed = (out[n][k] for n in ("class_conditional", "unconditional", "training_mix"))
     assert c < u
     np.testing.assert_allclose(mixed, 0.75 * c + 0.25 * u, rtol=1e-12)
+
+
+def test_linear_floor_samples_out_is_checked_before_the_work(tmp_path, capsys):
+  from scoreflow_jax.eval import linear_floor
+  (tmp_path / "mine.npz").write_bytes(b"a user's samples")
+  for out, message in (("mine.npz", "exists; pass --overwrite"),
+                       ("gauss", "name a .npz file")):
+    with pytest.raises(SystemExit):  # before the data: this folder has none
+      linear_floor.main(["--data_dir", str(tmp_path / "none"), "--samples_out",
+                         str(tmp_path / out)])
+    assert message in capsys.readouterr().err
+  assert (tmp_path / "mine.npz").read_bytes() == b"a user's samples"
+  assert not os.path.exists(tmp_path / "gauss") and not os.path.exists(tmp_path / "gauss.npz")
 
 
 def test_gaussian_samples_have_each_class_mean_and_covariance():
@@ -819,6 +849,29 @@ def test_evaluate_cli_compare_checks_its_out_first(tmp_path):
                    "--out", tmp_path / "cmp.json", "--overwrite")
   assert proc.returncode == 0, proc.stderr
   assert [r["name"] for r in json.loads((tmp_path / "cmp.json").read_text())] == ["a", "b"]
+  kept = (tmp_path / "a.json").read_text()  # an input is not replaced, even asked
+  proc = _evaluate("--compare", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                   "--out", tmp_path / "a.json", "--overwrite")
+  assert proc.returncode != 0 and "is one of the inputs" in _error(proc)
+  assert (tmp_path / "a.json").read_text() == kept
+
+
+def test_evaluate_cli_refuses_flags_its_mode_would_ignore(tmp_path):
+  files = f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+  for args, message in (
+      (["--compare", files, "--seed", "7", "--classifier", "c.npz"],
+       "--compare does not use --classifier, --seed: drop them"),
+      (["--diagnose", "--workdir", tmp_path, "--reference", "validation"],
+       "--diagnose does not use --reference: drop it"),
+      (["--diagnose", "--workdir", tmp_path, "--num_samples", "50"],
+       "--diagnose does not use --num_samples: drop it"),
+      (["--samples", "s.npz", "--workdir", tmp_path, "--noema"],
+       "--samples does not use --ema, --workdir: drop them"),
+      (["--samples", "s.npz", "--classifier", "c.npz", "--data_dir", tmp_path,
+        "--seed", "0,-1"], "--seed needs non-negative integers")):
+    proc = _evaluate(*args)
+    assert proc.returncode != 0 and message in _error(proc), proc.stderr[-800:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_train_classifier_replaces_no_classifier_unasked(tmp_path):
@@ -957,7 +1010,8 @@ def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
   proc = _evaluate(*base, "--samples", "x.npz")
   assert "--samples and --autoencoder are separate runs" in _error(proc)
   for extra in (["--reference", "validation"], ["--memorisation"]):
-    assert "drop --reference and --memorisation" in _error(_evaluate(*base, *extra))
+    assert f"--autoencoder does not use {extra[0]}: drop it" in _error(
+        _evaluate(*base, *extra))
   from scoreflow_jax.networks import autoencoder as ae
   bare = tmp_path / "bare.safetensors"  # an sgm state dict: no ddconfig
   ae.save_safetensors(ae.load_state_dict(str(vae)), str(bare))

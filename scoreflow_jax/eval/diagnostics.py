@@ -156,7 +156,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   import time
   from scoreflow_jax import data as data_lib, generate
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
-  from scoreflow_jax.outputs import results_path, write_json
+  from scoreflow_jax.outputs import check_not_an_input, results_path, write_json
   t0 = time.perf_counter()
   bad = [s for s in renoise_from if s not in ("train", "test")]
   if bad:
@@ -165,6 +165,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   if start_sigmas:
     start_sigmas = _check_sigmas(start_sigmas, "start_sigmas")
   generate.load_run_config(workdir)  # a run folder, before out is made in it
+  check_not_an_input(out, [classifier_path] if classifier_path else [])
   out = results_path(out, os.path.join(workdir, "diagnostics.json"), overwrite)
   cparams = (None if classifier_path is None  # a wrong path: found before the loss part
              else classifier_lib.load_classifier(classifier_path)[0])
@@ -199,6 +200,14 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
       keep = np.ones(len(labels), bool)
       keep[idx] = False
       rest = (images[keep], labels[keep])
+  fd_part = classifier_path is not None and bool(start_sigmas) and bool(renoise_from)
+  if fd_part and len(rest[0]) < 2 * len(idx):
+    # the FD's floor needs two disjoint sets of the other test images
+    raise ValueError(
+        f"the FD part scores {len(idx)} images against the other {len(rest[0])} "
+        f"test images, and its real-vs-real floor needs 2 x {len(idx)} of them: "
+        f"pass --num_images {(len(idx) + len(rest[0])) // 3} "
+        "or fewer, or leave out --classifier for the loss part alone.")
   key = jax.random.key(seed)
   results = {"workdir": os.path.abspath(workdir), "step": int(state.step),
              "weights": "ema" if use_ema else "raw", "num_images": len(idx),
@@ -219,7 +228,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   log(f"loss by sigma, {len(idx)} images per split, step {int(state.step)} "
       f"({results['weights']} weights):")
   log(format_loss_table(results))
-  if classifier_path is not None and start_sigmas and renoise_from:
+  if fd_part:
     sc = config.sampling
     score = lambda images, labels: metrics.evaluate_samples(
         cparams, images, labels, rest[0], rest[1], len(images), seed=seed)

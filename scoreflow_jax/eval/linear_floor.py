@@ -101,9 +101,19 @@ def main(argv=None):
   p.add_argument("--sigma_data", type=float, default=0.5)
   p.add_argument("--samples_out", default=None,
                  help="also write per-class Gaussian samples here (.npz for evaluate.py)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --samples_out")
   p.add_argument("--num_per_class", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  if args.samples_out:  # before the work: a user's file is not replaced unasked
+    from scoreflow_jax.outputs import check_output
+    if not args.samples_out.endswith(".npz"):
+      p.error(f"--samples_out {args.samples_out}: name a .npz file (evaluate.py reads it).")
+    try:
+      args.samples_out = check_output(args.samples_out, args.overwrite, "--samples_out")
+    except OSError as e:
+      p.error(str(e))
   from scoreflow_jax import data as data_lib
   images, labels = data_lib.load_split(args.dataset, "train", "offline", args.data_dir)
   x = images.astype(np.float64) / 127.5 - 1.0  # the pipeline's [-1, 1]
@@ -113,7 +123,8 @@ def main(argv=None):
   print(json.dumps(result))
   if args.samples_out:
     samples, sample_labels = gaussian_samples(x, labels, args.num_per_class, args.seed)
-    np.savez(args.samples_out, images=samples, labels=sample_labels)
+    with open(args.samples_out, "wb") as f:  # a file object: np.savez adds no suffix
+      np.savez(f, images=samples, labels=sample_labels)
     print(f"wrote {len(samples)} per-class Gaussian samples to {args.samples_out}")
   return result
 

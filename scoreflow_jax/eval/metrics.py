@@ -364,8 +364,10 @@ def _check_same_classifier(named_results, log):
           f" differ: {shown}. Either the classifiers differ"
           f" ({_classifier_name(name, named_results[name])} vs"
           f" {_classifier_name(base, named_results[base])}), or (results from"
-          " before session 23) the samples files held different numbers of images."
-          " Score every model with the same --classifier (evaluate.py records its"
+          " before session 23) the samples files held different numbers of images,"
+          " or (before session 25) a run that held out data.holdout images was"
+          " scored at over 5,000 samples (its floor drew on its own training"
+          " images). Score every model with the same --classifier (evaluate.py records its"
           " sha256).")
   return warnings_by_name
 
@@ -584,7 +586,9 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   n = min([num_samples, len(ref_images)] + [len(images) for images, _ in draws])
   floor_images, other = None, "train" if reference == "test" else "test"
   if len(ref_images) < 2 * n:
-    floor_images = load(other)[0]
+    # the whole other split, whatever the run held out: the same seed and n
+    # give the same floor for every run (and --compare pairs them)
+    floor_images = data_lib.load_split("mnist", other, source, data_dir)[0]
   evaluations = []
   cache = ClassifierCache(params)
   for i, (images, labels) in enumerate(draws):
@@ -596,7 +600,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   results.pop("draw", None)
   if check_memorisation:
     train_images = (floor_images if floor_images is not None and other == "train"
-                    else load("train")[0])
+                    and not holdout else load("train")[0])  # what the run trained on
     results["memorisation"] = memorisation(draws[0][0], ref_images, train_images,
                                            seed=seeds[0])
   results["floor_source"] = (
