@@ -100,8 +100,8 @@ class AffineCoupling(nn.Module):
 def _check_flow(n_layers: int, max_log_scale: float):
   if n_layers < 1:
     raise ValueError(f"a flow needs n_layers >= 1, got {n_layers}")
-  if max_log_scale <= 0:
-    raise ValueError(f"max_log_scale must be > 0, got {max_log_scale}")
+  if not (math.isfinite(max_log_scale) and max_log_scale > 0):
+    raise ValueError(f"max_log_scale must be finite and > 0, got {max_log_scale}")
 
 
 def _compose(layers, x, context, inverse: bool):

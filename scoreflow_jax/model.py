@@ -5,6 +5,7 @@ method is a pure function of them, so it can be jitted, sharded and
 differentiated like any JAX function.
 """
 import dataclasses
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -118,20 +119,26 @@ def _build_unet(u) -> UNetModel:
       num_classes="sequential", num_groups=u.num_groups)
 
 
+def _positive(value) -> bool:
+  """Finite and > 0 (a NaN or inf setting would turn every output NaN)."""
+  return math.isfinite(value) and value > 0
+
+
 def build_model(config) -> DiffusionModel:
   """Builds the model of ``config.model`` (and the loss settings of ``config.loss``)."""
   m = config.model
   if m.network not in NETWORKS:
     raise ValueError(f"unknown network {m.network!r}; choose one of {NETWORKS} "
                      "(config.model.network)")
-  if m.sigma_data <= 0 or config.loss.sigma_data <= 0:
+  if not (_positive(m.sigma_data) and _positive(config.loss.sigma_data)):
     raise ValueError("config.model.sigma_data and config.loss.sigma_data must be "
-                     f"> 0, got {m.sigma_data} and {config.loss.sigma_data}")
+                     f"finite and > 0, got {m.sigma_data} and {config.loss.sigma_data}")
   if config.loss.type not in loss_lib.LOSS_TYPES:
     raise ValueError(f"config.loss.type must be one of {loss_lib.LOSS_TYPES}, "
                      f"got {config.loss.type!r}")
-  if config.loss.p_std <= 0:
-    raise ValueError(f"config.loss.p_std must be > 0, got {config.loss.p_std}")
+  if not _positive(config.loss.p_std) or not math.isfinite(config.loss.p_mean):
+    raise ValueError("config.loss.p_std must be finite and > 0 and p_mean finite, got "
+                     f"{config.loss.p_std} and {config.loss.p_mean}")
   c = m.conditioner
   gaussian = m.network == "score_flow" and m.score_flow.gaussian_base
   cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate,
@@ -144,9 +151,15 @@ def build_model(config) -> DiffusionModel:
                        "'preconditioned', gaussian_rank >= 1 and gaussian_components"
                        f" >= 1, got {sf.parameterization!r}, {sf.gaussian_rank} and "
                        f"{sf.gaussian_components}")
-    if sf.gaussian_covariance_prior < 0:
-      raise ValueError("config.model.score_flow.gaussian_covariance_prior must be >= 0 "
-                       f"(pseudo-observations), got {sf.gaussian_covariance_prior}")
+    if not (math.isfinite(sf.gaussian_covariance_prior)
+            and sf.gaussian_covariance_prior >= 0):
+      raise ValueError("config.model.score_flow.gaussian_covariance_prior must be finite"
+                       f" and >= 0 (pseudo-observations), got {sf.gaussian_covariance_prior}")
+    if sf.gaussian_covariance_prior > 0 and not (sf.gaussian_base
+                                                 and sf.gaussian_components > 1):
+      raise ValueError("config.model.score_flow.gaussian_covariance_prior shrinks the "
+                       "components of a Gaussian-mixture base; it does nothing without "
+                       "gaussian_base=True and gaussian_components > 1: set it to 0")
     if sf.dtype not in DTYPES:
       raise ValueError(f"config.model.score_flow.dtype must be one of "
                        f"{sorted(DTYPES)}, got {sf.dtype!r}")
@@ -177,14 +190,19 @@ def build_model(config) -> DiffusionModel:
     if sf.parameterization == "density" and sf.flow_type in ("joint", "joint_context"):
       raise ValueError("parameterization 'density' needs "
                        "--config.model.score_flow.flow_type=conditional (or conv)")
-    if sf.max_log_scale <= 0:
-      raise ValueError("config.model.score_flow.max_log_scale must be > 0, got "
+    if not _positive(sf.max_log_scale):
+      raise ValueError("config.model.score_flow.max_log_scale must be finite and > 0 "
+                       "(it bounds each coupling's log-scale), got "
                        f"{sf.max_log_scale}")
     if ((sf.energy_scale or sf.energy_weights or sf.energy_linear)
         and sf.parameterization == "density"):
       raise ValueError("config.model.score_flow.energy_scale / energy_weights / "
                        "energy_linear break the normalisation of parameterization "
                        "'density'; set them False")
+    if sf.conv_global and sf.flow_type != "conv":
+      raise ValueError("config.model.score_flow.conv_global is an option of flow_type "
+                       f"'conv' (its FiLM sees the image's spatial mean); with "
+                       f"{sf.flow_type!r} set it False")
     if sf.flow_type == "conv" and (sf.conv_channels < 1 or sf.conv_blocks < 0):
       raise ValueError("config.model.score_flow.conv_channels must be >= 1 and "
                        f"conv_blocks >= 0, got {sf.conv_channels} and {sf.conv_blocks}")

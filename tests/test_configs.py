@@ -112,6 +112,31 @@ def test_bad_gaussian_base_values_are_named(field, value):
     trainer.validate_config(config)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("model.score_flow.max_log_scale", float("inf"), "max_log_scale must be finite"),
+    ("model.score_flow.max_log_scale", float("nan"), "max_log_scale must be finite"),
+    ("model.sigma_data", float("nan"), "sigma_data must be finite and > 0"),
+    ("loss.p_std", float("inf"), "p_std must be finite and > 0"),
+    ("loss.p_mean", float("nan"), "p_mean finite"),
+    ("model.score_flow.gaussian_covariance_prior", float("nan"), "must be finite and >= 0"),
+    # settings that would do nothing
+    ("model.score_flow.gaussian_covariance_prior", 30.0, "does nothing without"),
+    ("model.score_flow.conv_global", True, "conv_global is an option of flow_type 'conv'"),
+])
+def test_bad_or_idle_model_values_are_named(field, value, match):
+  # NaN passed the old "<= 0" checks and inf gave max_log_scale * tanh(raw / inf)
+  # = NaN: every output NaN, no error; the idle settings were dropped silently
+  from configs import mnist_gauss
+  config = mnist_gauss.get_config("tiny")  # MLP flow, one Gaussian per class
+  section, name = field.rsplit(".", 1)
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(ValueError, match=match):
+    trainer.validate_config(config)
+
+
 def test_bench_overrides_are_typed_and_locked():
   import sys
   sys.path.insert(0, str(CONFIG_DIR.parent / "bench"))

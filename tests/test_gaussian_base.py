@@ -266,6 +266,19 @@ def test_mixture_fit_floors_degenerate_clusters():
   np.testing.assert_allclose(den[0], point, atol=1e-4)
 
 
+def test_mixture_fits_a_class_with_fewer_distinct_points_than_components():
+  # k-means++ ran out of distinct points to seed from: 0 / 0 probabilities
+  x = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0]]), 3, axis=0)
+  x = np.concatenate([x, np.random.default_rng(0).normal(size=(12, 2))])
+  labels = np.array([0] * 6 + [1] * 12)
+  stats = gaussian_lib.fit_mixture(x, labels, 2, 3, 1)
+  used = stats["log_weight"][:3] > gaussian_lib.EMPTY_LOG_WEIGHT
+  assert used.any() and all(np.all(np.isfinite(stats[k][:3][used]))
+                            for k in ("mean", "variances", "residual"))
+  # its used components' means are its points
+  assert {tuple(m) for m in stats["mean"][:3][used].round(6)} <= {(0.0, 0.0), (1.0, 1.0)}
+
+
 def test_mixture_covariance_prior_is_the_conjugate_shrinkage():
   x0, labels = _data(n=600, d=8, seed=12)
   kappa, comps, rank = 7.0, 3, 2

@@ -202,7 +202,8 @@ def _kmeans(x, k, rng, iters=25):
   centres = [x[rng.integers(n)]]
   nearest = np.sum((x - centres[0])**2, 1)
   for _ in range(k - 1):
-    centres.append(x[rng.choice(n, p=nearest / nearest.sum())])
+    total = nearest.sum()  # 0 once every distinct point is a centre: any point
+    centres.append(x[rng.choice(n, p=nearest / total if total > 0 else None)])
     nearest = np.minimum(nearest, np.sum((x - centres[-1])**2, 1))
   centres = np.array(centres)
   for _ in range(iters):
