@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,29 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
   params = jax.tree.map(jnp.asarray, params)
   return KLAutoencoderFirstStage(module, params, float(a.scale_factor),
                                  bool(a.sample_posterior), sha256)
+
+
+def scale_factor_warning(a) -> Optional[str]:
+  """A warning when ``config.model.autoencoder.scale_factor`` differs by more
+  than 2% from the one train_autoencoder.py recorded in the weights' header
+  (sigma_data / the latents' std, measured there); None when they agree or
+  the file records none (e.g. an sgm state dict)."""
+  from scoreflow_jax.networks import autoencoder as ae
+  path = os.path.expanduser(a.weights)
+  if not path.endswith(".safetensors"):
+    return None
+  try:
+    recorded = json.loads(ae.safetensors_metadata(path).get("results", "{}")).get(
+        "scale_factor")
+  except (OSError, ValueError):
+    return None
+  if not recorded or abs(a.scale_factor / recorded - 1) <= 0.02:
+    return None
+  return (f"warning: model.autoencoder.scale_factor={a.scale_factor:.5g}, but {path} "
+          f"records {recorded:.5g} (measured when train_autoencoder.py wrote it): the "
+          f"scaled latents' std is {a.scale_factor / recorded:.2f} x the model's "
+          f"sigma_data. Unless that is meant, pass "
+          f"--config.model.autoencoder.scale_factor={recorded:.5g}.")
 
 
 def get_first_stage(model_config):

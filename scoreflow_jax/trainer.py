@@ -446,6 +446,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
     if int(state.step) < t.num_steps:  # no encoding for a run with nothing to train
       moments, to_store = encode_once()
   else:
+    if config.model.first_stage == "kl_autoencoder":
+      warning = first_stage_lib.scale_factor_warning(config.model.autoencoder)
+      if warning:
+        log(warning)
     moments, to_store = encode_once()
     state = init_state()
     if model.frozen_module is not None:

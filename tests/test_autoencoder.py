@@ -478,15 +478,26 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   flags = shlex.split(proc.stdout.strip().splitlines()[-1])  # as a shell would
   assert flags[0] == "--config.model.first_stage=kl_autoencoder"
   workdir = tmp_path / "run"
-  run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(workdir),
-      "--config.training.num_steps=2", "--config.training.image_every=2",
-      "--config.model.score_flow.in_channels=4", "--config.data.name=mnist",
-      "--config.data.source=offline", f"--config.data.data_dir={tmp_path}", *flags)
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(workdir),
+             "--config.training.num_steps=2", "--config.training.image_every=2",
+             "--config.model.score_flow.in_channels=4", "--config.data.name=mnist",
+             "--config.data.source=offline", f"--config.data.data_dir={tmp_path}", *flags)
+  assert "scale_factor" not in proc.stdout + proc.stderr  # the printed one: no warning
   saved = generate.load_run_config(str(workdir)).model.autoencoder
   header = json.loads(out.read_bytes()[8:8 + int.from_bytes(out.read_bytes()[:8], "little")])
   results = json.loads(header["__metadata__"]["results"])
   assert results["steps"] == 3
   np.testing.assert_allclose(saved.scale_factor, results["scale_factor"], rtol=1e-4)
+  # another file's scale (e.g. a config's default for another VAE) is told
+  from types import SimpleNamespace
+  recorded = results["scale_factor"]
+  for factor, warned in ((1.0, False), (1.01, False), (1.2, True), (0.5, True)):
+    warning = first_stage_lib.scale_factor_warning(
+        SimpleNamespace(weights=str(out), scale_factor=factor * recorded))
+    assert (warning is not None) == warned
+  assert "std is 1.20 x the model's sigma_data" in first_stage_lib.scale_factor_warning(
+      SimpleNamespace(weights=str(out), scale_factor=1.2 * recorded))
+  assert f"scale_factor={recorded:.5g}." in warning
   assert tuple(saved.ch_mult) == (1, 2) and saved.sha256 == first_stage_lib.file_sha256(str(out))
   assert os.path.exists(workdir / "images" / "train" / "step_0000002.png")  # decoded grid
   # an existing --out is kept; bad flags are one line
