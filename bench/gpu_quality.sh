@@ -14,41 +14,72 @@
 # builds it) holds whl/ (ml_collections, tensorboardX), mnist/ (the IDX files)
 # and classifier.npz (train_classifier.py). Results are packed into
 # OUT/results.tgz after every stage, so a timeout keeps what was finished.
+# BUDGET=S (seconds from the start; e.g. 570 in a 590-s call) skips a run that
+# could not train and draw before then (it needs T + RUN_EXTRA s, default 90:
+# start, save and the draws, which run side by side) and a draw or the
+# evaluation that could not finish, instead of being killed in them.
+# Each call trains into a new folder, /tmp/results/<start time> (RESULTS=DIR
+# to choose it; /tmp/results/latest points to the last one): a second call on
+# a warm machine would otherwise resume the first call's runs.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
 SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
 WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as NAME_raw_2k*.npz
+BUDGET=${BUDGET:-0}; RUN_EXTRA=${RUN_EXTRA:-90}  # BUDGET 0: no deadline
+t0=$(date +%s)
+left() { echo $(( t0 + BUDGET - $(date +%s) )); }  # seconds to the deadline
+fits() { [ "$BUDGET" = 0 ] || [ "$(left)" -ge "$1" ]; }  # fits SECONDS
+draws=$(( $# * $(wc -w <<< "$SEEDS") * $(wc -w <<< "$WEIGHTS") ))
+if [ $draws -gt 7 ]; then  # the device tool brings back at most 8 files
+  echo "gpu_quality: $draws draws of 2k samples (runs x SEEDS x WEIGHTS) would not come back:"\
+    "at most 7 .npz files and results.tgz do. Name fewer runs, SEEDS or WEIGHTS." >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-R=${RESULTS:-/tmp/results}; mkdir -p $R
+R=${RESULTS:-/tmp/results/$t0}; mkdir -p $R
+[ -z "${RESULTS:-}" ] && ln -sfn $R /tmp/results/latest
+echo "results in $R"
 draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
-pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude='latent_moments.npy*' --exclude=checkpoints . ) ; }
+pack() {  # a timeout during the pack leaves the last whole archive
+  (cd $R && tar czf $OUT/results.tgz.part --exclude='*.npz' --exclude='latent_moments.npy*' \
+    --exclude=checkpoints . ) && mv -f $OUT/results.tgz.part $OUT/results.tgz
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $CARRY/whl/*.whl
 nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
 DATA="--config.data.source=offline --config.data.data_dir=$CARRY/mnist"
-t0=$(date +%s)
 names=(); evals=()  # evals: the names scored, with NAME_raw after NAME under WEIGHTS="ema raw"
 for run in "$@"; do
   name=${run%%=*}; spec=${run#*=}; cfg=${spec%%,*}
   overrides=(); [ "$spec" != "$cfg" ] && IFS=, read -ra overrides <<< "${spec#*,}"
-  names+=($name); evals+=($name)
   path=configs/${cfg%%:*}.py; [[ $cfg == *:* ]] && path+=":${cfg#*:}"  # e.g. mnist_conv:tiny
-  echo "== $name: $path ${overrides[*]}"
+  if ! fits $((T + RUN_EXTRA)); then
+    echo "== $name skipped: $(left) s left, it needs $((T + RUN_EXTRA)) (BUDGET=$BUDGET)"
+    continue
+  fi
+  names+=($name); evals+=($name)
+  echo "== $name: $path ${overrides[*]} ($(( $(date +%s) - t0 )) s)"
   timeout $((T + 120)) python3 train.py --config $path --workdir $R/$name $DATA \
     --config.training.time_limit_s=$T --config.training.image_every=0 \
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for weights in $WEIGHTS; do
     tag=$name; flag=--ema; [ "$weights" = raw ] && tag=${name}_raw && flag=--noema
+    # side by side (one compile's wait for all; without preallocation, which
+    # would give the first process 75% of the GPU's memory)
     for seed in $SEEDS; do
       out=$(draw $tag $seed)
-      timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
-        --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
+        --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1 &
+    done
+    wait
+    for seed in $SEEDS; do
+      out=$(draw $tag $seed)
       tail -n 1 $R/$out.sample.log
       cp $R/$out.npz $OUT/ 2>/dev/null
-      pack
     done
+    pack
   done
   [ "$WEIGHTS" != ema ] && evals+=(${name}_raw)
 done
@@ -67,6 +98,7 @@ pack
 REF_SEEDS=${REF_SEEDS:-"0 1 2"}
 if [ "${EVAL:-1}" = 1 ]; then
   for name in "${evals[@]}"; do
+    fits 60 || { echo "== evaluation of $name skipped: $(left) s left"; continue; }
     files=(); for seed in $SEEDS; do files+=($R/$(draw $name $seed).npz); done
     list=$(IFS=,; echo "${files[*]}")
     timeout 180 python3 evaluate.py --samples $list --seed ${REF_SEEDS// /,} \

@@ -12,8 +12,11 @@
 set -u
 CARRY=$1; OUT=$2; T=${3:-150}; NPC=${NPC:-200}  # samples per class
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-R=/tmp/results; mkdir -p $R
-pack() { (cd $R && tar czf $OUT/results.tgz --exclude='*.npz' --exclude='latent_moments.npy*' --exclude=checkpoints . ) ; }
+R=/tmp/results/$(date +%s); mkdir -p $R  # a new folder per call: no resumed runs
+pack() {  # a timeout during the pack leaves the last whole archive
+  (cd $R && tar czf $OUT/results.tgz.part --exclude='*.npz' --exclude='latent_moments.npy*' \
+    --exclude=checkpoints . ) && mv -f $OUT/results.tgz.part $OUT/results.tgz
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $CARRY/whl/*.whl
 nvidia-smi -L
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, chex; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'chex', chex.__version__)"

@@ -8,9 +8,12 @@
 # latent run, vae.safetensors (train_autoencoder.py's weights, copied; a run
 # of configs/mnist_latent.py or mnist_latent_conv.py, which hold the VAE's
 # ddconfig, then takes --config.model.autoencoder.weights=CARRY/vae.safetensors
-# and the scale_factor the script printed, if not the config's). Nothing
-# already in CARRY is overwritten. Keep CARRY inside the repository and ignored
-# by git (/.gpu/ is), and pass it to the device tool's `carry`.
+# and the scale_factor the script printed, if not the config's). For
+# bench/gpu_session.sh, PEER=path/to/torch_scoreflow.py copies the PyTorch peer
+# and PINS=1 downloads pins/: this Python's flax, optax, orbax-checkpoint and
+# chex wheels (the versions the project is tested with). Nothing already in
+# CARRY is overwritten. Keep CARRY inside the repository and ignored by git
+# (/.gpu/ is), and pass it to the device tool's `carry`.
 set -eu
 CARRY=$1; MNIST=$2; CLF=$3; VAE=${4:-}
 FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
@@ -26,4 +29,13 @@ done
 for f in $FILES; do cp -n "$MNIST/$f" "$CARRY/mnist/"; done
 cp -n "$CLF" "$CARRY/classifier.npz"
 [ -z "$VAE" ] || cp -n "$VAE" "$CARRY/vae.safetensors"
-du -sh "$CARRY"; ls "$CARRY"/whl
+if [ -n "${PEER:-}" ]; then
+  [ -f "$PEER" ] || { echo "make_carry: PEER=$PEER is missing (the PyTorch peer, torch_scoreflow.py)" >&2; exit 1; }
+  cp -n "$PEER" "$CARRY/torch_scoreflow.py"
+fi
+if [ "${PINS:-0}" = 1 ] && [ ! -d "$CARRY/pins" ]; then
+  pins=$(python3 -c "from importlib.metadata import version as v
+print(' '.join(f'{p}=={v(p)}' for p in ('flax', 'optax', 'orbax-checkpoint', 'chex')))")
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/pins" $pins
+fi
+du -sh "$CARRY"; ls "$CARRY"/whl "$CARRY"/pins 2>/dev/null
