@@ -1,6 +1,10 @@
 """scoreflow-jax: EDM diffusion whose denoiser is the exact gradient of a flow energy."""
 from setuptools import find_packages, setup
 
+TFDS = ["tensorflow-datasets>=4.9.10", "importlib_resources",
+        "tensorflow-cpu>=2.16; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
+        "tensorflow>=2.16; platform_machine != 'x86_64' and platform_machine != 'AMD64'"]
+
 setup(
     name="scoreflow-jax",
     version="0.1.0",
@@ -24,7 +28,9 @@ setup(
     ],
     extras_require={
         # TensorFlow is only needed for the TFDS data source; it is imported lazily.
-        "tfds": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy", "tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.16", "importlib_resources"],
+        # tensorflow-cpu has x86-64 wheels only; elsewhere (macOS arm64, Linux
+        # aarch64) the tensorflow wheel is the CPU build.
+        "tfds": TFDS,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy"] + TFDS,
     },
 )
