@@ -81,11 +81,11 @@ def _stored_shapes(path: str) -> Optional[dict]:
   metadata alone (no array is read); None where the metadata cannot be read,
   which leaves the judgement to the restore itself."""
   try:
-    reader = ocp.StandardCheckpointer()
-    try:
-      tree = reader.metadata(os.path.join(path, "state")).item_metadata.tree
-    finally:
-      reader.close()
+    # the item's handler (a Checkpointer would look for a step's metadata
+    # file in the item folder and warn that it is missing)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(os.path.join(path, "state"))).tree
     return _shapes(tree)
   except Exception:  # pylint: disable=broad-except
     return None
