@@ -10,6 +10,8 @@ std sigma_data = 0.5 that EDM's preconditioning assumes, as in EDM2). The loss i
 (sgm's without LPIPS and GAN): enough for MNIST. An existing --out is
 replaced only with --overwrite (checked before training).
 """
+import re
+
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
@@ -50,6 +52,10 @@ def main(argv):
   if FLAGS.steps < 1 or FLAGS.batch_size < 1:
     raise app.UsageError(f"--steps and --batch_size must be >= 1, got {FLAGS.steps} "
                          f"and {FLAGS.batch_size}.")
+  if FLAGS.num_res_blocks < 1 or FLAGS.embed_dim < 1 or not ch_mult or min(ch_mult) < 1:
+    raise app.UsageError(f"--num_res_blocks, --embed_dim and every --ch_mult level must "
+                         f"be >= 1, got {FLAGS.num_res_blocks}, {FLAGS.embed_dim} and "
+                         f"{','.join(map(str, ch_mult)) or 'none'}.")
   import ml_collections
   shape = data_lib.IMAGE_SHAPES[FLAGS.dataset]
   a = ml_collections.ConfigDict(dict(
@@ -57,12 +63,21 @@ def main(argv):
       z_channels=FLAGS.embed_dim, ch=FLAGS.ch, ch_mult=ch_mult,
       num_res_blocks=FLAGS.num_res_blocks, attn_resolutions=attn, resolution=shape[0]))
   from scoreflow_jax import autoencoder_training
-  with usage.usage_errors():
-    first_stage.check_autoencoder_config(a)
-    autoencoder_training.train_and_save(
-        first_stage.build_autoencoder(a), FLAGS.data_dir, FLAGS.out, FLAGS.source,
-        FLAGS.dataset, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate,
-        FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite)
+  try:
+    with usage.usage_errors():
+      first_stage.check_autoencoder_config(a)
+      autoencoder_training.train_and_save(
+          first_stage.build_autoencoder(a), FLAGS.data_dir, FLAGS.out, FLAGS.source,
+          FLAGS.dataset, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate,
+          FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite)
+  except app.UsageError as e:  # the checks name train.py's fields: these are flags here
+    raise app.UsageError(own_flags(str(e))) from e
+
+
+def own_flags(message: str) -> str:
+  """``message`` with train.py's config fields named as this script's flags."""
+  message = re.sub(r"config\.model\.autoencoder\.(\w+)", r"--\1", message)
+  return re.sub(r"data\.holdout=", "--holdout ", message)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ stage loads any sgm/ldm AutoencoderKL state dict).
 """
 import json
 import os
+import shlex
 import time
 
 import jax
@@ -144,7 +145,7 @@ def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 
 
 def config_flags(module, scale_factor: float, path: str) -> str:
   """The train.py flags that use the saved weights as the first stage."""
-  fields = {"weights": path, "scale_factor": f"{scale_factor:.5g}",
+  fields = {"weights": shlex.quote(path), "scale_factor": f"{scale_factor:.5g}",
             "in_channels": module.in_channels, "embed_dim": module.embed_dim,
             "z_channels": module.z_channels, "ch": module.ch,
             "ch_mult": "'(" + ",".join(str(m) for m in module.ch_mult) + ",)'",
@@ -182,7 +183,11 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
   out = check_output(out, overwrite, "--out")
   images, _ = data_lib.load_run_split(dataset, "train", source, data_dir, holdout)
   test_images, _ = data_lib.load_split(dataset, "test", source, data_dir)
-  module.latent_shape(images.shape[1:])  # raises on images it cannot take
+  try:
+    module.latent_shape(images.shape[1:])  # raises on images it cannot take
+  except ValueError as e:
+    raise ValueError(f"{e}: each of the {len(module.ch_mult)} levels of ch_mult but "
+                     "the last halves the sides; use fewer levels.") from None
   to_float = lambda u8: u8.astype(np.float32) / 127.5 - 1.0
   images, test_images = to_float(images), to_float(test_images)
   log(f"{dataset}: {len(images):,} train, {len(test_images):,} test images; {steps} "

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +200,9 @@ def check_autoencoder_config(a):
     raise ValueError("config.model.autoencoder.num_res_blocks, z_channels, embed_dim "
                      "and in_channels must be >= 1, got "
                      f"{a.num_res_blocks}, {a.z_channels}, {a.embed_dim}, {a.in_channels}")
-  if not a.scale_factor > 0:
-    raise ValueError("config.model.autoencoder.scale_factor must be > 0 (SDXL's VAE: "
+  if not (math.isfinite(a.scale_factor) and a.scale_factor > 0):
+    raise ValueError("config.model.autoencoder.scale_factor must be finite and > 0 "
+                     "(SDXL's VAE: "
                      f"0.13025, SD 1.x/2.x: 0.18215), got {a.scale_factor}")
   if not a.weights:
     raise ValueError("first_stage 'kl_autoencoder' needs its weights: set "
@@ -238,27 +238,48 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
                                  bool(a.sample_posterior), sha256)
 
 
-def scale_factor_warning(a) -> Optional[str]:
-  """A warning when ``config.model.autoencoder.scale_factor`` differs by more
-  than 2% from the one train_autoencoder.py recorded in the weights' header
-  (sigma_data / the latents' std, measured there); None when they agree or
-  the file records none (e.g. an sgm state dict)."""
+def autoencoder_warnings(model_config, data_config) -> list:
+  """What a new latent run should be told about its autoencoder's file, from
+  what train_autoencoder.py recorded in its header (nothing for a file that
+  records nothing, e.g. an sgm state dict):
+
+  * ``model.autoencoder.scale_factor`` more than 2% off model.sigma_data / the
+    latents' std measured there (the scaled latents would not have the std
+    EDM's preconditioning assumes);
+  * an autoencoder trained on images this run holds out (``data.holdout`` >
+    the file's ``holdout``) or on another data set.
+  """
   from scoreflow_jax.networks import autoencoder as ae
+  a = model_config.autoencoder
   path = os.path.expanduser(a.weights)
   if not path.endswith(".safetensors"):
-    return None
+    return []
   try:
-    recorded = json.loads(ae.safetensors_metadata(path).get("results", "{}")).get(
-        "scale_factor")
+    recorded = json.loads(ae.safetensors_metadata(path).get("results", "{}"))
   except (OSError, ValueError):
-    return None
-  if not recorded or abs(a.scale_factor / recorded - 1) <= 0.02:
-    return None
-  return (f"warning: model.autoencoder.scale_factor={a.scale_factor:.5g}, but {path} "
-          f"records {recorded:.5g} (measured when train_autoencoder.py wrote it): the "
-          f"scaled latents' std is {a.scale_factor / recorded:.2f} x the model's "
-          f"sigma_data. Unless that is meant, pass "
-          f"--config.model.autoencoder.scale_factor={recorded:.5g}.")
+    return []
+  out = []
+  std = recorded.get("latent_std")
+  if std and not math.isclose(a.scale_factor * std, model_config.sigma_data, rel_tol=0.02):
+    want = model_config.sigma_data / std
+    out.append(
+        f"warning: model.autoencoder.scale_factor={a.scale_factor:.5g} scales the "
+        f"latents of {path} (std {std:.4g}, measured when train_autoencoder.py wrote "
+        f"it) to std {a.scale_factor * std:.3g}, not model.sigma_data="
+        f"{model_config.sigma_data:g}, which EDM's preconditioning assumes. Unless "
+        f"that is meant, pass --config.model.autoencoder.scale_factor={want:.5g}.")
+  holdout, trained_without = data_config.get("holdout", 0), recorded.get("holdout")
+  if holdout and trained_without is not None and trained_without < holdout:
+    out.append(
+        f"warning: this run holds out data.holdout={holdout} training images to "
+        f"validate on, but {path} was trained with holdout={trained_without}: it saw "
+        "them, so validation scores through it are optimistic. Train the autoencoder "
+        f"with train_autoencoder.py --holdout {holdout} for honest ones.")
+  dataset = recorded.get("dataset")
+  if dataset and dataset != data_config.name:
+    out.append(f"warning: {path} was trained on {dataset}; this run's data is "
+               f"{data_config.name}.")
+  return out
 
 
 def get_first_stage(model_config):

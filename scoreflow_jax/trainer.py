@@ -447,8 +447,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       moments, to_store = encode_once()
   else:
     if config.model.first_stage == "kl_autoencoder":
-      warning = first_stage_lib.scale_factor_warning(config.model.autoencoder)
-      if warning:
+      for warning in first_stage_lib.autoencoder_warnings(config.model, config.data):
         log(warning)
     moments, to_store = encode_once()
     state = init_state()

@@ -8,6 +8,7 @@ import shutil
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -72,6 +73,11 @@ def test_state_dict_variants_and_errors(reference, tmp_path):
   linear = dict(state_dict)
   linear["encoder.mid.attn_1.q.weight"] = state_dict["encoder.mid.attn_1.q.weight"][..., 0, 0]
   chex.assert_trees_all_equal(ae.params_from_state_dict(module, linear), params)
+  # ... of another width: the shape check names the fields, not numpy's reshape
+  q = state_dict["encoder.mid.attn_1.q.weight"][..., 0, 0]
+  linear["encoder.mid.attn_1.q.weight"] = np.concatenate([q, q])
+  with pytest.raises(ValueError, match=r"wrong shape: encoder\.mid\.attn_1\.q\.weight"):
+    ae.params_from_state_dict(module, linear)
 
   missing = dict(state_dict)
   del missing["decoder.conv_out.bias"]
@@ -109,9 +115,36 @@ def test_safetensors_files(reference, tmp_path):
   assert sorted(ae.load_state_dict(str(tmp_path / "w.npz"))) == sorted(small)
   with pytest.raises(ValueError, match="safetensors.torch.save_file"):
     ae.load_state_dict(str(tmp_path / "vae.ckpt"))
+  whole = (tmp_path / "w_float32.safetensors").read_bytes()  # cut short: told
+  (tmp_path / "cut.safetensors").write_bytes(whole[:len(whole) - 100])
+  with pytest.raises(ValueError, match="cut.safetensors is truncated or corrupt"):
+    ae.load_state_dict(str(tmp_path / "cut.safetensors"))
   (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{notjson")
   with pytest.raises(ValueError, match="is not a safetensors file"):
     ae.load_state_dict(str(tmp_path / "junk.safetensors"))
+
+
+def test_log_variance_is_clamped_as_sgm_does(reference):
+  # DiagonalGaussianDistribution clamps logvar to [-30, 20]: the draw's std
+  # and the KL use the clamped value (the reference's logvar never gets there)
+  module, state_dict, ref = reference
+  x = jnp.asarray(nhwc(ref["x"]), jnp.float32)
+  embed_dim = module.embed_dim
+  for shift, bound in ((50.0, 20.0), (-80.0, -30.0)):
+    shifted = dict(state_dict)
+    bias = np.array(state_dict["quant_conv.bias"])
+    bias[embed_dim:] += shift
+    shifted["quant_conv.bias"] = bias
+    params = ae.params_from_state_dict(module, shifted)
+    mean, logvar = module.apply(params, x, method="moments")
+    np.testing.assert_array_equal(logvar, bound)
+    np.testing.assert_allclose(ae.kl_divergence(mean, logvar), 0.5 * np.sum(
+        np.asarray(mean) ** 2 + np.exp(bound) - 1.0 - bound, axis=(1, 2, 3)), rtol=1e-6)
+    stage = first_stage_lib.KLAutoencoderFirstStage(module, params, scale_factor=1.0)
+    keys = jax.random.split(jax.random.key(0), len(x))
+    noise = jnp.stack([jax.random.normal(k, mean.shape[1:]) for k in keys])
+    np.testing.assert_allclose(stage.encode(params, x, keys),
+                               mean + np.exp(0.5 * bound) * noise, rtol=1e-5)
 
 
 def test_first_stage_encode_decode(reference):
@@ -488,16 +521,26 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   results = json.loads(header["__metadata__"]["results"])
   assert results["steps"] == 3
   np.testing.assert_allclose(saved.scale_factor, results["scale_factor"], rtol=1e-4)
-  # another file's scale (e.g. a config's default for another VAE) is told
+  # another file's scale (e.g. a config's default for another VAE) is told, in
+  # the model's sigma_data; so are held-out images the autoencoder saw
   from types import SimpleNamespace
-  recorded = results["scale_factor"]
-  for factor, warned in ((1.0, False), (1.01, False), (1.2, True), (0.5, True)):
-    warning = first_stage_lib.scale_factor_warning(
-        SimpleNamespace(weights=str(out), scale_factor=factor * recorded))
-    assert (warning is not None) == warned
-  assert "std is 1.20 x the model's sigma_data" in first_stage_lib.scale_factor_warning(
-      SimpleNamespace(weights=str(out), scale_factor=1.2 * recorded))
-  assert f"scale_factor={recorded:.5g}." in warning
+  recorded, std = results["scale_factor"], results["latent_std"]
+  def warnings(factor, sigma_data=0.5, holdout=0, name="mnist"):
+    model = SimpleNamespace(sigma_data=sigma_data, autoencoder=SimpleNamespace(
+        weights=str(out), scale_factor=factor * recorded))
+    return first_stage_lib.autoencoder_warnings(
+        model, ml_collections.ConfigDict({"holdout": holdout, "name": name}))
+  for factor, sigma_data, n in ((1.0, 0.5, 0), (1.01, 0.5, 0), (1.2, 0.5, 1),
+                                (0.5, 0.5, 1), (2.0, 1.0, 0), (1.0, 1.0, 1)):
+    assert len(warnings(factor, sigma_data)) == n, (factor, sigma_data)
+  message, = warnings(1.2)
+  assert f"to std {1.2 * 0.5:.3g}, not model.sigma_data=0.5" in message
+  assert f"--config.model.autoencoder.scale_factor={recorded:.5g}." in message
+  assert f"scale_factor={2 * recorded:.5g}." in warnings(1.0, sigma_data=1.0)[0]
+  np.testing.assert_allclose(recorded * std, 0.5, rtol=1e-6)
+  message, = warnings(1.0, holdout=10)  # trained with --holdout 0 (the default)
+  assert "train_autoencoder.py --holdout 10" in message
+  assert "trained on mnist" in warnings(1.0, name="cifar10")[0]
   assert tuple(saved.ch_mult) == (1, 2) and saved.sha256 == first_stage_lib.file_sha256(str(out))
   assert os.path.exists(workdir / "images" / "train" / "step_0000002.png")  # decoded grid
   # an existing --out is kept; bad flags are one line
@@ -506,7 +549,14 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   bad = run(*args[:-1], "1,x", "--overwrite", check=False)
   assert bad.returncode != 0 and "integers separated by commas" in bad.stderr
   bad = run(*args[:-1], "1,2", "--overwrite", "--ch", "48", check=False)
-  assert bad.returncode != 0 and "multiple of 32" in bad.stderr
+  assert bad.returncode != 0 and "--ch must be a multiple of 32" in bad.stderr
+  # errors name this script's flags, not train.py's config fields
+  for extra, message in ((["--embed_dim", "0"], "--num_res_blocks, --embed_dim and every"),
+                         (["--holdout", "64"], "--holdout 64 must be in [0, 64)"),
+                         (["--ch_mult", "1,2,2,2"], "use fewer levels")):
+    bad = run(*args, "--overwrite", *extra, check=False)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-600:]
+    assert "config.model" not in bad.stderr.strip().splitlines()[-1]
 
   _check_latent_diagnose(str(workdir), str(tmp_path))
 

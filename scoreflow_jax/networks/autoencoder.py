@@ -207,7 +207,8 @@ def _from_torch(array, target_shape):
   array = np.asarray(array)
   if array.ndim == 4:                       # conv OIHW -> HWIO
     array = array.transpose(2, 3, 1, 0)
-  elif array.ndim == 2 and len(target_shape) == 4:  # a 1x1 conv stored as Linear
+  elif (array.ndim == 2 and len(target_shape) == 4  # a 1x1 conv stored as Linear
+        and array.size == int(np.prod(target_shape))):  # (else: the shape check tells)
     array = array.T.reshape(target_shape)
   return array
 
@@ -289,7 +290,14 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
       raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not "
                        f"supported ({sorted(_SAFETENSORS_DTYPES)})")
     start, end = info["data_offsets"]
-    array = np.frombuffer(body[start:end], _SAFETENSORS_DTYPES[info["dtype"]])
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    if not 0 <= start <= end <= len(body) or (
+        end - start != int(np.prod(info["shape"])) * dtype.itemsize):
+      raise ValueError(
+          f"{path} is truncated or corrupt: tensor {name} {tuple(info['shape'])} "
+          f"{info['dtype']} should lie at bytes {start}..{end} of a {len(body):,}-byte "
+          "body. Copy or download the file again.")
+    array = np.frombuffer(body[start:end], dtype)
     if info["dtype"] == "BF16":
       array = (array.astype(np.uint32) << 16).view(np.float32)
     out[name] = array.reshape(info["shape"])
