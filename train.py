@@ -61,8 +61,14 @@ def with_run_config(argv):
   can then change (they exist only once a config file is named)."""
   workdir = _flag_value(argv, "workdir")
   has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-  if has_config or not workdir or not (
-      os.path.isdir(os.path.join(workdir, "configs"))):
+  if has_config or not workdir:
+    return argv
+  if not os.path.isdir(os.path.join(workdir, "configs")):
+    if any(a.startswith("--config.") for a in argv):  # absl would only say "unknown flag"
+      sys.exit(f"FATAL: --workdir {workdir} is not a run folder (no configs/ inside), "
+               "so there is no config for the --config.* flags to change: give the "
+               "run's folder to resume it, or --config (e.g. --config configs/mnist.py) "
+               "for a new run.")
     return argv
   run_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "run.py")
   return argv[:1] + [f"--config={run_py}:{workdir}"] + argv[1:]

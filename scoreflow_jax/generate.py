@@ -131,7 +131,7 @@ def load_run_config(workdir: str):
     raise FileNotFoundError(
         f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
         "(pass the folder printed as 'new run ...' when training started)")
-  path = os.path.join(cdir, max(files, key=_start_order))
+  path = os.path.join(cdir, max(files, key=start_order))
   try:
     with open(path) as f:
       saved = json.load(f)
@@ -151,11 +151,20 @@ def load_run_config(workdir: str):
   return ml_collections.ConfigDict(_merge(base, saved))
 
 
-def _start_order(name: str):
+_CONFIG_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json")
+
+
+def is_config_file(name: str) -> bool:
+  """Whether ``name`` is a configs/ file train.py writes."""
+  return _CONFIG_NAME.fullmatch(name) is not None
+
+
+def start_order(name: str):
   """Sort key of configs/ file names in the order of the starts that wrote
   them: ``<stamp>-config.json``, then ``<stamp>-1-config.json``, ... for
-  starts within the same second (plain name order puts ``-1-`` first)."""
-  m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json", name)
+  starts within the same second, or after a start whose stamp is later than
+  the clock (plain name order puts ``-1-`` first)."""
+  m = _CONFIG_NAME.fullmatch(name)
   return (m.group(1), int(m.group(2) or 0)) if m else (name, 0)
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 
 def format_duration(seconds: float) -> str:
+  if seconds != seconds or seconds == float("inf"):
+    return "unknown"
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -29,6 +31,14 @@ class MetricWriter:
     self.tb = SummaryWriter(logdir=workdir, purge_step=purge_step,
                             filename_suffix=f".{os.getpid()}")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    start = (purge_step or 1) - 1
+    if os.path.isfile(self.jsonl_path) and any(
+        r.get("step", -1) > start for r in _read_rows(self.jsonl_path)):
+      # Rows past this start's step are of training that was thrown away; a
+      # row at the start's step drops them in _read_rows, whichever steps
+      # this start logs (another log_every would not log theirs again).
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps({"step": start, "event": "start"}) + "\n")
 
   def write(self, step: int, scalars: dict):
     for k, v in scalars.items():
@@ -53,17 +63,28 @@ class Progress:
     self.total = total_steps
     self.batch = global_batch
     self.time_left = time_left
-    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.last_step, self.last_time, self.excluded = start_step, time.perf_counter(), 0.0
+    self.before = None
 
-  def skip(self):
-    """Leaves time since the last line (sampling, checkpoints) out of the rate."""
-    self.last_time = time.perf_counter()
+  def restart(self, step: int):
+    """Counts steps and time from here (after the first, compiling step; a
+    line at this very step reports the interval before, compilation and all)."""
+    self.before = (self.last_step, self.last_time, self.excluded)
+    self.last_step, self.last_time, self.excluded = step, time.perf_counter(), 0.0
+
+  def exclude(self, seconds: float):
+    """Leaves ``seconds`` spent on other work (sample grids, checkpoints,
+    plots) out of the current interval's rate."""
+    self.excluded += seconds
 
   def line(self, step: int, loss: float):
     now = time.perf_counter()
-    dt = max(now - self.last_time, 1e-9)
+    if step == self.last_step and self.before is not None:
+      self.last_step, self.last_time, self.excluded = self.before
+    dt = max(now - self.last_time - self.excluded, 1e-9)
     steps_per_s = (step - self.last_step) / dt
-    self.last_step, self.last_time = step, time.perf_counter()
+    self.last_step, self.last_time, self.excluded = step, time.perf_counter(), 0.0
+    self.before = None
     eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
     limit = ""
     if self.time_left is not None and self.time_left() < eta:
@@ -200,7 +221,13 @@ def main(argv=None):
   parser.add_argument("--key", default="train/loss",
                       help="metric to plot, e.g. train/loss_sigma_0-0.1")
   parser.add_argument("--title", default="")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
+  from scoreflow_jax.outputs import check_output  # pylint: disable=g-import-not-at-top
+  try:
+    args.out = check_output(args.out, args.overwrite, "--out")
+  except OSError as e:
+    parser.exit(2, f"error: {e}\n")
   runs = {}
   for spec in args.runs:
     label, sep, path = spec.partition("=")

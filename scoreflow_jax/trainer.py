@@ -9,6 +9,7 @@ Run folder (the reference design's layout)::
     events.out.tfevents.* TensorBoard scalars; metrics.jsonl; loss_curve.png
 """
 import functools
+import json
 import os
 import time
 
@@ -151,8 +152,15 @@ MOMENTS_FILE = "latent_moments.npy"
 
 
 def _is_run_folder(workdir):
-  return os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.isdir(
-      os.path.join(workdir, "configs"))
+  """A folder train.py made: configs/ holds its configs, or checkpoints/ its
+  steps (or is all there is: a first start stopped before it wrote any)."""
+  configs, ckpts = (os.path.join(workdir, d) for d in ("configs", "checkpoints"))
+  if os.path.isdir(configs) and any(generate.is_config_file(f) for f in os.listdir(configs)):
+    return True
+  if os.path.isdir(ckpts):
+    return (any(f.isdigit() for f in os.listdir(ckpts))
+            or (not os.listdir(ckpts) and os.listdir(workdir) == ["checkpoints"]))
+  return False
 
 
 def prepare_workdir(config, workdir=None, logdir="logs"):
@@ -184,19 +192,26 @@ def prepare_workdir(config, workdir=None, logdir="logs"):
       and not _is_run_folder(workdir)):
     raise FileExistsError(
         f"--workdir {workdir} exists and is not a scoreflow run folder (no "
-        "checkpoints/ or configs/). Choose a new or empty folder; nothing was "
-        "written.")
+        "configs/*-config.json or checkpoints/<step>/ written by train.py). Choose a "
+        "new or empty folder; nothing was written.")
   return workdir
 
 
 def _write_config(config, workdir):
-  os.makedirs(os.path.join(workdir, "configs"), exist_ok=True)
-  stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-  path = os.path.join(workdir, "configs", f"{stamp}-config.json")
-  i = 0
-  while os.path.exists(path):  # never overwrite an earlier start's config
+  cdir = os.path.join(workdir, "configs")
+  os.makedirs(cdir, exist_ok=True)
+  stamp, i = time.strftime("%Y-%m-%dT%H-%M-%S"), 0
+  earlier = [f for f in os.listdir(cdir) if generate.is_config_file(f)]
+  if earlier:
+    # after the newest start's name whatever the clock says (a time zone or
+    # daylight-saving change, another node's clock): names order the starts
+    newest = max(map(generate.start_order, earlier))
+    if (stamp, 0) <= newest:
+      stamp, i = newest[0], newest[1] + 1
+  name = lambda i: f"{stamp}-config.json" if i == 0 else f"{stamp}-{i}-config.json"
+  while os.path.exists(os.path.join(cdir, name(i))):  # never overwrite a config
     i += 1
-    path = os.path.join(workdir, "configs", f"{stamp}-{i}-config.json")
+  path = os.path.join(cdir, name(i))
   with open(path, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   return path
@@ -233,10 +248,37 @@ def _warn_if_rate_changed(config, before, step, schedule, log):
 _RUN_DATA_FIELDS = ("name", "split", "holdout")
 
 
+def _flat(tree, prefix=""):
+  """A config as {"a.b": value}, sequences as tuples (JSON gives lists)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def changed_settings(config, before) -> list:
+  """"field: old -> new" for each config field this start changes against
+  the run's last start (``before``): a resume that takes another config file
+  or --config.* flags keeps its checkpoint and changes these."""
+  old = _flat(json.loads(before.to_json_best_effort()))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def _check_resume(config, before, workdir, steps):
   """Refuses a resume (config ``before``: the run's last start) that would
   train on other data, or delete checkpoints kept for good (``steps``: those
   in the run) because ``training.keep_every`` no longer keeps them."""
+  if config.seed != before.seed:
+    raise ValueError(
+        f"{workdir} was trained with seed={before.seed}; resuming with {config.seed} "
+        "would reshuffle the data order from the resume step while the noise "
+        f"continues from the checkpoint. Resume with --config.seed={before.seed}, or "
+        "start a new --workdir. Nothing was changed.")
   for name in _RUN_DATA_FIELDS:
     old, new = before.data.get(name, 0), config.data.get(name, 0)
     if old != new:
@@ -442,6 +484,11 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
           f"train.py --workdir {workdir} --config.training.num_steps="
           f"{2 * int(state.step)})")
     if before is not None:
+      changes = changed_settings(config, before)
+      if changes:
+        log(f"changed since the last start ({len(changes)}): " + "; ".join(changes[:12])
+            + (f"; ... and {len(changes) - 12} more (configs/ has both)"
+               if len(changes) > 12 else ""))
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
     if int(state.step) < t.num_steps:  # no encoding for a run with nothing to train
       moments, to_store = encode_once()
@@ -485,8 +532,12 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start_step, prefetch=config.data.prefetch,
       make_batch=data_lib.to_model_batch if moments is None else data_lib.to_moments_batch)
+  # TensorBoard hides events past the start's step that earlier processes wrote
+  # (a resume's lost steps, or a restart in a folder without a checkpoint)
+  earlier = is_writer and any(n.startswith("events.out.tfevents")
+                              for n in os.listdir(workdir))
   writer = (run_logging.MetricWriter(workdir, purge_step=start_step + 1 if start_step
-                                     else None) if is_writer else None)
+                                     or earlier else None) if is_writer else None)
   # train/wall_s: seconds of training so far, earlier processes of a resumed run included
   wall_before = (run_logging.last_wall_s(workdir, start_step) if is_writer and start_step
                  else 0.0)
@@ -511,7 +562,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
           state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
           jax.block_until_ready(metrics)
           log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
-          progress.skip()
+          progress.restart(step + 1)
         else:
           state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
           if t.time_limit_s and pending:
@@ -522,21 +573,27 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
         pending.append(metrics)
         step += 1
       at_log = out_of_time or step % t.log_every == 0 or step == t.num_steps
-      at_ckpt = out_of_time or step % t.checkpoint_every == 0 or step == t.num_steps
+      at_ckpt = (out_of_time or step % t.checkpoint_every == 0 or step == t.num_steps
+                 or bool(t.keep_every) and step % t.keep_every == 0)  # kept for good
       if (at_log or at_ckpt) and pending:
         scalars, finite = _summarize(pending)
         first = step - len(pending)
         pending = []
         if not finite:
+          good = ckpt.latest_step()
+          clip = "" if config.optim.get("grad_clip_norm", 0.0) else (
+              ", or --config.optim.grad_clip_norm=1.0" + (
+                  " in a new --workdir (a resume cannot switch clipping on)"
+                  if good is not None else ""))
           raise NonFiniteError(
               f"non-finite loss or gradient between steps {first} and "
               f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
-              f"the last good checkpoint in {ckpt.directory} (step "
-              f"{ckpt.latest_step()}) is intact. Try a lower "
-              "--config.optim.learning_rate" + (
-                  "" if config.optim.get("grad_clip_norm", 0.0) else
-                  ", or --config.optim.grad_clip_norm=1.0 in a new --workdir (a "
-                  "resume cannot switch clipping on)") + ".")
+              + (f"the last good checkpoint in {ckpt.directory} (step {good}) is "
+                 f"intact. Resume from it (python train.py --workdir {workdir}) with "
+                 if good is not None else
+                 "no checkpoint was written yet: start again (the same --workdir "
+                 "will do) with ")
+              + "a lower --config.optim.learning_rate" + clip + ".")
         text, steps_per_s = progress.line(step, scalars["train/loss"])
         scalars["train/steps_per_s"] = steps_per_s
         scalars["train/images_per_s"] = steps_per_s * t.batch_size
@@ -553,12 +610,13 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
                   f"{t.num_steps})")
         log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving{note}")
       if at_ckpt:
+        t0 = time.perf_counter()
         ckpt.save(state, config)
-        progress.skip()
         if writer and os.path.exists(writer.jsonl_path):
           run_logging.plot_loss_curve(writer.jsonl_path,
                                       os.path.join(workdir, "loss_curve.png"),
                                       config.run_name)
+        progress.exclude(time.perf_counter() - t0)
       if out_of_time:
         break
       if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
@@ -568,7 +626,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
                     jax.random.fold_in(jax.random.key(config.seed + 1), step), path,
                     sampler_fn=grid_sampler)
         log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
-        progress.skip()
+        progress.exclude(time.perf_counter() - t0)
   finally:
     batches.close()
     ckpt.wait()

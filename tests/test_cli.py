@@ -59,8 +59,18 @@ def test_loss_curves_of_several_runs(trained_run, tmp_path):
              f"a={workdir}", f"b={workdir}/metrics.jsonl")
   assert "a: 2 points, last step 10" in proc.stdout and Image.open(out).size == (600, 400)
   bad = run("-m", "scoreflow_jax.run_logging", "--out", out, f"a={tmp_path}/nothing",
-            check=False)
+            "--overwrite", check=False)
   assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr and "nothing" in bad.stderr
+  (tmp_path / "mine.png").write_bytes(b"a figure")  # not replaced unasked
+  bad = run("-m", "scoreflow_jax.run_logging", "--out", str(tmp_path / "mine.png"),
+            f"a={workdir}", check=False)
+  assert bad.returncode == 2 and "exists; pass --overwrite" in bad.stderr
+  assert (tmp_path / "mine.png").read_bytes() == b"a figure"
+  # a mistyped --workdir with --config.* flags: told it is not a run
+  bad = run("train.py", "--workdir", str(tmp_path / "typo"),
+            "--config.training.num_steps=5", check=False)
+  assert bad.returncode != 0 and "is not a run folder" in bad.stderr
+  assert "Unknown command line flag" not in bad.stderr
 
 
 def test_sample_writes_grid_and_npz(trained_run, tmp_path):

@@ -77,6 +77,50 @@ def test_progress_eta_counts_down_to_a_time_limit_that_comes_first(monkeypatch):
   assert text.endswith("| ETA 0:16:10"), text
 
 
+def test_progress_rate_leaves_out_the_first_step_and_other_work(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(run_logging.time, "perf_counter", lambda: now[0])
+  progress = run_logging.Progress(0, 1000, 8)
+  now[0] = 130.0  # the first step compiled for 30 s
+  progress.restart(1)
+  now[0] = 139.0  # steps 2..10 in 9 s (the old rate: 10 steps since the compile's end)
+  assert progress.line(10, 0.5)[1] == 1.0
+  now[0] = 144.0  # 5 steps, then a 3-s sample grid, then 5 steps: 10 steps in 10 s
+  progress.exclude(3.0)
+  now[0] = 152.0
+  assert progress.line(20, 0.5)[1] == 1.0
+  now[0] = 162.0  # excluded time counts in its interval only
+  assert progress.line(30, 0.5)[1] == 1.0
+  # a line at the first step itself (log_every=1) reports that step, compilation and all
+  progress = run_logging.Progress(0, 1000, 8)
+  now[0] = 192.0
+  progress.restart(1)
+  text, rate = progress.line(1, 0.5)
+  assert rate == 1 / 30 and "ETA 8:19:30" in text  # 999 steps at 1/30 per s
+
+
+def test_rows_of_a_thrown_away_start_are_dropped_whatever_it_logged(tmp_path):
+  # interrupted at step 15 after the checkpoint at 10, resumed logging every 5:
+  # the lost rows 12 and 14 are logged by no later start
+  path = tmp_path / "metrics.jsonl"
+  _write(path, [{"step": s, "train/loss": 1.0} for s in (2, 4, 6, 8, 10, 12, 14)])
+  w = run_logging.MetricWriter(str(tmp_path), purge_step=11)
+  for s in (15, 20):
+    w.write(s, {"train/loss": 0.5})
+  w.close()
+  assert run_logging.read_metrics(str(tmp_path))[0] == [2, 4, 6, 8, 10, 15, 20]
+  # a fresh start in a folder without a checkpoint: none of the old rows count
+  w = run_logging.MetricWriter(str(tmp_path), purge_step=1)
+  w.write(5, {"train/loss": 0.25})
+  w.close()
+  assert run_logging.read_metrics(str(tmp_path))[0] == [5]
+  # a plain resume (no rows past its step) adds no marker row
+  lines = path.read_text().splitlines()
+  w = run_logging.MetricWriter(str(tmp_path), purge_step=6)
+  w.close()
+  assert path.read_text().splitlines() == lines
+
+
 def test_a_process_started_in_the_same_second_keeps_the_others_events(tmp_path, monkeypatch):
   # tensorboardX names event files by the second and opens them "wb"
   import os

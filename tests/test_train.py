@@ -245,6 +245,11 @@ def test_resume_continues_exactly(tmp_path):
   # (none here; those of steps lost to a kill between checkpoints)
   assert _tensorboard_purge_steps(part) == [11]
   assert _tensorboard_purge_steps(full["workdir"]) == []
+  # and the whole state continues: EMA, its count, the optimizer
+  resumed = generate.load_run(part)[1]
+  for field in ("params", "ema_params", "ema_num_updates", "opt_state", "step"):
+    chex.assert_trees_all_close(getattr(resumed, field), getattr(full["state"], field),
+                                rtol=1e-6, atol=1e-7)
   # two starts, two config files; none overwritten
   assert len(os.listdir(os.path.join(part, "configs"))) == 2
 
@@ -320,6 +325,64 @@ def test_held_out_images_stay_out_of_training_and_of_a_resume(tmp_path):
                            log=lambda s: None)
   with np.load(str(tmp_path / "grid.npz")) as f:
     assert int(f["holdout"]) == 56 and int(f["step"]) == 4
+
+
+def test_resume_refuses_another_seed_and_tells_what_else_changed(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2), workdir,
+                             log=lambda s: None)
+  config = tiny_config(num_steps=4, checkpoint_every=2)
+  config.seed = 7  # the data order would follow it, the noise the checkpoint
+  with pytest.raises(ValueError, match="Resume with --config.seed=0"):
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  config = tiny_config(num_steps=4, checkpoint_every=2)
+  config.ema.decay, config.loss.p_mean = 0.99, 0.5
+  msgs = []
+  trainer.train_and_evaluate(config, workdir, log=msgs.append)
+  changed = [m for m in msgs if m.startswith("changed since the last start (3): ")]
+  assert changed and all(f in changed[0] for f in (
+      "ema.decay: 0.9999 -> 0.99", "loss.p_mean: -1.2 -> 0.5",
+      "training.num_steps: 2 -> 4")), msgs
+
+
+def test_checkpoints_kept_for_good_are_saved_between_checkpoint_steps(tmp_path):
+  config = tiny_config(num_steps=13, checkpoint_every=3, max_to_keep=1)
+  config.training.keep_every = 4
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == [4, 8, 12, 13]
+
+
+def test_a_folder_is_a_run_only_with_what_train_py_writes(tmp_path):
+  mine = tmp_path / "myproj"
+  (mine / "configs").mkdir(parents=True)
+  (mine / "configs" / "exp.yaml").write_text("mine")
+  with pytest.raises(FileExistsError, match="not a scoreflow run folder"):
+    trainer.prepare_workdir(tiny_config(), str(mine))
+  assert sorted(os.listdir(mine)) == ["configs"]
+  # a first start stopped before its first checkpoint or config: its folder
+  (tmp_path / "stopped" / "checkpoints").mkdir(parents=True)
+  assert trainer.prepare_workdir(tiny_config(), str(tmp_path / "stopped"))
+
+
+def test_config_files_order_the_starts_whatever_the_clock(tmp_path):
+  cdir = tmp_path / "configs"
+  cdir.mkdir()
+  (cdir / "2099-01-01T00-00-00-config.json").write_text("{}")  # a clock ahead, then back
+  path = trainer._write_config(tiny_config(), str(tmp_path))
+  assert os.path.basename(path) == "2099-01-01T00-00-00-1-config.json"
+  files = os.listdir(cdir)
+  assert max(files, key=generate.start_order) == os.path.basename(path)
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
+  config = tiny_config(num_steps=40, log_every=1, checkpoint_every=20)
+  config.optim.learning_rate = 1e30
+  with pytest.raises(trainer.NonFiniteError) as err:
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
+  assert "no checkpoint was written yet: start again (the same --workdir" in str(err.value)
+  assert "(step None)" not in str(err.value) and "new --workdir" not in str(err.value)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
