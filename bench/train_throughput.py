@@ -87,8 +87,11 @@ def direct_network(network):
 
 
 def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
-          config_name="mnist", overrides=()):
-  """(step_fn, state, batch, n_params) for an MNIST config, placed on a mesh."""
+          config_name="mnist", overrides=(), parts=None):
+  """(step_fn, state, batch, n_params) for an MNIST config, placed on a mesh.
+
+  ``parts``: a dict, filled with the model, optimizer (``tx``), ``config``
+  and ``mesh`` the step was built from (bench/step_pieces.py times them)."""
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   import importlib
@@ -124,6 +127,8 @@ def build(parameterization, mode="exact", batch_size=128, devices=1, seed=0,
                                 {k: v[:1] for k, v in batch.items()})
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   step_fn = ts.make_train_step(model, tx, schedule, mesh, config.ema.decay)
+  if parts is not None:
+    parts.update(model=model, tx=tx, config=config, mesh=mesh)
   fs = model.first_stage
   if fs.params is not None and config.model.autoencoder.cache_moments:
     # what train.py does by default: the batch is the posterior moments,
