@@ -34,10 +34,13 @@ def main(argv):
     raise app.UsageError(f"--steps and --batch_size must be >= 1, got"
                          f" {FLAGS.steps} and {FLAGS.batch_size}.")
   from scoreflow_jax.eval import classifier
-  with usage.usage_errors():
-    classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
-                              FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout,
-                              overwrite=FLAGS.overwrite)
+  try:
+    with usage.usage_errors():
+      classifier.train_and_save(FLAGS.data_dir, FLAGS.out, FLAGS.source, FLAGS.steps,
+                                FLAGS.batch_size, FLAGS.seed, holdout=FLAGS.holdout,
+                                overwrite=FLAGS.overwrite)
+  except app.UsageError as e:  # data.py names train.py's field; here it is --holdout
+    raise app.UsageError(str(e).replace("data.holdout=", "--holdout ")) from e
 
 
 if __name__ == "__main__":

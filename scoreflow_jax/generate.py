@@ -15,6 +15,12 @@ from scoreflow_jax import guiders, samplers
 from scoreflow_jax.train_step import AXIS
 
 
+def effective_batch_size(batch_size: int, n: int, n_devices: int) -> int:
+  """The batch ``generate_images`` samples ``n`` images in: ``batch_size`` at
+  most ``n``, rounded up to a multiple of the devices."""
+  return max(n_devices, (min(batch_size, n) + n_devices - 1) // n_devices * n_devices)
+
+
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
                     mesh=None, cfg_interval=None, **sampler_options):
   """Returns jitted ``fn(params, labels (B,), key) -> images (B, H, W, C)``.
@@ -86,8 +92,7 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   caller that samples again (the trainer's grids), so that it compiles once
   per run instead of once per call.
   """
-  n_dev = 1 if mesh is None else mesh.size
-  batch_size = max(n_dev, (min(batch_size, len(labels)) + n_dev - 1) // n_dev * n_dev)
+  batch_size = effective_batch_size(batch_size, len(labels), 1 if mesh is None else mesh.size)
   fn = sampler_fn or make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
                                      **sampler_options)
   labels = np.asarray(labels, np.int32)
@@ -393,7 +398,10 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
            num_steps=np.int64(config.sampling.num_steps), cfg_scale=np.float64(cfg_scale),
            cfg_interval=np.asarray(cfg_interval if cfg_interval is not None else (),
                                    np.float64),
-           batch_size=np.int64(batch_size))
+           # the batches the noise was drawn in (batch b: fold_in(key, b)): the
+           # request capped at the sample count, rounded up to the devices'
+           batch_size=np.int64(effective_batch_size(batch_size, len(labels), mesh.size)),
+           num_devices=np.int64(mesh.size))
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "

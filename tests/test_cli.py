@@ -99,6 +99,13 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
       "--cfg_scale", "2.0", "--classes", "3,1,4", "--num_per_class", "3", "--seed", "1",
       "--batch_size", "4", "--out", out2)
   np.testing.assert_array_equal(np.load(str(tmp_path / "grid2.npz"))["images"], npz["images"])
+  # ... and another seed other images (an ignored --seed would pass the check above)
+  run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral", "--num_steps", "3",
+      "--cfg_scale", "2.0", "--classes", "3,1,4", "--num_per_class", "3", "--seed", "2",
+      "--batch_size", "4", "--out", str(tmp_path / "grid_s2.png"))
+  other = np.load(str(tmp_path / "grid_s2.npz"))
+  assert np.abs(other["images"] - npz["images"]).mean() > 0.01
+  assert int(other["seed"]) == 2 and int(other["num_devices"]) == 2
   # without --cfg_scale, the run's own sampling.cfg_scale (as --sampler, --num_steps)
   import shutil
   copy = str(tmp_path / "run_cfg2")

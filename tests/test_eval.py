@@ -890,6 +890,12 @@ def test_train_classifier_replaces_no_classifier_unasked(tmp_path):
   assert clf.read_bytes() == b"a classifier"
   proc = run("--overwrite", "--steps", "0")
   assert proc.returncode != 0 and "--steps and --batch_size must be >= 1" in proc.stderr
+  # data.py's holdout check names train.py's field; here it is --holdout
+  _write_mnist(tmp_path, *data.make_synthetic(50, seed=4), "train")
+  _write_mnist(tmp_path, *data.make_synthetic(20, seed=5), "t10k")
+  proc = run("--overwrite", "--data_dir", str(tmp_path), "--holdout", "50")
+  assert proc.returncode != 0 and _error(proc).startswith("--holdout 50 must be in [0, 50)")
+  assert clf.read_bytes() == b"a classifier"
 
 
 def test_samples_of_some_classes_or_an_uneven_mix_are_flagged():

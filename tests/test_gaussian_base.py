@@ -61,7 +61,7 @@ def test_base_denoiser_is_tweedie_of_its_log_density(x64):
   sigma, index = jnp.asarray(SIGMA), jnp.asarray([0, 1, 2, 0])
   den, _ = _apply_base(stats, x, sigma, index)
   grad = jax.grad(lambda xx: jnp.sum(_apply_base(stats, xx, sigma, index)[1]))(x)
-  np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-9, atol=1e-11)  # float64: exact to rounding
 
 
 def _network(flow_type="joint", components=1, **kw):
@@ -213,7 +213,7 @@ def test_mixture_denoiser_and_density_are_the_mixture_posterior_mean_and_density
     np.testing.assert_allclose(log_density[i] - 3 * np.log(2 * np.pi), log_p, rtol=1e-8)
   # Tweedie: D = x + sigma^2 grad_x log p_sigma(x), from the module's own density
   grad = jax.grad(lambda xx: jnp.sum(_apply_mixture(stats, xx, sigma, index)[1]))(x)
-  np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-9, atol=1e-11)
 
 
 def test_mixture_fit_clusters_each_class():

@@ -61,6 +61,13 @@ def test_sharded_sampling_equals_single_device_and_batches(tiny):
                                atol=1e-5)
 
 
+def test_effective_batch_size_is_capped_and_rounded_to_the_devices():
+  # what sample.py records as batch_size: the batches the noise was drawn in
+  assert [generate.effective_batch_size(b, n, d) for b, n, d in (
+      (256, 9, 1), (256, 9, 4), (4, 9, 2), (3, 9, 2), (5, 3, 4), (1, 1, 4))] == [
+          9, 12, 4, 4, 4, 4]
+
+
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_each_sample_follows_its_own_label(tiny, scale):
   # A deterministic sampler and the same noise: changing one label changes that
