@@ -11,6 +11,8 @@ Run folder (the reference design's layout)::
 import functools
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -36,6 +38,14 @@ def _process_0s(tree):
     return tree
   from jax.experimental import multihost_utils
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def _on_sigterm(handler):
+  """Installs ``handler`` for SIGTERM and returns the one it replaces (None,
+  and nothing installed, outside the main thread, where Python cannot)."""
+  if handler is None or threading.current_thread() is not threading.main_thread():
+    return None
+  return signal.signal(signal.SIGTERM, handler)
 
 
 def _agreed(flag: bool) -> bool:
@@ -550,10 +560,19 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   grid_sampler = (generate.make_sampler_fn(model, config.sampling, mesh=mesh)
                   if t.image_every else None)
   step = start_step
+  # SIGTERM (a cluster's preemption or time-out notice, `kill`) stops the run
+  # like the time limit: the steps since the last log are logged, checked
+  # and saved, and the run resumes from there.
+  signalled = []
+  previous_handler = _on_sigterm(lambda signum, frame: signalled.append(signum))
   try:
     while step < t.num_steps:
-      out_of_time = bool(t.time_limit_s) and _agreed(
-          _time_limit_clock() - started > t.time_limit_s)
+      over = ((bool(t.time_limit_s) and _time_limit_clock() - started > t.time_limit_s)
+              or bool(signalled))
+      # process 0 decides for all (every step under a time limit; otherwise
+      # at log steps, sparing a collective per step)
+      out_of_time = (_agreed(over) if t.time_limit_s or jax.process_count() == 1
+                     or step % t.log_every == 0 else False)
       # Out of time, the steps since the last log are summarised and checked
       # like at a log step, then saved like at a checkpoint step.
       if not out_of_time:
@@ -608,7 +627,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
           note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
                   f"{config.optim.learning_rate:g}: it decays over training.num_steps="
                   f"{t.num_steps})")
-        log(f"time limit {t.time_limit_s:g} s reached at step {step}; saving{note}")
+        log((f"SIGTERM received: stopping at step {step}; saving" if signalled
+             else f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
+            + note + (f" (resume: python train.py --workdir {workdir})" if signalled
+                      else ""))
       if at_ckpt:
         t0 = time.perf_counter()
         ckpt.save(state, config)
@@ -628,6 +650,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
         log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
         progress.exclude(time.perf_counter() - t0)
   finally:
+    _on_sigterm(previous_handler)
     batches.close()
     ckpt.wait()
     ckpt.close()

@@ -191,6 +191,36 @@ def test_time_limit_stop_logs_checks_and_saves_the_last_steps(tmp_path, monkeypa
                                    read_only=True).steps() == [3]
 
 
+def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch):
+  # a cluster's preemption notice: the run saves where it is and resumes there
+  import signal
+  make = ts.make_train_step
+  calls = [0]
+  def make_signalling(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+    def signalling(state, batch, **kwargs):
+      out = step_fn(state, batch, **kwargs)
+      calls[0] += 1
+      if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return signalling
+  monkeypatch.setattr(ts, "make_train_step", make_signalling)
+  before = signal.getsignal(signal.SIGTERM)
+  workdir, msgs = str(tmp_path / "run"), []
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10),
+                                   workdir, log=msgs.append)
+  assert out["step"] == 3 and list(_losses(workdir)) == [3]
+  assert any(m.startswith("SIGTERM received: stopping at step 3; saving (resume: python "
+                          "train.py --workdir") for m in msgs), msgs
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == [3]
+  assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+  monkeypatch.setattr(ts, "make_train_step", make)
+  assert trainer.train_and_evaluate(tiny_config(num_steps=5, log_every=10, checkpoint_every=10),
+                                    workdir, log=lambda s: None)["step"] == 5
+
+
 def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch):
   # A non-finite step since the last log stops the run at the time limit as at
   # a log step: nothing is saved over the last good checkpoint.
