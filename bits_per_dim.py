@@ -52,6 +52,11 @@ def main(argv):
                                FLAGS.overwrite)
     model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
     likelihood.check_density_model(model)
+    if data.image_shape(run_config.data) != data.IMAGE_SHAPES[name]:
+      raise ValueError(f"the run was trained on images of shape "
+                       f"{data.image_shape(run_config.data)} ({run_config.data.name} "
+                       f"data) and bits/dim scores the {name} test set "
+                       f"{data.IMAGE_SHAPES[name]}: score a run trained on {name}.")
     images, labels = data.load_split(name, "test", FLAGS.source, FLAGS.data_dir)
     images, labels = images[:FLAGS.num_images], labels[:FLAGS.num_images]
     params = state.ema_params if FLAGS.ema else state.params

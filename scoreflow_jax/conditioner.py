@@ -96,6 +96,9 @@ class GeneralConditioner(nn.Module):
           keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
                                       (emb.shape[0],))
         else:
+          if key.shape != (emb.shape[0],):  # (1,) would broadcast: one draw for all
+            raise ValueError(f"key holds {key.shape} keys for {emb.shape[0]} samples: "
+                             "give one key, or one per sample")
           keep = jax.vmap(lambda k: jax.random.bernoulli(
               jax.random.fold_in(k, i), 1.0 - rate))(key)
         emb = keep.astype(emb.dtype).reshape((-1,) + (1,) * (emb.ndim - 1)) * emb

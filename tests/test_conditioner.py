@@ -73,6 +73,9 @@ def test_ucg_dropout_rate_and_whole_sample():
   np.testing.assert_array_equal(
       cond.apply(params, small, key=jax.random.key_data(per_sample))["vector"],
       cond.apply(params, small, key=per_sample)["vector"])
+  # one key in an array of one would broadcast a single draw over the batch
+  with pytest.raises(ValueError, match=r"key holds \(1,\) keys for 8 samples"):
+    cond.apply(params, small, key=per_sample[:1])
 
 
 def test_unconditional_zero_embeddings():

@@ -198,3 +198,16 @@ def test_bits_per_dim_cli_scores_the_runs_own_data_set(tmp_path):
   result = json.loads(out.read_text())
   assert result["dataset"] == "cifar10" and result["num_images"] == len(test_labels) == 6
   assert np.isfinite(result["bits_per_dim"])
+  # a synthetic run (scored on MNIST) of other shapes is told, not a Flax traceback
+  synthetic = tmp_path / "synthetic"
+  proc = _run("train.py", "--config", "configs/cifar10.py:tiny", "--workdir", synthetic,
+              "--config.training.num_steps=1", "--config.training.image_every=0",
+              "--config.training.batch_size=8", "--config.data.name=synthetic",
+              "--config.model.score_flow.parameterization=density",
+              "--config.model.score_flow.flow_type=conditional")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = _run("bits_per_dim.py", "--workdir", synthetic, "--data_dir", tmp_path,
+              "--out", tmp_path / "s.json")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "images of shape (32, 32, 3) (synthetic data)" in proc.stderr
+  assert not (tmp_path / "s.json").exists()
