@@ -130,7 +130,8 @@ def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
   fig, ax = plt.subplots(figsize=(6, 4))
   steps = [r["step"] for r in rows]
   ax.plot(steps, [r["train/loss"] for r in rows], label="loss", color="k")
-  for key in sorted(k for k in rows[0] if k.startswith("train/loss_sigma")):
+  # every bin any row has (a bin with no sample in an interval is not logged there)
+  for key in sorted({k for r in rows for k in r if k.startswith("train/loss_sigma")}):
     ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key[11:], alpha=0.6)
   ax.set_yscale("log")
   ax.set_xlabel("step")

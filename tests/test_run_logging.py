@@ -133,3 +133,22 @@ def test_a_process_started_in_the_same_second_keeps_the_others_events(tmp_path, 
     w.close()
   events = sorted(f for f in os.listdir(tmp_path) if f.startswith("events"))
   assert len(events) == 2 and all(os.path.getsize(tmp_path / f) > 0 for f in events)
+
+
+def test_loss_curve_plots_every_sigma_bin_any_row_has(tmp_path, monkeypatch):
+  # a bin with no sample in the first interval is not in the first row
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.axes import Axes
+  labels, plot = [], Axes.plot
+  def recording(self, *args, **kwargs):
+    labels.append(kwargs.get("label"))
+    return plot(self, *args, **kwargs)
+  monkeypatch.setattr(Axes, "plot", recording)
+  _write(tmp_path / "metrics.jsonl", [
+      {"step": 10, "train/loss": 0.5, "train/loss_sigma_0-0.1": 0.4},
+      {"step": 20, "train/loss": 0.4, "train/loss_sigma_0-0.1": 0.3,
+       "train/loss_sigma_10-80": 0.9}])
+  run_logging.plot_loss_curve(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+  assert labels == ["loss", "sigma_0-0.1", "sigma_10-80"]
+  assert Image.open(tmp_path / "c.png").size == (600, 400)
