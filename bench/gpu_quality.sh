@@ -62,7 +62,7 @@ for run in "$@"; do
   echo "== $name: $path ${overrides[*]} ($(( $(date +%s) - t0 )) s)"
   timeout $((T + 120)) python3 train.py --config $path --workdir $R/$name $DATA \
     --config.training.time_limit_s=$T --config.training.image_every=0 \
-    --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
+    --config.training.log_every=250 --config.training.checkpoint_every=1000000 --config.training.keep_every=0 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for weights in $WEIGHTS; do
     tag=$name; flag=--ema; [ "$weights" = raw ] && tag=${name}_raw && flag=--noema

@@ -24,7 +24,8 @@ DATA="--config.data.source=offline --config.data.data_dir=$CARRY/mnist"
 train() {  # name config
   timeout $((T + 120)) python3 train.py --config configs/$2.py --workdir $R/$1 $DATA \
     --config.training.time_limit_s=$T --config.training.image_every=0 \
-    --config.training.log_every=250 --config.training.checkpoint_every=1000000 2>&1 | tee $R/$1.train.log
+    --config.training.log_every=250 --config.training.checkpoint_every=1000000 \
+    --config.training.keep_every=0 2>&1 | tee $R/$1.train.log
   return ${PIPESTATUS[0]}
 }
 # The machine's flax/optax/orbax/chex first; if the first training fails at once,
