@@ -66,6 +66,7 @@ for run in "$@"; do
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for weights in $WEIGHTS; do
     tag=$name; flag=--ema; [ "$weights" = raw ] && tag=${name}_raw && flag=--noema
+    fits 120 || { echo "== $tag draws skipped: $(left) s left"; continue; }
     # side by side (one compile's wait for all; without preallocation, which
     # would give the first process 75% of the GPU's memory)
     for seed in $SEEDS; do
@@ -99,16 +100,20 @@ REF_SEEDS=${REF_SEEDS:-"0 1 2"}
 if [ "${EVAL:-1}" = 1 ]; then
   for name in "${evals[@]}"; do
     fits 60 || { echo "== evaluation of $name skipped: $(left) s left"; continue; }
-    files=(); for seed in $SEEDS; do files+=($R/$(draw $name $seed).npz); done
+    files=(); for seed in $SEEDS; do
+      [ -f $R/$(draw $name $seed).npz ] && files+=($R/$(draw $name $seed).npz); done
+    [ ${#files[@]} -gt 0 ] || { echo "== evaluation of $name skipped: no draws"; continue; }
     list=$(IFS=,; echo "${files[*]}")
     timeout 180 python3 evaluate.py --samples $list --seed ${REF_SEEDS// /,} \
       --classifier $CARRY/classifier.npz --data_dir $CARRY/mnist \
       --num_samples $((NPC * 10)) --out $R/${name}_eval.json 2>&1 | tail -6
     pack
   done
-  if [ ${#evals[@]} -gt 1 ]; then  # each model paired with the first on the same evaluations
-    specs=(); for name in "${evals[@]}"; do specs+=("$name=$R/${name}_eval.json"); done
-    python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#evals[@]} + 2 ))
+  # each model paired with the first on the same evaluations (those scored)
+  specs=(); for name in "${evals[@]}"; do
+    [ -f $R/${name}_eval.json ] && specs+=("$name=$R/${name}_eval.json"); done
+  if [ ${#specs[@]} -gt 1 ] && fits 30; then
+    timeout 60 python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#specs[@]} + 2 ))
     pack
   fi
 fi

@@ -40,12 +40,26 @@ def _process_0s(tree):
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
 
 
+_NOT_INSTALLED = object()
+
+
 def _on_sigterm(handler):
-  """Installs ``handler`` for SIGTERM and returns the one it replaces (None,
-  and nothing installed, outside the main thread, where Python cannot)."""
-  if handler is None or threading.current_thread() is not threading.main_thread():
-    return None
-  return signal.signal(signal.SIGTERM, handler)
+  """Installs ``handler`` for SIGTERM and returns the one it replaces
+  (``_NOT_INSTALLED``, and nothing installed, outside the main thread, where
+  Python cannot). A previous handler set outside Python (None) is restored
+  as the default."""
+  if handler is _NOT_INSTALLED or threading.current_thread() is not threading.main_thread():
+    return _NOT_INSTALLED
+  return signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether ``flag`` is set on any process (the same answer on each): a
+  signal sent to one worker stops them all."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _agreed(flag: bool) -> bool:
@@ -567,12 +581,14 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   previous_handler = _on_sigterm(lambda signum, frame: signalled.append(signum))
   try:
     while step < t.num_steps:
-      over = ((bool(t.time_limit_s) and _time_limit_clock() - started > t.time_limit_s)
-              or bool(signalled))
-      # process 0 decides for all (every step under a time limit; otherwise
-      # at log steps, sparing a collective per step)
-      out_of_time = (_agreed(over) if t.time_limit_s or jax.process_count() == 1
-                     or step % t.log_every == 0 else False)
+      # every process decides alike: process 0's clock for the time limit, a
+      # SIGTERM to any process for the signal (checked every step under a
+      # time limit, otherwise at log steps: no collective per step)
+      out_of_time = False
+      if t.time_limit_s or jax.process_count() == 1 or step % t.log_every == 0:
+        out_of_time = ((bool(t.time_limit_s) and _agreed(
+            _time_limit_clock() - started > t.time_limit_s))
+            or _any_process(bool(signalled)))
       # Out of time, the steps since the last log are summarised and checked
       # like at a log step, then saved like at a checkpoint step.
       if not out_of_time:
