@@ -57,14 +57,18 @@ def posthoc_stds(config) -> tuple:
   return tuple(float(s) for s in config.ema.get("posthoc_stds", ()))
 
 
-def _diff(a, b, prefix="model"):
+def _diff(a, b, prefix="model", describe=None):
+  """"path: ..." for each leaf where nested dicts ``a`` and ``b`` differ;
+  ``describe(va, vb)`` words the values (default: checkpoint vs config)."""
+  describe = describe or (lambda va, vb: f"checkpoint {va!r} vs config {vb!r}")
   out = []
   for k in sorted(set(a) | set(b)):
     va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+    path = f"{prefix}.{k}" if prefix else k
     if isinstance(va, dict) and isinstance(vb, dict):
-      out += _diff(va, vb, f"{prefix}.{k}")
+      out += _diff(va, vb, path, describe)
     elif va != vb:
-      out.append(f"{prefix}.{k}: checkpoint {va!r} vs config {vb!r}")
+      out.append(f"{path}: {describe(va, vb)}")
   return out
 
 

@@ -272,25 +272,13 @@ def _warn_if_rate_changed(config, before, step, schedule, log):
 _RUN_DATA_FIELDS = ("name", "split", "holdout")
 
 
-def _flat(tree, prefix=""):
-  """A config as {"a.b": value}, sequences as tuples (JSON gives lists)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-  return out
-
-
 def changed_settings(config, before) -> list:
   """"field: old -> new" for each config field this start changes against
   the run's last start (``before``): a resume that takes another config file
   or --config.* flags keeps its checkpoint and changes these."""
-  old = _flat(json.loads(before.to_json_best_effort()))
-  new = _flat(json.loads(config.to_json_best_effort()))
-  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  as_json = lambda c: json.loads(c.to_json_best_effort())  # both sides: lists
+  return checkpointing._diff(as_json(before), as_json(config), prefix="",  # pylint: disable=protected-access
+                             describe=lambda old, new: f"{old!r} -> {new!r}")
 
 
 def _check_resume(config, before, workdir, steps):
