@@ -15,10 +15,10 @@ def maybe_initialize(enabled=False, coordinator_address=None, num_processes=None
   Returns True if it initialised.
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-  if process_id is None and "JAX_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES", "--num_processes")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID", "--process_id")
   if coordinator_address is None and not enabled:
     if (num_processes or 1) > 1 or (process_id or 0) > 0:
       # else each process would train alone as process 0 of 1, all of them
@@ -37,3 +37,15 @@ def maybe_initialize(enabled=False, coordinator_address=None, num_processes=None
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+def _env_int(name, flag):
+  """The integer in environment variable ``name``, or None if it is unset."""
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"the environment variable {name}={value!r} must be an integer "
+                     f"(it stands in for {flag}): set it to one, or unset it") from None

@@ -11,14 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scoreflow_jax import guiders, samplers
+from scoreflow_jax import guiders, outputs, samplers
 from scoreflow_jax.train_step import AXIS
 
 
-def effective_batch_size(batch_size: int, n: int, n_devices: int) -> int:
-  """The batch ``generate_images`` samples ``n`` images in: ``batch_size`` at
-  most ``n``, rounded up to a multiple of the devices."""
-  return max(n_devices, (min(batch_size, n) + n_devices - 1) // n_devices * n_devices)
+def effective_batch_size(batch_size: int, n: int) -> int:
+  """The batches ``generate_images`` draws the noise of ``n`` images in:
+  ``batch_size`` at most ``n``, whatever the device count (each sampler call
+  is padded to a multiple of the devices; the padding's rows are dropped)."""
+  return min(batch_size, n)
+
+
+def padded_size(batch: int, n_devices: int) -> int:
+  """``batch`` rounded up to a multiple of ``n_devices``: a sampler call's rows."""
+  return -(-batch // n_devices) * n_devices
 
 
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
@@ -86,13 +92,17 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
                     progress=None, cfg_interval=None, sampler_fn=None, **sampler_options):
   """Generates one image per label in batches; returns numpy (N, H, W, C) in [-1, 1].
 
-  Batches are padded to a fixed size (a multiple of the device count) so the
-  sampler compiles once; batch b uses fold_in(key, b). ``sampler_fn``: what
+  Batches of ``min(batch_size, N)`` labels, batch b with fold_in(key, b),
+  each padded to a fixed size (a multiple of the device count) so that the
+  sampler compiles once: the images do not depend on the device count (the
+  padding adds rows after a batch's own, whose noise is unchanged by them
+  under JAX's default ``jax_threefry_partitionable``). ``sampler_fn``: what
   ``make_sampler_fn`` returned for these settings and ``mesh``, kept by a
   caller that samples again (the trainer's grids), so that it compiles once
   per run instead of once per call.
   """
-  batch_size = effective_batch_size(batch_size, len(labels), 1 if mesh is None else mesh.size)
+  batch_size = effective_batch_size(batch_size, len(labels))
+  rows = padded_size(batch_size, 1 if mesh is None else mesh.size)
   fn = sampler_fn or make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
                                      **sampler_options)
   labels = np.asarray(labels, np.int32)
@@ -100,7 +110,7 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   num_batches = math.ceil(len(labels) / batch_size)
   for b in range(num_batches):
     chunk = labels[b * batch_size:(b + 1) * batch_size]
-    padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
+    padded = np.concatenate([chunk, np.zeros(rows - len(chunk), np.int32)])
     images = fn(params, padded, jax.random.fold_in(key, b), image_shape)
     out.append(np.asarray(jax.device_get(images))[:len(chunk)])
     if progress is not None:
@@ -122,9 +132,9 @@ def image_grid(images, rows: int) -> np.ndarray:
 
 def save_png(grid: np.ndarray, path: str):
   from PIL import Image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = grid[..., 0] if grid.shape[-1] == 1 else grid
-  Image.fromarray(img).save(path)
+  with outputs.replaced_when_done(path) as f:
+    Image.fromarray(img).save(f, format="PNG")
 
 
 def load_run_config(workdir: str):
@@ -317,7 +327,6 @@ def output_paths(out: str, overwrite: bool = False):
   Checked before sampling (``outputs.check_output``): an existing file is
   refused unless ``overwrite``, so an expensive .npz is never replaced unasked.
   """
-  from scoreflow_jax import outputs
   base, ext = os.path.splitext(out)
   if ext.lower() not in (".png", ".npz"):
     raise ValueError(f"--out {out} must end in .png (the grid) or .npz (the samples); "
@@ -390,18 +399,20 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
              else f"post-hoc EMA, sigma_rel {posthoc_ema:g}" if posthoc_ema is not None
              else "raw weights")
   # how the samples were made, beside them (evaluate.py pairs draws by seed)
-  np.savez(npz, images=images.astype(np.float32), labels=labels,
-           step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)),
-           data_source=np.str_(config.data.source),
-           seed=np.int64(seed), weights=np.str_(weights),
-           sampler=np.str_(config.sampling.sampler),
-           num_steps=np.int64(config.sampling.num_steps), cfg_scale=np.float64(cfg_scale),
-           cfg_interval=np.asarray(cfg_interval if cfg_interval is not None else (),
-                                   np.float64),
-           # the batches the noise was drawn in (batch b: fold_in(key, b)): the
-           # request capped at the sample count, rounded up to the devices'
-           batch_size=np.int64(effective_batch_size(batch_size, len(labels), mesh.size)),
-           num_devices=np.int64(mesh.size))
+  with outputs.replaced_when_done(npz) as f:  # a file object: np.savez adds no suffix
+    np.savez(f, images=images.astype(np.float32), labels=labels,
+             step=np.int64(state.step), holdout=np.int64(config.data.get("holdout", 0)),
+             data_source=np.str_(config.data.source),
+             seed=np.int64(seed), weights=np.str_(weights),
+             sampler=np.str_(config.sampling.sampler),
+             num_steps=np.int64(config.sampling.num_steps), cfg_scale=np.float64(cfg_scale),
+             cfg_interval=np.asarray(cfg_interval if cfg_interval is not None else (),
+                                     np.float64),
+             # the batches the noise was drawn in (batch b: fold_in(key, b)): the
+             # request capped at the sample count (until session 26 rounded up to
+             # a multiple of the devices, which made the images depend on them)
+             batch_size=np.int64(effective_batch_size(batch_size, len(labels))),
+             num_devices=np.int64(mesh.size))
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "

@@ -1,5 +1,6 @@
-"""Output files of the scripts: checked before any work, never silently replaced;
-and which file a result came from (``file_sha256``)."""
+"""Output files of the scripts: checked before any work, never silently replaced,
+never left half-written; and which file a result came from (``file_sha256``)."""
+import contextlib
 import hashlib
 import json
 import os
@@ -9,10 +10,11 @@ def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str
   """Returns ``path`` made absolute once it is safe to write there later.
 
   Raises before a script spends its time sampling or scoring: when ``path``
-  is a folder, when its folder cannot be made or written to, or when a file
-  is already there and ``overwrite`` is off (results a user had, such as a
-  10k-sample .npz or a trained classifier, are not replaced unasked). Makes
-  the parent folder.
+  is a folder, when its folder could not be made or written to, or when a
+  file is already there and ``overwrite`` is off (results a user had, such as
+  a 10k-sample .npz or a trained classifier, are not replaced unasked).
+  Makes nothing: a missing folder is made by ``replaced_when_done`` at the
+  write, so that a script stopped by a later check leaves no empty folders.
   """
   path = os.path.abspath(path)
   if os.path.isdir(path):
@@ -21,13 +23,34 @@ def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str
     raise FileExistsError(f"{what} {path} exists; pass --overwrite to replace it, or "
                           "choose another path. Nothing was written.")
   parent = os.path.dirname(path)
-  try:
-    os.makedirs(parent, exist_ok=True)
-  except OSError as e:
-    raise OSError(f"{what} {path}: cannot make its folder ({e}).") from e
-  if not os.access(parent, os.W_OK):
-    raise PermissionError(f"{what} {path}: the folder {parent} is not writable.")
+  existing = parent
+  while not os.path.exists(existing):  # the nearest folder that exists
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise NotADirectoryError(f"{what} {path}: {existing} is a file, so the folder "
+                             f"{parent} cannot be made there.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f"{what} {path}: the folder {existing} is not writable.")
   return path
+
+
+@contextlib.contextmanager
+def replaced_when_done(path, mode: str = "wb"):
+  """Opens a temporary file beside ``path`` (its folder made if missing) and
+  moves it onto ``path`` once the ``with`` block ends without an error: a
+  write cut short (an error, a kill, a full disk) leaves ``path`` as it was
+  and no half-written file a rerun would refuse to replace. A symbolic link's
+  target is what is replaced (the link stays)."""
+  path = os.path.realpath(os.fspath(path))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  part = f"{path}.{os.getpid()}.part"
+  try:
+    with open(part, mode) as f:
+      yield f
+    os.replace(part, path)
+  finally:
+    if os.path.exists(part):
+      os.remove(part)
 
 
 def check_not_an_input(out, inputs):
@@ -49,7 +72,7 @@ def write_json(path: str, obj, printed: str = "the results above were"):
   """Writes ``obj`` as JSON to ``path``, once its numbers were printed: a
   failing write says so (``printed``) and loses nothing."""
   try:
-    with open(path, "w") as f:
+    with replaced_when_done(path, "w") as f:
       json.dump(obj, f, indent=2)
   except OSError as e:
     raise OSError(f"{printed} not written to {path}: {e}") from e

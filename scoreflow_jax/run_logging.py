@@ -2,6 +2,7 @@
 import json
 import os
 import time
+import warnings
 from typing import Optional
 
 
@@ -31,6 +32,7 @@ class MetricWriter:
     self.tb = SummaryWriter(logdir=workdir, purge_step=purge_step,
                             filename_suffix=f".{os.getpid()}")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    _end_last_line(self.jsonl_path)
     start = (purge_step or 1) - 1
     if os.path.isfile(self.jsonl_path) and any(
         r.get("step", -1) > start for r in _read_rows(self.jsonl_path)):
@@ -94,6 +96,32 @@ class Progress:
     return text, steps_per_s
 
 
+def _end_last_line(path: str):
+  """Ends a file's last line if a write was cut short (a crash, a full disk),
+  so that the next row is not glued to the fragment and lost with it."""
+  if os.path.isfile(path) and os.path.getsize(path):
+    with open(path, "rb+") as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+
+
+def _parse_rows(path: str):
+  """Each line's dict; a line that is not JSON (the tail of a write cut short)
+  is skipped with a warning instead of stopping every later read."""
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        warnings.warn(f"{path} line {number} is not JSON (a write cut short?): "
+                      f"skipped: {line.strip()[:60]!r}")
+  return rows
+
+
 def _read_rows(path: str):
   """The rows of a metrics.jsonl, as dicts, without those of lost steps.
 
@@ -103,8 +131,7 @@ def _read_rows(path: str):
   the rows after its step, and one at the step of rows with the same keys
   replaces them, so each step has the row of the training that continued.
   """
-  with open(path) as f:
-    rows = [json.loads(l) for l in f if l.strip()]
+  rows = _parse_rows(path)
   kept = []
   for row in rows:
     step = row.get("step")
@@ -117,6 +144,13 @@ def _read_rows(path: str):
       kept[first:] = [r for r in kept[first:] if set(r) != set(row)]
     kept.append(row)
   return kept
+
+
+def _save_figure(fig, path):
+  """The figure as a PNG at ``path``, replaced only once it is written whole."""
+  from scoreflow_jax.outputs import replaced_when_done  # pylint: disable=g-import-not-at-top
+  with replaced_when_done(path) as f:
+    fig.savefig(f, format="png", dpi=100)
 
 
 def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
@@ -139,7 +173,7 @@ def plot_loss_curve(jsonl_path: str, out_path: str, title: str = ""):
   ax.set_title(title)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  _save_figure(fig, out_path)
   plt.close(fig)
 
 
@@ -205,7 +239,7 @@ def plot_loss_curves(runs, out_path: str, x: str = "step", key: str = "train/los
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  _save_figure(fig, out_path)
   plt.close(fig)
   return curves
 

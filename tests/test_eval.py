@@ -714,7 +714,8 @@ def test_evaluate_cli_replaces_no_results_file_unasked(trained, tmp_path):
   assert res["classifier_sha256"] == classifier_lib.file_sha256(clf)
   assert len(res["classifier_sha256"]) == 16
   # the results are printed before the write, so a write that fails loses nothing
-  os.symlink(tmp_path / "gone" / "r.json", tmp_path / "dangling.json")
+  (tmp_path / "a_file").write_text("")  # no folder can be made where a file is
+  os.symlink(tmp_path / "a_file" / "r.json", tmp_path / "dangling.json")
   proc = _evaluate(*args, "--out", tmp_path / "dangling.json")
   assert proc.returncode != 0 and f"FD {res['fd']:.3f}" in proc.stdout
   assert "the results above were not written" in proc.stderr

@@ -61,11 +61,24 @@ def test_sharded_sampling_equals_single_device_and_batches(tiny):
                                atol=1e-5)
 
 
-def test_effective_batch_size_is_capped_and_rounded_to_the_devices():
+def test_effective_batch_size_is_capped_and_calls_padded_to_the_devices():
   # what sample.py records as batch_size: the batches the noise was drawn in
-  assert [generate.effective_batch_size(b, n, d) for b, n, d in (
-      (256, 9, 1), (256, 9, 4), (4, 9, 2), (3, 9, 2), (5, 3, 4), (1, 1, 4))] == [
-          9, 12, 4, 4, 4, 4]
+  assert [generate.effective_batch_size(b, n) for b, n in (
+      (256, 9), (4, 9), (3, 9), (5, 3), (1, 1))] == [9, 4, 3, 3, 1]
+  assert [generate.padded_size(b, d) for b, d in (
+      (9, 1), (9, 4), (3, 2), (4, 2), (1, 4))] == [9, 12, 4, 4, 4]
+
+
+def test_images_do_not_depend_on_the_device_count_when_batches_are_padded(tiny):
+  # A batch of 4 on 3 devices is padded to 6 rows: the batches (and so each
+  # image's noise, fold_in(key, b)) must stay those of 1 device. Until session 26
+  # the batch itself was rounded up to 6, and images 4-8 changed by up to 2.
+  config, model, params = tiny
+  config.sampling.sampler, config.sampling.num_steps = "euler_ancestral", 3
+  gen = lambda n: generate.generate_images(
+      model, params, config.sampling, list(range(9)), jax.random.key(5), (28, 28, 1),
+      batch_size=4, mesh=ts.make_mesh(jax.devices()[:n]))
+  np.testing.assert_allclose(gen(3), gen(1), atol=1e-4)
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])

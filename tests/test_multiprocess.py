@@ -91,3 +91,7 @@ def test_processes_without_a_coordinator_are_refused(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
   assert distributed.maybe_initialize() is False  # one process: nothing to start
   assert distributed.maybe_initialize(False, None, 1, 0) is False
+  # a bad value is named (it was int()'s "invalid literal for int()")
+  monkeypatch.setenv("JAX_PROCESS_ID", "x")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be an integer"):
+    distributed.maybe_initialize()

@@ -121,6 +121,18 @@ def test_rows_of_a_thrown_away_start_are_dropped_whatever_it_logged(tmp_path):
   assert path.read_text().splitlines() == lines
 
 
+def test_a_row_cut_short_is_skipped_and_the_next_row_kept(tmp_path):
+  # a crash or a full disk mid-write left half a row and no newline: the resume
+  # must start (it raised JSONDecodeError) and its first row must not be glued on
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/lo')
+  with pytest.warns(UserWarning, match="line 2 is not JSON"):
+    w = run_logging.MetricWriter(str(tmp_path), purge_step=2)
+    w.write(2, {"train/loss": 0.5})
+    w.close()
+    assert run_logging.read_metrics(str(tmp_path))[:2] == ([1, 2], [1.0, 0.5])
+
+
 def test_a_process_started_in_the_same_second_keeps_the_others_events(tmp_path, monkeypatch):
   # tensorboardX names event files by the second and opens them "wb"
   import os

@@ -228,9 +228,8 @@ def save_classifier(params, path, **info):
             "num_classes": model.num_classes, **info}
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:  # a file object: np.savez adds no suffix
+  from scoreflow_jax.outputs import replaced_when_done  # pylint: disable=g-import-not-at-top
+  with replaced_when_done(path) as f:  # a file object: np.savez adds no suffix
     np.savez(f, header=np.array(json.dumps(header)), **arrays)
 
 

@@ -123,7 +123,8 @@ def main(argv=None):
   print(json.dumps(result))
   if args.samples_out:
     samples, sample_labels = gaussian_samples(x, labels, args.num_per_class, args.seed)
-    with open(args.samples_out, "wb") as f:  # a file object: np.savez adds no suffix
+    from scoreflow_jax.outputs import replaced_when_done
+    with replaced_when_done(args.samples_out) as f:  # a file object: np.savez adds no suffix
       np.savez(f, images=samples, labels=sample_labels)
     print(f"wrote {len(samples)} per-class Gaussian samples to {args.samples_out}")
   return result

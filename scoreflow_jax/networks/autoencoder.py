@@ -355,7 +355,8 @@ def save_safetensors(state_dict: Dict[str, np.ndarray], path: str, metadata=None
     offset += len(raw)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with open(path, "wb") as f:
+  from scoreflow_jax.outputs import replaced_when_done  # pylint: disable=g-import-not-at-top
+  with replaced_when_done(path) as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for raw in chunks:

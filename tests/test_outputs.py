@@ -1,0 +1,48 @@
+"""Output files: checked before any work, made only at the write, never half-written."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from scoreflow_jax import generate, outputs
+
+
+def test_check_output_makes_no_folder_and_the_write_does(tmp_path):
+  # a script refused by a later check (a bad --classes) left empty folders behind
+  path = tmp_path / "new" / "sub" / "grid.png"
+  assert outputs.check_output(str(path)) == str(path)
+  assert not (tmp_path / "new").exists()
+  generate.save_png(np.zeros((4, 4, 1), np.uint8), str(path))
+  assert path.is_file() and os.listdir(path.parent) == ["grid.png"]
+
+
+def test_check_output_names_a_file_where_a_folder_would_go(tmp_path):
+  (tmp_path / "taken").write_text("mine")
+  with pytest.raises(NotADirectoryError, match="taken is a file"):
+    outputs.check_output(str(tmp_path / "taken" / "sub" / "x.json"))
+
+
+def test_a_write_cut_short_keeps_the_old_file_and_leaves_no_part(tmp_path):
+  path = tmp_path / "results.json"
+  outputs.write_json(str(path), {"fd": 1.0})
+  # json.dump writes the first keys before it meets what it cannot encode:
+  # writing in place left a truncated results.json
+  with pytest.raises(TypeError):
+    outputs.write_json(str(path), {"fd": 2.0, "bad": object()})
+  assert json.loads(path.read_text()) == {"fd": 1.0}
+  assert os.listdir(tmp_path) == ["results.json"]
+  with pytest.raises(RuntimeError):
+    with outputs.replaced_when_done(str(path)) as f:
+      f.write(b"half")
+      raise RuntimeError("killed")
+  assert json.loads(path.read_text()) == {"fd": 1.0}
+  assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_link_is_written_through(tmp_path):
+  (tmp_path / "store").mkdir()
+  os.symlink(tmp_path / "store" / "r.json", tmp_path / "r.json")
+  outputs.write_json(str(tmp_path / "r.json"), {"fd": 3.0})
+  assert os.path.islink(tmp_path / "r.json")
+  assert json.loads((tmp_path / "store" / "r.json").read_text()) == {"fd": 3.0}
