@@ -46,7 +46,9 @@ What a first stage costs any model diffusing in its latents
 python evaluate.py --autoencoder vae.safetensors --classifier classifier.npz \
   --data_dir /path/to/mnist_idx [--seed 0,1,2] [--num_samples 10000]
 scores the autoencoder's reconstructions (train_autoencoder.py's file) of the
-floor's own real images and prints FD - floor; writes vae_floor.json (or --out).
+floor's own real images and prints FD - floor; writes vae_floor.json (the
+weights' name with _floor.json, or --out) and, beside it, vae_floor.png: per
+class, five real images each beside its reconstruction.
 """
 from absl import app, flags, logging
 
@@ -220,4 +222,5 @@ def compare(specs, out=None, overwrite=False):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from scoreflow_jax import usage
+  usage.run(main)

@@ -81,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from scoreflow_jax import usage
+  usage.run(main)

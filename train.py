@@ -37,13 +37,14 @@ def main(argv):
         "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
         "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
         "configs/ inside)" if FLAGS.workdir else ""))
-  from scoreflow_jax.usage import usage_errors
+  from scoreflow_jax.usage import training_errors, usage_errors
   with usage_errors(script_flags=False):
     distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                  FLAGS.num_processes, FLAGS.process_id)
   with usage_errors(script_flags=False):  # bad values: one line, before any work
     model = trainer.validate_config(config)
-  trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir, model=model)
+  with training_errors():  # a missing data file: one line too
+    trainer.train_and_evaluate(config, FLAGS.workdir, FLAGS.logdir, model=model)
 
 
 def _flag_value(argv, name):
@@ -75,4 +76,5 @@ def with_run_config(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=with_run_config(sys.argv))
+  from scoreflow_jax import usage
+  usage.run(main, argv=with_run_config(sys.argv))

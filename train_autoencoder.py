@@ -5,8 +5,9 @@ python train_autoencoder.py --data_dir /path/to/mnist_idx --out vae.safetensors 
 Writes the weights in sgm's state-dict names (.safetensors, readable by
 torch), scores the reconstruction on the test split, and prints the train.py
 flags that diffuse in its latents (--config.model.first_stage=kl_autoencoder
-...), scale_factor = 0.5 / the latents' std included (latents with the
-std sigma_data = 0.5 that EDM's preconditioning assumes, as in EDM2). The loss is L1 + KL
+...), shift_factor = the latents' mean and scale_factor = 0.5 / their std
+included (centred latents with the std sigma_data = 0.5 that EDM's
+preconditioning assumes, as EDM2 normalises its latents). The loss is L1 + KL
 (sgm's without LPIPS and GAN): enough for MNIST. An existing --out is
 replaced only with --overwrite (checked before training).
 """
@@ -81,4 +82,5 @@ def own_flags(message: str) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from scoreflow_jax import usage
+  usage.run(main)

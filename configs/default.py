@@ -27,6 +27,7 @@ def get_config():
   ae.weights = ml_collections.config_dict.placeholder(str)  # its state dict in sgm/ldm naming, .safetensors or .npz (e.g. sdxl_vae.safetensors, or a whole sgm checkpoint)
   ae.sha256 = ""                         # filled in by train.py: the weights the run trained with (checked whenever the run is loaded)
   ae.scale_factor = 0.13025              # DiffusionEngine.scale_factor: diffusion runs on scale_factor * z; SDXL's (SD 1.x/2.x: 0.18215) gives unit-variance latents, for model.sigma_data=1 (halve it for 0.5)
+  ae.shift_factor = 0.0                  # diffusion runs on scale_factor * (z - shift_factor): shift_factor the latents' mean, as for SD3's and FLUX's VAEs (sgm's DiffusionEngine has no shift: 0)
   ae.sample_posterior = True             # training latents drawn from the posterior, as sgm's AutoencoderKL (False: its mean)
   ae.cache_moments = True                # encode the training set once at the start and draw each step's latents from the stored posterior (mean, logvar): sgm's per-step encode without the encoder's cost, kept in WORKDIR/latent_moments.npy for a resume (False: encode every batch)
   ae.in_channels = 3                     # image channels (the decoder gives as many)

@@ -30,7 +30,7 @@ def get_config(arg=None):
   return with_mnist_autoencoder(config, ch_mult=(1, 2, 2), embed_dim=4, scale_factor=0.1523)
 
 
-def with_mnist_autoencoder(config, ch_mult, embed_dim, scale_factor):
+def with_mnist_autoencoder(config, ch_mult, embed_dim, scale_factor, shift_factor=0.0):
   """``config``'s network diffused in the latents of a VAE as
   train_autoencoder.py trains it for MNIST (ch 32, one ResnetBlock per level,
   no attention) with ``--ch_mult`` and ``--embed_dim``; the weights are the
@@ -40,6 +40,6 @@ def with_mnist_autoencoder(config, ch_mult, embed_dim, scale_factor):
   a.in_channels, a.resolution = 1, 28
   a.ch, a.ch_mult, a.num_res_blocks, a.attn_resolutions = 32, ch_mult, 1, ()
   a.embed_dim = a.z_channels = embed_dim
-  a.scale_factor = scale_factor
+  a.scale_factor, a.shift_factor = scale_factor, shift_factor
   config.model.score_flow.in_channels = embed_dim
   return config

@@ -36,13 +36,19 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   """Trains ``module`` on ``images`` (float NHWC in [-1, 1]); returns params.
 
   Adam with a cosine decay to 1% of ``learning_rate``; batches are drawn from
-  a fresh permutation each epoch of ``np.random.default_rng(seed)``.
+  a fresh permutation each epoch of ``np.random.default_rng(seed)``. ``log``
+  gets a line after the first (compiling) step and every ``log_every`` steps:
+  steps/s from the second step on, seconds since the call (compilation
+  included).
   """
+  t0 = time.perf_counter()
   if steps < 1 or not 0 < batch_size <= len(images):
     raise ValueError(f"need steps >= 1 (got {steps}) and 0 < batch_size <= "
                      f"{len(images)} (got {batch_size})")
   if kl_weight < 0:
     raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+  if not (np.isfinite(learning_rate) and learning_rate > 0):
+    raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate}")
   key = jax.random.key(seed)
   # init draws from fold_in(key, steps); step s from fold_in(key, s)
   params = jax.jit(module.init)(jax.random.fold_in(key, steps), images[:1])
@@ -60,7 +66,7 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
 
   rng = np.random.default_rng(seed)
   perm, pos = rng.permutation(len(images)), 0
-  t0, window = time.perf_counter(), []
+  window, first = [], None  # first: when the first (compiling) step ended
   for step in range(steps):
     if pos + batch_size > len(perm):
       perm, pos = rng.permutation(len(images)), 0
@@ -68,16 +74,19 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
     pos += batch_size
     params, opt_state, terms = step_fn(params, opt_state, images[idx], step)
     window.append(terms)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
+    if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
       loss, rec, kl = (float(np.mean([t[i] for t in window])) for i in range(3))
       if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite autoencoder loss at step {step + 1}; "
                                  "try a lower --learning_rate")
-      elapsed = time.perf_counter() - t0
-      rate = (step + 1) / max(elapsed, 1e-9)
+      now = time.perf_counter()
+      if first is None:
+        first, speed = now, "compiled"
+      else:
+        rate = step / max(now - first, 1e-9)
+        speed = (f"{rate:.2f} steps/s, ETA {format_duration((steps - step - 1) / rate)}")
       log(f"step {step + 1}/{steps}: loss {loss:.2f} (L1 sum {rec:.2f}, KL {kl:.1f} "
-          f"per image) | {rate:.2f} steps/s | {elapsed:.0f} s, ETA "
-          f"{format_duration((steps - step - 1) / rate)}")
+          f"per image) | {speed} | {now - t0:.0f} s")
       window = []
   return jax.device_get(params)
 
@@ -124,11 +133,13 @@ def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 
   """Reconstruction of the posterior means and the latents' statistics.
 
   Returns ``mae`` (mean absolute error per pixel, images in [-1, 1]),
-  ``psnr`` (dB, of images mapped to [0, 1]), ``latent_std`` (of the means)
-  and ``scale_factor`` = sigma_data / latent_std: scaled latents have the
-  std the denoiser's EDM preconditioning assumes (``model.sigma_data``, 0.5
-  in every config here), as EDM2 scales Stable Diffusion's latents. (Stable
-  Diffusion's own 0.18215 = 1 / std gives unit variance, for its eps-loss.)
+  ``psnr`` (dB, of images mapped to [0, 1]), ``latent_mean`` and
+  ``latent_std`` (of the means), and ``scale_factor`` = sigma_data /
+  latent_std: latents shifted by ``latent_mean`` (``shift_factor``) and
+  scaled have mean 0 and the std the denoiser's EDM preconditioning assumes
+  (``model.sigma_data``, 0.5 in every config here), as EDM2 normalises
+  Stable Diffusion's latents. (Stable Diffusion's own 0.18215 = 1 / std,
+  unshifted, gives unit variance, for its eps-loss.)
   """
   means, abs_err, sq_err = [], 0.0, []
   for x, mean, rec in _reconstructions(module, params, images, batch_size):
@@ -140,12 +151,14 @@ def evaluate(module, params, images, batch_size: int = 500, sigma_data: float = 
   std = float(means.std())
   return {"mae": abs_err / images.size,
           "psnr": float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-12)))),
-          "latent_std": std, "scale_factor": sigma_data / std}
+          "latent_mean": float(means.mean()), "latent_std": std,
+          "scale_factor": sigma_data / std}
 
 
-def config_flags(module, scale_factor: float, path: str) -> str:
+def config_flags(module, scale_factor: float, path: str, shift_factor: float = 0.0) -> str:
   """The train.py flags that use the saved weights as the first stage."""
   fields = {"weights": shlex.quote(path), "scale_factor": f"{scale_factor:.5g}",
+            "shift_factor": f"{shift_factor:.5g}",
             "in_channels": module.in_channels, "embed_dim": module.embed_dim,
             "z_channels": module.z_channels, "ch": module.ch,
             "ch_mult": "'(" + ",".join(str(m) for m in module.ch_mult) + ",)'",
@@ -195,6 +208,7 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
   t0 = time.perf_counter()
   params = train(module, images, steps, batch_size, learning_rate, kl_weight, seed, log)
   seconds = time.perf_counter() - t0
+  log(f"scoring the reconstructions of the {len(test_images):,} test images")
   results = evaluate(module, params, test_images)
   results.update(dataset=dataset, steps=steps, batch_size=batch_size,
                  learning_rate=learning_rate, kl_weight=kl_weight, seed=seed,
@@ -203,5 +217,5 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
       f"{results['psnr']:.2f} dB; latent std {results['latent_std']:.4f}")
   ae.save_safetensors(ae.state_dict_from_params(params), out, metadata(module, results))
   log(f"wrote {out} ({seconds:.0f} s of training). Train on its latents with:\n  "
-      + config_flags(module, results["scale_factor"], out))
+      + config_flags(module, results["scale_factor"], out, results["latent_mean"]))
   return results

@@ -48,12 +48,16 @@ class KLAutoencoderFirstStage:
   ``DiagonalGaussianRegularizer(sample=True)``), one key per sample, or its
   mean when ``keys`` is None or ``sample`` is False. ``decode`` is
   ``decode_first_stage``: the decoder of ``z / scale_factor``.
+  ``shift_factor`` (0 in sgm) is subtracted before the scaling and added back
+  after it, as for SD3's and FLUX's VAEs: with the latents' mean there, the
+  scaled latents are centred, as EDM's preconditioning assumes.
   """
 
   def __init__(self, module, params, scale_factor: float, sample: bool = True,
-               sha256: str = ""):
+               sha256: str = "", shift_factor: float = 0.0):
     self.module, self.params = module, params
     self.scale_factor, self.sample, self.sha256 = scale_factor, sample, sha256
+    self.shift_factor = shift_factor
 
   def moments(self, params, x):
     """The posterior's parameters for images ``x``: (B, h, w, 2 * embed_dim),
@@ -66,7 +70,7 @@ class KLAutoencoderFirstStage:
     return jnp.concatenate(self.module.apply(params, x, method="moments"), axis=-1)
 
   def encode_moments(self, moments, keys=None):
-    """``encode`` from ``moments(params, x)``: scale * (mean + std * noise),
+    """``encode`` from ``moments(params, x)``: scale * (mean + std * noise - shift),
     noise from each sample's key (the mean when ``keys`` is None or
     ``sample`` is False)."""
     mean, logvar = jnp.split(jnp.asarray(moments), 2, axis=-1)
@@ -74,13 +78,14 @@ class KLAutoencoderFirstStage:
     if keys is not None and self.sample:
       noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
       z = mean + jnp.exp(0.5 * logvar) * noise
-    return self.scale_factor * z
+    return self.scale_factor * (z - self.shift_factor)
 
   def encode(self, params, x, keys=None):
     return self.encode_moments(self.moments(params, x), keys)
 
   def decode(self, params, z):
-    return self.module.apply(params, z / self.scale_factor, method="decode")
+    return self.module.apply(params, z / self.scale_factor + self.shift_factor,
+                             method="decode")
 
   def latent_shape(self, image_shape):
     return self.module.latent_shape(tuple(image_shape))
@@ -204,6 +209,9 @@ def check_autoencoder_config(a):
     raise ValueError("config.model.autoencoder.scale_factor must be finite and > 0 "
                      "(SDXL's VAE: "
                      f"0.13025, SD 1.x/2.x: 0.18215), got {a.scale_factor}")
+  if not math.isfinite(getattr(a, "shift_factor", 0.0)):
+    raise ValueError("config.model.autoencoder.shift_factor must be finite (the "
+                     f"latents' mean; 0: no shift, as sgm), got {a.shift_factor}")
   if not a.weights:
     raise ValueError("first_stage 'kl_autoencoder' needs its weights: set "
                      "--config.model.autoencoder.weights=/path/to/vae.safetensors (an "
@@ -235,7 +243,8 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
     raise ValueError(f"{path}: {e}") from None
   params = jax.tree.map(jnp.asarray, params)
   return KLAutoencoderFirstStage(module, params, float(a.scale_factor),
-                                 bool(a.sample_posterior), sha256)
+                                 bool(a.sample_posterior), sha256,
+                                 float(getattr(a, "shift_factor", 0.0)))
 
 
 def autoencoder_warnings(model_config, data_config) -> list:
@@ -246,6 +255,8 @@ def autoencoder_warnings(model_config, data_config) -> list:
   * ``model.autoencoder.scale_factor`` more than 2% off model.sigma_data / the
     latents' std measured there (the scaled latents would not have the std
     EDM's preconditioning assumes);
+  * ``shift_factor`` leaving the scaled latents a mean beyond 0.2 sigma_data
+    (measured since session 26);
   * an autoencoder trained on images this run holds out (``data.holdout`` >
     the file's ``holdout``) or on another data set.
   """
@@ -268,6 +279,16 @@ def autoencoder_warnings(model_config, data_config) -> list:
         f"it) to std {a.scale_factor * std:.3g}, not model.sigma_data="
         f"{model_config.sigma_data:g}, which EDM's preconditioning assumes. Unless "
         f"that is meant, pass --config.model.autoencoder.scale_factor={want:.5g}.")
+  mean, shift = recorded.get("latent_mean"), getattr(a, "shift_factor", 0.0)
+  if mean is not None and (abs(a.scale_factor * (mean - shift))
+                           > 0.2 * model_config.sigma_data):
+    out.append(
+        f"warning: model.autoencoder.shift_factor={shift:.5g} leaves the scaled latents "
+        f"of {path} (mean {mean:.4g}, measured when train_autoencoder.py wrote it) a "
+        f"mean of {a.scale_factor * (mean - shift):.3g}, where EDM's preconditioning "
+        "assumes centred data of std model.sigma_data="
+        f"{model_config.sigma_data:g}. Unless that is meant, pass "
+        f"--config.model.autoencoder.shift_factor={mean:.5g}.")
   holdout, trained_without = data_config.get("holdout", 0), recorded.get("holdout")
   if holdout and trained_without is not None and trained_without < holdout:
     out.append(

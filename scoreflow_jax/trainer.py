@@ -383,12 +383,15 @@ def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
       moments = first_stage_lib.dataset_moments(model.first_stage, images)
     x = np.asarray(model.first_stage.encode_moments(moments))
   sf, n_classes = config.model.score_flow, config.model.conditioner.n_classes
+  log(f"fitting the Gaussian base to {len(x):,} training images ({n_classes} classes x "
+      f"{sf.gaussian_components} component(s), rank {sf.gaussian_rank})")
   if sf.gaussian_components == 1:
     stats = gaussian_lib.fit(x, labels, n_classes, sf.gaussian_rank)
   else:
     stats = gaussian_lib.fit_mixture(x, labels, n_classes, sf.gaussian_components,
                                      sf.gaussian_rank, seed=config.seed,
-                                     covariance_prior=sf.gaussian_covariance_prior)
+                                     covariance_prior=sf.gaussian_covariance_prior,
+                                     log=log)
   # Process 0's fit on every process: each fits on its own devices' numerics
   # (GPU encodes and BLAS need not agree bit for bit), and the state is
   # replicated from every process's own copy.
@@ -406,6 +409,26 @@ def _fit_gaussian_base(state, model, config, images, labels, log, moments=None):
       f"{stats['basis'].shape[-1]}, {time.perf_counter() - t0:.1f} s)")
   return state.replace(params=fill(state.params), ema_params=fill(state.ema_params),
                        phema_params=tuple(fill(p) for p in state.phema_params))
+
+
+def _load_training_data(config):
+  """The run's training images and labels, checked against its config."""
+  t = config.training
+  images, labels = data_lib.load_dataset(config.data)
+  if images.shape[1:] != data_lib.image_shape(config.data):
+    raise ValueError(f"data images are {images.shape[1:]}, expected "
+                     f"{data_lib.image_shape(config.data)} for data.name={config.data.name!r}")
+  _check_channels(config, images.shape[-1])
+  if len(images) < t.batch_size:
+    holdout = int(config.data.get("holdout", 0))
+    raise ValueError(
+        f"training.batch_size={t.batch_size} is more than the {len(images):,} training "
+        f"images" + (f" left by data.holdout={holdout:,}" if holdout else "") + "; lower "
+        "training.batch_size" + (" or data.holdout" if holdout else ""))
+  if int(labels.max()) >= config.model.conditioner.n_classes:
+    raise ValueError(f"labels go up to {int(labels.max())} but "
+                     f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
+  return images, labels
 
 
 def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=None):
@@ -427,21 +450,6 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   t = config.training
   mesh = ts.make_mesh()
 
-  images, labels = data_lib.load_dataset(config.data)
-  if images.shape[1:] != data_lib.image_shape(config.data):
-    raise ValueError(f"data images are {images.shape[1:]}, expected "
-                     f"{data_lib.image_shape(config.data)} for data.name={config.data.name!r}")
-  _check_channels(config, images.shape[-1])
-  if len(images) < t.batch_size:
-    holdout = int(config.data.get("holdout", 0))
-    raise ValueError(
-        f"training.batch_size={t.batch_size} is more than the {len(images):,} training "
-        f"images" + (f" left by data.holdout={holdout:,}" if holdout else "") + "; lower "
-        "training.batch_size" + (" or data.holdout" if holdout else ""))
-  if int(labels.max()) >= config.model.conditioner.n_classes:
-    raise ValueError(f"labels go up to {int(labels.max())} but "
-                     f"model.conditioner.n_classes={config.model.conditioner.n_classes}")
-
   if config.model.first_stage == "kl_autoencoder":
     # The run's config records the weights it trains with (checked on every
     # load), and where they are: an absolute path, so that sample.py and
@@ -450,17 +458,49 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
     config.model.autoencoder.weights = os.path.abspath(
         os.path.expanduser(config.model.autoencoder.weights))
   tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
-  sample = data_lib.to_model_batch(images[:1], labels[:1])
+  # init reads the batch's shapes only
+  sample = data_lib.to_model_batch(
+      np.zeros((1,) + data_lib.image_shape(config.data), np.uint8), np.zeros(1, np.int32))
   stds = checkpointing.posthoc_stds(config)
   init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample,
                                              stds)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=t.max_to_keep, keep_every=t.keep_every)
-  resuming = ckpt.latest_step() is not None
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  open_checkpoints = lambda: checkpointing.Checkpointer(
+      ckpt_dir, max_to_keep=t.max_to_keep, keep_every=t.keep_every)
+  # (opening makes the folder: for a new run, only once the data are checked)
+  ckpt = open_checkpoints() if os.path.isdir(ckpt_dir) else None
+  resuming = ckpt is not None and ckpt.latest_step() is not None
   before = _last_start_config(workdir) if resuming else None
   if before is not None:
     _check_resume(config, before, workdir, ckpt.steps())
+
+  def restore():
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(init_state))
+    state = ckpt.restore(abstract, config)
+    log(f"resumed {workdir} at step {int(state.step)}")
+    return state
+
+  if resuming and ckpt.latest_step() >= t.num_steps:
+    # before the data and any write: a finished run's folder stays as it was
+    state = restore()
+    ckpt.close()
+    log(f"nothing to train: the run is at step {int(state.step)} and "
+        f"training.num_steps={t.num_steps}; to train on, raise it (e.g. python "
+        f"train.py --workdir {workdir} --config.training.num_steps="
+        f"{2 * int(state.step)})")
+    return {"workdir": workdir, "step": int(state.step), "metrics": {}, "state": state}
+
+  try:
+    images, labels = _load_training_data(config)
+  except BaseException:
+    if ckpt is not None:
+      ckpt.close()
+    raise
+  ckpt = ckpt or open_checkpoints()
 
   def encode_once():
     if (config.model.first_stage != "kl_autoencoder"
@@ -484,17 +524,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   moments_path, to_store = os.path.join(workdir, MOMENTS_FILE), False
   moments = None
   if resuming:
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-        jax.eval_shape(init_state))
-    state = ckpt.restore(abstract, config)
-    log(f"resumed {workdir} at step {int(state.step)}")
-    if int(state.step) >= t.num_steps:
-      log(f"nothing to train: the run is at step {int(state.step)} and "
-          f"training.num_steps={t.num_steps}; to train on, raise it (e.g. python "
-          f"train.py --workdir {workdir} --config.training.num_steps="
-          f"{2 * int(state.step)})")
+    state = restore()
     if before is not None:
       changes = changed_settings(config, before)
       if changes:
@@ -502,9 +532,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
             + (f"; ... and {len(changes) - 12} more (configs/ has both)"
                if len(changes) > 12 else ""))
       _warn_if_rate_changed(config, before, int(state.step), schedule, log)
-    if int(state.step) < t.num_steps:  # no encoding for a run with nothing to train
-      moments, to_store = encode_once()
+    moments, to_store = encode_once()
   else:
+    log(f"new run {workdir}")  # before the encoding and the base's fit (minutes)
     if config.model.first_stage == "kl_autoencoder":
       for warning in first_stage_lib.autoencoder_warnings(config.model, config.data):
         log(warning)
@@ -512,7 +542,6 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
     state = init_state()
     if model.frozen_module is not None:
       state = _fit_gaussian_base(state, model, config, images, labels, log, moments)
-    log(f"new run {workdir}")
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)

@@ -1,9 +1,12 @@
 """A user's errors in the scripts (sample.py, evaluate.py, train_classifier.py,
-bits_per_dim.py): one message in the script's own flags, no traceback.
+bits_per_dim.py, train_autoencoder.py, train.py): one message in the
+script's own flags, no traceback, no page of --help (``run``).
 
-train.py uses it only for the config check before a run starts; errors from
-training keep their tracebacks (they may come from a model being changed,
-where the traceback is what a researcher needs).
+train.py uses ``usage_errors`` for the config check before a run starts and
+``training_errors`` for the rest: a missing data file or checkpoint is told
+in one line, while errors from the model keep their tracebacks (they may
+come from a model being changed, where the traceback is what a researcher
+needs).
 """
 import contextlib
 import os
@@ -33,6 +36,39 @@ def with_script_flags(message: str) -> str:
   return message
 
 
+def run(main, argv=None):
+  """``app.run(main)`` where a user's error is one message on stderr:
+
+  * an ``app.UsageError`` from ``main`` prints ``error: MESSAGE`` and exits 1
+    (absl's own prints the script's whole --help before it);
+  * a ``--config.FIELD=VALUE`` that names no field, or a value of the wrong
+    type, is a flags error naming that flag (ml_collections raises it while
+    the flags are parsed, which absl reported as a traceback).
+  """
+  def parse(args):
+    try:
+      return app.parse_flags_with_usage(args)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      text = " ".join(str(a) for a in e.args) if e.args else str(e)
+      text = text.strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+      named = [a for a in args[1:] if a.startswith("--config.")]
+      bad = next((a for a in named if re.search(
+          r"\b" + re.escape(a.split("=", 1)[0].rsplit(".", 1)[-1]) + r"\b", text)), None)
+      sys.stderr.write(f"FATAL Flags parsing error: {bad + ': ' if bad else ''}{text}\n"
+                       "(a --config.* flag sets a field of the config file: check its "
+                       "name and value type)\n")
+      sys.exit(1)
+
+  def main_with_message(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(e.exitcode)
+
+  app.run(main_with_message, argv=argv, flags_parser=parse)
+
+
 def check_data_flags(source, data_dir):
   """The scripts' --source/--data_dir: offline MNIST needs its folder."""
   if source == "offline" and not data_dir:
@@ -60,6 +96,32 @@ def usage_errors(script_flags=True):
     if not _is_users(e) or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0"):
       raise
     raise app.UsageError(with_script_flags(str(e)) if script_flags else str(e)) from e
+
+
+# A field of train.py's config named in a message: it says what to change.
+_NAMES_A_FIELD = re.compile(
+    r"(?<![\w.])(--)?config\.(data|model|training|optim|loss|ema|sampling)\.\w")
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+@contextlib.contextmanager
+def training_errors():
+  """train.py's run: an error that names its fix -- a missing or unreadable
+  file (data, autoencoder weights), a checkpoint that does not fit, or any
+  message naming a config field to change -- becomes one ``app.UsageError``
+  line; anything else (a model's error) keeps its traceback, as does every
+  error with ``SCOREFLOW_TRACEBACK=1``."""
+  try:
+    yield
+  except app.UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    ckpt = sys.modules.get("scoreflow_jax.checkpointing")
+    told = (isinstance(e, _MISSING) or _NAMES_A_FIELD.search(str(e)) is not None
+            or (ckpt is not None and isinstance(e, ckpt.CheckpointError)))
+    if not told or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0"):
+      raise
+    raise app.UsageError(f"{e}\n(SCOREFLOW_TRACEBACK=1 shows where it was raised)") from e
 
 
 def _is_users(e):

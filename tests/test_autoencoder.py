@@ -174,6 +174,14 @@ def test_first_stage_encode_decode(reference):
   z = jnp.asarray(nhwc(ref["z"]), jnp.float32)
   np.testing.assert_allclose(stage.decode(params, 0.5 * z), nhwc(ref["decoded"]),
                              rtol=2e-4, atol=2e-4)
+  # a shift (SD3's and FLUX's shift_factor): subtracted before the scale, added
+  # back after it
+  shifted = first_stage_lib.KLAutoencoderFirstStage(module, params, 0.5, shift_factor=0.3)
+  np.testing.assert_allclose(shifted.encode(params, x, keys),
+                             0.5 * (mean + jnp.exp(0.5 * logvar) * noise - 0.3),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(shifted.decode(params, 0.5 * (z - 0.3)), nhwc(ref["decoded"]),
+                             rtol=2e-4, atol=2e-4)
   assert stage.latent_shape((16, 16, 3)) == (8, 8, 4)
   with pytest.raises(ValueError, match="sides divisible by 2"):
     stage.latent_shape((15, 16, 3))
@@ -483,7 +491,8 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
   lines = []
   trained = aet.train(module, images, steps=steps, batch_size=8, learning_rate=2e-3,
                       log=lines.append, log_every=10)
-  assert len(lines) == 2 and "steps/s" in lines[-1] and "ETA" in lines[-1]
+  assert len(lines) == 3 and "| compiled |" in lines[0]  # steps 1 (compiling), 10, 20
+  assert "steps/s" in lines[-1] and "ETA" in lines[-1]
   before, after = aet.evaluate(module, params, images), aet.evaluate(module, trained, images)
   assert after["mae"] < 0.7 * before["mae"], (before, after)
   # evaluate's numbers, recomputed
@@ -491,10 +500,14 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
   rec = np.clip(rec, -1, 1)
   np.testing.assert_allclose(after["mae"], np.abs(rec - images).mean(), rtol=1e-4)
   np.testing.assert_allclose(after["scale_factor"], 0.5 / np.std(mean), rtol=1e-4)
+  np.testing.assert_allclose(after["latent_mean"], np.mean(mean), rtol=1e-4, atol=1e-6)
   mse = (((rec - images) / 2) ** 2).reshape(64, -1).mean(1)
   np.testing.assert_allclose(after["psnr"], np.mean(-10 * np.log10(mse)), rtol=1e-4)
   with pytest.raises(ValueError, match="kl_weight must be >= 0"):
     aet.train(module, images, steps=1, kl_weight=-1.0)
+  for rate in (0.0, -1e-3, float("nan")):  # trained nothing (0) or away, silently
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+      aet.train(module, images, steps=1, learning_rate=rate)
 
 
 def test_train_autoencoder_script_then_latent_config(tmp_path):
@@ -521,13 +534,15 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   results = json.loads(header["__metadata__"]["results"])
   assert results["steps"] == 3
   np.testing.assert_allclose(saved.scale_factor, results["scale_factor"], rtol=1e-4)
+  np.testing.assert_allclose(saved.shift_factor, results["latent_mean"], rtol=1e-4, atol=1e-6)
   # another file's scale (e.g. a config's default for another VAE) is told, in
   # the model's sigma_data; so are held-out images the autoencoder saw
   from types import SimpleNamespace
   recorded, std = results["scale_factor"], results["latent_std"]
-  def warnings(factor, sigma_data=0.5, holdout=0, name="mnist"):
+  latent_mean = results["latent_mean"]
+  def warnings(factor, sigma_data=0.5, holdout=0, name="mnist", shift=latent_mean):
     model = SimpleNamespace(sigma_data=sigma_data, autoencoder=SimpleNamespace(
-        weights=str(out), scale_factor=factor * recorded))
+        weights=str(out), scale_factor=factor * recorded, shift_factor=shift))
     return first_stage_lib.autoencoder_warnings(
         model, ml_collections.ConfigDict({"holdout": holdout, "name": name}))
   for factor, sigma_data, n in ((1.0, 0.5, 0), (1.01, 0.5, 0), (1.2, 0.5, 1),
@@ -538,6 +553,11 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   assert f"--config.model.autoencoder.scale_factor={recorded:.5g}." in message
   assert f"scale_factor={2 * recorded:.5g}." in warnings(1.0, sigma_data=1.0)[0]
   np.testing.assert_allclose(recorded * std, 0.5, rtol=1e-6)
+  # a shift leaving the scaled latents' mean beyond 0.2 sigma_data is told
+  assert not warnings(1.0, shift=latent_mean + 0.19 * std)
+  message, = warnings(1.0, shift=latent_mean + 0.21 * std)
+  assert f"a mean of {-0.21 * 0.5:.3g}" in message
+  assert f"--config.model.autoencoder.shift_factor={latent_mean:.5g}." in message
   message, = warnings(1.0, holdout=10)  # trained with --holdout 0 (the default)
   assert "train_autoencoder.py --holdout 10" in message
   assert "trained on mnist" in warnings(1.0, name="cifar10")[0]

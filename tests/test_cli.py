@@ -214,9 +214,12 @@ def test_resume_with_the_runs_own_config(tmp_path):
   run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
       "--config.training.num_steps=2", "--config.training.image_every=0")
   # no --config: the run's saved one (num_steps 2: nothing left, and it says how to go on)
+  files = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
   proc = run("train.py", "--workdir", workdir)
   assert "resumed" in proc.stdout and "nothing to train" in proc.stdout, proc.stdout
   assert f"python train.py --workdir {workdir} --config.training.num_steps=4" in proc.stdout
+  assert "data:" not in proc.stdout  # no data loaded, and nothing written (a config
+  assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == files  # and events file)
   # ... with a field changed: --config.* flags on the saved config
   proc = run("train.py", f"--workdir={workdir}", "--config.training.num_steps=4")
   assert "step 4/4" in proc.stdout, proc.stdout
@@ -226,7 +229,7 @@ def test_resume_with_the_runs_own_config(tmp_path):
   assert "step 6/6" in proc.stdout, proc.stdout
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   saved = glob.glob(os.path.join(workdir, "configs", "*.json"))  # one per start
-  assert sorted(json.load(open(f))["training"]["num_steps"] for f in saved) == [2, 2, 4, 6]
+  assert sorted(json.load(open(f))["training"]["num_steps"] for f in saved) == [2, 4, 6]
   proc = run("train.py", check=False)
   assert proc.returncode != 0 and "give --config" in proc.stderr
   proc = run("train.py", "--workdir", str(tmp_path), check=False)
@@ -236,8 +239,24 @@ def test_resume_with_the_runs_own_config(tmp_path):
 def test_train_config_typo_is_refused(tmp_path):
   proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(tmp_path / "r"),
              "--config.training.batchsize=8", check=False)
-  assert proc.returncode != 0 and "batchsize" in proc.stderr
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[0] == (
+      "FATAL Flags parsing error: --config.training.batchsize=8: 'batchsize' Did you "
+      'mean "batch_size" instead of "batchsize"?')
   assert not (tmp_path / "r").exists()
+
+
+def test_train_missing_data_is_one_line(tmp_path):
+  # README: a user's error is one line naming the fix (a 28-line traceback until
+  # session 26); a model's error keeps its traceback
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(tmp_path / "r"),
+             "--config.data.name=mnist", "--config.data.source=offline",
+             f"--config.data.data_dir={tmp_path}", check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "\nflags:\n" not in proc.stderr  # no page of --help either
+  assert proc.stderr.splitlines()[-2].startswith(
+      f"error: MNIST file {tmp_path}/train-images-idx3-ubyte.gz (or without .gz) not found")
+  assert proc.stderr.splitlines()[-1] == "(SCOREFLOW_TRACEBACK=1 shows where it was raised)"
 
 
 def test_train_bad_values_are_one_line_before_any_work(tmp_path):
@@ -248,3 +267,23 @@ def test_train_bad_values_are_one_line_before_any_work(tmp_path):
                                        "(how many of the latest checkpoints stay; 0 would keep "
                                        "none), got 0\n  sampling.num_steps must be >= 1, got 0")
   assert not (tmp_path / "r").exists()
+
+
+def test_training_errors_tells_a_users_error_and_keeps_a_models(monkeypatch):
+  from absl import app
+  from scoreflow_jax import usage
+  monkeypatch.delenv("SCOREFLOW_TRACEBACK", raising=False)
+  for told in (FileNotFoundError("no file x"),
+               ValueError("loss not finite: lower --config.optim.learning_rate")):
+    with pytest.raises(app.UsageError, match=str(told.args[0])):
+      with usage.training_errors():
+        raise told
+  for kept in (ValueError("incompatible shapes (3,) and (4,)"), TypeError("bad operand"),
+               ValueError("set jax.config.update('jax_enable_x64', True)")):
+    with pytest.raises(type(kept), match=r"^" + str(kept.args[0])[:10]):
+      with usage.training_errors():
+        raise kept
+  monkeypatch.setenv("SCOREFLOW_TRACEBACK", "1")  # a bug behind a user's message
+  with pytest.raises(FileNotFoundError):
+    with usage.training_errors():
+      raise FileNotFoundError("no file x")

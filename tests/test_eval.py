@@ -151,8 +151,9 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_load_garbage_names_path_and_fix(tmp_path):
   path = tmp_path / "garbage.npz"
   path.write_bytes(b"not a classifier" * 10)
+  # the hint names a file of its own, not the one that is something else
   with pytest.raises(ValueError, match=r"garbage\.npz.*train_classifier\.py"
-                     r" --data_dir .* --out .*garbage\.npz"):
+                     r" --data_dir .* --out classifier\.npz$"):
     classifier_lib.load_classifier(path)
   other = tmp_path / "other.npz"
   np.savez(other, images=np.zeros((2, 28, 28, 1)))
@@ -566,6 +567,11 @@ def test_bad_samples_files_are_clear(tmp_path):
   garbage.write_bytes(b"\x00" * 64)
   with pytest.raises(ValueError, match=r"garbage\.npz is not a samples \.npz"):
     metrics.load_samples(garbage)
+  # the grid given for its .npz: the .npz beside it is named
+  (tmp_path / "grid.png").write_bytes(b"\x89PNG")
+  np.savez(tmp_path / "grid.npz", images=np.zeros((2, 28, 28, 1)), labels=[0, 1])
+  with pytest.raises(ValueError, match=r"the picture: pass .*grid\.npz$"):
+    metrics.load_samples(tmp_path / "grid.png")
   out_of_range = tmp_path / "range.npz"
   np.savez(out_of_range, images=np.full((2, 28, 28, 1), 255.0), labels=[0, 1])
   with pytest.raises(ValueError, match=r"range\.npz.*\[-1, 1\]"):
@@ -641,10 +647,11 @@ def test_gaussian_samples_have_each_class_mean_and_covariance():
 
 
 def _error(proc):
-  """The message a script failed with: the last line of stderr (above it,
-  absl prints the script's docstring and flags)."""
+  """The message a script failed with: ``error: MESSAGE``, the last line of
+  stderr, without the page of --help absl printed above it until session 26."""
   lines = proc.stderr.strip().splitlines()
-  return lines[-1] if lines else ""
+  assert "\nflags:\n" not in proc.stderr, proc.stderr[-2000:]
+  return lines[-1].removeprefix("error: ") if lines else ""
 
 
 def _evaluate(*args):
@@ -928,6 +935,15 @@ def test_evaluation_of_some_classes_records_the_warning(trained, tmp_path):
   res = metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), str(clf), str(tmp_path),
                                      num_samples=40, log=logs.append)
   assert "warnings" not in res
+  # fewer images than num_samples: scored at the n there is, and told (the
+  # reference sets are picked by (seed, n), so FDs at another n do not pair)
+  n = len(np.load(tmp_path / "grid.npz")["labels"])
+  res = metrics.evaluate_sample_file(str(tmp_path / "grid.npz"), str(clf), str(tmp_path),
+                                     num_samples=5000, log=logs.append, overwrite=True)
+  assert res["num_samples"] == n and res["warnings"] == [
+      f"warning: scoring n = {n:,} images, not the 5,000 asked for (num_samples): "
+      f"{tmp_path / 'grid.npz'} has {n:,}; the test split has 400. FDs at other n "
+      "are not comparable (nor paired by --compare)."]
 
 
 # --- what a first stage costs: reconstructions of the floor's own images ------------

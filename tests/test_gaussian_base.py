@@ -335,3 +335,14 @@ def test_mixture_covariance_prior_lowers_the_held_out_loss():
       loss[kappa, name] = float(np.mean((np.asarray(den) - x) ** 2))
   assert loss[30.0, "test"] < 0.85 * loss[0.0, "test"], loss  # measured: 0.83
   assert loss[0.0, "train"] < loss[0.0, "test"], loss
+
+
+def test_mixture_fit_reports_progress_and_the_same_fit():
+  # the fit takes minutes on MNIST (silent until session 26): a line per interval
+  x0, labels = _data(n=600, seed=3)
+  lines = []
+  logged = gaussian_lib.fit_mixture(x0, labels, 2, 3, 4, log=lines.append, log_every_s=0.0)
+  assert lines == ["fitting the Gaussian base: 1/2 classes | ETA " + lines[0].split("ETA ")[1]]
+  assert lines[0].endswith(" s")
+  for name, value in gaussian_lib.fit_mixture(x0, labels, 2, 3, 4).items():
+    np.testing.assert_array_equal(logged[name], value)

@@ -99,8 +99,9 @@ def _run(*args):
 
 
 def _error(proc):
-  """The message the script failed with (absl prints its docstring above)."""
-  return proc.stderr.strip().splitlines()[-1]
+  """The message the script failed with: ``error: MESSAGE``, no --help above."""
+  assert "\nflags:\n" not in proc.stderr and "error: " in proc.stderr, proc.stderr[-2000:]
+  return proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
 
 
 def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):

@@ -243,9 +243,11 @@ def file_sha256(path, digits=16):
 def load_classifier(path):
   """Returns ``(params, header)`` from a file written by ``save_classifier``."""
   path = os.fspath(path)
-  hint = MAKE_HINT.format(path=path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"classifier file {path} not found. {hint}")
+    raise FileNotFoundError(f"classifier file {path} not found. "
+                            + MAKE_HINT.format(path=path))
+  # another kind of file is there: a classifier goes to a file of its own
+  hint = MAKE_HINT.format(path="classifier.npz")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}

@@ -220,8 +220,11 @@ def load_samples(path):
       images = f["images"]
       labels = f["labels"] if "labels" in f.files else None
   except Exception as e:  # pylint: disable=broad-except
+    beside = os.path.splitext(path)[0] + ".npz"
+    hint = (f"sample.py wrote the samples beside the picture: pass {beside}"
+            if path.endswith(".png") and os.path.isfile(beside) else SAMPLES_HINT)
     raise ValueError(f"{path} is not a samples .npz with an 'images' array"
-                     f" ({e!r}). {SAMPLES_HINT}") from e
+                     f" ({e!r}). {hint}") from e
   if images.ndim != 4 or not len(images):
     raise ValueError(f"{path}: 'images' must be (N, H, W, C) with N > 0, got"
                      f" {images.shape}.")
@@ -584,6 +587,16 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
                                                holdout or 0)
   ref_images, ref_labels = load(reference)
   n = min([num_samples, len(ref_images)] + [len(images) for images, _ in draws])
+  if n < num_samples:
+    # the reference sets are picked by (seed, n): other n, other FD and floor
+    fewer = [f"{p} has {len(images):,}" for p, (images, _) in zip(paths, draws)
+             if len(images) < num_samples]
+    if len(ref_images) < num_samples:
+      fewer.append(f"the {reference} split has {len(ref_images):,}")
+    warnings.append(f"warning: scoring n = {n:,} images, not the {num_samples:,} asked "
+                    f"for (num_samples): {'; '.join(fewer)}. FDs at other n are not "
+                    "comparable (nor paired by --compare).")
+    log(warnings[-1])
   floor_images, other = None, "train" if reference == "test" else "test"
   if len(ref_images) < 2 * n:
     # the whole other split, whatever the run held out: the same seed and n
