@@ -121,6 +121,16 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   with np.load(str(tmp_path / "grid3.npz")) as f:
     assert float(f["cfg_scale"]) == 2.0
     np.testing.assert_allclose(f["images"], npz["images"], atol=1e-5)
+  # "EMA weights" are the EMA's: the raw weights give other images
+  import jax
+  from scoreflow_jax import train_step as ts
+  model, state, config = generate.load_run(workdir, sampler="euler_ancestral", num_steps=3,
+                                           log=lambda s: None)
+  gen = lambda params: generate.generate_images(
+      model, params, config.sampling, npz["labels"], jax.random.key(1), (28, 28, 1),
+      batch_size=4, cfg_scale=2.0, mesh=ts.make_mesh())
+  np.testing.assert_allclose(gen(state.ema_params), npz["images"], atol=1e-4)
+  assert np.abs(gen(state.params) - npz["images"]).max() > 1e-2
 
 
 def test_sample_average_of_checkpoints(trained_run, tmp_path):

@@ -60,6 +60,11 @@ def test_ucg_dropout_rate_and_whole_sample():
   nonzero_entries = np.any(np.asarray(out) == 0, axis=1)
   np.testing.assert_array_equal(zero_rows, nonzero_entries)  # all-or-nothing per sample
   assert abs(zero_rows.mean() - 0.2) < 0.015  # 5 sigma of a Binomial(20000, .2)
+  # one key per sample (the train step's way): the same rate, each sample its own draw
+  keys = jax.random.split(jax.random.key(4), n)
+  per_key = np.all(np.asarray(cond.apply(params, batch, key=keys)["vector"]) == 0, axis=1)
+  assert abs(per_key.mean() - 0.2) < 0.015
+  assert not np.array_equal(per_key, zero_rows)
   # different keys drop different samples; no key means no dropout
   out2 = cond.apply(params, batch, key=jax.random.key(2))["vector"]
   assert not np.array_equal(np.all(np.asarray(out2) == 0, 1), zero_rows)

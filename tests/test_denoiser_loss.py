@@ -138,3 +138,21 @@ def test_denoise_takes_one_sigma_for_the_batch_and_integer_sigma():
     out = denoiser.denoise(net, x, sigma, None)
     assert out.dtype == jnp.float32
     np.testing.assert_array_equal(out, per_sample)
+
+
+def test_per_sample_noise_is_unit_normal_and_independent_of_sigma():
+  # Checked against nothing but the draws: noise drawn with sigma's own key would
+  # make every image's first pixel (log sigma - p_mean) / p_std (correlation 1),
+  # which comparing the function with itself could not see.
+  n, shape = 4096, (4096, 6, 6, 1)
+  keys = jax.random.split(jax.random.key(11), n)
+  sigma, noise = loss.per_sample_sigma_and_noise(keys, shape, p_mean=-1.2, p_std=1.2)
+  z = (np.log(np.asarray(sigma)) + 1.2) / 1.2
+  noise = np.asarray(noise).reshape(n, -1)
+  assert abs(z.mean()) < 4 / np.sqrt(n) and abs(z.std() - 1) < 4 / np.sqrt(2 * n)
+  assert np.all(np.abs(noise.mean(0)) < 5 / np.sqrt(n))
+  assert np.all(np.abs(noise.std(0) - 1) < 5 / np.sqrt(2 * n))
+  corr = (z - z.mean()) @ (noise - noise.mean(0)) / (n * z.std() * noise.std(0))
+  assert np.all(np.abs(corr) < 5 / np.sqrt(n)), np.abs(corr).max()
+  # and no two samples share noise
+  assert np.abs(np.corrcoef(noise[:64])[np.triu_indices(64, 1)]).max() < 0.9

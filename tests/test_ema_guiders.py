@@ -68,13 +68,14 @@ class GuiderTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_cfg_interval_guides_only_inside(self):
     den = lambda x, s, c: x * c["vector"][:, :1] + s[:, None]
-    x = jnp.ones((4, 2))
-    sigma = jnp.asarray([0.1, 0.3, 5.0, 6.0])  # outside, inside, inside (hi), outside
-    cond, uncond = {"vector": jnp.full((4, 1), 2.0)}, {"vector": jnp.full((4, 1), -1.0)}
+    x = jnp.ones((5, 2))
+    # outside, outside (lo: the interval is lo < sigma <= hi), inside, inside (hi), outside
+    sigma = jnp.asarray([0.1, 0.2, 0.3, 5.0, 6.0])
+    cond, uncond = {"vector": jnp.full((5, 1), 2.0)}, {"vector": jnp.full((5, 1), -1.0)}
     out = self.variant(lambda x, s: guiders.vanilla_cfg(den, 3.0, (0.2, 5.0))(
         x, s, cond, uncond))(x, sigma)
     x_c, x_u = 2.0 + np.asarray(sigma)[:, None], -1.0 + np.asarray(sigma)[:, None]
-    expected = np.where(np.array([False, True, True, False])[:, None],
+    expected = np.where(np.array([False, False, True, True, False])[:, None],
                         x_u + 3.0 * (x_c - x_u), x_c) * np.ones((1, 2))
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     with pytest.raises(ValueError, match="sigma_interval"):

@@ -87,6 +87,23 @@ def test_frechet_distance_ignores_features_constant_in_both_sets():
                              fd + 3 * 4.0, rtol=1e-12)
 
 
+def test_frechet_distance_keeps_a_feature_dead_in_one_set_only():
+  # a feature constant in a but spread in b (a collapsed sample set) counts in
+  # full: its mean gap plus b's variance, the diagonal closed form with var_a = 0
+  rng = np.random.default_rng(6)
+  mu_a, mu_b = rng.standard_normal(4), rng.standard_normal(4)
+  var_a, var_b = rng.uniform(0.2, 3.0, 4), rng.uniform(0.2, 3.0, 4)
+  a = _with_moments(rng, 300, mu_a, np.diag(var_a))
+  b = _with_moments(rng, 200, mu_b, np.diag(var_b))
+  b_dead = rng.standard_normal(200)
+  b_dead = 0.5 + np.sqrt(0.7) * (b_dead - b_dead.mean()) / b_dead.std(ddof=1)
+  a, b = np.c_[a, np.zeros(300)], np.c_[b, b_dead]
+  expected = (np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+              + 0.5 ** 2 + 0.7)
+  np.testing.assert_allclose(metrics.frechet_distance(a, b), expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics.frechet_distance(b, a), expected, rtol=1e-6)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="same D"):
     metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))

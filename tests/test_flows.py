@@ -40,6 +40,19 @@ def test_inverse_and_log_det(x64, context_dim):
     sign, logabs = jnp.linalg.slogdet(jac)
     assert sign != 0
     np.testing.assert_allclose(log_det[i], logabs, rtol=1e-10, atol=1e-10)
+    # the reversal between couplings: after 3 layers every output feature
+    # depends on other features too (without it the first half passes through)
+    assert np.all(np.sum(np.abs(np.asarray(jac)) > 1e-12, axis=1) >= 2), jac
+  # one coupling keeps its first half and moves the rest, then reverses
+  layer = flows.AffineCoupling(hidden=8)
+  lp = _randomize(jax.tree.map(lambda p: p.astype(jnp.float64),
+                               layer.init(jax.random.key(4), x, ctx)), jax.random.key(5))
+  y1, _ = layer.apply(lp, x, ctx)
+  np.testing.assert_array_equal(y1[:, ::-1][:, :3], x[:, :3])
+  assert np.all(np.abs(y1[:, ::-1][:, 3:] - x[:, 3:]) > 1e-6)
+  if ctx is not None:  # the context reaches the coupling networks
+    y_other, _ = flow.apply(params, x, ctx + 1.0, method="forward_and_log_det")
+    assert np.all(np.abs(y_other - y).max(axis=1) > 1e-3)
 
 
 def test_layers_do_not_mix_samples(x64):
@@ -108,6 +121,9 @@ def test_conv_flow_inverse_and_log_det(x64, context_dim, global_context):
     sign, logabs = jnp.linalg.slogdet(jax.jacobian(f)(x[i].ravel()))
     assert sign != 0
     np.testing.assert_allclose(log_det[i], logabs, rtol=1e-10, atol=1e-10)
+  if ctx is not None:  # the context reaches every sample's couplings (FiLM)
+    y_other, _ = flow.apply(params, x, ctx + 1.0)
+    assert np.all(np.abs(y_other - y).reshape(3, -1).max(axis=1) > 1e-3)
   # numpy input gives the same result (model init passes numpy batches)
   y_np, ld_np = flow.apply(params, np.asarray(x), None if ctx is None else np.asarray(ctx))
   np.testing.assert_allclose(y_np, y, rtol=1e-13)

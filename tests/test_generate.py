@@ -32,7 +32,8 @@ def test_every_sampler_with_and_without_cfg(tiny, name):
     out[scale] = generate.generate_images(model, params, config.sampling, labels,
                                           jax.random.key(2), (28, 28, 1), cfg_scale=scale)
     assert out[scale].shape == (4, 28, 28, 1)
-    assert np.all(np.isfinite(out[scale])) and np.abs(out[scale]).max() <= 1.0
+    assert np.all(np.isfinite(out[scale]))
+    assert np.abs(out[scale]).max() > 0.1  # not the zero images of a broken sampler
   assert not np.allclose(out[1.0], out[3.0])  # guidance changes the samples
   again = generate.generate_images(model, params, config.sampling, labels,
                                    jax.random.key(2), (28, 28, 1), cfg_scale=3.0)

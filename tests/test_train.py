@@ -78,6 +78,12 @@ def test_step_matches_direct_gradient():
   np.testing.assert_array_equal(metrics["loss_bin_count"], counts)
   np.testing.assert_allclose(metrics["loss_bin_sum"], sums, rtol=1e-5, atol=1e-6)
   assert int(new_state.step) == 1 and int(new_state.ema_num_updates) == 1
+  # the EMA takes the updated parameters: LitEma's first decay is (1 + 1) / (10 + 1)
+  assert config.ema.decay > 2 / 11
+  chex.assert_trees_all_close(
+      jax.device_get(new_state.ema_params),
+      jax.tree.map(lambda p0, p1: p0 + (1 - 2 / 11) * (p1 - p0), params0, expected),
+      rtol=1e-5, atol=1e-7)
 
 
 def _losses(workdir):
