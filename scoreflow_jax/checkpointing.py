@@ -28,7 +28,8 @@ LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
                                   "energy_scale": False, "energy_weights": False,
                                   "energy_linear": False, "gaussian_base": False,
                                   "gaussian_rank": 64, "gaussian_components": 1,
-                                  "gaussian_covariance_prior": 0.0}}
+                                  "gaussian_covariance_prior": 0.0},
+                   "autoencoder": {"shift_factor": 0.0}}
 
 
 def _signature(model: dict) -> dict:
@@ -42,7 +43,8 @@ def _signature(model: dict) -> dict:
   if model.get("first_stage") == "kl_autoencoder":
     # The latents depend on the weights' bytes, not on where the file lies,
     # nor on whether the steps encode each batch or draw from cached moments.
-    sig["autoencoder"] = {k: v for k, v in model["autoencoder"].items()
+    autoencoder = dict(LEGACY_DEFAULTS["autoencoder"], **model["autoencoder"])
+    sig["autoencoder"] = {k: v for k, v in autoencoder.items()
                           if k not in ("weights", "cache_moments")}
   return sig
 

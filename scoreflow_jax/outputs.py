@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 
 
 def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str:
@@ -47,6 +48,8 @@ def replaced_when_done(path, mode: str = "wb"):
   try:
     with open(part, mode) as f:
       yield f
+    if os.path.exists(path):  # a replaced file keeps its permissions
+      shutil.copymode(path, part)
     os.replace(part, path)
   finally:
     if os.path.exists(part):

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import sys
+import traceback
 
 from absl import app
 
@@ -43,17 +44,21 @@ def run(main, argv=None):
     (absl's own prints the script's whole --help before it);
   * a ``--config.FIELD=VALUE`` that names no field, or a value of the wrong
     type, is a flags error naming that flag (ml_collections raises it while
-    the flags are parsed, which absl reported as a traceback).
+    the flags are parsed, which absl reported as a traceback). An error
+    raised in the config file's own ``get_config`` keeps its traceback.
   """
   def parse(args):
     try:
       return app.parse_flags_with_usage(args)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-      text = " ".join(str(a) for a in e.args) if e.args else str(e)
-      text = text.strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
       named = [a for a in args[1:] if a.startswith("--config.")]
-      bad = next((a for a in named if re.search(
-          r"\b" + re.escape(a.split("=", 1)[0].rsplit(".", 1)[-1]) + r"\b", text)), None)
+      if not named or any(frame.name == "get_config"
+                          for frame in traceback.extract_tb(e.__traceback__)):
+        raise
+      text = " ".join(_innermost_message(e).split())
+      bad = next((a for a in reversed(named) if any(
+          re.search(r"\b" + re.escape(part) + r"\b", text)
+          for part in a.split("=", 1)[0].split(".")[1:])), None)
       sys.stderr.write(f"FATAL Flags parsing error: {bad + ': ' if bad else ''}{text}\n"
                        "(a --config.* flag sets a field of the config file: check its "
                        "name and value type)\n")
@@ -67,6 +72,15 @@ def run(main, argv=None):
       sys.exit(e.exitcode)
 
   app.run(main_with_message, argv=argv, flags_parser=parse)
+
+
+def _innermost_message(e: BaseException) -> str:
+  """The text of ``e``, unwrapped from exceptions raised with an exception as
+  their message (ml_collections' AttributeError(KeyError("'x'\\nDid you mean"))),
+  without the quotes KeyError puts around it."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if len(e.args) == 1 else str(e)
 
 
 def check_data_flags(source, data_dir):
@@ -98,10 +112,13 @@ def usage_errors(script_flags=True):
     raise app.UsageError(with_script_flags(str(e)) if script_flags else str(e)) from e
 
 
-# A field of train.py's config named in a message: it says what to change.
+# A field of train.py's config (config.training.batch_size, training.batch_size,
+# --config.seed) or one of its flags named in a message: it says what to change.
 _NAMES_A_FIELD = re.compile(
-    r"(?<![\w.])(--)?config\.(data|model|training|optim|loss|ema|sampling)\.\w")
-_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    r"(?<![\w.])((--)?config\.)?(data|model|training|optim|loss|ema|sampling)\.[a-z]\w*"
+    r"|--(config|workdir|logdir|num_processes|process_id|coordinator_address)\b")
+_MISSING = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
 
 
 @contextlib.contextmanager

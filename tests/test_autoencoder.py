@@ -373,6 +373,12 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   old = json.loads(config.model.to_json())
   del old["autoencoder"]["cache_moments"]
   assert checkpointing._signature(old) == checkpointing.model_signature(config)
+  # a run saved before shift_factor existed (session 26) loads: no field is 0
+  del old["autoencoder"]["shift_factor"]
+  assert checkpointing._signature(old) == checkpointing.model_signature(config)
+  config.model.autoencoder.shift_factor = 0.5
+  assert checkpointing._signature(old) != checkpointing.model_signature(config)
+  config.model.autoencoder.shift_factor = 0.0
 
   # the run folder names its autoencoder, and sample.py decodes to pixels
   saved = generate.load_run_config(workdir)

@@ -254,6 +254,19 @@ def test_train_config_typo_is_refused(tmp_path):
       "FATAL Flags parsing error: --config.training.batchsize=8: 'batchsize' Did you "
       'mean "batch_size" instead of "batchsize"?')
   assert not (tmp_path / "r").exists()
+  # a typo inside the path is named with its flag
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", str(tmp_path / "r"),
+             "--config.model.score_flw.n_flows=3", check=False)
+  assert proc.stderr.splitlines()[0] == (
+      "FATAL Flags parsing error: --config.model.score_flw.n_flows=3: 'score_flw' Did you "
+      'mean "score_flow" instead of "score_flw"?'), proc.stderr
+  # a bug in a config file itself keeps its traceback, pointing at the file
+  (tmp_path / "bad.py").write_text("from configs import mnist\n\ndef get_config(arg=None):\n"
+                                   "  return mnist.get_config(arg).model.scoreflow\n")
+  proc = run("train.py", "--config", str(tmp_path / "bad.py"), "--workdir",
+             str(tmp_path / "r"), "--config.seed=1", check=False)
+  assert proc.returncode != 0 and "Traceback" in proc.stderr
+  assert f'File "{tmp_path / "bad.py"}", line 4, in get_config' in proc.stderr
 
 
 def test_train_missing_data_is_one_line(tmp_path):
@@ -284,7 +297,9 @@ def test_training_errors_tells_a_users_error_and_keeps_a_models(monkeypatch):
   from scoreflow_jax import usage
   monkeypatch.delenv("SCOREFLOW_TRACEBACK", raising=False)
   for told in (FileNotFoundError("no file x"),
-               ValueError("loss not finite: lower --config.optim.learning_rate")):
+               ValueError("loss not finite: lower --config.optim.learning_rate"),
+               ValueError("training.batch_size=512 is more than the 256 training images"),
+               FileExistsError("--workdir w exists and is not a scoreflow run folder")):
     with pytest.raises(app.UsageError, match=str(told.args[0])):
       with usage.training_errors():
         raise told

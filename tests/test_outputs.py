@@ -32,6 +32,9 @@ def test_a_write_cut_short_keeps_the_old_file_and_leaves_no_part(tmp_path):
     outputs.write_json(str(path), {"fd": 2.0, "bad": object()})
   assert json.loads(path.read_text()) == {"fd": 1.0}
   assert os.listdir(tmp_path) == ["results.json"]
+  os.chmod(path, 0o600)  # a replaced file keeps its permissions
+  outputs.write_json(str(path), {"fd": 1.0})
+  assert os.stat(path).st_mode & 0o777 == 0o600
   with pytest.raises(RuntimeError):
     with outputs.replaced_when_done(str(path)) as f:
       f.write(b"half")
