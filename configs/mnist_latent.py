@@ -11,10 +11,12 @@ Train the autoencoder first, then pass its weights:
   python train.py --config configs/mnist_latent.py \\
     --config.data.source=offline --config.data.data_dir=/path/to/mnist \\
     --config.model.autoencoder.weights=vae.safetensors \\
-    --config.model.autoencoder.scale_factor=S
+    --config.model.autoencoder.scale_factor=S --config.model.autoencoder.shift_factor=M
 
-with S the scale_factor train_autoencoder.py printed: 0.5 / the latents'
-std, so that they have the std sigma_data = 0.5 the denoiser assumes. The
+with S and M what train_autoencoder.py printed: 0.5 / the latents' std and
+their mean, so that they are centred with the std sigma_data = 0.5 the
+denoiser assumes (the shift since session 26: docs/results.md, "Centred
+latents"; this config's results were measured without it). The
 training set is encoded once at the start (model.autoencoder.cache_moments:
 about a minute on a 2-core CPU) and each step draws its latents from the
 stored posterior moments.
