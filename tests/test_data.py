@@ -65,6 +65,26 @@ def test_offline_mnist_truncated_idx_names_file(tmp_path):
     data.load_split("mnist", "test", "offline", tmp_path)
 
 
+def test_offline_mnist_extra_bytes_and_out_of_range_labels_are_refused(tmp_path):
+  _write_mnist(tmp_path, "test", 3, gz=False)
+  path = tmp_path / "t10k-images-idx3-ubyte"
+  path.write_bytes(path.read_bytes() + b"\x00\x00\x00")  # not what the header says
+  with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.*truncated or corrupt"):
+    data.load_split("mnist", "test", "offline", tmp_path)
+  _write_mnist(tmp_path, "test", 3, gz=False)
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte", 2049, np.array([0, 10, 3], np.uint8))
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\), got \[0, 10\]"):
+    data.load_split("mnist", "test", "offline", tmp_path)
+
+
+def test_held_out_images_are_pinned():
+  # which training images data.holdout holds out must never change: evaluations
+  # against the validation split and runs of earlier sessions depend on it
+  train, validation = data.holdout_indices(50, 12)
+  assert validation.tolist() == [1, 2, 3, 4, 11, 18, 20, 23, 24, 26, 34, 36]
+  assert sorted(train.tolist() + validation.tolist()) == list(range(50))
+
+
 def test_offline_mnist_truncated_gzip_names_file(tmp_path):
   _write_mnist(tmp_path, "train", 3)
   path = tmp_path / "train-images-idx3-ubyte.gz"

@@ -120,6 +120,9 @@ def test_class_accuracy_known_inputs():
   acc_l, per_class_l = metrics.class_accuracy(logits, labels, num_classes=4)
   assert acc_l == acc
   np.testing.assert_array_equal(per_class_l, per_class)
+  # per true class (recall), not per predicted class (precision: [1.0, 0.667])
+  _, per_class = metrics.class_accuracy(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 2)
+  np.testing.assert_array_equal(per_class, [0.5, 1.0])
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +326,9 @@ def test_combine_evaluations_known_numbers():
   assert res["per_class_accuracy"] == [pytest.approx(0.5), None]
   assert [r["seed"] for r in res["fd_runs"]] == [0, 1, 2, 3]
   assert [r["fd"] for r in res["fd_runs"]] == [1.0, 2.0, 3.0, 6.0]
+  both = metrics.combine_evaluations([dict(ev(1.0, 0.9, None, 0), reference_class_accuracy=0.9),
+                                      dict(ev(2.0, 0.8, None, 1), reference_class_accuracy=1.0)])
+  assert both["reference_class_accuracy"] == pytest.approx(0.95)
   one = metrics.combine_evaluations([ev(4.0, 0.5, None, 0)])
   assert (one["fd"], one["fd_sd"], one["per_class_accuracy"]) == (4.0, 0.0, None)
   with pytest.raises(ValueError, match="same num_samples"):
@@ -358,6 +364,7 @@ def test_compare_evaluations_pairs_by_file_and_seed():
   assert rows[2]["paired"] == {"pairs": 1, "mean": 5.0, "min": 5.0, "max": 5.0, "lower": 0}
   assert rows[2]["fd"] == 13.0  # its own mean keeps every evaluation
   assert rows[3]["paired"]["pairs"] == 1 and rows[3]["paired"]["mean"] == 0.0  # (0, 1): 19 vs 19
+  assert rows[3]["paired"]["lower"] == 0  # a tie is not lower
   text = metrics.format_comparison(rows)
   assert "-1.500 (-4.000 to +0.500), lower in 3 of 4" in text and "99.50%" in text
   none = metrics.compare_evaluations({"base": base, "x": _combined({(0, 5): 1.0, (0, 6): 2.0})})

@@ -600,6 +600,12 @@ def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
   assert checkpointing._diff(checkpointing._signature(old),
                              checkpointing.model_signature(config)) == [
       "model.score_flow.n_flows: checkpoint 7 vs config 2"]
+  old["score_flow"]["n_flows"] = 2  # the conditioner's settings count too
+  old["conditioner"]["embed_dim"] = config.model.conditioner.embed_dim + 1
+  assert checkpointing._diff(checkpointing._signature(old),
+                             checkpointing.model_signature(config)) == [
+      f"model.conditioner.embed_dim: checkpoint {config.model.conditioner.embed_dim + 1} "
+      f"vs config {config.model.conditioner.embed_dim}"]
 
 
 def test_run_config_of_an_older_run_gets_the_legacy_values(tmp_path, monkeypatch):
@@ -815,6 +821,11 @@ def test_log_rows_average_each_sigma_bin_over_the_interval():
       "train/loss_sigma_0-0.1": 2.0, "train/loss_sigma_0.1-0.5": 3.0,
       "train/loss_sigma_2-inf": 4.0}
   assert not trainer._summarize([step(1.0, [0, 0, 0, 0], [0, 0, 0, 0], finite=False)])[1]
+  # the gradient norm is the interval's mean too; the learning rate its last step's
+  steps = [step(1.0, [1, 0, 0, 0], [1, 0, 0, 0]), step(1.0, [1, 0, 0, 0], [1, 0, 0, 0])]
+  steps[1].update(grad_norm=np.float32(3.0), learning_rate=np.float32(2e-3))
+  out, _ = trainer._summarize(steps)
+  assert out["train/grad_norm"] == 2.0 and out["train/learning_rate"] == pytest.approx(2e-3)
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_named():
