@@ -440,6 +440,12 @@ def test_stored_moments_are_read_back_only_for_their_images_and_weights(weights,
   with open(path + ".json", "w") as f:
     f.write("[1, 2]")
   assert read() is None
+  # an array of another shape (or dtype) than its sidecar records is not read
+  first_stage_lib.store_moments(stage, images, moments, path)
+  np.save(path, moments[:3])
+  assert read() is None
+  np.save(path, moments.astype(np.float64))
+  assert read() is None
 
 
 def test_config_errors(weights, tmp_path):
