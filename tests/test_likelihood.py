@@ -176,7 +176,8 @@ def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
   assert default.read_text() == "kept"
   default.unlink()
   # the result is printed before the write, so a write that fails loses nothing
-  os.symlink(tmp_path / "gone" / "r.json", tmp_path / "dangling.json")
+  (tmp_path / "a_file").write_text("")  # no folder can be made where a file is
+  os.symlink(tmp_path / "a_file" / "r.json", tmp_path / "dangling.json")
   proc = run("--out", tmp_path / "dangling.json")
   assert proc.returncode != 0 and "the result above was not written" in _error(proc)
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == first
