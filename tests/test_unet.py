@@ -279,3 +279,93 @@ def test_res_block_and_resampling_against_numpy(out_channels):
   nearest = x.repeat(2, axis=1).repeat(2, axis=2)
   np.testing.assert_allclose(up.apply({"params": p}, x), _np_conv(nearest, p["conv"]),
                              rtol=1e-4, atol=1e-4)
+
+
+def _np_layer_norm(x, p, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+
+def _np_res_block(x, emb, p, groups):
+  """sgm's ResBlock, as the block test checks it."""
+  h = _np_conv(_np_silu(_np_group_norm(x, p["in_layers_0"], groups, 1e-5)), p["in_layers_2"])
+  h = h + _np_linear(_np_silu(emb), p["emb_layers_1"])[:, None, None, :]
+  h = _np_conv(_np_silu(_np_group_norm(h, p["out_layers_0"], groups, 1e-5)), p["out_layers_3"])
+  return (_np_conv(x, p["skip_connection"]) if "skip_connection" in p else x) + h
+
+
+def _np_spatial_transformer(x, p, groups, dim_head):
+  """sgm's SpatialTransformer (use_linear=False, depth 1, no context)."""
+  b, hgt, wid, c = x.shape
+  h = _np_conv(_np_group_norm(x, p["norm"], groups, 1e-6), p["proj_in"]).reshape(b, -1, c)
+  blk = p["transformer_blocks_0"]
+
+  def attn(t, q_p):
+    split = lambda u: u.reshape(b, -1, c // dim_head, dim_head)
+    q, k, v = (split(t @ q_p[n]["kernel"]) for n in ("to_q", "to_k", "to_v"))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim_head)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return _np_linear(np.einsum("bhqk,bkhd->bqhd", w, v).reshape(t.shape), q_p["to_out_0"])
+
+  import scipy.special
+  h = attn(_np_layer_norm(h, blk["norm1"]), blk["attn1"]) + h
+  h = attn(_np_layer_norm(h, blk["norm2"]), blk["attn2"]) + h
+  a, gate = np.split(_np_linear(_np_layer_norm(h, blk["norm3"]), blk["ff"]["net_0_proj"]), 2, -1)
+  h = _np_linear(a * 0.5 * gate * (1.0 + scipy.special.erf(gate / np.sqrt(2.0))),
+                 blk["ff"]["net_2"]) + h
+  return _np_conv(h.reshape(b, hgt, wid, c), p["proj_out"]) + x
+
+
+def test_whole_unet_forward_against_numpy(x64):
+  """The full network (embeddings, skips, resampling, middle transformer) in float64.
+
+  The numpy side spells out sgm's block list for channel_mult (1, 2) with one
+  ResBlock per level instead of looping like the module, so wiring mistakes
+  (a missing SiLU in an embedding MLP, skips dropped or concatenated as
+  [skip, h]) show up as a mismatch.
+  """
+  net = UNetModel(in_channels=1, model_channels=8, num_res_blocks=1, channel_mult=(1, 2),
+                  num_head_channels=8, num_groups=4)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 8, 8, 1))
+  c_noise = np.array([-0.6, 2.3])
+  vector = rng.normal(size=(2, 6))
+  # random parameters of the module's shapes (no zero convs): compiling the
+  # float64 init alone takes ~10 s on CPU, eval_shape none
+  shapes = jax.eval_shape(net.init, jax.random.key(0), x, c_noise, {"vector": vector})
+  fan_in = lambda s: np.prod(s[:-1]) if len(s) > 1 else 1.0
+  p = jax.tree.map(lambda s: rng.normal(size=s.shape) / np.sqrt(fan_in(s.shape)),
+                   shapes["params"])
+  out = np.asarray(jax.jit(net.apply)({"params": p}, x, c_noise, {"vector": vector}))
+
+  # sgm's timestep_embedding (as score_flow.timestep_embedding): [cos, sin], max_period 1e4
+  freqs = 10000.0 ** (-np.arange(4) / 4.0)
+  emb = np.concatenate([np.cos(c_noise[:, None] * freqs), np.sin(c_noise[:, None] * freqs)], -1)
+  emb = _np_linear(_np_silu(_np_linear(emb, p["time_embed_0"])), p["time_embed_2"])
+  emb = emb + _np_linear(_np_silu(_np_linear(vector, p["label_emb_0_0"])), p["label_emb_0_2"])
+  res = lambda name, h: _np_res_block(h, emb, p[name], 4)
+  cat = lambda h, skip: np.concatenate([h, skip], axis=-1)  # torch.cat([h, hs.pop()], 1)
+  h0 = _np_conv(x, p["input_blocks_0_0"])  # 8 ch, 8x8
+  h1 = res("input_blocks_1_0", h0)  # 8 ch
+  h2 = _np_conv(h1, p["input_blocks_2_0"]["op"], stride=2)  # Downsample, 4x4
+  h3 = res("input_blocks_3_0", h2)  # 16 ch
+  h = res("middle_block_0", h3)
+  h = _np_spatial_transformer(h, p["middle_block_1"], 4, 8)
+  h = res("middle_block_2", h)
+  h = res("output_blocks_0_0", cat(h, h3))
+  h = res("output_blocks_1_0", cat(h, h2))
+  h = h.repeat(2, axis=1).repeat(2, axis=2)  # Upsample: nearest x2, then conv
+  h = _np_conv(h, p["output_blocks_1_1"]["conv"])
+  h = res("output_blocks_2_0", cat(h, h1))
+  h = res("output_blocks_3_0", cat(h, h0))
+  ref = _np_conv(_np_silu(_np_group_norm(h, p["out_0"], 4, 1e-5)), p["out_2"])
+  # every parameter block is used above
+  assert set(p) == {"time_embed_0", "time_embed_2", "label_emb_0_0", "label_emb_0_2",
+                    "input_blocks_0_0", "input_blocks_1_0", "input_blocks_2_0",
+                    "input_blocks_3_0", "middle_block_0", "middle_block_1", "middle_block_2",
+                    "output_blocks_0_0", "output_blocks_1_0", "output_blocks_1_1",
+                    "output_blocks_2_0", "output_blocks_3_0", "out_0", "out_2"}
+  assert out.dtype == np.float64 and out.shape == x.shape
+  assert np.max(np.abs(ref)) > 0.1
+  np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-9)
