@@ -40,15 +40,18 @@ def test_frechet_distance_is_symmetric():
   np.testing.assert_allclose(metrics.frechet_distance(b, a), fd, rtol=1e-9)
 
 
-def test_frechet_distance_diagonal_gaussians_closed_form():
-  """|mu_a - mu_b|^2 + sum (sqrt(var_a) - sqrt(var_b))^2 for diagonal covs."""
-  rng = np.random.default_rng(2)
-  mu_a, mu_b = rng.standard_normal(5), rng.standard_normal(5)
-  var_a, var_b = rng.uniform(0.2, 3.0, 5), rng.uniform(0.2, 3.0, 5)
+def _diagonal_pair(rng, d):
+  """Feature sets of diagonal covariance (300 and 200 rows) and their FD,
+  |mu_a - mu_b|^2 + sum (sqrt(var_a) - sqrt(var_b))^2."""
+  mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+  var_a, var_b = rng.uniform(0.2, 3.0, d), rng.uniform(0.2, 3.0, d)
   a = _with_moments(rng, 300, mu_a, np.diag(var_a))
   b = _with_moments(rng, 200, mu_b, np.diag(var_b))
-  expected = (np.sum((mu_a - mu_b) ** 2)
-              + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2))
+  return a, b, np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+
+
+def test_frechet_distance_diagonal_gaussians_closed_form():
+  a, b, expected = _diagonal_pair(np.random.default_rng(2), 5)
   np.testing.assert_allclose(metrics.frechet_distance(a, b), expected,
                              rtol=1e-9)
 
@@ -91,15 +94,11 @@ def test_frechet_distance_keeps_a_feature_dead_in_one_set_only():
   # a feature constant in a but spread in b (a collapsed sample set) counts in
   # full: its mean gap plus b's variance, the diagonal closed form with var_a = 0
   rng = np.random.default_rng(6)
-  mu_a, mu_b = rng.standard_normal(4), rng.standard_normal(4)
-  var_a, var_b = rng.uniform(0.2, 3.0, 4), rng.uniform(0.2, 3.0, 4)
-  a = _with_moments(rng, 300, mu_a, np.diag(var_a))
-  b = _with_moments(rng, 200, mu_b, np.diag(var_b))
+  a, b, expected = _diagonal_pair(rng, 4)
   b_dead = rng.standard_normal(200)
   b_dead = 0.5 + np.sqrt(0.7) * (b_dead - b_dead.mean()) / b_dead.std(ddof=1)
   a, b = np.c_[a, np.zeros(300)], np.c_[b, b_dead]
-  expected = (np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
-              + 0.5 ** 2 + 0.7)
+  expected += 0.5 ** 2 + 0.7
   np.testing.assert_allclose(metrics.frechet_distance(a, b), expected, rtol=1e-6)
   np.testing.assert_allclose(metrics.frechet_distance(b, a), expected, rtol=1e-6)
 
