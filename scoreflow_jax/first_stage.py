@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scoreflow_jax.data import to_model_images
-from scoreflow_jax.outputs import file_sha256
+from scoreflow_jax.outputs import file_sha256, replaced_when_done
 
 FIRST_STAGES = ("identity", "kl_autoencoder")
 
@@ -174,13 +174,11 @@ def store_moments(stage, images, moments, path):
   sidecar = path + ".json"
   if os.path.exists(sidecar):
     os.remove(sidecar)
-  with open(path + ".tmp", "wb") as f:
+  with replaced_when_done(path) as f:
     np.save(f, np.asarray(moments, np.float32))
-  os.replace(path + ".tmp", path)
-  with open(sidecar + ".tmp", "w") as f:
+  with replaced_when_done(sidecar, "w") as f:
     json.dump(dict(_moments_signature(stage, images),
                    moments_shape=list(np.shape(moments))), f)
-  os.replace(sidecar + ".tmp", sidecar)
 
 
 def build_autoencoder(a):

@@ -91,14 +91,15 @@ def check_data_flags(source, data_dir):
 
 
 @contextlib.contextmanager
-def usage_errors(script_flags=True):
+def usage_errors(script_flags=True, is_users=None, hint=""):
   """Re-raises a user's error as ``app.UsageError`` in the script's flags.
 
   The user's errors are ``USER_ERRORS``, ``checkpointing.CheckpointError`` and
   any error whose message carries a ``--config.data.`` hint (data.py's TFDS
-  errors); ``app.run`` prints their message without a traceback. Other errors
-  (bugs) keep their traceback. ``script_flags=False`` keeps the hints as they
-  are (train.py, whose flags they are). With the environment variable
+  errors), or those ``is_users(e)`` accepts; ``app.run`` prints their message
+  (and ``hint``) without a traceback. Other errors (bugs) keep their
+  traceback. ``script_flags=False`` keeps the hints as they are (train.py,
+  whose flags they are). With the environment variable
   ``SCOREFLOW_TRACEBACK=1`` every error keeps its traceback: for a ValueError
   or OSError that is a bug (a model being changed) rather than a user's.
   """
@@ -107,9 +108,11 @@ def usage_errors(script_flags=True):
   except app.UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_users(e) or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0"):
+    if (not (is_users or _is_users)(e)
+        or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0")):
       raise
-    raise app.UsageError(with_script_flags(str(e)) if script_flags else str(e)) from e
+    message = with_script_flags(str(e)) if script_flags else str(e)
+    raise app.UsageError(message + hint) from e
 
 
 # A field of train.py's config (config.training.batch_size, training.batch_size,
@@ -121,28 +124,24 @@ _MISSING = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectory
             PermissionError)
 
 
-@contextlib.contextmanager
 def training_errors():
   """train.py's run: an error that names its fix -- a missing or unreadable
   file (data, autoencoder weights), a checkpoint that does not fit, or any
   message naming a config field to change -- becomes one ``app.UsageError``
   line; anything else (a model's error) keeps its traceback, as does every
   error with ``SCOREFLOW_TRACEBACK=1``."""
-  try:
-    yield
-  except app.UsageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    ckpt = sys.modules.get("scoreflow_jax.checkpointing")
-    told = (isinstance(e, _MISSING) or _NAMES_A_FIELD.search(str(e)) is not None
-            or (ckpt is not None and isinstance(e, ckpt.CheckpointError)))
-    if not told or os.environ.get("SCOREFLOW_TRACEBACK", "0") not in ("", "0"):
-      raise
-    raise app.UsageError(f"{e}\n(SCOREFLOW_TRACEBACK=1 shows where it was raised)") from e
+  names_its_fix = lambda e: (isinstance(e, _MISSING) or _is_checkpoint_error(e)
+                             or _NAMES_A_FIELD.search(str(e)) is not None)
+  return usage_errors(script_flags=False, is_users=names_its_fix,
+                      hint="\n(SCOREFLOW_TRACEBACK=1 shows where it was raised)")
+
+
+def _is_checkpoint_error(e):
+  # checkpointing (and orbax) are imported only where a checkpoint was read
+  ckpt = sys.modules.get("scoreflow_jax.checkpointing")
+  return ckpt is not None and isinstance(e, ckpt.CheckpointError)
 
 
 def _is_users(e):
-  # checkpointing (and orbax) are imported only where a checkpoint was read
-  ckpt = sys.modules.get("scoreflow_jax.checkpointing")
   return (isinstance(e, USER_ERRORS) or "--config.data." in str(e)
-          or (ckpt is not None and isinstance(e, ckpt.CheckpointError)))
+          or _is_checkpoint_error(e))
