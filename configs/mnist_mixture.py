@@ -4,7 +4,7 @@ configs/mnist_gauss.py with ``gaussian_components = 50`` and ``gaussian_rank
 = 16``: each class is split into 50 k-means clusters of the training set, each
 a Gaussian with 16 principal directions (fitted when the run starts, 15-20 s
 for MNIST on 2 idle cores, up to 70 s on busy ones, and 166 s on 50,000
-images on a CPU shared with three other jobs (session 26); a progress line
+images on a CPU shared with other jobs (session 26); a progress line
 every 10 s; frozen), and the denoiser is the mixture's exact posterior
 mean plus c_out times the gradient of the flow's residual energy, so
 D = x + sigma^2 grad_x E still holds exactly (E = log of the noisy mixture
