@@ -10,8 +10,14 @@ included (centred latents with the std sigma_data = 0.5 that EDM's
 preconditioning assumes, as EDM2 normalises its latents). The loss is L1 + KL
 (sgm's without LPIPS and GAN): enough for MNIST. An existing --out is
 replaced only with --overwrite (checked before training).
+
+Training is saved to OUT.ckpt every --checkpoint_every steps and when
+SIGTERM or Ctrl-C stops it; the same command resumes from there (the same
+batches and updates as a run never stopped) and deletes the file once --out
+is written. A checkpoint of other flags is refused, never replaced.
 """
 import re
+import sys
 
 from absl import app, flags, logging
 
@@ -36,6 +42,8 @@ flags.DEFINE_integer("num_res_blocks", 1, "ResnetBlocks per level.")
 flags.DEFINE_list("attn_resolutions", [], "Sizes with attention blocks (the middle "
                   "always has one).")
 flags.DEFINE_integer("embed_dim", 4, "Latent channels.")
+flags.DEFINE_integer("checkpoint_every", 250, "Save training to OUT.ckpt every N "
+                     "steps (0: only after the last) to resume a stopped run.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -53,6 +61,9 @@ def main(argv):
   if FLAGS.steps < 1 or FLAGS.batch_size < 1:
     raise app.UsageError(f"--steps and --batch_size must be >= 1, got {FLAGS.steps} "
                          f"and {FLAGS.batch_size}.")
+  if FLAGS.checkpoint_every < 0:
+    raise app.UsageError(f"--checkpoint_every must be >= 0 (0: save only after the "
+                         f"last step), got {FLAGS.checkpoint_every}.")
   if FLAGS.num_res_blocks < 1 or FLAGS.embed_dim < 1 or not ch_mult or min(ch_mult) < 1:
     raise app.UsageError(f"--num_res_blocks, --embed_dim and every --ch_mult level must "
                          f"be >= 1, got {FLAGS.num_res_blocks}, {FLAGS.embed_dim} and "
@@ -70,7 +81,11 @@ def main(argv):
       autoencoder_training.train_and_save(
           first_stage.build_autoencoder(a), FLAGS.data_dir, FLAGS.out, FLAGS.source,
           FLAGS.dataset, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate,
-          FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite)
+          FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite,
+          checkpoint_every=FLAGS.checkpoint_every)
+  except autoencoder_training.Stopped as e:  # saved; not an error
+    print(e)
+    sys.exit(e.exit_code)
   except app.UsageError as e:  # the checks name train.py's fields: these are flags here
     raise app.UsageError(own_flags(str(e))) from e
 

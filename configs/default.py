@@ -111,7 +111,8 @@ def get_config():
   training.images_per_class = 8          # grid columns; one row per class
   training.time_limit_s = 0.0            # stop (with a checkpoint) this long after the start (0: none);
                                          # data loading, the base fit and compilation count;
-                                         # the steps since the last log are logged and checked first
+                                         # the steps since the last log are logged and checked first;
+                                         # a last grid (image_every > 0) follows the save
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "heun_edm"          # euler_edm | heun_edm | euler_ancestral | dpmpp_2s_ancestral | dpmpp_2m | lms

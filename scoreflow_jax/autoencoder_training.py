@@ -8,17 +8,22 @@ plus ``kl_weight`` times KL(q(z|x) || N(0, I)) (Stable Diffusion's VAEs:
 needs the perceptual and adversarial terms (or released weights: the first
 stage loads any sgm/ldm AutoencoderKL state dict).
 """
+import contextlib
 import json
 import os
 import shlex
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from scoreflow_jax.networks import autoencoder as ae
+from scoreflow_jax.outputs import replaced_when_done
 from scoreflow_jax.run_logging import format_duration
 
 
@@ -31,8 +36,73 @@ def loss_terms(module, params, x, key):
   return jnp.sum(jnp.abs(x - rec), axis=axes), ae.kl_divergence(mean, logvar)
 
 
+class Stopped(Exception):
+  """SIGTERM or SIGINT stopped ``train``; its state was saved to resume from."""
+
+  def __init__(self, message, signum):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals(received: list):
+  """While in the block, SIGTERM and SIGINT are appended to ``received``
+  instead of ending the process (a second SIGINT, Ctrl-C twice, still
+  interrupts). Nothing is installed outside the main thread, where Python
+  cannot; the previous handlers are restored."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  def handler(signum, frame):
+    if signum == signal.SIGINT and signal.SIGINT in received:
+      raise KeyboardInterrupt
+    received.append(signum)
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def _save_checkpoint(path, settings, step, params, opt_state):
+  blob = serialization.msgpack_serialize({
+      "settings": json.dumps(settings, sort_keys=True), "step": step,
+      "params": serialization.to_state_dict(jax.device_get(params)),
+      "opt_state": serialization.to_state_dict(jax.device_get(opt_state))})
+  with replaced_when_done(path) as f:
+    f.write(blob)
+
+
+def _load_checkpoint(path, settings, params, opt_state):
+  """``(step, params, opt_state)`` saved in ``path`` by a run with ``settings``."""
+  start_over = f"delete {path} to start over"
+  try:
+    with open(path, "rb") as f:
+      saved = serialization.msgpack_restore(f.read())
+    theirs = json.loads(saved["settings"])
+    step = int(saved["step"])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} is not a readable train_autoencoder.py checkpoint "
+                     f"({type(e).__name__}: {e}); {start_over}.") from None
+  ours = json.loads(json.dumps(settings, sort_keys=True))
+  if theirs != ours:
+    differ = ", ".join(f"{k} {theirs.get(k, '<missing>')!r} there, {ours.get(k, '<missing>')!r} here"
+                       for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+    raise ValueError(f"{path} is the checkpoint of a run with other settings ({differ}); "
+                     f"rerun with its settings to resume it, or {start_over}.")
+  try:
+    return (step, serialization.from_state_dict(params, saved["params"]),
+            serialization.from_state_dict(opt_state, saved["opt_state"]))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} does not hold this network's state ({e}); "
+                     f"{start_over}.") from None
+
+
 def train(module, images, steps: int, batch_size: int = 64, learning_rate: float = 1e-3,
-          kl_weight: float = 1e-6, seed: int = 0, log=print, log_every: int = 100):
+          kl_weight: float = 1e-6, seed: int = 0, log=print, log_every: int = 100,
+          checkpoint: str | None = None, checkpoint_every: int = 0,
+          settings: dict | None = None):
   """Trains ``module`` on ``images`` (float NHWC in [-1, 1]); returns params.
 
   Adam with a cosine decay to 1% of ``learning_rate``; batches are drawn from
@@ -40,6 +110,14 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   gets a line after the first (compiling) step and every ``log_every`` steps:
   steps/s from the second step on, seconds since the call (compilation
   included).
+
+  With ``checkpoint`` (a file), the state is saved there every
+  ``checkpoint_every`` steps (0: only at the end), after the last step, and
+  when SIGTERM (a preemption, ``kill``) or SIGINT (Ctrl-C) stops training,
+  which then raises ``Stopped``. A call that finds the file resumes from it:
+  the same batches, keys and updates as a run never stopped. A file from a
+  run with other settings (the arguments here, the network, the number of
+  images and the caller's ``settings``) is refused, not replaced.
   """
   t0 = time.perf_counter()
   if steps < 1 or not 0 < batch_size <= len(images):
@@ -49,11 +127,21 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
     raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
   if not (np.isfinite(learning_rate) and learning_rate > 0):
     raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate}")
+  if checkpoint_every < 0:
+    raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
   key = jax.random.key(seed)
   # init draws from fold_in(key, steps); step s from fold_in(key, s)
   params = jax.jit(module.init)(jax.random.fold_in(key, steps), images[:1])
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, 0.01))
   opt_state = tx.init(params)
+  settings = dict(settings or {}, network=metadata(module, {})["ddconfig"], steps=steps,
+                  batch_size=batch_size, learning_rate=learning_rate,
+                  kl_weight=kl_weight, seed=seed, num_images=len(images),
+                  image_shape=list(images.shape[1:]))
+  start = 0
+  if checkpoint and os.path.exists(checkpoint):
+    start, params, opt_state = _load_checkpoint(checkpoint, settings, params, opt_state)
+    log(f"resuming from {checkpoint}: step {start} of {steps}")
 
   @jax.jit
   def step_fn(params, opt_state, x, step):
@@ -64,30 +152,44 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, (loss,) + aux
 
-  rng = np.random.default_rng(seed)
-  perm, pos = rng.permutation(len(images)), 0
+  # epoch e (steps e * per_epoch ...) takes the e-th permutation of rng
+  rng, epoch, per_epoch = np.random.default_rng(seed), -1, len(images) // batch_size
   window, first = [], None  # first: when the first (compiling) step ended
-  for step in range(steps):
-    if pos + batch_size > len(perm):
-      perm, pos = rng.permutation(len(images)), 0
-    idx = np.sort(perm[pos:pos + batch_size])
-    pos += batch_size
-    params, opt_state, terms = step_fn(params, opt_state, images[idx], step)
-    window.append(terms)
-    if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
-      loss, rec, kl = (float(np.mean([t[i] for t in window])) for i in range(3))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"non-finite autoencoder loss at step {step + 1}; "
-                                 "try a lower --learning_rate")
-      now = time.perf_counter()
-      if first is None:
-        first, speed = now, "compiled"
-      else:
-        rate = step / max(now - first, 1e-9)
-        speed = (f"{rate:.2f} steps/s, ETA {format_duration((steps - step - 1) / rate)}")
-      log(f"step {step + 1}/{steps}: loss {loss:.2f} (L1 sum {rec:.2f}, KL {kl:.1f} "
-          f"per image) | {speed} | {now - t0:.0f} s")
-      window = []
+  received = []
+  with _stop_signals(received) if checkpoint else contextlib.nullcontext():
+    for step in range(start, steps):
+      if received:
+        _save_checkpoint(checkpoint, settings, step, params, opt_state)
+        name = signal.Signals(received[0]).name
+        log(f"{name} received: stopped at step {step} of {steps}; saved {checkpoint} "
+            "(the same command resumes from it)")
+        raise Stopped(f"{name}: training stopped at step {step} of {steps} and saved "
+                      f"in {checkpoint}; run the same command to resume.", received[0])
+      while epoch < step // per_epoch:
+        perm, epoch = rng.permutation(len(images)), epoch + 1
+      pos = (step % per_epoch) * batch_size
+      idx = np.sort(perm[pos:pos + batch_size])
+      params, opt_state, terms = step_fn(params, opt_state, images[idx], step)
+      if window:  # one step in flight: a stop is acted on within a step or two
+        jax.block_until_ready(window[-1])
+      window.append(terms)
+      done = step + 1
+      if step == start or done % log_every == 0 or done == steps:
+        loss, rec, kl = (float(np.mean([t[i] for t in window])) for i in range(3))
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"non-finite autoencoder loss at step {done}; "
+                                   "try a lower --learning_rate")
+        now = time.perf_counter()
+        if first is None:
+          first, speed = now, "compiled"
+        else:
+          rate = (step - start) / max(now - first, 1e-9)
+          speed = f"{rate:.2f} steps/s, ETA {format_duration((steps - done) / rate)}"
+        log(f"step {done}/{steps}: loss {loss:.2f} (L1 sum {rec:.2f}, KL {kl:.1f} "
+            f"per image) | {speed} | {now - t0:.0f} s")
+        window = []
+      if checkpoint and (done == steps or checkpoint_every and done % checkpoint_every == 0):
+        _save_checkpoint(checkpoint, settings, done, params, opt_state)
   return jax.device_get(params)
 
 
@@ -181,19 +283,26 @@ def metadata(module, results: dict) -> dict:
 
 def train_and_save(module, data_dir, out, source="offline", dataset="mnist", steps=2000,
                    batch_size=64, learning_rate=1e-3, kl_weight=1e-6, seed=0,
-                   holdout=0, overwrite=False, log=print):
+                   holdout=0, overwrite=False, log=print, checkpoint_every=250):
   """Trains ``module`` on a data set's training split, scores it on the test
   split, writes ``out`` (.safetensors, sgm's names) and returns the results.
 
   An existing ``out`` is replaced only with ``overwrite`` (checked first).
   ``holdout`` leaves out the training images that runs with that
-  ``data.holdout`` hold out, as train_classifier.py does.
+  ``data.holdout`` hold out, as train_classifier.py does. Training is saved
+  to ``out + ".ckpt"`` every ``checkpoint_every`` steps (0: only at its end)
+  and when SIGTERM or SIGINT stops it (``Stopped``); the same call resumes
+  from that file, which is deleted once ``out`` is written.
   """
   from scoreflow_jax import data as data_lib
   from scoreflow_jax.outputs import check_output
   if not out.endswith(".safetensors"):
     raise ValueError(f"--out must be a .safetensors file, got {out}")
   out = check_output(out, overwrite, "--out")
+  checkpoint = out + ".ckpt"
+  if os.path.isdir(checkpoint):
+    raise IsADirectoryError(f"{checkpoint} (where training is saved to resume) is a "
+                            "folder; move it or choose another --out.")
   images, _ = data_lib.load_run_split(dataset, "train", source, data_dir, holdout)
   test_images, _ = data_lib.load_split(dataset, "test", source, data_dir)
   try:
@@ -205,17 +314,22 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
   images, test_images = to_float(images), to_float(test_images)
   log(f"{dataset}: {len(images):,} train, {len(test_images):,} test images; {steps} "
       f"steps of {batch_size}; latents {module.latent_shape(images.shape[1:])}")
-  t0 = time.perf_counter()
-  params = train(module, images, steps, batch_size, learning_rate, kl_weight, seed, log)
+  t0, resumed = time.perf_counter(), os.path.exists(checkpoint)
+  params = train(module, images, steps, batch_size, learning_rate, kl_weight, seed, log,
+                 checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                 settings={"dataset": dataset, "holdout": int(holdout)})
   seconds = time.perf_counter() - t0
   log(f"scoring the reconstructions of the {len(test_images):,} test images")
   results = evaluate(module, params, test_images)
   results.update(dataset=dataset, steps=steps, batch_size=batch_size,
                  learning_rate=learning_rate, kl_weight=kl_weight, seed=seed,
-                 holdout=int(holdout), train_seconds=round(seconds, 1))
+                 holdout=int(holdout), train_seconds=round(seconds, 1),
+                 resumed=resumed)  # then train_seconds is the last call's
   log(f"test reconstruction (posterior means): MAE {results['mae']:.4f}, PSNR "
       f"{results['psnr']:.2f} dB; latent std {results['latent_std']:.4f}")
   ae.save_safetensors(ae.state_dict_from_params(params), out, metadata(module, results))
-  log(f"wrote {out} ({seconds:.0f} s of training). Train on its latents with:\n  "
+  os.remove(checkpoint)
+  log(f"wrote {out} ({seconds:.0f} s of training"
+      + (" since the resume" if resumed else "") + "). Train on its latents with:\n  "
       + config_flags(module, results["scale_factor"], out, results["latent_mean"]))
   return results

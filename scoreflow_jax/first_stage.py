@@ -245,11 +245,17 @@ def load_kl_autoencoder(a) -> KLAutoencoderFirstStage:
                                  float(getattr(a, "shift_factor", 0.0)))
 
 
+# Published scale factors (1 / the latents' std over their training images).
+_UNIT_VARIANCE_SCALES = {0.13025: "SDXL's VAE", 0.18215: "Stable Diffusion 1.x/2.x's VAE"}
+
+
 def autoencoder_warnings(model_config, data_config) -> list:
   """What a new latent run should be told about its autoencoder's file, from
   what train_autoencoder.py recorded in its header (nothing for a file that
   records nothing, e.g. an sgm state dict):
 
+  * for a file that records no std: SDXL's or Stable Diffusion's published
+    ``scale_factor`` (unit-variance latents) with model.sigma_data != 1;
   * ``model.autoencoder.scale_factor`` more than 2% off model.sigma_data / the
     latents' std measured there (the scaled latents would not have the std
     EDM's preconditioning assumes);
@@ -261,14 +267,23 @@ def autoencoder_warnings(model_config, data_config) -> list:
   from scoreflow_jax.networks import autoencoder as ae
   a = model_config.autoencoder
   path = os.path.expanduser(a.weights)
-  if not path.endswith(".safetensors"):
-    return []
-  try:
-    recorded = json.loads(ae.safetensors_metadata(path).get("results", "{}"))
-  except (OSError, ValueError):
-    return []
+  recorded = {}
+  if path.endswith(".safetensors"):
+    try:
+      recorded = json.loads(ae.safetensors_metadata(path).get("results", "{}"))
+    except (OSError, ValueError):
+      pass
   out = []
   std = recorded.get("latent_std")
+  known = _UNIT_VARIANCE_SCALES.get(round(a.scale_factor, 5))
+  if std is None and known and not math.isclose(model_config.sigma_data, 1.0):
+    # an sgm/ldm file records no std: its published factor gives unit variance
+    out.append(
+        f"warning: model.autoencoder.scale_factor={a.scale_factor:.5g} is {known}'s, "
+        "which scales its latents to unit variance, for model.sigma_data=1; this "
+        f"model's sigma_data is {model_config.sigma_data:g}. Unless that is meant, "
+        "pass --config.model.autoencoder.scale_factor="
+        f"{a.scale_factor * model_config.sigma_data:.5g} (or --config.model.sigma_data=1).")
   if std and not math.isclose(a.scale_factor * std, model_config.sigma_data, rel_tol=0.02):
     want = model_config.sigma_data / std
     out.append(

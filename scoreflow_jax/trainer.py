@@ -590,7 +590,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   # The grids' sampler, made once: every grid reuses its compilation.
   grid_sampler = (generate.make_sampler_fn(model, config.sampling, mesh=mesh)
                   if t.image_every else None)
-  step = start_step
+  step = grid_step = start_step  # grid_step: of the last grid (none at the start)
   # SIGTERM (a cluster's preemption or time-out notice, `kill`) stops the run
   # like the time limit: the steps since the last log are logged, checked
   # and saved, and the run resumes from there.
@@ -601,11 +601,11 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
       # every process decides alike: process 0's clock for the time limit, a
       # SIGTERM to any process for the signal (checked every step under a
       # time limit, otherwise at log steps: no collective per step)
-      out_of_time = False
+      out_of_time = preempted = False  # preempted: by a signal (agreed too)
       if t.time_limit_s or jax.process_count() == 1 or step % t.log_every == 0:
-        out_of_time = ((bool(t.time_limit_s) and _agreed(
+        preempted = _any_process(bool(signalled))
+        out_of_time = preempted or (bool(t.time_limit_s) and _agreed(
             _time_limit_clock() - started > t.time_limit_s))
-            or _any_process(bool(signalled)))
       # Out of time, the steps since the last log are summarised and checked
       # like at a log step, then saved like at a checkpoint step.
       if not out_of_time:
@@ -660,9 +660,9 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
           note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
                   f"{config.optim.learning_rate:g}: it decays over training.num_steps="
                   f"{t.num_steps})")
-        log((f"SIGTERM received: stopping at step {step}; saving" if signalled
+        log((f"SIGTERM received: stopping at step {step}; saving" if preempted
              else f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
-            + note + (f" (resume: python train.py --workdir {workdir})" if signalled
+            + note + (f" (resume: python train.py --workdir {workdir})" if preempted
                       else ""))
       if at_ckpt:
         t0 = time.perf_counter()
@@ -672,9 +672,13 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
                                       os.path.join(workdir, "loss_curve.png"),
                                       config.run_name)
         progress.exclude(time.perf_counter() - t0)
-      if out_of_time:
+      # a time-limited run ends with a grid, like a finished one (its last
+      # step is rarely a multiple of image_every); a preempted one saves only
+      if out_of_time and (preempted or step == grid_step):
         break
-      if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
+      if t.image_every and (out_of_time or step % t.image_every == 0
+                            or step == t.num_steps):
+        grid_step = step
         t0 = time.perf_counter()
         path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
         sample_grid(model, state.ema_params, config, mesh,
@@ -682,6 +686,8 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
                     sampler_fn=grid_sampler)
         log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
         progress.exclude(time.perf_counter() - t0)
+      if out_of_time:
+        break
   finally:
     _on_sigterm(previous_handler)
     batches.close()

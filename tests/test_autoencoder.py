@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 
 import chex
 import jax
@@ -448,6 +449,22 @@ def test_stored_moments_are_read_back_only_for_their_images_and_weights(weights,
   assert read() is None
 
 
+def test_a_published_unit_variance_scale_at_sigma_data_half_is_told(weights):
+  # An sgm/ldm file records no latent std; SDXL's or SD's published factor
+  # scales to unit variance, twice the std sigma_data = 0.5 assumes.
+  from types import SimpleNamespace
+  data_config = ml_collections.ConfigDict({"holdout": 0, "name": "mnist"})
+  def told(scale, sigma_data, path=weights):
+    model = SimpleNamespace(sigma_data=sigma_data, autoencoder=SimpleNamespace(
+        weights=str(path), scale_factor=scale, shift_factor=0.0))
+    return first_stage_lib.autoencoder_warnings(model, data_config)
+  message, = told(0.13025, 0.5)
+  assert "is SDXL's VAE's" in message and "sigma_data is 0.5" in message
+  assert "--config.model.autoencoder.scale_factor=0.065125 " in message
+  assert "Stable Diffusion 1.x/2.x" in told(0.18215, 0.5, "sd_vae.ckpt")[0]
+  assert not told(0.13025, 1.0) and not told(0.065125, 0.5) and not told(0.15, 0.5)
+
+
 def test_config_errors(weights, tmp_path):
   config = latent_config(weights)
   config.model.score_flow.in_channels = 1
@@ -522,6 +539,56 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
       aet.train(module, images, steps=1, learning_rate=rate)
 
 
+def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path):
+  # SIGTERM, then SIGINT, stops training at a step boundary, saved; the
+  # resumed run's weights are bit for bit those of a run never stopped (same
+  # batches: 24 images in batches of 8 cross epochs; same keys, Adam state).
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(24)[0], np.float32) / 127.5 - 1.0
+  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  kwargs = dict(steps=7, batch_size=8, learning_rate=2e-3, seed=3, log_every=1)
+  whole = aet.train(module, images, log=lambda line: None, **kwargs)
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+
+  def stop_after(step, signum):
+    def log(line):
+      if line.startswith(f"step {step}/7"):
+        os.kill(os.getpid(), signum)  # handled: recorded, acted on before the next step
+    return log
+  for step, signum in ((4, signal.SIGTERM), (5, signal.SIGINT)):
+    with pytest.raises(aet.Stopped, match=f"stopped at step {step} of 7") as stopped:
+      aet.train(module, images, log=stop_after(step, signum), checkpoint=ckpt,
+                checkpoint_every=0, settings={"dataset": "synthetic"}, **kwargs)
+    assert stopped.value.exit_code == 128 + signum
+  saved = open(ckpt, "rb").read()
+  # other settings are refused and the checkpoint is kept as it was
+  for change, named in (({"learning_rate": 1e-3}, "learning_rate 0.002 there, 0.001 here"),
+                        ({"settings": {"dataset": "mnist"}}, "dataset 'synthetic' there")):
+    args = {**kwargs, "settings": {"dataset": "synthetic"}, **change}
+    with pytest.raises(ValueError, match=f"other settings.*{named}.*delete {ckpt}"):
+      aet.train(module, images, log=lambda line: None, checkpoint=ckpt, **args)
+    assert open(ckpt, "rb").read() == saved
+  lines = []
+  resumed = aet.train(module, images, log=lines.append, checkpoint=ckpt,
+                      checkpoint_every=0, settings={"dataset": "synthetic"}, **kwargs)
+  assert lines[0] == f"resuming from {ckpt}: step 5 of 7"
+  assert lines[1].startswith("step 6/7") and "| compiled |" in lines[1], lines
+  chex.assert_trees_all_equal(resumed, whole)
+  # the final state is saved too: a crash while scoring loses no training
+  lines = []
+  again = aet.train(module, images, log=lines.append, checkpoint=ckpt,
+                    settings={"dataset": "synthetic"}, **kwargs)
+  assert lines == [f"resuming from {ckpt}: step 7 of 7"]
+  chex.assert_trees_all_equal(again, whole)
+  open(ckpt, "wb").write(saved[:len(saved) // 2])  # cut short (a failing disk)
+  with pytest.raises(ValueError, match="not a readable train_autoencoder.py checkpoint"):
+    aet.train(module, images, log=lambda line: None, checkpoint=ckpt,
+              settings={"dataset": "synthetic"}, **kwargs)
+  # the handlers are the caller's again
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_train_autoencoder_script_then_latent_config(tmp_path):
   # The script's weights and printed flags give a first stage that loads them.
   from tests.test_cli import run
@@ -533,6 +600,7 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
           "--steps", "3", "--batch_size", "8", "--ch_mult", "1,2")
   proc = run(*args)
   assert "test reconstruction" in proc.stdout and "steps/s" in proc.stdout
+  assert not os.path.exists(f"{out}.ckpt")  # the resume file goes once --out is written
   flags = shlex.split(proc.stdout.strip().splitlines()[-1])  # as a shell would
   assert flags[0] == "--config.model.first_stage=kl_autoencoder"
   workdir = tmp_path / "run"
@@ -582,6 +650,13 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
   assert bad.returncode != 0 and "integers separated by commas" in bad.stderr
   bad = run(*args[:-1], "1,2", "--overwrite", "--ch", "48", check=False)
   assert bad.returncode != 0 and "--ch must be a multiple of 32" in bad.stderr
+  bad = run(*args, "--overwrite", "--checkpoint_every", "-1", check=False)
+  assert bad.returncode != 0 and "--checkpoint_every must be >= 0" in bad.stderr
+  (tmp_path / "vae.safetensors.ckpt").write_bytes(b"not a checkpoint")
+  bad = run(*args, "--overwrite", check=False)  # a resume file it cannot read is kept
+  assert bad.returncode == 1 and "not a readable train_autoencoder.py checkpoint" in bad.stderr
+  assert (tmp_path / "vae.safetensors.ckpt").read_bytes() == b"not a checkpoint"
+  os.remove(tmp_path / "vae.safetensors.ckpt")
   # errors name this script's flags, not train.py's config fields
   for extra, message in ((["--embed_dim", "0"], "--num_res_blocks, --embed_dim and every"),
                          (["--holdout", "64"], "--holdout 64 must be in [0, 64)"),

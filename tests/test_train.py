@@ -1,4 +1,5 @@
 """The train step and the training loop: equivalence, learning, resume, errors."""
+import glob
 import json
 import os
 import re
@@ -181,13 +182,16 @@ def _stop_on_time_after(monkeypatch, n, nonfinite_at=None):
 
 def test_time_limit_stop_logs_checks_and_saves_the_last_steps(tmp_path, monkeypatch):
   # Stopped by the time limit between log steps: the steps since the last log
-  # are written to metrics.jsonl and the loss curve, then saved.
+  # are written to metrics.jsonl and the loss curve, then saved; and the run
+  # ends with a sample grid, as a finished one does.
   _stop_on_time_after(monkeypatch, 3)
   workdir = str(tmp_path / "run")
   msgs = []
   out = trainer.train_and_evaluate(
-      tiny_config(num_steps=20, log_every=10, checkpoint_every=10, time_limit_s=3600),
+      tiny_config(num_steps=20, log_every=10, checkpoint_every=10, time_limit_s=3600,
+                  image_every=10),
       workdir, log=msgs.append)
+  assert os.listdir(os.path.join(workdir, "images", "train")) == ["step_0000003.png"]
   assert out["step"] == 3
   stop = [i for i, m in enumerate(msgs) if "time limit 3600 s reached at step 3" in m]
   assert stop and msgs[stop[0] - 1].startswith("step 3/20 | loss"), msgs
@@ -214,9 +218,11 @@ def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch)
   monkeypatch.setattr(ts, "make_train_step", make_signalling)
   before = signal.getsignal(signal.SIGTERM)
   workdir, msgs = str(tmp_path / "run"), []
-  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10),
-                                   workdir, log=msgs.append)
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10,
+                                               image_every=10), workdir, log=msgs.append)
   assert out["step"] == 3 and list(_losses(workdir)) == [3]
+  # a preemption's grace is for the save: no grid
+  assert not glob.glob(os.path.join(workdir, "images", "**", "*.png"), recursive=True)
   assert any(m.startswith("SIGTERM received: stopping at step 3; saving (resume: python "
                           "train.py --workdir") for m in msgs), msgs
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
