@@ -83,9 +83,10 @@ def main(argv):
           FLAGS.dataset, FLAGS.steps, FLAGS.batch_size, FLAGS.learning_rate,
           FLAGS.kl_weight, FLAGS.seed, FLAGS.holdout, FLAGS.overwrite,
           checkpoint_every=FLAGS.checkpoint_every)
-  except autoencoder_training.Stopped as e:  # saved; not an error
-    print(e)
+  except autoencoder_training.Stopped as e:  # saved and told; not an error
     sys.exit(e.exit_code)
+  except FloatingPointError as e:  # its message names the fix
+    raise app.UsageError(str(e)) from e
   except app.UsageError as e:  # the checks name train.py's fields: these are flags here
     raise app.UsageError(own_flags(str(e))) from e
 

@@ -9,6 +9,7 @@ needs the perceptual and adversarial terms (or released weights: the first
 stage loads any sgm/ldm AutoencoderKL state dict).
 """
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -65,34 +66,42 @@ def _stop_signals(received: list):
       signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
-def _save_checkpoint(path, settings, step, params, opt_state):
+def _save_checkpoint(path, settings, step, params, opt_state, seconds):
   blob = serialization.msgpack_serialize({
       "settings": json.dumps(settings, sort_keys=True), "step": step,
-      "params": serialization.to_state_dict(jax.device_get(params)),
+      "seconds": seconds, "params": serialization.to_state_dict(jax.device_get(params)),
       "opt_state": serialization.to_state_dict(jax.device_get(opt_state))})
   with replaced_when_done(path) as f:
     f.write(blob)
 
 
+# The settings' names in a refusal: what to pass to resume.
+_SETTING_NAMES = {"network": "the network (ch, ch_mult, num_res_blocks, attn_resolutions, "
+                             "embed_dim)", "images_sha256": "the training images"}
+
+
 def _load_checkpoint(path, settings, params, opt_state):
-  """``(step, params, opt_state)`` saved in ``path`` by a run with ``settings``."""
+  """``(step, seconds, params, opt_state)`` saved in ``path`` by a run with
+  ``settings``."""
   start_over = f"delete {path} to start over"
   try:
     with open(path, "rb") as f:
       saved = serialization.msgpack_restore(f.read())
     theirs = json.loads(saved["settings"])
-    step = int(saved["step"])
+    step, seconds = int(saved["step"]), float(saved["seconds"])
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path} is not a readable train_autoencoder.py checkpoint "
                      f"({type(e).__name__}: {e}); {start_over}.") from None
   ours = json.loads(json.dumps(settings, sort_keys=True))
   if theirs != ours:
-    differ = ", ".join(f"{k} {theirs.get(k, '<missing>')!r} there, {ours.get(k, '<missing>')!r} here"
-                       for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+    differ = "; ".join(
+        _SETTING_NAMES[k] if k in _SETTING_NAMES else
+        f"{k} {theirs.get(k, '<missing>')!r} there, {ours.get(k, '<missing>')!r} here"
+        for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
     raise ValueError(f"{path} is the checkpoint of a run with other settings ({differ}); "
                      f"rerun with its settings to resume it, or {start_over}.")
   try:
-    return (step, serialization.from_state_dict(params, saved["params"]),
+    return (step, seconds, serialization.from_state_dict(params, saved["params"]),
             serialization.from_state_dict(opt_state, saved["opt_state"]))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path} does not hold this network's state ({e}); "
@@ -103,7 +112,8 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
           kl_weight: float = 1e-6, seed: int = 0, log=print, log_every: int = 100,
           checkpoint: str | None = None, checkpoint_every: int = 0,
           settings: dict | None = None):
-  """Trains ``module`` on ``images`` (float NHWC in [-1, 1]); returns params.
+  """Trains ``module`` on ``images`` (float NHWC in [-1, 1]); returns
+  ``(params, seconds)``, seconds of training over every call that resumed it.
 
   Adam with a cosine decay to 1% of ``learning_rate``; batches are drawn from
   a fresh permutation each epoch of ``np.random.default_rng(seed)``. ``log``
@@ -114,10 +124,11 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   With ``checkpoint`` (a file), the state is saved there every
   ``checkpoint_every`` steps (0: only at the end), after the last step, and
   when SIGTERM (a preemption, ``kill``) or SIGINT (Ctrl-C) stops training,
-  which then raises ``Stopped``. A call that finds the file resumes from it:
-  the same batches, keys and updates as a run never stopped. A file from a
-  run with other settings (the arguments here, the network, the number of
-  images and the caller's ``settings``) is refused, not replaced.
+  which then raises ``Stopped``; every save is of finite losses and weights.
+  A call that finds the file resumes from it: the same batches, keys and
+  updates as a run never stopped. A file from a run with other settings (the
+  arguments here, the network, the images and the caller's ``settings``) is
+  refused, not replaced.
   """
   t0 = time.perf_counter()
   if steps < 1 or not 0 < batch_size <= len(images):
@@ -138,9 +149,12 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
                   batch_size=batch_size, learning_rate=learning_rate,
                   kl_weight=kl_weight, seed=seed, num_images=len(images),
                   image_shape=list(images.shape[1:]))
-  start = 0
+  start = saved = 0  # saved: the step of the last save
+  before = 0.0  # seconds of the calls this one resumes
   if checkpoint and os.path.exists(checkpoint):
-    start, params, opt_state = _load_checkpoint(checkpoint, settings, params, opt_state)
+    start, before, params, opt_state = _load_checkpoint(checkpoint, settings, params,
+                                                        opt_state)
+    saved = start
     log(f"resuming from {checkpoint}: step {start} of {steps}")
 
   @jax.jit
@@ -152,6 +166,31 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, (loss,) + aux
 
+  def check_finite(done):
+    finite = all(np.isfinite(t[0]) for t in window) and all(
+        bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    if not finite:
+      kept = (f"; {checkpoint} holds step {saved}, the last finite one, saved with this "
+              "--learning_rate (delete it to start again with another)"
+              if checkpoint and saved else "")
+      raise FloatingPointError(f"non-finite autoencoder loss or weights by step {done}: "
+                               f"training stopped{kept}; try a lower --learning_rate")
+
+  def save(done):
+    nonlocal saved
+    check_finite(done)
+    _save_checkpoint(checkpoint, settings, done, params, opt_state,
+                     before + time.perf_counter() - t0)
+    saved = done
+
+  def stop(done):
+    save(done)
+    name = signal.Signals(received[0]).name
+    log(f"{name} received: stopped at step {done} of {steps}; saved {checkpoint} "
+        "(the same command resumes from it)")
+    raise Stopped(f"{name}: training stopped at step {done} of {steps} and saved "
+                  f"in {checkpoint}; run the same command to resume.", received[0])
+
   # epoch e (steps e * per_epoch ...) takes the e-th permutation of rng
   rng, epoch, per_epoch = np.random.default_rng(seed), -1, len(images) // batch_size
   window, first = [], None  # first: when the first (compiling) step ended
@@ -159,12 +198,7 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   with _stop_signals(received) if checkpoint else contextlib.nullcontext():
     for step in range(start, steps):
       if received:
-        _save_checkpoint(checkpoint, settings, step, params, opt_state)
-        name = signal.Signals(received[0]).name
-        log(f"{name} received: stopped at step {step} of {steps}; saved {checkpoint} "
-            "(the same command resumes from it)")
-        raise Stopped(f"{name}: training stopped at step {step} of {steps} and saved "
-                      f"in {checkpoint}; run the same command to resume.", received[0])
+        stop(step)
       while epoch < step // per_epoch:
         perm, epoch = rng.permutation(len(images)), epoch + 1
       pos = (step % per_epoch) * batch_size
@@ -175,10 +209,8 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
       window.append(terms)
       done = step + 1
       if step == start or done % log_every == 0 or done == steps:
+        check_finite(done)
         loss, rec, kl = (float(np.mean([t[i] for t in window])) for i in range(3))
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"non-finite autoencoder loss at step {done}; "
-                                   "try a lower --learning_rate")
         now = time.perf_counter()
         if first is None:
           first, speed = now, "compiled"
@@ -189,8 +221,10 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
             f"per image) | {speed} | {now - t0:.0f} s")
         window = []
       if checkpoint and (done == steps or checkpoint_every and done % checkpoint_every == 0):
-        _save_checkpoint(checkpoint, settings, done, params, opt_state)
-  return jax.device_get(params)
+        save(done)
+    if received:  # during the last step: saved above; the caller scores nothing
+      stop(steps)
+  return jax.device_get(params), before + time.perf_counter() - t0
 
 
 def _reconstructions(module, params, images, batch_size):
@@ -311,25 +345,23 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
     raise ValueError(f"{e}: each of the {len(module.ch_mult)} levels of ch_mult but "
                      "the last halves the sides; use fewer levels.") from None
   to_float = lambda u8: u8.astype(np.float32) / 127.5 - 1.0
-  images, test_images = to_float(images), to_float(test_images)
+  uint8, images, test_images = images, to_float(images), to_float(test_images)
   log(f"{dataset}: {len(images):,} train, {len(test_images):,} test images; {steps} "
       f"steps of {batch_size}; latents {module.latent_shape(images.shape[1:])}")
-  t0, resumed = time.perf_counter(), os.path.exists(checkpoint)
-  params = train(module, images, steps, batch_size, learning_rate, kl_weight, seed, log,
-                 checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                 settings={"dataset": dataset, "holdout": int(holdout)})
-  seconds = time.perf_counter() - t0
+  params, seconds = train(
+      module, images, steps, batch_size, learning_rate, kl_weight, seed, log,
+      checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+      settings={"dataset": dataset, "holdout": int(holdout), "images_sha256":
+                hashlib.sha256(np.ascontiguousarray(uint8)).hexdigest()})
   log(f"scoring the reconstructions of the {len(test_images):,} test images")
   results = evaluate(module, params, test_images)
   results.update(dataset=dataset, steps=steps, batch_size=batch_size,
                  learning_rate=learning_rate, kl_weight=kl_weight, seed=seed,
-                 holdout=int(holdout), train_seconds=round(seconds, 1),
-                 resumed=resumed)  # then train_seconds is the last call's
+                 holdout=int(holdout), train_seconds=round(seconds, 1))
   log(f"test reconstruction (posterior means): MAE {results['mae']:.4f}, PSNR "
       f"{results['psnr']:.2f} dB; latent std {results['latent_std']:.4f}")
   ae.save_safetensors(ae.state_dict_from_params(params), out, metadata(module, results))
   os.remove(checkpoint)
-  log(f"wrote {out} ({seconds:.0f} s of training"
-      + (" since the resume" if resumed else "") + "). Train on its latents with:\n  "
+  log(f"wrote {out} ({seconds:.0f} s of training). Train on its latents with:\n  "
       + config_flags(module, results["scale_factor"], out, results["latent_mean"]))
   return results

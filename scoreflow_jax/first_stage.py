@@ -251,8 +251,8 @@ _UNIT_VARIANCE_SCALES = {0.13025: "SDXL's VAE", 0.18215: "Stable Diffusion 1.x/2
 
 def autoencoder_warnings(model_config, data_config) -> list:
   """What a new latent run should be told about its autoencoder's file, from
-  what train_autoencoder.py recorded in its header (nothing for a file that
-  records nothing, e.g. an sgm state dict):
+  what train_autoencoder.py recorded in its header, and for a file that
+  records nothing (e.g. an sgm state dict) from its published scale:
 
   * for a file that records no std: SDXL's or Stable Diffusion's published
     ``scale_factor`` (unit-variance latents) with model.sigma_data != 1;
@@ -283,7 +283,8 @@ def autoencoder_warnings(model_config, data_config) -> list:
         "which scales its latents to unit variance, for model.sigma_data=1; this "
         f"model's sigma_data is {model_config.sigma_data:g}. Unless that is meant, "
         "pass --config.model.autoencoder.scale_factor="
-        f"{a.scale_factor * model_config.sigma_data:.5g} (or --config.model.sigma_data=1).")
+        f"{a.scale_factor * model_config.sigma_data:.5g} (or --config.model.sigma_data=1 "
+        "--config.loss.sigma_data=1).")
   if std and not math.isclose(a.scale_factor * std, model_config.sigma_data, rel_tol=0.02):
     want = model_config.sigma_data / std
     out.append(

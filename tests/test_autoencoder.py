@@ -2,6 +2,7 @@
 diffusion through the train step, the trainer and the sampler."""
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import serialization
 
 from configs import mnist
 from scoreflow_jax import data, first_stage as first_stage_lib, generate
@@ -518,8 +520,8 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
   np.testing.assert_allclose(kl, ae.kl_divergence(mean, logvar), rtol=1e-6)
 
   lines = []
-  trained = aet.train(module, images, steps=steps, batch_size=8, learning_rate=2e-3,
-                      log=lines.append, log_every=10)
+  trained, _ = aet.train(module, images, steps=steps, batch_size=8, learning_rate=2e-3,
+                         log=lines.append, log_every=10)
   assert len(lines) == 3 and "| compiled |" in lines[0]  # steps 1 (compiling), 10, 20
   assert "steps/s" in lines[-1] and "ETA" in lines[-1]
   before, after = aet.evaluate(module, params, images), aet.evaluate(module, trained, images)
@@ -548,45 +550,108 @@ def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path):
   module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
                             attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
   kwargs = dict(steps=7, batch_size=8, learning_rate=2e-3, seed=3, log_every=1)
-  whole = aet.train(module, images, log=lambda line: None, **kwargs)
+  whole, _ = aet.train(module, images, log=lambda line: None, **kwargs)
   ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
   def stop_after(step, signum):
     def log(line):
       if line.startswith(f"step {step}/7"):
         os.kill(os.getpid(), signum)  # handled: recorded, acted on before the next step
     return log
-  for step, signum in ((4, signal.SIGTERM), (5, signal.SIGINT)):
+  lines = []
+  for step, signum in ((4, signal.SIGTERM), (5, signal.SIGINT), (7, signal.SIGTERM)):
+    # (at step 7, the last: saved, and Stopped rather than scored)
     with pytest.raises(aet.Stopped, match=f"stopped at step {step} of 7") as stopped:
-      aet.train(module, images, log=stop_after(step, signum), checkpoint=ckpt,
-                checkpoint_every=0, settings={"dataset": "synthetic"}, **kwargs)
+      log = stop_after(step, signum)
+      aet.train(module, images, log=lambda line: (lines.append(line), log(line)),
+                checkpoint=ckpt, checkpoint_every=0, settings={"dataset": "synthetic"},
+                **kwargs)
     assert stopped.value.exit_code == 128 + signum
-  saved = open(ckpt, "rb").read()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    if step == 5:
+      saved = open(ckpt, "rb").read()
+      shutil.copy(ckpt, ckpt + ".at5")
+  assert [line for line in lines if line.startswith("resuming")] == [
+      f"resuming from {ckpt}: step {s} of 7" for s in (4, 5)]
+  os.replace(ckpt + ".at5", ckpt)
   # other settings are refused and the checkpoint is kept as it was
   for change, named in (({"learning_rate": 1e-3}, "learning_rate 0.002 there, 0.001 here"),
-                        ({"settings": {"dataset": "mnist"}}, "dataset 'synthetic' there")):
+                        ({"settings": {"dataset": "mnist"}}, "dataset 'synthetic' there"),
+                        ({"settings": {"dataset": "synthetic", "images_sha256": "0"}},
+                         "the training images")):
     args = {**kwargs, "settings": {"dataset": "synthetic"}, **change}
     with pytest.raises(ValueError, match=f"other settings.*{named}.*delete {ckpt}"):
       aet.train(module, images, log=lambda line: None, checkpoint=ckpt, **args)
     assert open(ckpt, "rb").read() == saved
   lines = []
-  resumed = aet.train(module, images, log=lines.append, checkpoint=ckpt,
-                      checkpoint_every=0, settings={"dataset": "synthetic"}, **kwargs)
+  resumed, seconds = aet.train(module, images, log=lines.append, checkpoint=ckpt,
+                               checkpoint_every=0, settings={"dataset": "synthetic"},
+                               **kwargs)
   assert lines[0] == f"resuming from {ckpt}: step 5 of 7"
   assert lines[1].startswith("step 6/7") and "| compiled |" in lines[1], lines
   chex.assert_trees_all_equal(resumed, whole)
-  # the final state is saved too: a crash while scoring loses no training
+  # the final state is saved too: a crash while scoring loses no training;
+  # the seconds are those of every call
   lines = []
-  again = aet.train(module, images, log=lines.append, checkpoint=ckpt,
-                    settings={"dataset": "synthetic"}, **kwargs)
+  again, again_seconds = aet.train(module, images, log=lines.append, checkpoint=ckpt,
+                                   settings={"dataset": "synthetic"}, **kwargs)
   assert lines == [f"resuming from {ckpt}: step 7 of 7"]
   chex.assert_trees_all_equal(again, whole)
+  assert seconds < again_seconds < seconds + 5
   open(ckpt, "wb").write(saved[:len(saved) // 2])  # cut short (a failing disk)
   with pytest.raises(ValueError, match="not a readable train_autoencoder.py checkpoint"):
     aet.train(module, images, log=lambda line: None, checkpoint=ckpt,
               settings={"dataset": "synthetic"}, **kwargs)
-  # the handlers are the caller's again
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  os.remove(ckpt)
+  # a save is of finite weights only: a diverging run keeps its last good state
+  with pytest.raises(FloatingPointError, match="non-finite autoencoder loss or weights "
+                     rf"by step (\d).*{ckpt} holds step (\d), the last finite") as e:
+    aet.train(module, images, log=lambda line: None, checkpoint=ckpt, checkpoint_every=1,
+              **{**kwargs, "learning_rate": 1e12, "log_every": 100})
+  bad, good = map(int, re.search(r"by step (\d).*holds step (\d)", str(e.value)).groups())
+  assert good == bad - 1
+  state = serialization.msgpack_restore(open(ckpt, "rb").read())
+  assert state["step"] == good and all(
+      np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_train_autoencoder_script_stops_on_sigterm_and_resumes(tmp_path):
+  # What a preempted job sees: SIGTERM saves, exits 128 + 15 with one line
+  # (no traceback); the same command resumes from the step it saved.
+  import subprocess
+  import sys
+  from tests.test_cli import ROOT
+  from tests.test_eval import _write_mnist
+  _write_mnist(tmp_path, *data.make_synthetic(64, seed=1), "train")
+  _write_mnist(tmp_path, *data.make_synthetic(32, seed=2), "t10k")
+  out = tmp_path / "vae.safetensors"
+  command = [sys.executable, "train_autoencoder.py", "--data_dir", str(tmp_path), "--out",
+             str(out), "--steps", "1000000", "--batch_size", "8", "--ch_mult", "1",
+             "--embed_dim", "2"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  for attempt in range(2):
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = []
+    for line in proc.stdout:  # wait for the first step, then stop the run
+      head.append(line)
+      if "| compiled |" in line:
+        break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    stdout = "".join(head) + stdout
+    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    told = re.findall(r"SIGTERM received: stopped at step (\d+) of 1000000; saved "
+                      + re.escape(f"{out}.ckpt"), stdout)
+    assert len(told) == 1, stdout
+    if attempt == 0:
+      first = int(told[0])
+    else:
+      assert f"resuming from {out}.ckpt: step {first} of 1000000" in stdout
+      assert int(told[0]) > first
+  assert os.path.exists(f"{out}.ckpt") and not os.path.exists(out)
 
 
 def test_train_autoencoder_script_then_latent_config(tmp_path):

@@ -201,6 +201,17 @@ def test_time_limit_stop_logs_checks_and_saves_the_last_steps(tmp_path, monkeypa
                                    read_only=True).steps() == [3]
 
 
+def test_time_limit_at_a_grid_step_writes_no_second_grid(tmp_path, monkeypatch):
+  _stop_on_time_after(monkeypatch, 4)
+  workdir, msgs = str(tmp_path / "run"), []
+  trainer.train_and_evaluate(
+      tiny_config(num_steps=20, log_every=10, checkpoint_every=10, time_limit_s=3600,
+                  image_every=2), workdir, log=msgs.append)
+  assert sorted(os.listdir(os.path.join(workdir, "images", "train"))) == [
+      "step_0000002.png", "step_0000004.png"]
+  assert sum(m.startswith("sample grid") for m in msgs) == 2, msgs
+
+
 def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch):
   # a cluster's preemption notice: the run saves where it is and resumes there
   import signal
