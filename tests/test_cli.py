@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from scoreflow_jax import generate
+from scoreflow_jax import generate, train_step as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -312,3 +313,41 @@ def test_training_errors_tells_a_users_error_and_keeps_a_models(monkeypatch):
   with pytest.raises(FileNotFoundError):
     with usage.training_errors():
       raise FileNotFoundError("no file x")
+
+
+def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run, tmp_path,
+                                                                      monkeypatch):
+  workdir, _ = trained_run
+  kw = dict(sampler="euler_ancestral", num_steps=3, classes=[3, 1], num_per_class=2,
+            seed=1, batch_size=4, log=lambda s: None)
+  model, state, config = generate.load_run(workdir, sampler="euler_ancestral", num_steps=3,
+                                           log=lambda s: None)
+  gen = lambda params: generate.generate_images(
+      model, params, config.sampling, np.repeat([3, 1], 2), jax.random.key(1), (28, 28, 1),
+      batch_size=4, cfg_scale=1.0, mesh=ts.make_mesh())
+  # use_ema=False (sample.py --noema) samples the raw weights
+  raw = generate.sample_from_run(workdir, str(tmp_path / "raw.png"), use_ema=False, **kw)
+  np.testing.assert_allclose(raw, gen(state.params), atol=1e-4)
+  with np.load(tmp_path / "raw.npz") as f:
+    assert str(f["weights"]) == "raw weights"
+  # --cfg_interval reaches the sampler and is recorded: one above sigma_max guides
+  # no step (scale 3 there is scale 1); the batch recorded is the one drawn in
+  out = generate.sample_from_run(workdir, str(tmp_path / "iv.png"), cfg_scale=3.0,
+                                 cfg_interval=(1e3, 2e3), **dict(kw, batch_size=256))
+  np.testing.assert_allclose(out, gen(state.ema_params), atol=1e-4)
+  with np.load(tmp_path / "iv.npz") as f:
+    np.testing.assert_array_equal(f["cfg_interval"], [1e3, 2e3])
+    assert int(f["batch_size"]) == 4
+  # a label outside the run's classes is refused (it embeds as NaN)
+  with pytest.raises(ValueError, match=r"classes \[10\] are outside 0..9"):
+    generate.sample_from_run(workdir, str(tmp_path / "bad.png"), **dict(kw, classes=[10]))
+  # an .npz write cut short keeps the old file and leaves no part behind
+  (tmp_path / "keep.npz").write_bytes(b"10k samples")
+  def cut_short(f, **arrays):
+    f.write(b"half")
+    raise OSError("disk full")
+  monkeypatch.setattr(generate.np, "savez", cut_short)
+  with pytest.raises(OSError, match="disk full"):
+    generate.sample_from_run(workdir, str(tmp_path / "keep.npz"), overwrite=True, **kw)
+  assert (tmp_path / "keep.npz").read_bytes() == b"10k samples"
+  assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]

@@ -99,3 +99,16 @@ def test_bad_inputs():
   cond = cm.class_conditioner(4, 10, 0.0)
   with pytest.raises(KeyError, match="cls"):
     cond.init(jax.random.key(0), {"label": jnp.zeros(2, jnp.int32)})
+
+
+def test_each_embedder_draws_its_own_dropout():
+  cond = cm.GeneralConditioner(embedders=(cm.ClassEmbedder(4, 10), cm.ClassEmbedder(4, 10)),
+                               input_keys=("a", "b"), ucg_rates=(0.5, 0.5))
+  n = 256
+  batch = {"a": jnp.arange(n) % 10, "b": jnp.arange(n) % 10}
+  params = cond.init(jax.random.key(0), batch)
+  for key in (jax.random.key(1), jax.random.split(jax.random.key(1), n)):  # one, per sample
+    v = np.asarray(cond.apply(params, batch, key=key)["vector"])
+    drop_a, drop_b = np.all(v[:, :4] == 0, 1), np.all(v[:, 4:] == 0, 1)
+    assert 0.35 < drop_a.mean() < 0.65 and 0.35 < drop_b.mean() < 0.65
+    assert not np.array_equal(drop_a, drop_b)  # independent draws

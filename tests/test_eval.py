@@ -1065,3 +1065,32 @@ def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
   assert "has no ddconfig in its header" in _error(proc)
   proc = _evaluate(*base[:-1], tmp_path / "missing", "--out", tmp_path / "m.json")
   assert "missing does not exist" in _error(proc)
+
+
+def test_evaluate_cli_compare_guards_named_inputs_and_repeated_names(tmp_path):
+  for name in ("a", "b"):
+    with open(tmp_path / f"{name}.json", "w") as f:
+      json.dump(_combined({(0, 0): 20.0}), f)
+  kept = (tmp_path / "a.json").read_text()
+  # NAME=FILE: the file is still an input, not replaced even with --overwrite
+  proc = _evaluate("--compare", f"base={tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                   "--out", tmp_path / "a.json", "--overwrite")
+  assert proc.returncode != 0 and "is one of the inputs" in _error(proc)
+  assert (tmp_path / "a.json").read_text() == kept
+  # two files of one stem would be one model, the other silently dropped
+  (tmp_path / "sub").mkdir()
+  shutil.copy(tmp_path / "b.json", tmp_path / "sub" / "a.json")
+  proc = _evaluate("--compare", f"{tmp_path / 'a.json'},{tmp_path / 'sub' / 'a.json'}")
+  assert proc.returncode != 0 and "'a' given twice" in _error(proc)
+
+
+def test_evaluate_cli_scores_against_the_validation_images(trained, tmp_path):
+  params, acc, test_images, test_labels, _ = trained
+  clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
+  samples, labels = data.make_synthetic(100, seed=5)
+  np.savez(tmp_path / "ho.npz", images=samples, labels=labels, holdout=60, step=7)
+  proc = _evaluate("--samples", tmp_path / "ho.npz", "--classifier", clf, "--data_dir",
+                   tmp_path, "--num_samples", 20, "--reference", "validation")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  res = json.loads((tmp_path / "ho_eval.json").read_text())
+  assert (res["reference"], res["holdout"]) == ("validation", 60)

@@ -103,3 +103,37 @@ def test_image_grid_layout():
   assert grid.shape == (2 * 4, 2 * 5, 1) and grid.dtype == np.uint8
   assert grid[1, 1, 0] == 0 and grid[1, 6, 0] == 128 and grid[5, 1, 0] == 255
   assert grid[0, 0, 0] == 255  # white gaps
+
+
+def test_cfg_interval_reaches_the_guider_and_progress_counts_batches(tiny):
+  config, model, params = tiny
+  config.sampling.sampler, config.sampling.num_steps = "heun_edm", 3
+  calls = []
+  gen = lambda **kw: generate.generate_images(model, params, config.sampling, [0, 1, 2, 3, 4],
+                                              jax.random.key(6), (28, 28, 1), batch_size=2,
+                                              **kw)
+  plain = gen(cfg_scale=1.0, progress=lambda b, n: calls.append((b, n)))
+  assert calls == [(1, 3), (2, 3), (3, 3)]
+  # an interval above sigma_max (80) guides no step: the unguided samples
+  np.testing.assert_allclose(gen(cfg_scale=3.0, cfg_interval=(1e3, 2e3)), plain, atol=1e-5)
+  # ... and one holding every sigma guides all of them
+  np.testing.assert_allclose(gen(cfg_scale=3.0, cfg_interval=(0.0, 1e3)),
+                             gen(cfg_scale=3.0), atol=1e-5)
+
+
+def test_scale_1_makes_no_unconditional_call(tiny, monkeypatch):
+  config, model, params = tiny
+  config.sampling.sampler, config.sampling.num_steps = "euler_edm", 2
+  monkeypatch.setattr(generate.guiders, "vanilla_cfg",
+                      lambda *a, **k: pytest.fail("scale 1 doubled the batch for CFG"))
+  generate.generate_images(model, params, config.sampling, [0, 1], jax.random.key(0),
+                           (28, 28, 1), cfg_scale=1.0)
+
+
+def test_image_grid_rows_are_classes_and_columns_samples():
+  # 3 classes x 2 samples (the existing layout test is square: rows == columns)
+  images = np.stack([np.full((2, 2, 1), v) for v in (-1.0, 1.0, -1.0, 1.0, -1.0, 1.0)])
+  grid = generate.image_grid(images, rows=3)
+  assert grid.shape == (3 * 4, 2 * 4, 1)
+  assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 255 and grid[5, 1, 0] == 0
+  assert grid[9, 1, 0] == 0 and grid[9, 5, 0] == 255

@@ -1,4 +1,5 @@
-"""Two local processes (jax.distributed, gloo CPU collectives) train like one."""
+"""Two local processes (jax.distributed, gloo CPU collectives) train like one; the
+coordinator flags and environment that start them."""
 import json
 import os
 import socket
@@ -6,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from configs import mnist
-from scoreflow_jax import trainer, train_step as ts
+from scoreflow_jax import distributed, trainer, train_step as ts
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 
@@ -95,3 +98,23 @@ def test_processes_without_a_coordinator_are_refused(monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "x")
   with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be an integer"):
     distributed.maybe_initialize()
+
+
+def test_coordinator_flags_and_environment(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  # a process id alone (JAX_PROCESS_ID=1) would train alone as process 0 of 1
+  with pytest.raises(ValueError, match="need --coordinator_address"):
+    distributed.maybe_initialize(False, None, None, 1)
+  # an address needs the count and the id, checked before anything starts
+  with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
+    distributed.maybe_initialize(False, "127.0.0.1:1234", 2, None, cpu_collectives=None)
+  assert calls == []
+  # the environment stands in for every flag, the address included
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  assert distributed.maybe_initialize(cpu_collectives=None) is True
+  assert calls == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1)]

@@ -1,4 +1,5 @@
 """Output files: checked before any work, made only at the write, never half-written."""
+import hashlib
 import json
 import os
 
@@ -49,3 +50,23 @@ def test_a_link_is_written_through(tmp_path):
   outputs.write_json(str(tmp_path / "r.json"), {"fd": 3.0})
   assert os.path.islink(tmp_path / "r.json")
   assert json.loads((tmp_path / "store" / "r.json").read_text()) == {"fd": 3.0}
+
+
+def test_sha256_reads_the_whole_file(tmp_path):
+  head = b"x" * (1 << 20)  # classifiers differing only after the first MiB
+  (tmp_path / "a").write_bytes(head + b"1")
+  (tmp_path / "b").write_bytes(head + b"2")
+  assert outputs.file_sha256(tmp_path / "a") == hashlib.sha256(head + b"1").hexdigest()
+  assert outputs.file_sha256(tmp_path / "a") != outputs.file_sha256(tmp_path / "b")
+
+
+def test_an_input_is_recognised_by_any_of_its_names(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "a.json").write_text("{}")
+  os.symlink(tmp_path / "a.json", tmp_path / "link.json")
+  for out in ("a.json", "./a.json", str(tmp_path / "a.json"), "link.json"):
+    with pytest.raises(ValueError, match="is one of the inputs"):
+      outputs.check_not_an_input(out, [str(tmp_path / "a.json")])
+  outputs.check_not_an_input("b.json", ["a.json"])
+  # an empty --out is the default, as None is
+  assert outputs.results_path("", str(tmp_path / "d.json")) == str(tmp_path / "d.json")

@@ -1,5 +1,6 @@
 """Loss curves of several runs: the metrics reader and the comparison plot."""
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -164,3 +165,60 @@ def test_loss_curve_plots_every_sigma_bin_any_row_has(tmp_path, monkeypatch):
   run_logging.plot_loss_curve(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
   assert labels == ["loss", "sigma_0-0.1", "sigma_10-80"]
   assert Image.open(tmp_path / "c.png").size == (600, 400)
+
+
+def test_a_lost_row_right_after_the_checkpoint_is_dropped_and_the_curve_plots(tmp_path):
+  # checkpoint at 10, killed after logging 11 and 12; the resume logs every 5
+  path = tmp_path / "metrics.jsonl"
+  _write(path, [{"step": s, "train/loss": 1.0} for s in (9, 10, 11, 12)])
+  w = run_logging.MetricWriter(str(tmp_path), purge_step=11)
+  w.write(15, {"train/loss": 0.5})
+  w.close()
+  assert run_logging.read_metrics(str(tmp_path))[0] == [9, 10, 15]
+  # the start's marker row has no loss: the trainer's loss curve still plots
+  run_logging.plot_loss_curve(str(path), str(tmp_path / "c.png"))
+  assert Image.open(tmp_path / "c.png").size == (600, 400)
+
+
+def test_progress_line_images_per_second_and_an_unknown_eta(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(run_logging.time, "perf_counter", lambda: now[0])
+  progress = run_logging.Progress(0, 100, 8)
+  now[0] = 110.0
+  text, _ = progress.line(10, 0.5)
+  assert "1.00 steps/s 8 img/s" in text, text
+  assert run_logging.format_duration(float("inf")) == "unknown"
+  text, _ = progress.line(10, 0.5)  # no step since the last line: no rate, no crash
+  assert text.endswith("ETA unknown"), text
+
+
+def test_wall_clock_axis_is_in_minutes(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.axes import Axes
+  xs, plot = [], Axes.plot
+  def recording(self, x, *args, **kwargs):
+    xs.append(list(x))
+    return plot(self, x, *args, **kwargs)
+  monkeypatch.setattr(Axes, "plot", recording)
+  _write(tmp_path / "m.jsonl", [{"step": 1, "train/loss": 1.0, "train/wall_s": 60.0},
+                                {"step": 2, "train/loss": 0.9, "train/wall_s": 180.0}])
+  run_logging.plot_loss_curves({"a": str(tmp_path / "m.jsonl")}, str(tmp_path / "c.png"),
+                               x="wall")
+  assert xs == [[1.0, 3.0]]
+
+
+def test_a_figure_cut_short_keeps_the_old_png(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib.figure import Figure
+  _write(tmp_path / "metrics.jsonl", [{"step": 1, "train/loss": 1.0}])
+  (tmp_path / "c.png").write_bytes(b"old curve")
+  def cut_short(self, f, **kwargs):
+    f.write(b"half")
+    raise OSError("disk full")
+  monkeypatch.setattr(Figure, "savefig", cut_short)
+  with pytest.raises(OSError, match="disk full"):
+    run_logging.plot_loss_curve(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").read_bytes() == b"old curve"
+  assert sorted(os.listdir(tmp_path)) == ["c.png", "metrics.jsonl"]
