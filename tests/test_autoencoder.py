@@ -759,3 +759,139 @@ def _check_latent_diagnose(workdir, data_dir):
       cparams, imgs, test_labels[idx], test_images[rest], test_labels[rest], 10)["fd"]
   np.testing.assert_allclose(row0["fd"], score(decoded), rtol=1e-4)
   assert not np.isclose(row0["fd"], score(test_images[idx]), rtol=1e-3)  # not the raw images
+
+
+def test_autoencoder_checkpoint_refuses_each_other_training_setting(tmp_path):
+  # Each argument that shapes the training is part of the checkpoint's settings:
+  # a resume with another seed, kl_weight, batch_size, steps or network is
+  # refused (it would silently mix two runs), naming what differs.
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
+  small = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+               resolution=28, in_channels=1, out_ch=1)
+  module = ae.AutoencoderKL(embed_dim=2, **small)
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  kwargs = dict(steps=2, batch_size=8, learning_rate=2e-3, kl_weight=1e-6, seed=3,
+                log=lambda line: None, checkpoint=ckpt, settings={"dataset": "synthetic"})
+  aet.train(module, images, **kwargs)  # the last step is saved
+  saved = open(ckpt, "rb").read()
+  for change, named in (({"seed": 4}, "seed 3 there, 4 here"),
+                        ({"kl_weight": 1e-3}, "kl_weight 1e-06 there, 0.001 here"),
+                        ({"batch_size": 4}, "batch_size 8 there, 4 here"),
+                        ({"steps": 3}, "steps 2 there, 3 here")):
+    with pytest.raises(ValueError, match=f"other settings.*{named}"):
+      aet.train(module, images, **{**kwargs, **change})
+    assert open(ckpt, "rb").read() == saved
+  with pytest.raises(ValueError, match=r"other settings \(the network \(ch, ch_mult"):
+    aet.train(ae.AutoencoderKL(embed_dim=1, **small), images, **kwargs)
+  assert open(ckpt, "rb").read() == saved
+
+
+def test_train_autoencoder_script_passes_each_flag_on(tmp_path):
+  # Every training flag reaches the training (and is recorded in --out's
+  # results): a flag dropped or passed in another's place trains another model.
+  import subprocess
+  import sys
+  from tests.test_cli import ROOT
+  from tests.test_eval import _write_mnist
+  _write_mnist(tmp_path, *data.make_synthetic(32, seed=1), "train")
+  _write_mnist(tmp_path, *data.make_synthetic(16, seed=2), "t10k")
+  out = tmp_path / "vae.safetensors"
+  spy = ("import json, sys\n"
+         "from absl import app\n"
+         "import train_autoencoder as script\n"
+         "from scoreflow_jax import autoencoder_training as aet\n"
+         "train = aet.train\n"
+         "def spy(module, images, steps, batch_size, learning_rate, kl_weight, seed, log,"
+         " **kw):\n"
+         "  print('SPY ' + json.dumps(dict(steps=steps, batch_size=batch_size,"
+         " learning_rate=learning_rate, kl_weight=kl_weight, seed=seed,"
+         " checkpoint_every=kw['checkpoint_every'])), flush=True)\n"
+         "  return train(module, images, steps, batch_size, learning_rate, kl_weight, seed,"
+         " log, **kw)\n"
+         "aet.train = spy\n"
+         "sys.argv[0] = 'train_autoencoder.py'\n"
+         "app.run(script.main)\n")
+  flags = dict(steps=2, batch_size=4, learning_rate=0.003, kl_weight=0.25, seed=5,
+               checkpoint_every=7)
+  proc = subprocess.run(
+      [sys.executable, "-c", spy, "--data_dir", str(tmp_path), "--out", str(out),
+       "--ch_mult", "1", "--embed_dim", "2", "--holdout", "8",
+       *[f"--{k}={v}" for k, v in flags.items()]],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  spied, = [json.loads(line[4:]) for line in proc.stdout.splitlines()
+            if line.startswith("SPY ")]
+  assert spied == flags
+  header = json.loads(out.read_bytes()[8:8 + int.from_bytes(out.read_bytes()[:8], "little")])
+  results = json.loads(header["__metadata__"]["results"])
+  assert {k: results[k] for k in ("steps", "batch_size", "learning_rate", "kl_weight",
+                                  "seed", "holdout")} == dict(
+      {k: v for k, v in flags.items() if k != "checkpoint_every"}, holdout=8)
+
+
+def test_config_flags_give_tuples_train_py_parses(tmp_path):
+  # The printed flags set each tuple field to a tuple (ml_collections parses
+  # '(7)' as the int 7: train.py would refuse the command it was told to run),
+  # and each number as given. No weights needed: only the module's fields.
+  import ast
+  from scoreflow_jax import autoencoder_training as aet
+  for ch_mult, attn in (((1,), ()), ((1, 2), (7,)), ((1, 2, 2), (7, 14))):
+    module = ae.AutoencoderKL(embed_dim=3, z_channels=3, ch=64, ch_mult=ch_mult,
+                              num_res_blocks=2, attn_resolutions=attn, resolution=28,
+                              in_channels=1, out_ch=1)
+    path = str(tmp_path / "my vae.safetensors")  # a space: quoted for the shell
+    flags = shlex.split(aet.config_flags(module, 0.15, path, shift_factor=-0.25))
+    assert flags[0] == "--config.model.first_stage=kl_autoencoder"
+    fields = dict(f.removeprefix("--config.model.autoencoder.").split("=", 1)
+                  for f in flags[1:])
+    assert fields.pop("weights") == path
+    parsed = {k: ast.literal_eval(v) for k, v in fields.items()}
+    assert parsed == dict(scale_factor=0.15, shift_factor=-0.25, in_channels=1,
+                          embed_dim=3, z_channels=3, ch=64, ch_mult=ch_mult,
+                          num_res_blocks=2, attn_resolutions=attn, resolution=28)
+
+
+def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
+  # SIGTERM and a first SIGINT are recorded (training stops at the next step,
+  # saved); a second Ctrl-C interrupts at once (a hung step can be left);
+  # the handlers are restored after.
+  from scoreflow_jax import autoencoder_training as aet
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  received = []
+  with aet._stop_signals(received):
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:  # after a SIGTERM: still the first Ctrl-C, recorded
+      os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+      pytest.fail("a first Ctrl-C after a SIGTERM interrupted training unsaved")
+    assert received == [signal.SIGTERM, signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+  received = []
+  with pytest.raises(KeyboardInterrupt):
+    with aet._stop_signals(received):
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+  assert received == [signal.SIGINT]
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def test_autoencoder_checkpoint_is_never_saved_with_non_finite_weights(tmp_path,
+                                                                        monkeypatch):
+  # An update that makes the weights NaN while the step's loss (of the weights
+  # before it) is still finite: the save after that step refuses, so no
+  # checkpoint of NaN weights is left to resume from.
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
+  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  monkeypatch.setattr(aet.optax, "apply_updates",
+                      lambda params, updates: jax.tree.map(lambda p: p * jnp.nan, params))
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  with pytest.raises(FloatingPointError, match="by step 1: training stopped; try a lower"):
+    aet.train(module, images, steps=3, batch_size=8, checkpoint=ckpt, checkpoint_every=1,
+              log_every=100, log=lambda line: None)
+  assert not os.path.exists(ckpt)

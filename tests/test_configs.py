@@ -151,3 +151,49 @@ def test_bench_overrides_are_typed_and_locked():
     train_throughput.apply_overrides(mnist.get_config(), ["model.score_flow.gaussian_rnak=2"])
   with pytest.raises(ValueError, match="FIELD=VALUE"):
     train_throughput.apply_overrides(mnist.get_config(), ["optim.learning_rate"])
+
+
+def test_build_model_applies_each_loss_and_network_field():
+  # A field set in a config reaches the model: not silently left at a default
+  # that happens to equal it in every shipped config.
+  from configs import mnist_conv, mnist_unet
+  from scoreflow_jax import model as model_lib
+  config = mnist_conv.get_config("tiny")
+  config.loss.sigma_data, config.loss.p_mean, config.loss.p_std = 0.7, -0.4, 0.9
+  config.loss.type = "l1"
+  config.model.sigma_data = 0.6
+  sf = config.model.score_flow
+  sf.max_log_scale, sf.conv_global, sf.conv_channels, sf.conv_blocks = 2.5, True, 12, 0
+  m = model_lib.build_model(config)
+  assert (m.loss_sigma_data, m.p_mean, m.p_std, m.loss_type, m.sigma_data) == (
+      0.7, -0.4, 0.9, "l1", 0.6)
+  net = m.network
+  assert (net.max_log_scale, net.conv_global, net.conv_channels, net.conv_blocks,
+          net.sigma_data) == (2.5, True, 12, 0, 0.6)
+  config = mnist_unet.get_config("tiny")
+  u = config.model.unet
+  u.transformer_depth, u.disable_middle_transformer = 2, True
+  u.attention_resolutions = (2,)
+  net = model_lib.build_model(config).network
+  assert (net.transformer_depth, net.disable_middle_transformer,
+          tuple(net.attention_resolutions)) == (2, True, (2,))
+
+
+def test_documented_config_values():
+  # Values the configs' docstrings and docs quote (a change here is a change
+  # of the documented design, made on purpose).
+  from configs import (cifar10, mnist, mnist_density, mnist_latent, mnist_latent_conv,
+                       mnist_unet)
+  assert mnist.get_config().training.num_steps == 60_000
+  for arg in (None, "tiny"):  # a flow of the image alone, sigma and class as context
+    sf = mnist_density.get_config(arg).model.score_flow
+    assert (sf.parameterization, sf.flow_type) == ("density", "conditional")
+  sf = cifar10.get_config().model.score_flow
+  assert (sf.in_channels, sf.model_channels, sf.n_flows) == (3, 256, 4)
+  u = mnist_unet.get_config().model.unet  # sgm's mnist_cond.yaml
+  assert (u.model_channels, u.num_res_blocks, tuple(u.channel_mult)) == (32, 4, (1, 2, 2))
+  # what train_autoencoder.py printed for the default VAEs: 0.5 / latent std
+  assert mnist_latent.get_config().model.autoencoder.scale_factor == pytest.approx(
+      0.5 / 3.283, rel=1e-3)
+  assert mnist_latent_conv.get_config().model.autoencoder.scale_factor == pytest.approx(
+      0.5 / 3.131, rel=1e-3)

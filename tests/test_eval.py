@@ -1016,6 +1016,8 @@ def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_p
   assert res["fd_runs"][0]["fd"] == pytest.approx(by_hand, rel=1e-4)
   costs = [r["fd"] - r["fd_floor"] for r in res["fd_runs"]]
   assert res["fd_cost"] == pytest.approx(np.mean(costs))
+  assert (res["fd_cost_min"], res["fd_cost_max"]) == pytest.approx((min(costs), max(costs)))
+  assert res["classifier_test_accuracy"] == acc
   assert min(costs) > 10 * res["fd_floor"]  # noise from an untrained decoder
   assert res["autoencoder_training"] == {"steps": 0}
   assert res["autoencoder_sha256"] == af.file_sha256(str(vae))
@@ -1094,3 +1096,158 @@ def test_evaluate_cli_scores_against_the_validation_images(trained, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = json.loads((tmp_path / "ho_eval.json").read_text())
   assert (res["reference"], res["holdout"]) == ("validation", 60)
+
+
+def test_train_and_save_trains_with_the_given_batch_size_and_seed(tmp_path, monkeypatch):
+  # train_classifier.py's --batch_size and --seed reach the training that the
+  # header says they shaped (they were recorded while the defaults trained).
+  _write_mnist(tmp_path, *data.make_synthetic(30, seed=1), "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(60, seed=4), "train")
+  calls, train = [], classifier_lib.train_classifier
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return train(*args, **kwargs)
+  monkeypatch.setattr(classifier_lib, "train_classifier", spy)
+  out = str(tmp_path / "clf.npz")
+  classifier_lib.train_and_save(str(tmp_path), out, steps=1, batch_size=8, seed=3,
+                                log=lambda _: None)
+  assert (calls[0]["batch_size"], calls[0]["seed"], calls[0]["steps"]) == (8, 3, 1)
+  header = classifier_lib.load_classifier(out)[1]
+  assert (header["batch_size"], header["seed"], header["steps"]) == (8, 3, 1)
+
+
+def test_train_classifier_script_passes_its_seed_on(tmp_path):
+  _write_mnist(tmp_path, *data.make_synthetic(30, seed=1), "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(40, seed=4), "train")
+  out = tmp_path / "clf.npz"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "train_classifier.py"), "--data_dir",
+       str(tmp_path), "--out", str(out), "--steps", "1", "--batch_size", "8",
+       "--seed", "7"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  header = classifier_lib.load_classifier(out)[1]
+  assert (header["seed"], header["batch_size"], header["steps"]) == (7, 8, 1)
+
+
+def test_a_failed_classifier_save_keeps_the_file_that_was_there(trained, tmp_path,
+                                                                monkeypatch):
+  params = trained[0]
+  path = tmp_path / "clf.npz"
+  classifier_lib.save_classifier(params, path, test_accuracy=0.5)
+  kept = path.read_bytes()
+  def failing_savez(f, **arrays):
+    f.write(b"half a file")
+    raise OSError("disk full")
+  monkeypatch.setattr(classifier_lib.np, "savez", failing_savez)
+  with pytest.raises(OSError, match="disk full"):
+    classifier_lib.save_classifier(params, path, test_accuracy=0.9)
+  assert path.read_bytes() == kept
+  assert os.listdir(tmp_path) == ["clf.npz"]  # no partial file left beside it
+
+
+def test_load_refuses_other_formats_versions_and_shapes(trained, tmp_path):
+  params = trained[0]
+  path = tmp_path / "clf.npz"
+  def write(header, p=params):
+    flat = {f"params/{k}": v for k, v in
+            classifier_lib.traverse_util.flatten_dict(p, sep="/").items()}
+    np.savez(path, header=np.array(json.dumps(header)), **flat)
+  good = {"format": classifier_lib.FORMAT, "arch_version": classifier_lib.ARCH_VERSION}
+  write(dict(good, format="something else"))
+  with pytest.raises(ValueError, match="lacks format 'scoreflow-jax classifier'"):
+    classifier_lib.load_classifier(path)
+  write(dict(good, arch_version=classifier_lib.ARCH_VERSION + 1))
+  with pytest.raises(ValueError, match="architecture version 2, this code reads version 1"):
+    classifier_lib.load_classifier(path)
+  bad = {k: dict(v) for k, v in params.items()}
+  bad["conv1"]["bias"] = np.zeros(3, np.float32)  # not conv1's width
+  write(good, bad)
+  with pytest.raises(ValueError, match=r"conv1/bias has shape \(3,\), expected"):
+    classifier_lib.load_classifier(path)
+  write(good)
+  classifier_lib.load_classifier(path)  # the same file with its own header loads
+
+
+def test_classifier_refuses_images_of_other_channels_and_pads_the_last_batch(trained):
+  params, _, test_images, _, _ = trained
+  with pytest.raises(ValueError, match=r"images of shape \(28, 28, 3\) do not fit"):
+    classifier_lib.predict_logits(params, np.zeros((2, 28, 28, 3), np.uint8))
+  whole = classifier_lib.predict_logits(params, test_images[:50])
+  batched = classifier_lib.predict_logits(params, test_images[:50], batch_size=16)
+  assert batched.shape == whole.shape  # 16 + 16 + 16 + 2, padded to 16
+  np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_floor_weights_classes_by_their_frequency():
+  # Training draws classes as often as the data hold them: the class-known
+  # floor is the frequency-weighted mean of the per-class floors.
+  from scoreflow_jax.eval import linear_floor
+  rng = np.random.default_rng(3)
+  labels = np.repeat([0, 1], [900, 100])
+  x = rng.normal(size=(1000, 4)) * np.where(labels[:, None] == 0, 0.1, 1.0)
+  out = linear_floor.linear_floor(x, labels, num_sigmas=500, seed=1)
+  sigma = np.exp(-1.2 + 1.2 * np.random.default_rng(1).standard_normal(500))
+  per_class = [linear_floor.linear_denoiser_loss(
+      linear_floor.covariance_eigenvalues(x[labels == c]), sigma, 0.5) for c in (0, 1)]
+  np.testing.assert_allclose(out["class_conditional"]["all"],
+                             np.mean(0.9 * per_class[0] + 0.1 * per_class[1]), rtol=1e-10)
+
+
+def test_linear_floor_cli_uses_its_ucg_rate(tmp_path, capsys):
+  from scoreflow_jax.eval import linear_floor
+  _write_mnist(tmp_path, *data.make_synthetic(100, seed=1), "train")
+  out = linear_floor.main(["--data_dir", str(tmp_path), "--ucg_rate", "0.6"])
+  for k, mixed in out["training_mix"].items():
+    c, u = out["class_conditional"][k], out["unconditional"][k]
+    np.testing.assert_allclose(mixed, 0.4 * c + 0.6 * u, rtol=1e-10)
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+def test_autoencoder_floor_never_writes_over_its_inputs(tmp_path):
+  # --out naming the autoencoder's weights or the classifier (with --overwrite)
+  # would replace them with the results JSON; refused before any work.
+  from scoreflow_jax.eval import autoencoder_floor as af
+  vae, clf = tmp_path / "vae.safetensors", tmp_path / "clf.npz"
+  vae.write_bytes(b"weights")
+  clf.write_bytes(b"classifier")
+  for out in (vae, clf):
+    with pytest.raises(ValueError, match="is one of the inputs"):
+      af.autoencoder_floor(str(vae), str(clf), str(tmp_path / "none"), out=str(out),
+                           overwrite=True, log=lambda _: None)
+  assert vae.read_bytes() == b"weights" and clf.read_bytes() == b"classifier"
+  assert sorted(os.listdir(tmp_path)) == ["clf.npz", "vae.safetensors"]
+
+
+
+
+def test_train_classifier_reports_the_test_sets_accuracy():
+  # The accuracy returned (and stored in the file's header) is the test set's,
+  # not the training set's: test labels that are all wrong score near 0.
+  images, labels = data.make_synthetic(600, seed=0)
+  test_images, test_labels = data.make_synthetic(100, seed=1)
+  wrong = (test_labels + 1) % 10
+  params, acc = classifier_lib.train_classifier(
+      images, labels, test_images, wrong, steps=40, seed=0, log=lambda _: None,
+      max_shift=2, learning_rate=3e-3, **TINY)
+  assert acc == classifier_lib.accuracy(params, test_images, wrong) < 0.2
+  assert classifier_lib.accuracy(params, test_images, test_labels) > 0.8
+
+
+def test_train_classifier_goes_through_every_image_each_epoch(monkeypatch):
+  # Batches walk through a permutation, a fresh one each epoch: 8 steps of 8
+  # over 32 images see each image exactly twice (not one batch over and over).
+  images, labels = data.make_synthetic(32, seed=0)
+  seen, default_rng = [], np.random.default_rng
+  class Recording:  # a Generator that records the permutations it draws
+    def __init__(self, seed):
+      self.rng = default_rng(seed)
+    def permutation(self, n):
+      perm = self.rng.permutation(n)
+      seen.append(perm)
+      return perm
+    def __getattr__(self, name):
+      return getattr(self.rng, name)
+  monkeypatch.setattr(classifier_lib.np.random, "default_rng", Recording)
+  classifier_lib.train_classifier(images, labels, steps=8, seed=0, log=lambda _: None,
+                                  **dict(TINY, batch_size=8))
+  assert len(seen) == 2
