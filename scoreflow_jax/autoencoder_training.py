@@ -338,6 +338,7 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
     raise IsADirectoryError(f"{checkpoint} (where training is saved to resume) is a "
                             "folder; move it or choose another --out.")
   images, _ = data_lib.load_run_split(dataset, "train", source, data_dir, holdout)
+  images_sha256 = hashlib.sha256(np.ascontiguousarray(images)).hexdigest()
   test_images, _ = data_lib.load_split(dataset, "test", source, data_dir)
   try:
     module.latent_shape(images.shape[1:])  # raises on images it cannot take
@@ -345,14 +346,14 @@ def train_and_save(module, data_dir, out, source="offline", dataset="mnist", ste
     raise ValueError(f"{e}: each of the {len(module.ch_mult)} levels of ch_mult but "
                      "the last halves the sides; use fewer levels.") from None
   to_float = lambda u8: u8.astype(np.float32) / 127.5 - 1.0
-  uint8, images, test_images = images, to_float(images), to_float(test_images)
+  images, test_images = to_float(images), to_float(test_images)
   log(f"{dataset}: {len(images):,} train, {len(test_images):,} test images; {steps} "
       f"steps of {batch_size}; latents {module.latent_shape(images.shape[1:])}")
   params, seconds = train(
       module, images, steps, batch_size, learning_rate, kl_weight, seed, log,
       checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-      settings={"dataset": dataset, "holdout": int(holdout), "images_sha256":
-                hashlib.sha256(np.ascontiguousarray(uint8)).hexdigest()})
+      settings={"dataset": dataset, "holdout": int(holdout),
+                "images_sha256": images_sha256})
   log(f"scoring the reconstructions of the {len(test_images):,} test images")
   results = evaluate(module, params, test_images)
   results.update(dataset=dataset, steps=steps, batch_size=batch_size,

@@ -673,11 +673,11 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
                                       config.run_name)
         progress.exclude(time.perf_counter() - t0)
       # a time-limited run ends with a grid, like a finished one (its last
-      # step is rarely a multiple of image_every); a preempted one saves only
-      if out_of_time and (preempted or step == grid_step):
-        break
-      if t.image_every and (out_of_time or step % t.image_every == 0
-                            or step == t.num_steps):
+      # step is rarely a multiple of image_every), unless it has this step's;
+      # a preempted one saves only
+      if t.image_every and step != grid_step and (
+          out_of_time and not preempted or step % t.image_every == 0
+          or step == t.num_steps):
         grid_step = step
         t0 = time.perf_counter()
         path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
