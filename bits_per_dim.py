@@ -1,7 +1,8 @@
 """Exact bits/dim of a data set's test split under a trained density run.
 
 python bits_per_dim.py --workdir logs/<mnist-density run> --data_dir /path/to/mnist \
-  [--source offline] [--sigma 0.002] [--num_images 10000] [--out bpd.json] [--overwrite]
+  [--source offline] [--sigma 0.002] [--num_images 10000] [--step N] [--noema] \
+  [--out bpd.json] [--overwrite]
 Class-conditional, uniform dequantisation, one forward pass per image (see
 scoreflow_jax/likelihood.py). Needs a parameterization='density' run (e.g.
 configs/mnist_density.py); the test split is that of the run's data.name

@@ -7,7 +7,8 @@ python evaluate.py --samples grid.npz --classifier classifier.npz \
 grid.npz comes from sample.py (e.g. --num_per_class 1000 for 10k samples), its
 images in [-1, 1] (a float file with no negative pixel is refused as [0, 1]
 images: map them with x * 2 - 1); classifier.npz from train_classifier.py.
-Results are printed, then written to <samples>_eval.json unless --out is given;
+Results are printed, then written to <samples>_eval.json unless --out is given
+(required when several --samples files are scored together);
 an existing results file is replaced only with --overwrite (checked before the
 scoring). They record the classifier file's sha256.
 
@@ -34,8 +35,8 @@ by different classifiers are refused.
 
 Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
 python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
-  [--classifier classifier.npz] [--num_images 1000] \
-  [--sigmas 0.01,0.03,...] [--start_sigmas 0.05,0.2,...]
+  [--classifier classifier.npz] [--num_images 1000] [--step N] [--noema] [--seed 0] \
+  [--sigmas 0.01,0.03,...] [--start_sigmas 0.05,0.2,...] [--renoise_from test,train]
 prints the loss at fixed sigmas on the training and the test split (same
 noise) and, with --classifier, the FD of test and of training images noised
 to each start sigma and sampled back to 0 (against the other test images);

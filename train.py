@@ -1,12 +1,14 @@
 """Train a diffusion model: python train.py --config configs/mnist.py [--workdir DIR].
 
+A new run's folder is --workdir, or --logdir/<timestamp>-<run_name> (default logs/).
+
 --workdir pointing at an existing run resumes it from its latest checkpoint,
 with the run's own saved config when --config is left out (that is
 --config configs/run.py:DIR), fields changed as usual:
 python train.py --workdir DIR --config.training.num_steps=N.
 Multi-process (several hosts): --coordinator_address host:port
---num_processes N --process_id i, or nothing where JAX detects the cluster
-(TPU pods, SLURM); see docs/scaling.md.
+--num_processes N --process_id i, or --distributed where JAX detects the
+cluster itself (TPU pods, SLURM); see docs/scaling.md.
 """
 import os
 import sys

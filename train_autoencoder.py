@@ -1,7 +1,9 @@
 """Train a small KL autoencoder (sgm's AutoencoderKL) as a latent first stage.
 
 python train_autoencoder.py --data_dir /path/to/mnist_idx --out vae.safetensors \
-  [--steps 2000] [--ch 32 --ch_mult 1,2,2 --embed_dim 4] [--overwrite]
+  [--steps 2000] [--ch 32 --ch_mult 1,2,2 --embed_dim 4] [--dataset mnist|cifar10] \
+  [--source offline|tfds] [--holdout N] [--checkpoint_every 250] [--overwrite]
+(--help lists the rest: batch size, learning rate, KL weight, seed, blocks, attention).
 Writes the weights in sgm's state-dict names (.safetensors, readable by
 torch), scores the reconstruction on the test split, and prints the train.py
 flags that diffuse in its latents (--config.model.first_stage=kl_autoencoder

@@ -21,6 +21,8 @@
 # Each call trains into a new folder, /tmp/results/<start time> (RESULTS=DIR
 # to choose it; /tmp/results/latest points to the last one): a second call on
 # a warm machine would otherwise resume the first call's runs.
+# NPC=N samples per class per draw (default 200: 2,000 per draw); EVAL=0 skips
+# the evaluation on the device (score the .npz files afterwards).
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class

@@ -20,8 +20,8 @@ FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ub
 for f in $FILES; do
   [ -f "$MNIST/$f" ] || { echo "make_carry: $MNIST/$f is missing (the MNIST IDX .gz files)" >&2; exit 1; }
 done
-[ -f "$CLF" ] || { echo "make_carry: $CLF is missing (train it: python train_classifier.py --out $CLF)" >&2; exit 1; }
-[ -z "$VAE" ] || [ -f "$VAE" ] || { echo "make_carry: $VAE is missing (train it: python train_autoencoder.py --out $VAE)" >&2; exit 1; }
+[ -f "$CLF" ] || { echo "make_carry: $CLF is missing (train it: python train_classifier.py --data_dir $MNIST --out $CLF)" >&2; exit 1; }
+[ -z "$VAE" ] || [ -f "$VAE" ] || { echo "make_carry: $VAE is missing (train it: python train_autoencoder.py --data_dir $MNIST --out $VAE)" >&2; exit 1; }
 mkdir -p "$CARRY/whl" "$CARRY/mnist"
 for pkg in ml_collections tensorboardx; do  # wheel names are lower case
   ls "$CARRY/whl" | grep -qi "^$pkg-" || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/whl" $pkg

@@ -105,7 +105,7 @@ def get_config():
   training.num_steps = 20_000            # total optimisation steps
   training.log_every = 100               # metrics to TensorBoard and the progress line
   training.checkpoint_every = 1000       # latest checkpoint (also written at the end)
-  training.keep_every = 5000             # checkpoints at multiples of this are kept for good
+  training.keep_every = 5000             # checkpoints at multiples of this are kept for good (0: none)
   training.max_to_keep = 2               # other checkpoints kept
   training.image_every = 1000            # EMA sample grid to images/train (0: off)
   training.images_per_class = 8          # grid columns; one row per class
