@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import signal
-import threading
 import time
 
 import jax
@@ -25,7 +24,7 @@ from flax import serialization
 
 from scoreflow_jax.networks import autoencoder as ae
 from scoreflow_jax.outputs import replaced_when_done
-from scoreflow_jax.run_logging import format_duration
+from scoreflow_jax.run_logging import format_duration, recording_signals
 
 
 def loss_terms(module, params, x, key):
@@ -43,27 +42,6 @@ class Stopped(Exception):
   def __init__(self, message, signum):
     super().__init__(message)
     self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def _stop_signals(received: list):
-  """While in the block, SIGTERM and SIGINT are appended to ``received``
-  instead of ending the process (a second SIGINT, Ctrl-C twice, still
-  interrupts). Nothing is installed outside the main thread, where Python
-  cannot; the previous handlers are restored."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  def handler(signum, frame):
-    if signum == signal.SIGINT and signal.SIGINT in received:
-      raise KeyboardInterrupt
-    received.append(signum)
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 def _save_checkpoint(path, settings, step, params, opt_state, seconds):
@@ -195,7 +173,8 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   rng, epoch, per_epoch = np.random.default_rng(seed), -1, len(images) // batch_size
   window, first = [], None  # first: when the first (compiling) step ended
   received = []
-  with _stop_signals(received) if checkpoint else contextlib.nullcontext():
+  stop_signals = (signal.SIGTERM, signal.SIGINT)
+  with recording_signals(received, stop_signals) if checkpoint else contextlib.nullcontext():
     for step in range(start, steps):
       if received:
         stop(step)

@@ -1,6 +1,10 @@
-"""What a run shows: a progress line, TensorBoard events, metrics.jsonl, a loss curve."""
+"""What a run shows: a progress line, TensorBoard events, metrics.jsonl, a loss
+curve; and how a long run hears that it should stop (``recording_signals``)."""
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Optional
@@ -13,6 +17,28 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}:{m:02d}:{s:02d}"
+
+
+@contextlib.contextmanager
+def recording_signals(received: list, signals=(signal.SIGTERM,)):
+  """While in the block, ``signals`` are appended to ``received`` instead of
+  ending the process, for the loop to stop at a step boundary and save. A
+  second SIGINT (Ctrl-C twice) still interrupts at once. Nothing is installed
+  outside the main thread, where Python cannot; the previous handlers are
+  restored after (one set outside Python, ``None``, as the default)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  def handler(signum, frame):
+    if signum == signal.SIGINT and signal.SIGINT in received:
+      raise KeyboardInterrupt
+    received.append(signum)
+  previous = {s: signal.signal(s, handler) for s in signals}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 class MetricWriter:

@@ -11,8 +11,6 @@ Run folder (the reference design's layout)::
 import functools
 import json
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -38,19 +36,6 @@ def _process_0s(tree):
     return tree
   from jax.experimental import multihost_utils
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
-
-
-_NOT_INSTALLED = object()
-
-
-def _on_sigterm(handler):
-  """Installs ``handler`` for SIGTERM and returns the one it replaces
-  (``_NOT_INSTALLED``, and nothing installed, outside the main thread, where
-  Python cannot). A previous handler set outside Python (None) is restored
-  as the default."""
-  if handler is _NOT_INSTALLED or threading.current_thread() is not threading.main_thread():
-    return _NOT_INSTALLED
-  return signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
 def _any_process(flag: bool) -> bool:
@@ -595,101 +580,100 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   # like the time limit: the steps since the last log are logged, checked
   # and saved, and the run resumes from there.
   signalled = []
-  previous_handler = _on_sigterm(lambda signum, frame: signalled.append(signum))
   try:
-    while step < t.num_steps:
-      # every process decides alike: process 0's clock for the time limit, a
-      # SIGTERM to any process for the signal (checked every step under a
-      # time limit, otherwise at log steps: no collective per step)
-      out_of_time = preempted = False  # preempted: by a signal (agreed too)
-      if t.time_limit_s or jax.process_count() == 1 or step % t.log_every == 0:
-        preempted = _any_process(bool(signalled))
-        out_of_time = preempted or (bool(t.time_limit_s) and _agreed(
-            _time_limit_clock() - started > t.time_limit_s))
-      # Out of time, the steps since the last log are summarised and checked
-      # like at a log step, then saved like at a checkpoint step.
-      if not out_of_time:
-        if step == start_step:
+    with run_logging.recording_signals(signalled):
+      while step < t.num_steps:
+        # every process decides alike: process 0's clock for the time limit, a
+        # SIGTERM to any process for the signal (checked every step under a
+        # time limit, otherwise at log steps: no collective per step)
+        out_of_time = preempted = False  # preempted: by a signal (agreed too)
+        if t.time_limit_s or jax.process_count() == 1 or step % t.log_every == 0:
+          preempted = _any_process(bool(signalled))
+          out_of_time = preempted or (bool(t.time_limit_s) and _agreed(
+              _time_limit_clock() - started > t.time_limit_s))
+        # Out of time, the steps since the last log are summarised and checked
+        # like at a log step, then saved like at a checkpoint step.
+        if not out_of_time:
+          if step == start_step:
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+            jax.block_until_ready(metrics)
+            log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
+            progress.restart(step + 1)
+          else:
+            state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
+            if t.time_limit_s and pending:
+              # Asynchronous dispatch would let the host queue many steps ahead and
+              # overrun the time limit; waiting for the previous step keeps one
+              # step in flight (the device stays busy) and the overrun to one step.
+              jax.block_until_ready(pending[-1])
+          pending.append(metrics)
+          step += 1
+        at_log = out_of_time or step % t.log_every == 0 or step == t.num_steps
+        at_ckpt = (out_of_time or step % t.checkpoint_every == 0 or step == t.num_steps
+                   or bool(t.keep_every) and step % t.keep_every == 0)  # kept for good
+        if (at_log or at_ckpt) and pending:
+          scalars, finite = _summarize(pending)
+          first = step - len(pending)
+          pending = []
+          if not finite:
+            good = ckpt.latest_step()
+            clip = "" if config.optim.get("grad_clip_norm", 0.0) else (
+                ", or --config.optim.grad_clip_norm=1.0" + (
+                    " in a new --workdir (a resume cannot switch clipping on)"
+                    if good is not None else ""))
+            raise NonFiniteError(
+                f"non-finite loss or gradient between steps {first} and "
+                f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
+                + (f"the last good checkpoint in {ckpt.directory} (step {good}) is "
+                   f"intact. Resume from it (python train.py --workdir {workdir}) with "
+                   if good is not None else
+                   "no checkpoint was written yet: start again (the same --workdir "
+                   "will do) with ")
+                + "a lower --config.optim.learning_rate" + clip + ".")
+          text, steps_per_s = progress.line(step, scalars["train/loss"])
+          scalars["train/steps_per_s"] = steps_per_s
+          scalars["train/images_per_s"] = steps_per_s * t.batch_size
+          scalars["train/wall_s"] = wall_before + time.perf_counter() - started
+          last = scalars
+          log(text)
+          if writer:
+            writer.write(step, scalars)
+        if out_of_time:
+          note = ""
+          if config.optim.schedule == "cosine":  # it spans num_steps, not the time limit
+            note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
+                    f"{config.optim.learning_rate:g}: it decays over training.num_steps="
+                    f"{t.num_steps})")
+          log((f"SIGTERM received: stopping at step {step}; saving" if preempted
+               else f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
+              + note + (f" (resume: python train.py --workdir {workdir})" if preempted
+                        else ""))
+        if at_ckpt:
           t0 = time.perf_counter()
-          state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-          jax.block_until_ready(metrics)
-          log(f"first step (compilation) {time.perf_counter() - t0:.1f} s")
-          progress.restart(step + 1)
-        else:
-          state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-          if t.time_limit_s and pending:
-            # Asynchronous dispatch would let the host queue many steps ahead and
-            # overrun the time limit; waiting for the previous step keeps one
-            # step in flight (the device stays busy) and the overrun to one step.
-            jax.block_until_ready(pending[-1])
-        pending.append(metrics)
-        step += 1
-      at_log = out_of_time or step % t.log_every == 0 or step == t.num_steps
-      at_ckpt = (out_of_time or step % t.checkpoint_every == 0 or step == t.num_steps
-                 or bool(t.keep_every) and step % t.keep_every == 0)  # kept for good
-      if (at_log or at_ckpt) and pending:
-        scalars, finite = _summarize(pending)
-        first = step - len(pending)
-        pending = []
-        if not finite:
-          good = ckpt.latest_step()
-          clip = "" if config.optim.get("grad_clip_norm", 0.0) else (
-              ", or --config.optim.grad_clip_norm=1.0" + (
-                  " in a new --workdir (a resume cannot switch clipping on)"
-                  if good is not None else ""))
-          raise NonFiniteError(
-              f"non-finite loss or gradient between steps {first} and "
-              f"{step} (last mean loss {scalars['train/loss']}). Training stopped; "
-              + (f"the last good checkpoint in {ckpt.directory} (step {good}) is "
-                 f"intact. Resume from it (python train.py --workdir {workdir}) with "
-                 if good is not None else
-                 "no checkpoint was written yet: start again (the same --workdir "
-                 "will do) with ")
-              + "a lower --config.optim.learning_rate" + clip + ".")
-        text, steps_per_s = progress.line(step, scalars["train/loss"])
-        scalars["train/steps_per_s"] = steps_per_s
-        scalars["train/images_per_s"] = steps_per_s * t.batch_size
-        scalars["train/wall_s"] = wall_before + time.perf_counter() - started
-        last = scalars
-        log(text)
-        if writer:
-          writer.write(step, scalars)
-      if out_of_time:
-        note = ""
-        if config.optim.schedule == "cosine":  # it spans num_steps, not the time limit
-          note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
-                  f"{config.optim.learning_rate:g}: it decays over training.num_steps="
-                  f"{t.num_steps})")
-        log((f"SIGTERM received: stopping at step {step}; saving" if preempted
-             else f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
-            + note + (f" (resume: python train.py --workdir {workdir})" if preempted
-                      else ""))
-      if at_ckpt:
-        t0 = time.perf_counter()
-        ckpt.save(state, config)
-        if writer and os.path.exists(writer.jsonl_path):
-          run_logging.plot_loss_curve(writer.jsonl_path,
-                                      os.path.join(workdir, "loss_curve.png"),
-                                      config.run_name)
-        progress.exclude(time.perf_counter() - t0)
-      # a time-limited run ends with a grid, like a finished one (its last
-      # step is rarely a multiple of image_every), unless it has this step's;
-      # a preempted one saves only
-      if t.image_every and step != grid_step and (
-          out_of_time and not preempted or step % t.image_every == 0
-          or step == t.num_steps):
-        grid_step = step
-        t0 = time.perf_counter()
-        path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
-        sample_grid(model, state.ema_params, config, mesh,
-                    jax.random.fold_in(jax.random.key(config.seed + 1), step), path,
-                    sampler_fn=grid_sampler)
-        log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
-        progress.exclude(time.perf_counter() - t0)
-      if out_of_time:
-        break
+          ckpt.save(state, config)
+          if writer and os.path.exists(writer.jsonl_path):
+            run_logging.plot_loss_curve(writer.jsonl_path,
+                                        os.path.join(workdir, "loss_curve.png"),
+                                        config.run_name)
+          progress.exclude(time.perf_counter() - t0)
+        # a time-limited run ends with a grid, like a finished one (its last
+        # step is rarely a multiple of image_every), unless it has this step's;
+        # a preempted one saves only
+        if t.image_every and step != grid_step and (
+            out_of_time and not preempted or step % t.image_every == 0
+            or step == t.num_steps):
+          grid_step = step
+          t0 = time.perf_counter()
+          path = os.path.join(image_dir, f"step_{step:07d}.png") if is_writer else None
+          sample_grid(model, state.ema_params, config, mesh,
+                      jax.random.fold_in(jax.random.key(config.seed + 1), step), path,
+                      sampler_fn=grid_sampler)
+          log(f"sample grid {path} ({time.perf_counter() - t0:.1f} s)")
+          progress.exclude(time.perf_counter() - t0)
+        if out_of_time:
+          break
   finally:
-    _on_sigterm(previous_handler)
     batches.close()
     ckpt.wait()
     ckpt.close()

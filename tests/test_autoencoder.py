@@ -853,32 +853,6 @@ def test_config_flags_give_tuples_train_py_parses(tmp_path):
                           num_res_blocks=2, attn_resolutions=attn, resolution=28)
 
 
-def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
-  # SIGTERM and a first SIGINT are recorded (training stops at the next step,
-  # saved); a second Ctrl-C interrupts at once (a hung step can be left);
-  # the handlers are restored after.
-  from scoreflow_jax import autoencoder_training as aet
-  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-  received = []
-  with aet._stop_signals(received):
-    os.kill(os.getpid(), signal.SIGTERM)
-    try:  # after a SIGTERM: still the first Ctrl-C, recorded
-      os.kill(os.getpid(), signal.SIGINT)
-    except KeyboardInterrupt:
-      pytest.fail("a first Ctrl-C after a SIGTERM interrupted training unsaved")
-    assert received == [signal.SIGTERM, signal.SIGINT]
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
-  received = []
-  with pytest.raises(KeyboardInterrupt):
-    with aet._stop_signals(received):
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
-  assert received == [signal.SIGINT]
-  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
-
-
 def test_autoencoder_checkpoint_is_never_saved_with_non_finite_weights(tmp_path,
                                                                         monkeypatch):
   # An update that makes the weights NaN while the step's loss (of the weights

@@ -1,6 +1,8 @@
 """Loss curves of several runs: the metrics reader and the comparison plot."""
 import json
 import os
+import signal
+import threading
 
 import pytest
 from PIL import Image
@@ -222,3 +224,72 @@ def test_a_figure_cut_short_keeps_the_old_png(tmp_path, monkeypatch):
     run_logging.plot_loss_curve(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").read_bytes() == b"old curve"
   assert sorted(os.listdir(tmp_path)) == ["c.png", "metrics.jsonl"]
+
+
+def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
+  # SIGTERM and a first SIGINT are recorded (training stops at the next step,
+  # saved); a second Ctrl-C interrupts at once (a hung step can be left);
+  # the handlers are restored after.
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  both = (signal.SIGTERM, signal.SIGINT)
+  received = []
+  with run_logging.recording_signals(received, both):
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:  # after a SIGTERM: still the first Ctrl-C, recorded
+      os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+      pytest.fail("a first Ctrl-C after a SIGTERM interrupted training unsaved")
+    assert received == [signal.SIGTERM, signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+  received = []
+  with pytest.raises(KeyboardInterrupt):
+    with run_logging.recording_signals(received, both):
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+  assert received == [signal.SIGINT]
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def test_recording_signals_default_is_sigterm_only_and_restores_outside_handlers():
+  # train.py's use: SIGTERM recorded, Ctrl-C left to interrupt as usual
+  before, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  received = []
+  with run_logging.recording_signals(received):
+    assert signal.getsignal(signal.SIGINT) == sigint
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert received == [signal.SIGTERM]
+  assert signal.getsignal(signal.SIGTERM) == before
+  # a handler set outside Python (getsignal: None) comes back as the default
+  original = signal.signal
+  calls = []
+  def fake_signal(s, h):
+    calls.append((s, h))
+    return None if len(calls) == 1 else original(s, h)
+  try:
+    signal.signal = fake_signal
+    with run_logging.recording_signals([]):
+      pass
+  finally:
+    signal.signal = original
+    signal.signal(signal.SIGTERM, before)
+  assert calls[-1] == (signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_recording_signals_installs_nothing_outside_the_main_thread():
+  # Python allows handlers only in the main thread: a trainer run from another
+  # thread (a notebook's worker, a test harness) runs without them, unchanged.
+  before = signal.getsignal(signal.SIGTERM)
+  seen, errors = [], []
+  def run():
+    try:
+      with run_logging.recording_signals(seen):
+        seen.append(signal.getsignal(signal.SIGTERM))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  t = threading.Thread(target=run)
+  t.start()
+  t.join()
+  assert not errors, errors
+  assert seen == [before]
