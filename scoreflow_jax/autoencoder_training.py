@@ -58,10 +58,9 @@ _SETTING_NAMES = {"network": "the network (ch, ch_mult, num_res_blocks, attn_res
                              "embed_dim)", "images_sha256": "the training images"}
 
 
-def _load_checkpoint(path, settings, params, opt_state):
-  """``(step, seconds, params, opt_state)`` saved in ``path`` by a run with
-  ``settings``."""
-  start_over = f"delete {path} to start over"
+def _read_checkpoint(path, settings):
+  """``(step, seconds, state)`` saved in ``path`` by a run with ``settings``;
+  read and checked before anything is compiled, so a refusal comes at once."""
   try:
     with open(path, "rb") as f:
       saved = serialization.msgpack_restore(f.read())
@@ -69,7 +68,7 @@ def _load_checkpoint(path, settings, params, opt_state):
     step, seconds = int(saved["step"]), float(saved["seconds"])
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path} is not a readable train_autoencoder.py checkpoint "
-                     f"({type(e).__name__}: {e}); {start_over}.") from None
+                     f"({type(e).__name__}: {e}); {_start_over(path)}.") from None
   ours = json.loads(json.dumps(settings, sort_keys=True))
   if theirs != ours:
     differ = "; ".join(
@@ -77,13 +76,29 @@ def _load_checkpoint(path, settings, params, opt_state):
         f"{k} {theirs.get(k, '<missing>')!r} there, {ours.get(k, '<missing>')!r} here"
         for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
     raise ValueError(f"{path} is the checkpoint of a run with other settings ({differ}); "
-                     f"rerun with its settings to resume it, or {start_over}.")
+                     f"rerun with its settings to resume it, or {_start_over(path)}.")
+  return step, seconds, saved
+
+
+def _start_over(path):
+  return f"delete {path} to start over"
+
+
+def _restore(path, saved, params_shape, opt_state_shape):
+  """The saved params and optimizer state, checked against the shapes and
+  dtypes of this network's (``jax.eval_shape`` trees: nothing is computed)."""
   try:
-    return (step, seconds, serialization.from_state_dict(params, saved["params"]),
-            serialization.from_state_dict(opt_state, saved["opt_state"]))
+    params = serialization.from_state_dict(params_shape, saved["params"])
+    opt_state = serialization.from_state_dict(opt_state_shape, saved["opt_state"])
+    for want, got in zip(*(jax.tree.leaves(t) for t in ((params_shape, opt_state_shape),
+                                                         (params, opt_state)))):
+      if (want.shape, want.dtype) != (np.shape(got), np.asarray(got).dtype):
+        raise ValueError(f"an array of {np.shape(got)} {np.asarray(got).dtype} where "
+                         f"the network has {want.shape} {want.dtype}")
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{path} does not hold this network's state ({e}); "
-                     f"{start_over}.") from None
+                     f"{_start_over(path)}.") from None
+  return params, opt_state
 
 
 def train(module, images, steps: int, batch_size: int = 64, learning_rate: float = 1e-3,
@@ -120,9 +135,8 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
     raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
   key = jax.random.key(seed)
   # init draws from fold_in(key, steps); step s from fold_in(key, s)
-  params = jax.jit(module.init)(jax.random.fold_in(key, steps), images[:1])
+  init_args = (jax.random.fold_in(key, steps), images[:1])
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, 0.01))
-  opt_state = tx.init(params)
   settings = dict(settings or {}, network=metadata(module, {})["ddconfig"], steps=steps,
                   batch_size=batch_size, learning_rate=learning_rate,
                   kl_weight=kl_weight, seed=seed, num_images=len(images),
@@ -130,10 +144,15 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   start = saved = 0  # saved: the step of the last save
   before = 0.0  # seconds of the calls this one resumes
   if checkpoint and os.path.exists(checkpoint):
-    start, before, params, opt_state = _load_checkpoint(checkpoint, settings, params,
-                                                        opt_state)
+    # a resume replaces the initial weights: only their shapes are needed
+    start, before, state = _read_checkpoint(checkpoint, settings)
+    shapes = jax.eval_shape(module.init, *init_args)
+    params, opt_state = _restore(checkpoint, state, shapes, jax.eval_shape(tx.init, shapes))
     saved = start
     log(f"resuming from {checkpoint}: step {start} of {steps}")
+  else:
+    params = jax.jit(module.init)(*init_args)
+    opt_state = tx.init(params)
 
   @jax.jit
   def step_fn(params, opt_state, x, step):

@@ -787,6 +787,49 @@ def test_autoencoder_checkpoint_refuses_each_other_training_setting(tmp_path):
   assert open(ckpt, "rb").read() == saved
 
 
+def test_autoencoder_checkpoint_is_checked_before_init_and_against_the_network(
+    tmp_path, monkeypatch):
+  # A checkpoint is read and its settings checked before the network is
+  # initialised (a refusal comes at once, not after a compile), and a resume
+  # restores it into the network's shapes without initialising the weights
+  # it replaces; an array of another shape or a missing one is refused.
+  import copy
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
+  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  kwargs = dict(steps=2, batch_size=8, learning_rate=2e-3, seed=3, log=lambda line: None,
+                checkpoint=ckpt, settings={"dataset": "synthetic"})
+  trained, _ = aet.train(module, images, **kwargs)
+  saved = open(ckpt, "rb").read()
+  real_jit, compiled = jax.jit, []
+  monkeypatch.setattr(aet.jax, "jit", lambda f, *a, **k: (compiled.append(f), real_jit(
+      f, *a, **k))[1])
+  with pytest.raises(ValueError, match="other settings.*seed 3 there, 4 here"):
+    aet.train(module, images, **{**kwargs, "seed": 4})
+  assert not compiled  # refused before anything was traced or compiled
+  again, _ = aet.train(module, images, **kwargs)  # step 2 of 2: nothing to train
+  assert not [f for f in compiled if getattr(f, "__name__", "") == "init"]  # not initialised
+  chex.assert_trees_all_equal(again, trained)
+  monkeypatch.undo()
+  state = serialization.msgpack_restore(saved)
+  layer = state["params"]["params"]["encoder"]["conv_in"]
+  for change, named in (("shape", r"\(3, 3, 1, 31\) float32 where the network has "
+                                   r"\(3, 3, 1, 32\) float32"), ("missing", "kernel")):
+    bad = copy.deepcopy(state)
+    conv = bad["params"]["params"]["encoder"]["conv_in"]
+    if change == "shape":
+      conv["kernel"] = np.asarray(layer["kernel"])[..., :31]
+    else:
+      del conv["kernel"]
+    blob = serialization.msgpack_serialize(bad)
+    open(ckpt, "wb").write(blob)
+    with pytest.raises(ValueError, match=f"does not hold this network's state.*{named}"):
+      aet.train(module, images, **kwargs)
+    assert open(ckpt, "rb").read() == blob  # refused, kept
+
+
 def test_train_autoencoder_script_passes_each_flag_on(tmp_path):
   # Every training flag reaches the training (and is recorded in --out's
   # results): a flag dropped or passed in another's place trains another model.
