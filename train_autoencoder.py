@@ -52,7 +52,8 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from scoreflow_jax import data as data_lib, first_stage, usage
+  # the flags' checks import no JAX: a mistyped flag is told at once
+  from scoreflow_jax import data as data_lib, usage
   usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
   try:
     ch_mult = tuple(int(m) for m in FLAGS.ch_mult)
@@ -71,12 +72,12 @@ def main(argv):
                          f"be >= 1, got {FLAGS.num_res_blocks}, {FLAGS.embed_dim} and "
                          f"{','.join(map(str, ch_mult)) or 'none'}.")
   import ml_collections
+  from scoreflow_jax import autoencoder_training, first_stage
   shape = data_lib.IMAGE_SHAPES[FLAGS.dataset]
   a = ml_collections.ConfigDict(dict(
       weights="-", scale_factor=1.0, in_channels=shape[-1], embed_dim=FLAGS.embed_dim,
       z_channels=FLAGS.embed_dim, ch=FLAGS.ch, ch_mult=ch_mult,
       num_res_blocks=FLAGS.num_res_blocks, attn_resolutions=attn, resolution=shape[0]))
-  from scoreflow_jax import autoencoder_training
   try:
     with usage.usage_errors():
       first_stage.check_autoencoder_config(a)
