@@ -42,9 +42,13 @@ def per_sample_sigma_and_noise(keys, shape, dtype=jnp.float32, p_mean=-1.2,
 
 def sample_and_loss(denoise_fn, x0, key, loss_type="l2", sigma_data=0.5,
                     p_mean=-1.2, p_std=1.2):
-  """The training entry: draws sigma (EDMSampling) and unit noise from ``key``.
+  """sgm's StandardDiffusionLoss call in one function, for a loop of one's own:
+  draws sigma (EDMSampling) and unit noise for the whole batch from ``key``.
 
-  Returns ``(per_sample_loss (B,), sigma (B,))``.
+  Returns ``(per_sample_loss (B,), sigma (B,))``. train.py's step does not use
+  it: it draws each sample's sigma and noise from a key of its own
+  (``per_sample_sigma_and_noise``), so a global batch gets the same noise
+  however it is split over devices.
   """
   k_sigma, k_noise = jax.random.split(key)
   sigma = edm_sigma_sampling(k_sigma, x0.shape[0], p_mean, p_std, dtype=x0.dtype)
