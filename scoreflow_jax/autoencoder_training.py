@@ -91,7 +91,8 @@ def _restore(path, saved, params_shape, opt_state_shape):
     params = serialization.from_state_dict(params_shape, saved["params"])
     opt_state = serialization.from_state_dict(opt_state_shape, saved["opt_state"])
     for want, got in zip(*(jax.tree.leaves(t) for t in ((params_shape, opt_state_shape),
-                                                         (params, opt_state)))):
+                                                         (params, opt_state))),
+                         strict=True):
       if (want.shape, want.dtype) != (np.shape(got), np.asarray(got).dtype):
         raise ValueError(f"an array of {np.shape(got)} {np.asarray(got).dtype} where "
                          f"the network has {want.shape} {want.dtype}")
