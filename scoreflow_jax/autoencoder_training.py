@@ -90,6 +90,11 @@ def _restore(path, saved, params_shape, opt_state_shape):
   try:
     params = serialization.from_state_dict(params_shape, saved["params"])
     opt_state = serialization.from_state_dict(opt_state_shape, saved["opt_state"])
+    for name, restored in (("params", params), ("opt_state", opt_state)):
+      # from_state_dict drops what the network lacks: told, not dropped
+      if (jax.tree.structure(serialization.to_state_dict(restored))
+          != jax.tree.structure(saved[name])):
+        raise ValueError(f"its {name} hold arrays this network does not have")
     for want, got in zip(*(jax.tree.leaves(t) for t in ((params_shape, opt_state_shape),
                                                          (params, opt_state))),
                          strict=True):

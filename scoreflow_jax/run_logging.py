@@ -33,8 +33,10 @@ def recording_signals(received: list, signals=(signal.SIGTERM,)):
     if signum == signal.SIGINT and signal.SIGINT in received:
       raise KeyboardInterrupt
     received.append(signum)
-  previous = {s: signal.signal(s, handler) for s in signals}
-  try:
+  previous = {}
+  try:  # a signal named twice is installed once; one that fails, none left behind
+    for s in dict.fromkeys(signals):
+      previous[s] = signal.signal(s, handler)
     yield
   finally:
     for s, h in previous.items():

@@ -519,10 +519,14 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
   np.testing.assert_allclose(rec, np.abs(images[:4] - decoded).sum(axis=(1, 2, 3)), rtol=1e-5)
   np.testing.assert_allclose(kl, ae.kl_divergence(mean, logvar), rtol=1e-6)
 
-  lines = []
+  lines, handlers = [], []
+  def log(line):  # without a checkpoint a stop has nowhere to go: signals left alone
+    lines.append(line)
+    handlers.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
   trained, _ = aet.train(module, images, steps=steps, batch_size=8, learning_rate=2e-3,
-                         log=lines.append, log_every=10)
+                         log=log, log_every=10)
   assert len(lines) == 3 and "| compiled |" in lines[0]  # steps 1 (compiling), 10, 20
+  assert set(handlers) == {(signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))}
   assert "steps/s" in lines[-1] and "ETA" in lines[-1]
   before, after = aet.evaluate(module, params, images), aet.evaluate(module, trained, images)
   assert after["mae"] < 0.7 * before["mae"], (before, after)
@@ -541,7 +545,7 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
       aet.train(module, images, steps=1, learning_rate=rate)
 
 
-def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path):
+def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path, monkeypatch):
   # SIGTERM, then SIGINT, stops training at a step boundary, saved; the
   # resumed run's weights are bit for bit those of a run never stopped (same
   # batches: 24 images in batches of 8 cross epochs; same keys, Adam state).
@@ -574,6 +578,15 @@ def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path):
       shutil.copy(ckpt, ckpt + ".at5")
   assert [line for line in lines if line.startswith("resuming")] == [
       f"resuming from {ckpt}: step {s} of 7" for s in (4, 5)]
+  # a divergence after a resume names the checkpoint it resumed from (step 5)
+  shutil.copy(ckpt + ".at5", ckpt)
+  with monkeypatch.context() as m:
+    m.setattr(aet.optax, "apply_updates",
+              lambda params, updates: jax.tree.map(lambda p: p * jnp.nan, params))
+    with pytest.raises(FloatingPointError,
+                       match=f"by step 6: training stopped; {ckpt} holds step 5, the last"):
+      aet.train(module, images, log=lambda line: None, checkpoint=ckpt, checkpoint_every=0,
+                settings={"dataset": "synthetic"}, **kwargs)
   os.replace(ckpt + ".at5", ckpt)
   # other settings are refused and the checkpoint is kept as it was
   for change, named in (({"learning_rate": 1e-3}, "learning_rate 0.002 there, 0.001 here"),
@@ -809,25 +822,68 @@ def test_autoencoder_checkpoint_is_checked_before_init_and_against_the_network(
   with pytest.raises(ValueError, match="other settings.*seed 3 there, 4 here"):
     aet.train(module, images, **{**kwargs, "seed": 4})
   assert not compiled  # refused before anything was traced or compiled
-  again, _ = aet.train(module, images, **kwargs)  # step 2 of 2: nothing to train
+  # step 2 of 2: nothing to train; init only traced (eval_shape), never run
+  init, concrete = ae.AutoencoderKL.init, []
+  def spy(self, *args, **kw):
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+      concrete.append(args)
+    return init(self, *args, **kw)
+  monkeypatch.setattr(ae.AutoencoderKL, "init", spy)
+  again, _ = aet.train(module, images, **kwargs)
   assert not [f for f in compiled if getattr(f, "__name__", "") == "init"]  # not initialised
+  assert not concrete, "the resume computed initial weights it then replaced"
   chex.assert_trees_all_equal(again, trained)
   monkeypatch.undo()
   state = serialization.msgpack_restore(saved)
-  layer = state["params"]["params"]["encoder"]["conv_in"]
-  for change, named in (("shape", r"\(3, 3, 1, 31\) float32 where the network has "
-                                   r"\(3, 3, 1, 32\) float32"), ("missing", "kernel")):
+  def conv_in(tree):
+    return tree["params"]["encoder"]["conv_in"]
+  kernel = np.asarray(conv_in(state["params"])["kernel"])
+  for where, change, named in (
+      ("params", "shape", r"\(3, 3, 1, 31\) float32 where the network has "
+                          r"\(3, 3, 1, 32\) float32"),
+      ("params", "dtype", r"\(3, 3, 1, 32\) float16 where the network has "
+                          r"\(3, 3, 1, 32\) float32"),
+      ("params", "missing", "kernel"),
+      ("params", "extra", "its params hold arrays this network does not have"),
+      ("opt_state", "shape", r"\(3, 3, 1, 31\) float32 where the network has"),
+      ("opt_state", "dtype", r"\(3, 3, 1, 32\) float16 where the network has")):
     bad = copy.deepcopy(state)
-    conv = bad["params"]["params"]["encoder"]["conv_in"]
-    if change == "shape":
-      conv["kernel"] = np.asarray(layer["kernel"])[..., :31]
-    else:
+    conv = conv_in(bad["params"] if where == "params" else bad["opt_state"]["0"]["mu"])
+    if change == "missing":
       del conv["kernel"]
+    elif change == "extra":
+      conv["kernel_2"] = kernel
+    else:
+      conv["kernel"] = kernel.astype(np.float16) if change == "dtype" else kernel[..., :31]
     blob = serialization.msgpack_serialize(bad)
     open(ckpt, "wb").write(blob)
     with pytest.raises(ValueError, match=f"does not hold this network's state.*{named}"):
       aet.train(module, images, **kwargs)
     assert open(ckpt, "rb").read() == blob  # refused, kept
+
+
+def test_train_autoencoder_flags_are_checked_before_jax_is_imported(tmp_path):
+  # A mistyped flag is told at once: no JAX start-up before the one-line error.
+  import subprocess
+  import sys
+  from tests.test_cli import ROOT
+  probe = ("import atexit, sys\n"
+           "atexit.register(lambda: print('JAX_IMPORTED', 'jax' in sys.modules, flush=True))\n"
+           "from absl import app\n"
+           "import train_autoencoder as script\n"
+           "sys.argv[0] = 'train_autoencoder.py'\n"
+           "app.run(script.main)\n")
+  for bad, message in ((["--ch_mult", "1,x"], "integers separated by commas"),
+                       (["--steps", "0"], "--steps and --batch_size must be >= 1"),
+                       (["--checkpoint_every", "-1"], "--checkpoint_every must be >= 0"),
+                       (["--embed_dim", "0"], "--num_res_blocks, --embed_dim")):
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, "--data_dir", str(tmp_path), "--out",
+         str(tmp_path / "vae.safetensors"), *bad], cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
+    assert "JAX_IMPORTED False" in proc.stdout, (bad, proc.stdout, proc.stderr[-1000:])
 
 
 def test_train_autoencoder_script_passes_each_flag_on(tmp_path):

@@ -293,3 +293,16 @@ def test_recording_signals_installs_nothing_outside_the_main_thread():
   t.join()
   assert not errors, errors
   assert seen == [before]
+
+
+def test_recording_signals_named_twice_or_failing_leaves_no_handler_behind():
+  # a signal named twice is installed once (else its own handler would be
+  # "restored"); a signal that cannot be installed restores those before it
+  before = signal.getsignal(signal.SIGTERM)
+  with run_logging.recording_signals([], (signal.SIGTERM, signal.SIGTERM)):
+    pass
+  assert signal.getsignal(signal.SIGTERM) == before
+  with pytest.raises((ValueError, OSError)):  # SIGKILL cannot be caught
+    with run_logging.recording_signals([], (signal.SIGTERM, signal.SIGKILL)):
+      pass
+  assert signal.getsignal(signal.SIGTERM) == before

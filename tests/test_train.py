@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import signal
 import time
 
 import chex
@@ -214,7 +215,6 @@ def test_time_limit_at_a_grid_step_writes_no_second_grid(tmp_path, monkeypatch):
 
 def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch):
   # a cluster's preemption notice: the run saves where it is and resumes there
-  import signal
   make = ts.make_train_step
   calls = [0]
   def make_signalling(*args, **kwargs):
@@ -242,6 +242,31 @@ def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch)
   monkeypatch.setattr(ts, "make_train_step", make)
   assert trainer.train_and_evaluate(tiny_config(num_steps=5, log_every=10, checkpoint_every=10),
                                     workdir, log=lambda s: None)["step"] == 5
+
+
+def test_ctrl_c_interrupts_train_py_unsaved(tmp_path, monkeypatch):
+  # train.py records only SIGTERM (a preemption notice): Ctrl-C interrupts at
+  # once, as asked, rather than being taken for a preemption, saved and logged.
+  make, calls = ts.make_train_step, [0]
+  def make_interrupting(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+    def interrupting(state, batch, **kwargs):
+      out = step_fn(state, batch, **kwargs)
+      calls[0] += 1
+      if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      return out
+    return interrupting
+  monkeypatch.setattr(ts, "make_train_step", make_interrupting)
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  workdir, msgs = str(tmp_path / "run"), []
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10),
+                               workdir, log=msgs.append)
+  assert not any("received" in m for m in msgs), msgs
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == []
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
 def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch):
