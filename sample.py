@@ -38,8 +38,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from scoreflow_jax import generate
-  try:
+  try:  # the flags' checks import no JAX: a mistyped flag is told at once
     classes = None if FLAGS.classes is None else [int(c) for c in FLAGS.classes]
   except ValueError:
     raise app.UsageError(f"--classes takes integer labels, e.g. 0,1,2; got "
@@ -69,6 +68,7 @@ def main(argv):
     raise app.UsageError("--posthoc_ema and --average_from each choose the weights; "
                          "pass one")
   replaced = FLAGS.average_from is not None or FLAGS.posthoc_ema is not None
+  from scoreflow_jax import generate
   from scoreflow_jax.usage import usage_errors
   with usage_errors():
     generate.sample_from_run(
