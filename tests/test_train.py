@@ -213,20 +213,26 @@ def test_time_limit_at_a_grid_step_writes_no_second_grid(tmp_path, monkeypatch):
   assert sum(m.startswith("sample grid") for m in msgs) == 2, msgs
 
 
-def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch):
-  # a cluster's preemption notice: the run saves where it is and resumes there
-  make = ts.make_train_step
-  calls = [0]
+def _signal_after_step(monkeypatch, signum, step):
+  """Patches the train step to send ``signum`` to this process after its
+  ``step``-th call; returns the unpatched ``make_train_step``."""
+  make, calls = ts.make_train_step, [0]
   def make_signalling(*args, **kwargs):
     step_fn = make(*args, **kwargs)
     def signalling(state, batch, **kwargs):
       out = step_fn(state, batch, **kwargs)
       calls[0] += 1
-      if calls[0] == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
+      if calls[0] == step:
+        os.kill(os.getpid(), signum)
       return out
     return signalling
   monkeypatch.setattr(ts, "make_train_step", make_signalling)
+  return make
+
+
+def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch):
+  # a cluster's preemption notice: the run saves where it is and resumes there
+  make = _signal_after_step(monkeypatch, signal.SIGTERM, 3)
   before = signal.getsignal(signal.SIGTERM)
   workdir, msgs = str(tmp_path / "run"), []
   out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10,
@@ -247,17 +253,7 @@ def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch)
 def test_ctrl_c_interrupts_train_py_unsaved(tmp_path, monkeypatch):
   # train.py records only SIGTERM (a preemption notice): Ctrl-C interrupts at
   # once, as asked, rather than being taken for a preemption, saved and logged.
-  make, calls = ts.make_train_step, [0]
-  def make_interrupting(*args, **kwargs):
-    step_fn = make(*args, **kwargs)
-    def interrupting(state, batch, **kwargs):
-      out = step_fn(state, batch, **kwargs)
-      calls[0] += 1
-      if calls[0] == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-      return out
-    return interrupting
-  monkeypatch.setattr(ts, "make_train_step", make_interrupting)
+  _signal_after_step(monkeypatch, signal.SIGINT, 3)
   handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   workdir, msgs = str(tmp_path / "run"), []
   with pytest.raises(KeyboardInterrupt):
