@@ -864,26 +864,15 @@ def test_autoencoder_checkpoint_is_checked_before_init_and_against_the_network(
 
 def test_train_autoencoder_flags_are_checked_before_jax_is_imported(tmp_path):
   # A mistyped flag is told at once: no JAX start-up before the one-line error.
-  import subprocess
-  import sys
-  from tests.test_cli import ROOT
-  probe = ("import atexit, sys\n"
-           "atexit.register(lambda: print('JAX_IMPORTED', 'jax' in sys.modules, flush=True))\n"
-           "from absl import app\n"
-           "import train_autoencoder as script\n"
-           "sys.argv[0] = 'train_autoencoder.py'\n"
-           "app.run(script.main)\n")
+  from tests.test_cli import run_noting_jax
   for bad, message in ((["--ch_mult", "1,x"], "integers separated by commas"),
                        (["--steps", "0"], "--steps and --batch_size must be >= 1"),
                        (["--checkpoint_every", "-1"], "--checkpoint_every must be >= 0"),
                        (["--embed_dim", "0"], "--num_res_blocks, --embed_dim")):
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, "--data_dir", str(tmp_path), "--out",
-         str(tmp_path / "vae.safetensors"), *bad], cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=120)
+    proc, jax_imported = run_noting_jax("train_autoencoder.py", "--data_dir", tmp_path,
+                                        "--out", tmp_path / "vae.safetensors", *bad)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
-    assert "JAX_IMPORTED False" in proc.stdout, (bad, proc.stdout, proc.stderr[-1000:])
+    assert not jax_imported, (bad, proc.stderr[-1000:])
 
 
 def test_train_autoencoder_script_passes_each_flag_on(tmp_path):

@@ -353,22 +353,28 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
 
 
+def run_noting_jax(script, *args):
+  """Runs ``script`` as ``python script args`` does and returns the process
+  and whether JAX had been imported by its exit."""
+  probe = ("import atexit, runpy, sys\n"
+           "atexit.register(lambda: print('JAX_IMPORTED', 'jax' in sys.modules, flush=True))\n"
+           f"sys.argv[0] = {script!r}\n"
+           f"runpy.run_path({script!r}, run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", probe, *map(str, args)], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=120)
+  assert "JAX_IMPORTED" in proc.stdout, (proc.stdout, proc.stderr[-1000:])
+  return proc, "JAX_IMPORTED True" in proc.stdout
+
+
 def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
   # A mistyped flag is told at once: no JAX start-up before the one-line error.
-  probe = ("import atexit, sys\n"
-           "atexit.register(lambda: print('JAX_IMPORTED', 'jax' in sys.modules, flush=True))\n"
-           "import sample as script\n"
-           "from scoreflow_jax import usage\n"
-           "sys.argv[0] = 'sample.py'\n"
-           "usage.run(script.main)\n")
   for bad, message in ((["--classes=1,a"], "--classes takes integer labels"),
                        (["--classes="], "--classes is empty"),
                        (["--batch_size", "0"], "--batch_size must be >= 1"),
                        (["--cfg_interval=5,0.3"], "0 <= lo < hi"),
                        (["--average_from", "5", "--ema"], "drop --ema")):
-    proc = subprocess.run([sys.executable, "-c", probe, "--workdir", str(tmp_path), "--out",
-                           str(tmp_path / "x.png"), *bad], cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                          text=True, timeout=120)
+    proc, jax_imported = run_noting_jax("sample.py", "--workdir", tmp_path, "--out",
+                                        tmp_path / "x.png", *bad)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
-    assert "JAX_IMPORTED False" in proc.stdout, (bad, proc.stdout, proc.stderr[-1000:])
+    assert not jax_imported, (bad, proc.stderr[-1000:])
