@@ -167,11 +167,14 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
       return jnp.mean(rec + kl_weight * kl), (jnp.mean(rec), jnp.mean(kl))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, (loss,) + aux
+    params = optax.apply_updates(params, updates)
+    # whether the new weights are finite, checked with the losses (per-leaf
+    # checks outside the step compiled two small programs per leaf shape)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    return params, opt_state, (loss,) + aux, finite
 
   def check_finite(done):
-    finite = all(np.isfinite(t[0]) for t in window) and all(
-        bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    finite = all(np.isfinite(t[0]) for t in window) and bool(params_finite)
     if not finite:
       kept = (f"; {checkpoint} holds step {saved}, the last finite one, saved with this "
               "--learning_rate (delete it to start again with another)"
@@ -197,6 +200,7 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   # epoch e (steps e * per_epoch ...) takes the e-th permutation of rng
   rng, epoch, per_epoch = np.random.default_rng(seed), -1, len(images) // batch_size
   window, first = [], None  # first: when the first (compiling) step ended
+  params_finite = True  # of the weights now: those restored were saved finite
   received = []
   stop_signals = (signal.SIGTERM, signal.SIGINT)
   with recording_signals(received, stop_signals) if checkpoint else contextlib.nullcontext():
@@ -207,7 +211,8 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
         perm, epoch = rng.permutation(len(images)), epoch + 1
       pos = (step % per_epoch) * batch_size
       idx = np.sort(perm[pos:pos + batch_size])
-      params, opt_state, terms = step_fn(params, opt_state, images[idx], step)
+      params, opt_state, terms, params_finite = step_fn(params, opt_state, images[idx],
+                                                        step)
       if window:  # one step in flight: a stop is acted on within a step or two
         jax.block_until_ready(window[-1])
       window.append(terms)
