@@ -68,8 +68,11 @@ def main(argv):
     raise app.UsageError("--posthoc_ema and --average_from each choose the weights; "
                          "pass one")
   replaced = FLAGS.average_from is not None or FLAGS.posthoc_ema is not None
-  from scoreflow_jax import generate
+  from scoreflow_jax import outputs
   from scoreflow_jax.usage import usage_errors
+  with usage_errors():  # files that would be replaced: told before JAX starts too
+    outputs.paired_outputs(FLAGS.out, FLAGS.overwrite)
+  from scoreflow_jax import generate
   with usage_errors():
     generate.sample_from_run(
         FLAGS.workdir, FLAGS.out, step=FLAGS.step, sampler=FLAGS.sampler,

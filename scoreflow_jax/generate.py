@@ -321,19 +321,6 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
   return params
 
 
-def output_paths(out: str, overwrite: bool = False):
-  """The grid PNG and the samples .npz that ``out`` (either one) names.
-
-  Checked before sampling (``outputs.check_output``): an existing file is
-  refused unless ``overwrite``, so an expensive .npz is never replaced unasked.
-  """
-  base, ext = os.path.splitext(out)
-  if ext.lower() not in (".png", ".npz"):
-    raise ValueError(f"--out {out} must end in .png (the grid) or .npz (the samples); "
-                     "both are written, side by side")
-  return tuple(outputs.check_output(base + e, overwrite) for e in (".png", ".npz"))
-
-
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=None, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
@@ -341,7 +328,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
                     **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
 
-  ``out`` names either; the other goes beside it (:func:`output_paths`).
+  ``out`` names either; the other goes beside it (``outputs.paired_outputs``).
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
   and the run's ``step`` and ``holdout`` (``data.holdout``: which training images
   it held out, for ``evaluate.py --reference validation``) and ``data_source``
@@ -363,7 +350,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  png, npz = output_paths(out, overwrite)
+  png, npz = outputs.paired_outputs(out, overwrite)
   n_classes = load_run_config(workdir).model.conditioner.n_classes
   classes = list(range(n_classes)) if classes is None else list(classes)
   if not classes:

@@ -35,6 +35,20 @@ def check_output(path: str, overwrite: bool = False, what: str = "--out") -> str
   return path
 
 
+def paired_outputs(out: str, overwrite: bool = False):
+  """The grid PNG and the samples .npz that ``out`` (either one) names.
+
+  Checked before sampling (``check_output``): an existing file is refused
+  unless ``overwrite``, so an expensive .npz is never replaced unasked.
+  No JAX: sample.py checks them before JAX starts.
+  """
+  base, ext = os.path.splitext(out)
+  if ext.lower() not in (".png", ".npz"):
+    raise ValueError(f"--out {out} must end in .png (the grid) or .npz (the samples); "
+                     "both are written, side by side")
+  return tuple(check_output(base + e, overwrite) for e in (".png", ".npz"))
+
+
 @contextlib.contextmanager
 def replaced_when_done(path, mode: str = "wb"):
   """Opens a temporary file beside ``path`` (its folder made if missing) and
