@@ -32,13 +32,13 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process)."
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from scoreflow_jax import distributed, trainer
   config = FLAGS.config  # a run's saved one when --workdir is a run (with_run_config)
-  if config is None:
+  if config is None:  # told before JAX starts
     raise app.UsageError(
         "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
         "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
         "configs/ inside)" if FLAGS.workdir else ""))
+  from scoreflow_jax import distributed, trainer
   from scoreflow_jax.usage import training_errors, usage_errors
   with usage_errors(script_flags=False):
     distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address,

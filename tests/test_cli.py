@@ -244,10 +244,10 @@ def test_resume_with_the_runs_own_config(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   saved = glob.glob(os.path.join(workdir, "configs", "*.json"))  # one per start
   assert sorted(json.load(open(f))["training"]["num_steps"] for f in saved) == [2, 4, 6]
-  proc = run("train.py", check=False)
-  assert proc.returncode != 0 and "give --config" in proc.stderr
-  proc = run("train.py", "--workdir", str(tmp_path), check=False)
-  assert proc.returncode != 0 and "is not one" in proc.stderr
+  proc, jax_imported = run_noting_jax("train.py")  # each told before JAX starts
+  assert proc.returncode != 0 and "give --config" in proc.stderr and not jax_imported
+  proc, jax_imported = run_noting_jax("train.py", "--workdir", tmp_path)
+  assert proc.returncode != 0 and "is not one" in proc.stderr and not jax_imported
 
 
 def test_train_config_typo_is_refused(tmp_path):
