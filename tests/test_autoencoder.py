@@ -195,7 +195,7 @@ def test_first_stage_encode_decode(reference):
 def _write_weights(path, seed=0):
   module = ae.AutoencoderKL(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                             attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
-  params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+  params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
   ae.save_safetensors(ae.state_dict_from_params(params), str(path))
 
 
@@ -227,7 +227,7 @@ def test_loss_is_the_pixel_loss_of_the_encoded_batch(weights):
   model = model_lib.build_model(config)
   images, labels = data.make_synthetic(8)
   batch = data.to_model_batch(images, labels)
-  params = model.init(jax.random.key(0), batch)
+  params = jax.jit(model.init)(jax.random.key(0), batch)
   keys = jax.random.split(jax.random.key(1), 8)
   fs = model.first_stage
   latents = fs.encode(fs.params, jnp.asarray(batch["jpg"]),
@@ -267,7 +267,7 @@ def test_cached_moments_give_the_encoders_latents_and_loss(weights):
     first_stage_lib.dataset_moments(fs, data.to_model_images(images))
 
   batch = data.to_model_batch(images, labels)
-  params = model.init(jax.random.key(0), batch)
+  params = jax.jit(model.init)(jax.random.key(0), batch)
   keys = jax.random.split(jax.random.key(1), 13)
   loss = jax.jit(model.per_sample_loss)
   from_images, sigma = loss(params, batch, keys, fs.params)
