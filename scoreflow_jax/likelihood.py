@@ -60,6 +60,13 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
     raise ValueError(f"images must be uint8 pixels 0..255 (8-bit data, dequantised "
                      f"here), got {images_uint8.dtype}; from [-1, 1] images: "
                      "np.rint((x + 1) * 127.5).astype(np.uint8)")
+  channels = getattr(network, "in_channels", None)
+  if images_uint8.ndim != 4 or (channels is not None and images_uint8.shape[-1] != channels):
+    raise ValueError(f"images must be (N, H, W, {channels}) for this network "
+                     f"(in_channels={channels}), got shape {images_uint8.shape}; score "
+                     "the data set the run was trained on (a conv flow takes any H and "
+                     "W, so their size is not checked here: bits_per_dim.py checks it "
+                     "against the run's config)")
   n_classes = getattr(model.conditioner.embedders[0], "n_classes", None)
   if n_classes is not None and (labels.min() < 0 or labels.max() >= n_classes):
     raise ValueError(f"labels must be in [0, {n_classes}), got [{labels.min()}, "

@@ -1,6 +1,7 @@
 """Bits/dim of the exact-likelihood model, and bits_per_dim.py."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,13 @@ def test_bits_per_dim_needs_sigma_above_0_and_images():
                               sigma=sigma)
   with pytest.raises(ValueError, match="need N >= 1 images"):
     likelihood.bits_per_dim(model, params, images[:0], labels[:0], jax.random.key(0))
+  # images of other channels or without a channel axis are refused, naming the
+  # shape (they were a shape error from inside the flow)
+  assert images.shape == (2, 28, 28, 1)
+  for bad in (np.repeat(images, 3, axis=-1), images[..., 0]):
+    with pytest.raises(ValueError, match=re.escape(
+        f"(N, H, W, 1) for this network (in_channels=1), got shape {bad.shape}")):
+      likelihood.bits_per_dim(model, params, bad, labels, jax.random.key(0))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
