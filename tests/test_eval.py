@@ -379,11 +379,13 @@ def test_evaluate_cli_compares_results_files(tmp_path):
   for name, fds in (("a", {(0, 0): 20.0, (0, 1): 19.0}), ("b", {(0, 0): 18.0, (0, 1): 18.0})):
     with open(tmp_path / f"{name}.json", "w") as f:
       json.dump(_combined(fds), f)
+  from tests.test_cli import run_noting_jax
   cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--compare"]
-  proc = subprocess.run(cmd + [f"base={tmp_path / 'a.json'},{tmp_path / 'b.json'}",
-                               "--out", str(tmp_path / "cmp.json")],
-                        capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
-  assert proc.returncode == 0, proc.stderr
+  # results files only: no JAX (started in a second, not after JAX's imports)
+  proc, jax_imported = run_noting_jax(
+      "evaluate.py", "--compare", f"base={tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+      "--out", tmp_path / "cmp.json")
+  assert proc.returncode == 0 and not jax_imported, proc.stderr
   assert "paired with base" in proc.stdout and "-1.500 (-2.000 to -1.000), lower in 2 of 2" in proc.stdout
   with open(tmp_path / "cmp.json") as f:
     assert [r["name"] for r in json.load(f)] == ["base", "b"]  # unnamed: the file's stem

@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import scipy.linalg
 
-from scoreflow_jax.eval import classifier as classifier_lib
+# The classifier (JAX) is imported by the functions that run it: comparing
+# results files (evaluate.py --compare) needs no JAX.
 from scoreflow_jax.outputs import check_not_an_input, results_path, write_json
 
 SAMPLES_HINT = ("Make one with: python sample.py --workdir RUN"
@@ -96,8 +97,7 @@ class ClassifierCache:
   object each time.
   """
 
-  _FNS = {"features": classifier_lib.extract_features,
-          "logits": classifier_lib.predict_logits}
+  _FNS = {"features": "extract_features", "logits": "predict_logits"}
 
   def __init__(self, classifier_params):
     self.params = classifier_params
@@ -112,7 +112,8 @@ class ClassifierCache:
     idx = np.asarray(idx)
     todo = np.unique(idx[~done[idx]])
     if todo.size:
-      new = self._FNS[kind](self.params, images[todo])
+      from scoreflow_jax.eval import classifier as classifier_lib
+      new = getattr(classifier_lib, self._FNS[kind])(self.params, images[todo])
       if values is None:
         values = entry[1] = np.empty((len(images),) + new.shape[1:], new.dtype)
       values[todo] = new
@@ -163,6 +164,7 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   ``cache``, a ``ClassifierCache`` of these params, reuses the classifier's
   outputs across calls on the same arrays (several seeds, several files).
   """
+  from scoreflow_jax.eval import classifier as classifier_lib
   if cache is None:
     cache = ClassifierCache(classifier_params)
   elif cache.params is not classifier_params:
@@ -548,6 +550,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   its bytes (``classifier_sha256``), so that ``compare_evaluations`` pairs
   only FDs in one classifier's features.
   """
+  from scoreflow_jax.eval import classifier as classifier_lib
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   paths = [samples_path] if isinstance(samples_path, (str, os.PathLike)) else list(samples_path)
   seeds = [seed] if np.ndim(seed) == 0 else [int(s) for s in seed]
@@ -638,6 +641,7 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
 def nearest_distances(images, train_images, batch_size=500):
   """Euclidean distance (pixels in [-1, 1]) from each image to its nearest
   training image, (N,). Images uint8 or [-1, 1], any shape (N, ...)."""
+  from scoreflow_jax.eval import classifier as classifier_lib
   flat = lambda a: classifier_lib.to_inputs(a).reshape(len(a), -1)
   train = flat(train_images)
   train_sq = np.sum(train.astype(np.float64)**2, 1)
@@ -663,6 +667,7 @@ def memorisation(sample_images, test_images, train_images, n=1000, seed=0):
   images' 1st percentile (``samples_ratio_below_test_p1``). The ratios need
   more than n test images (None otherwise).
   """
+  from scoreflow_jax.eval import classifier as classifier_lib
   rng = np.random.default_rng(seed)
   samples = np.asarray(sample_images)[rng.permutation(len(sample_images))[:n]]
   order = rng.permutation(len(test_images))
