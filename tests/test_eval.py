@@ -732,11 +732,13 @@ def test_evaluate_cli_replaces_no_results_file_unasked(trained, tmp_path):
   clf, samples = _grid(tmp_path, trained)
   args = ["--samples", samples, "--classifier", clf, "--data_dir", tmp_path,
           "--num_samples", 50]
+  from tests.test_cli import run_noting_jax
   for out, extra in ((tmp_path / "grid_eval.json", []),  # the default --out
                      (tmp_path / "mine.json", ["--out", tmp_path / "mine.json"])):
     out.write_text("kept")
-    proc = _evaluate(*args, *extra)
+    proc, jax_imported = run_noting_jax("evaluate.py", *args, *extra)  # before JAX
     assert proc.returncode != 0 and f"{out} exists; pass --overwrite" in proc.stderr
+    assert not jax_imported
     assert "Traceback" not in proc.stderr and "FD" not in proc.stdout  # before scoring
     assert out.read_text() == "kept"
   proc = _evaluate(*args, "--overwrite")

@@ -550,7 +550,6 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
   its bytes (``classifier_sha256``), so that ``compare_evaluations`` pairs
   only FDs in one classifier's features.
   """
-  from scoreflow_jax.eval import classifier as classifier_lib
   from scoreflow_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   paths = [samples_path] if isinstance(samples_path, (str, os.PathLike)) else list(samples_path)
   seeds = [seed] if np.ndim(seed) == 0 else [int(s) for s in seed]
@@ -581,11 +580,13 @@ def evaluate_sample_file(samples_path, classifier_path, data_dir,
              else sample_holdout(paths[0]))
   if holdout and (reference == "validation" or check_memorisation):
     check_holdout_source(paths, source, holdout)
+  # a results file that would be replaced is told before JAX starts
+  out = results_path(out, os.path.splitext(paths[0])[0] + "_eval.json", overwrite)
+  from scoreflow_jax.eval import classifier as classifier_lib
   params, header = classifier_lib.load_classifier(classifier_path)
   classifier_sha256 = classifier_lib.file_sha256(classifier_path)
   for images, _ in draws:
     classifier_lib.check_input_shape(params, images.shape[1:])
-  out = results_path(out, os.path.splitext(paths[0])[0] + "_eval.json", overwrite)
   load = lambda split: data_lib.load_run_split("mnist", split, source, data_dir,
                                                holdout or 0)
   ref_images, ref_labels = load(reference)
