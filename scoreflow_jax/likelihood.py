@@ -12,11 +12,10 @@ sigma (default sigma_min = 0.002), evaluated in one forward pass per image.
 """
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scoreflow_jax import first_stage as first_stage_lib
+# JAX is imported by the functions that use it: bits_per_dim.py checks its
+# --sigma (check_sigma) before JAX starts.
 
 SIGMA_HINT = ("q(x | sigma) is the model's density of the training images plus"
               " Gaussian noise of std sigma, and the network takes log(sigma) as"
@@ -26,6 +25,7 @@ SIGMA_HINT = ("q(x | sigma) is the model's density of the training images plus"
 
 def check_density_model(model):
   """Raises ValueError unless ``model``'s network has a normalised density."""
+  from scoreflow_jax import first_stage as first_stage_lib
   if not isinstance(model.first_stage, first_stage_lib.IdentityFirstStage):
     raise ValueError("bits/dim is of images, so it needs a model that diffuses pixels "
                      "(config.model.first_stage='identity'); this run diffuses "
@@ -49,6 +49,8 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
   n_classes). Image i's dequantisation noise comes from ``fold_in(key, i)``, so
   the values do not depend on ``batch_size``.
   """
+  import jax
+  import jax.numpy as jnp
   network = model.network
   check_density_model(model)
   check_sigma(sigma)

@@ -121,15 +121,22 @@ def _error(proc):
 
 
 def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
-  # the run folder does not exist: each error comes before it is read
+  # the run folder does not exist: each error comes before it is read, and
+  # the flags' errors before JAX starts
+  from tests.test_cli import run_noting_jax
+  def run_flags(*args):
+    proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path / "none",
+                                        *args)
+    assert not jax_imported, (args, proc.stderr[-1000:])
+    return proc
   run = lambda *args: _run("bits_per_dim.py", "--workdir", tmp_path / "none", *args)
   for n in (-5, 0):
-    proc = run("--data_dir", tmp_path, "--num_images", n)
+    proc = run_flags("--data_dir", tmp_path, "--num_images", n)
     assert proc.returncode != 0 and _error(proc) == f"--num_images must be >= 1, got {n}."
-  proc = run("--data_dir", tmp_path, "--sigma", 0)
+  proc = run_flags("--data_dir", tmp_path, "--sigma", 0)
   assert proc.returncode != 0 and _error(proc).startswith("--sigma must be finite and > 0")
   assert "log(sigma)" in _error(proc)
-  proc = run()
+  proc = run_flags()
   assert proc.returncode != 0 and _error(proc).startswith(
       "--source offline needs --data_dir")
   proc = run("--data_dir", tmp_path)
