@@ -1,5 +1,6 @@
 """The KL-autoencoder first stage: sgm's numbers, weight loading, and latent
 diffusion through the train step, the trainer and the sampler."""
+import contextlib
 import json
 import os
 import re
@@ -957,3 +958,48 @@ def test_autoencoder_checkpoint_is_never_saved_with_non_finite_weights(tmp_path,
     aet.train(module, images, steps=3, batch_size=8, checkpoint=ckpt, checkpoint_every=1,
               log_every=100, log=lambda line: None)
   assert not os.path.exists(ckpt)
+
+
+def test_autoencoder_checkpoint_refuses_a_single_non_finite_weight(tmp_path, monkeypatch):
+  # the update leaves every weight finite but one element of the last leaf:
+  # every leaf, and every element of each, is checked, not just the first
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
+  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  apply_updates = aet.optax.apply_updates
+
+  def one_nan(params, updates):
+    leaves, tree = jax.tree.flatten(apply_updates(params, updates))
+    last = leaves[-1]
+    leaves[-1] = last.reshape(-1).at[-1].set(jnp.nan).reshape(last.shape)
+    return jax.tree.unflatten(tree, leaves)
+
+  monkeypatch.setattr(aet.optax, "apply_updates", one_nan)
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  with pytest.raises(FloatingPointError, match="by step 1: training stopped; try a lower"):
+    aet.train(module, images, steps=3, batch_size=8, checkpoint=ckpt, checkpoint_every=1,
+              log_every=100, log=lambda line: None)
+  assert not os.path.exists(ckpt)
+
+
+def test_autoencoder_stop_before_the_first_step_of_a_resume_saves(tmp_path, monkeypatch):
+  from scoreflow_jax import autoencoder_training as aet
+  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
+  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
+                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
+  ckpt = str(tmp_path / "vae.safetensors.ckpt")
+  kwargs = dict(steps=2, batch_size=8, log=lambda line: None, checkpoint=ckpt)
+  aet.train(module, images, **kwargs)  # saved at step 2 of 2
+  real = aet.recording_signals
+
+  @contextlib.contextmanager
+  def signalled_at_once(received, signals):  # a SIGTERM before any step is run
+    with real(received, signals):
+      received.append(signal.SIGTERM)
+      yield
+  monkeypatch.setattr(aet, "recording_signals", signalled_at_once)
+  # nothing left to train: the restored weights (saved finite) are saved again
+  with pytest.raises(aet.Stopped, match="stopped at step 2 of 2"):
+    aet.train(module, images, **kwargs)
+  assert serialization.msgpack_restore(open(ckpt, "rb").read())["step"] == 2

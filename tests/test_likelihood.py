@@ -99,7 +99,8 @@ def test_bits_per_dim_needs_sigma_above_0_and_images():
   # images of other channels or without a channel axis are refused, naming the
   # shape (they were a shape error from inside the flow)
   assert images.shape == (2, 28, 28, 1)
-  for bad in (np.repeat(images, 3, axis=-1), images[..., 0]):
+  for bad in (np.repeat(images, 3, axis=-1), images[..., 0], images[..., None],
+              images[:, None]):  # (2, 28, 28, 3), (2, 28, 28), 5 axes ending in 1
     with pytest.raises(ValueError, match=re.escape(
         f"(N, H, W, 1) for this network (in_channels=1), got shape {bad.shape}")):
       likelihood.bits_per_dim(model, params, bad, labels, jax.random.key(0))

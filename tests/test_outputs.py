@@ -70,3 +70,17 @@ def test_an_input_is_recognised_by_any_of_its_names(tmp_path, monkeypatch):
   outputs.check_not_an_input("b.json", ["a.json"])
   # an empty --out is the default, as None is
   assert outputs.results_path("", str(tmp_path / "d.json")) == str(tmp_path / "d.json")
+
+
+def test_paired_outputs_refuses_the_npz_alone_and_names_either(tmp_path):
+  (tmp_path / "mine.npz").write_bytes(b"10k samples")  # no mine.png beside it
+  for out in ("mine.png", "mine.npz", "mine.PNG"):
+    with pytest.raises(FileExistsError, match="mine.npz exists; pass --overwrite"):
+      outputs.paired_outputs(str(tmp_path / out))
+  assert (tmp_path / "mine.npz").read_bytes() == b"10k samples"
+  png, npz = str(tmp_path / "mine.png"), str(tmp_path / "mine.npz")
+  assert outputs.paired_outputs(png, overwrite=True) == (png, npz)
+  # an upper-case extension names the pair too (os.path.splitext keeps its case)
+  assert outputs.paired_outputs(str(tmp_path / "new.PNG")) == (
+      str(tmp_path / "new.png"), str(tmp_path / "new.npz"))
+  assert not os.path.exists(tmp_path / "new.png")
