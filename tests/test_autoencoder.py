@@ -942,40 +942,31 @@ def test_config_flags_give_tuples_train_py_parses(tmp_path):
                           num_res_blocks=2, attn_resolutions=attn, resolution=28)
 
 
+def _every_weight_nan(params):
+  return jax.tree.map(lambda p: p * jnp.nan, params)
+
+
+def _last_weight_nan(params):
+  leaves, tree = jax.tree.flatten(params)
+  leaves[-1] = leaves[-1].reshape(-1).at[-1].set(jnp.nan).reshape(leaves[-1].shape)
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize("make_nan", [_every_weight_nan, _last_weight_nan])
 def test_autoencoder_checkpoint_is_never_saved_with_non_finite_weights(tmp_path,
-                                                                        monkeypatch):
-  # An update that makes the weights NaN while the step's loss (of the weights
-  # before it) is still finite: the save after that step refuses, so no
+                                                                        monkeypatch,
+                                                                        make_nan):
+  # An update that makes the weights NaN (every one, or one element of the last
+  # leaf: every leaf and element is checked) while the step's loss (of the
+  # weights before it) is still finite: the save after that step refuses, so no
   # checkpoint of NaN weights is left to resume from.
   from scoreflow_jax import autoencoder_training as aet
   images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
   module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
                             attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
-  monkeypatch.setattr(aet.optax, "apply_updates",
-                      lambda params, updates: jax.tree.map(lambda p: p * jnp.nan, params))
-  ckpt = str(tmp_path / "vae.safetensors.ckpt")
-  with pytest.raises(FloatingPointError, match="by step 1: training stopped; try a lower"):
-    aet.train(module, images, steps=3, batch_size=8, checkpoint=ckpt, checkpoint_every=1,
-              log_every=100, log=lambda line: None)
-  assert not os.path.exists(ckpt)
-
-
-def test_autoencoder_checkpoint_refuses_a_single_non_finite_weight(tmp_path, monkeypatch):
-  # the update leaves every weight finite but one element of the last leaf:
-  # every leaf, and every element of each, is checked, not just the first
-  from scoreflow_jax import autoencoder_training as aet
-  images = np.asarray(data.make_synthetic(16)[0], np.float32) / 127.5 - 1.0
-  module = ae.AutoencoderKL(embed_dim=2, ch=32, ch_mult=(1,), num_res_blocks=1,
-                            attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
   apply_updates = aet.optax.apply_updates
-
-  def one_nan(params, updates):
-    leaves, tree = jax.tree.flatten(apply_updates(params, updates))
-    last = leaves[-1]
-    leaves[-1] = last.reshape(-1).at[-1].set(jnp.nan).reshape(last.shape)
-    return jax.tree.unflatten(tree, leaves)
-
-  monkeypatch.setattr(aet.optax, "apply_updates", one_nan)
+  monkeypatch.setattr(aet.optax, "apply_updates",
+                      lambda params, updates: make_nan(apply_updates(params, updates)))
   ckpt = str(tmp_path / "vae.safetensors.ckpt")
   with pytest.raises(FloatingPointError, match="by step 1: training stopped; try a lower"):
     aet.train(module, images, steps=3, batch_size=8, checkpoint=ckpt, checkpoint_every=1,
