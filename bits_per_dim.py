@@ -44,20 +44,22 @@ def main(argv):
     likelihood.check_sigma(FLAGS.sigma)
   except ValueError as e:
     raise app.UsageError(f"--{e}")
-  import jax
-  from scoreflow_jax import data, generate, outputs
-  with usage.usage_errors():
-    run_config = generate.load_run_config(FLAGS.workdir)  # a run folder, before out
-    name = run_config.data.name if run_config.data.name in data.DATASETS else "mnist"
-    out = outputs.results_path(FLAGS.out, os.path.join(FLAGS.workdir, "bits_per_dim.json"),
-                               FLAGS.overwrite)
-    model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
-    likelihood.check_density_model(model)
-    if data.image_shape(run_config.data) != data.IMAGE_SHAPES[name]:
+  from scoreflow_jax import data, outputs, run_config
+  with usage.usage_errors():  # the run folder, the data and --out: before JAX starts
+    config = run_config.load(FLAGS.workdir)
+    likelihood.check_density_config(config.model)
+    name = config.data.name if config.data.name in data.DATASETS else "mnist"
+    if data.image_shape(config.data) != data.IMAGE_SHAPES[name]:
       raise ValueError(f"the run was trained on images of shape "
-                       f"{data.image_shape(run_config.data)} ({run_config.data.name} "
+                       f"{data.image_shape(config.data)} ({config.data.name} "
                        f"data) and bits/dim scores the {name} test set "
                        f"{data.IMAGE_SHAPES[name]}: score a run trained on {name}.")
+    out = outputs.results_path(FLAGS.out, os.path.join(FLAGS.workdir, "bits_per_dim.json"),
+                               FLAGS.overwrite)
+  import jax
+  from scoreflow_jax import generate
+  with usage.usage_errors():
+    model, state, _ = generate.load_run(FLAGS.workdir, FLAGS.step)
     images, labels = data.load_split(name, "test", FLAGS.source, FLAGS.data_dir)
     images, labels = images[:FLAGS.num_images], labels[:FLAGS.num_images]
     params = state.ema_params if FLAGS.ema else state.params

@@ -68,9 +68,10 @@ def main(argv):
     raise app.UsageError("--posthoc_ema and --average_from each choose the weights; "
                          "pass one")
   replaced = FLAGS.average_from is not None or FLAGS.posthoc_ema is not None
-  from scoreflow_jax import outputs
+  from scoreflow_jax import outputs, run_config
   from scoreflow_jax.usage import usage_errors
-  with usage_errors():  # files that would be replaced: told before JAX starts too
+  with usage_errors():  # not a run, classes it lacks, files it would replace: before JAX
+    run_config.classes(run_config.load(FLAGS.workdir), classes)
     outputs.paired_outputs(FLAGS.out, FLAGS.overwrite)
   from scoreflow_jax import generate
   with usage_errors():

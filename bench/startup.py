@@ -27,7 +27,7 @@ def main():
   a = p.parse_args()
   import jax
   import numpy as np
-  from scoreflow_jax import checkpointing, data, generate, model as model_lib
+  from scoreflow_jax import checkpointing, data, generate, model as model_lib, run_config
   from scoreflow_jax import train_step as ts
   config = importlib.import_module(f"configs.{a.config}").get_config()
   model = model_lib.build_model(config)
@@ -48,7 +48,7 @@ def main():
                            zip(jax.tree.leaves(eager), jax.tree.leaves(state.params)))
 
   if a.workdir:
-    config = generate.load_run_config(a.workdir)
+    config = run_config.load(a.workdir)
     abstract = generate.abstract_train_state(model_lib.build_model(config), config)
     ckpt = checkpointing.Checkpointer(os.path.join(a.workdir, "checkpoints"), read_only=True)
     steps = ckpt.steps()[-a.n:]

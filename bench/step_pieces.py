@@ -58,7 +58,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import optax
-  from scoreflow_jax import ema as ema_lib, train_step as ts
+  from scoreflow_jax import ema as ema_lib
 
   parts = {}
   step_fn, state, batch, n_params = train_throughput.build(

@@ -15,21 +15,11 @@ from typing import Optional
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scoreflow_jax.run_config import LEGACY_DEFAULTS
+
 
 class CheckpointError(RuntimeError):
   pass
-
-
-# Fields added after checkpoints were first written, with the value that
-# reproduces the older behaviour: a checkpoint without them has that value.
-LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
-                                  "conv_blocks": 2, "conv_global": False,
-                                  "max_log_scale": 1.0,
-                                  "energy_scale": False, "energy_weights": False,
-                                  "energy_linear": False, "gaussian_base": False,
-                                  "gaussian_rank": 64, "gaussian_components": 1,
-                                  "gaussian_covariance_prior": 0.0},
-                   "autoencoder": {"shift_factor": 0.0}}
 
 
 def _signature(model: dict) -> dict:

@@ -1,8 +1,6 @@
 """Class-conditional generation with any sampler and optional CFG, plus image grids."""
-import json
 import math
 import os
-import re
 import time
 from typing import Optional, Sequence
 
@@ -11,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scoreflow_jax import guiders, outputs, samplers
+from scoreflow_jax import guiders, outputs, run_config, samplers
 from scoreflow_jax.train_step import AXIS
 
 
@@ -137,69 +135,6 @@ def save_png(grid: np.ndarray, path: str):
     Image.fromarray(img).save(f, format="PNG")
 
 
-def load_run_config(workdir: str):
-  """The newest resolved config in ``workdir/configs`` as a ConfigDict."""
-  import ml_collections
-  cdir = os.path.join(workdir, "configs")
-  files = [f for f in os.listdir(cdir) if f.endswith(".json")] if os.path.isdir(cdir) else []
-  if not files:
-    raise FileNotFoundError(
-        f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
-        "(pass the folder printed as 'new run ...' when training started)")
-  path = os.path.join(cdir, max(files, key=start_order))
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except ValueError as e:
-    raise ValueError(
-        f"{path}, the run's newest saved config, is not valid JSON ({e}). It was "
-        f"left as it is; move it out of {cdir} to use the start before it, or "
-        "repair it.") from e
-  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-    raise ValueError(f"{path} is not a config saved by train.py (no 'model' "
-                     f"section); move it out of {cdir}.")
-  # Fields the run's config predates: the values that reproduce the older
-  # behaviour (checkpointing.LEGACY_DEFAULTS), also where configs/ is not
-  # importable; then the current defaults for any other missing field.
-  from scoreflow_jax.checkpointing import LEGACY_DEFAULTS
-  base = _merge(_defaults(), {"model": LEGACY_DEFAULTS})
-  return ml_collections.ConfigDict(_merge(base, saved))
-
-
-_CONFIG_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json")
-
-
-def is_config_file(name: str) -> bool:
-  """Whether ``name`` is a configs/ file train.py writes."""
-  return _CONFIG_NAME.fullmatch(name) is not None
-
-
-def start_order(name: str):
-  """Sort key of configs/ file names in the order of the starts that wrote
-  them: ``<stamp>-config.json``, then ``<stamp>-1-config.json``, ... for
-  starts within the same second, or after a start whose stamp is later than
-  the clock (plain name order puts ``-1-`` first)."""
-  m = _CONFIG_NAME.fullmatch(name)
-  return (m.group(1), int(m.group(2) or 0)) if m else (name, 0)
-
-
-def _defaults() -> dict:
-  """configs/default.py as a dict: fields added after a run was made get their
-  defaults (which reproduce the older behaviour). Empty outside a checkout."""
-  try:
-    from configs import default
-  except ImportError:
-    return {}
-  return json.loads(default.get_config().to_json())
-
-
-def _merge(base: dict, over: dict) -> dict:
-  out = dict(base)
-  for k, v in over.items():
-    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-  return out
-
-
 def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from=None,
              log=print, posthoc_ema=None):
   """A run's model, restored train state (at ``step``, default latest) and config.
@@ -215,7 +150,7 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
     raise ValueError("average_from and posthoc_ema each replace the weights; pass one")
   from scoreflow_jax import checkpointing
   from scoreflow_jax.model import build_model
-  config = load_run_config(workdir)
+  config = run_config.load(workdir)
   if sampler is not None:
     samplers.get_sampler(sampler)
     config.sampling.sampler = sampler
@@ -351,14 +286,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   png, npz = outputs.paired_outputs(out, overwrite)
-  n_classes = load_run_config(workdir).model.conditioner.n_classes
-  classes = list(range(n_classes)) if classes is None else list(classes)
-  if not classes:
-    raise ValueError("classes is empty: name at least one class (sample.py --classes 0,3), "
-                     "or leave it out for all of them")
-  bad = [c for c in classes if not 0 <= c < n_classes]
-  if bad:
-    raise ValueError(f"classes {bad} are outside 0..{n_classes - 1}")
+  classes = run_config.classes(run_config.load(workdir), classes)
   model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
                                   posthoc_ema)
   if cfg_scale is None:  # like sampler and num_steps: the run's own

@@ -23,16 +23,30 @@ SIGMA_HINT = ("q(x | sigma) is the model's density of the training images plus"
               " result is NaN); the default, 0.002, is the sampler's sigma_min.")
 
 
+_PIXELS_NEEDED = ("bits/dim is of images, so it needs a model that diffuses pixels "
+                  "(config.model.first_stage='identity'); this run diffuses "
+                  "autoencoder latents")
+_DENSITY_NEEDED = ("bits/dim needs a network with parameterization='density' "
+                   "(flow_type 'conditional' or 'conv'); see configs/mnist_density.py")
+
+
 def check_density_model(model):
   """Raises ValueError unless ``model``'s network has a normalised density."""
   from scoreflow_jax import first_stage as first_stage_lib
   if not isinstance(model.first_stage, first_stage_lib.IdentityFirstStage):
-    raise ValueError("bits/dim is of images, so it needs a model that diffuses pixels "
-                     "(config.model.first_stage='identity'); this run diffuses "
-                     "autoencoder latents")
+    raise ValueError(_PIXELS_NEEDED)
   if getattr(model.network, "parameterization", None) != "density":
-    raise ValueError("bits/dim needs a network with parameterization='density' "
-                     "(flow_type 'conditional' or 'conv'); see configs/mnist_density.py")
+    raise ValueError(_DENSITY_NEEDED)
+
+
+def check_density_config(model_config):
+  """``check_density_model`` for the model ``config.model`` builds, without
+  JAX (bits_per_dim.py refuses a run before loading it)."""
+  if model_config.first_stage != "identity":
+    raise ValueError(_PIXELS_NEEDED)
+  if (model_config.network != "score_flow"
+      or model_config.score_flow.parameterization != "density"):
+    raise ValueError(_DENSITY_NEEDED)
 
 
 def check_sigma(sigma):

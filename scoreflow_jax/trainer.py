@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from scoreflow_jax import checkpointing, data as data_lib, generate, run_logging
+from scoreflow_jax import checkpointing, data as data_lib, generate, run_config, run_logging
 from scoreflow_jax import ema as ema_lib, first_stage as first_stage_lib, samplers
 from scoreflow_jax import train_step as ts
 from scoreflow_jax.model import build_model
@@ -164,7 +164,7 @@ def _is_run_folder(workdir):
   """A folder train.py made: configs/ holds its configs, or checkpoints/ its
   steps (or is all there is: a first start stopped before it wrote any)."""
   configs, ckpts = (os.path.join(workdir, d) for d in ("configs", "checkpoints"))
-  if os.path.isdir(configs) and any(generate.is_config_file(f) for f in os.listdir(configs)):
+  if os.path.isdir(configs) and any(run_config.is_config_file(f) for f in os.listdir(configs)):
     return True
   if os.path.isdir(ckpts):
     return (any(f.isdigit() for f in os.listdir(ckpts))
@@ -210,11 +210,11 @@ def _write_config(config, workdir):
   cdir = os.path.join(workdir, "configs")
   os.makedirs(cdir, exist_ok=True)
   stamp, i = time.strftime("%Y-%m-%dT%H-%M-%S"), 0
-  earlier = [f for f in os.listdir(cdir) if generate.is_config_file(f)]
+  earlier = [f for f in os.listdir(cdir) if run_config.is_config_file(f)]
   if earlier:
     # after the newest start's name whatever the clock says (a time zone or
     # daylight-saving change, another node's clock): names order the starts
-    newest = max(map(generate.start_order, earlier))
+    newest = max(map(run_config.start_order, earlier))
     if (stamp, 0) <= newest:
       stamp, i = newest[0], newest[1] + 1
   name = lambda i: f"{stamp}-config.json" if i == 0 else f"{stamp}-{i}-config.json"
@@ -230,7 +230,7 @@ def _last_start_config(workdir):
   """The run's config before this start writes its own (None: a run folder
   without configs/, from before train.py saved them)."""
   try:
-    return generate.load_run_config(workdir)
+    return run_config.load(workdir)
   except FileNotFoundError:
     return None
 

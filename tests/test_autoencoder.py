@@ -17,7 +17,7 @@ import pytest
 from flax import serialization
 
 from configs import mnist
-from scoreflow_jax import data, first_stage as first_stage_lib, generate
+from scoreflow_jax import data, first_stage as first_stage_lib, generate, run_config
 from scoreflow_jax import model as model_lib, trainer
 from scoreflow_jax import train_step as ts
 from scoreflow_jax.networks import autoencoder as ae
@@ -385,7 +385,7 @@ def test_latent_runs_cached_or_per_step_train_alike_resume_and_sample(weights, t
   config.model.autoencoder.shift_factor = 0.0
 
   # the run folder names its autoencoder, and sample.py decodes to pixels
-  saved = generate.load_run_config(workdir)
+  saved = run_config.load(workdir)
   assert saved.model.first_stage == "kl_autoencoder"
   assert saved.model.autoencoder.sha256 == first_stage_lib.file_sha256(str(weights))
   assert saved.model.autoencoder.weights == str(weights)  # absolute: found from any folder
@@ -688,7 +688,7 @@ def test_train_autoencoder_script_then_latent_config(tmp_path):
              "--config.model.score_flow.in_channels=4", "--config.data.name=mnist",
              "--config.data.source=offline", f"--config.data.data_dir={tmp_path}", *flags)
   assert "scale_factor" not in proc.stdout + proc.stderr  # the printed one: no warning
-  saved = generate.load_run_config(str(workdir)).model.autoencoder
+  saved = run_config.load(str(workdir)).model.autoencoder
   header = json.loads(out.read_bytes()[8:8 + int.from_bytes(out.read_bytes()[:8], "little")])
   results = json.loads(header["__metadata__"]["results"])
   assert results["steps"] == 3

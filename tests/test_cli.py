@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoreflow_jax import generate, train_step as ts
+from scoreflow_jax import generate, run_config, train_step as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +88,7 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
   assert npz["images"].min() >= -1 and npz["images"].max() <= 1
   np.testing.assert_array_equal(npz["labels"], [3, 3, 3, 1, 1, 1, 4, 4, 4])
   assert int(npz["step"]) == 10 and int(npz["holdout"]) == 0  # trained on all of train
-  assert str(npz["data_source"]) == generate.load_run_config(workdir).data.source
+  assert str(npz["data_source"]) == run_config.load(workdir).data.source
   # how they were made (evaluate.py pairs draws by seed)
   assert (int(npz["seed"]), str(npz["sampler"]), int(npz["num_steps"])) == (
       1, "euler_ancestral", 3)
@@ -178,9 +178,10 @@ def test_sample_bad_inputs(trained_run, tmp_path):
   proc = run("sample.py", "--workdir", workdir, "--step", "7", "--out",
              str(tmp_path / "x.png"), check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr and "steps there: [10]" in proc.stderr
-  proc = run("sample.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.png"),
-             check=False)
+  proc, jax_imported = run_noting_jax("sample.py", "--workdir", tmp_path, "--out",
+                                      tmp_path / "x.png")  # told before JAX starts
   assert proc.returncode != 0 and "Traceback" not in proc.stderr and "not a run folder" in proc.stderr
+  assert not jax_imported
   proc = run("sample.py", "--workdir", workdir, "--average_from", "5", "--ema", "--out",
              str(tmp_path / "x.png"), check=False)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--average_from averages the raw weights; drop --ema" in proc.stderr
@@ -213,6 +214,7 @@ def test_sample_output_files_are_checked_first_and_kept(trained_run, tmp_path):
   for args, message in ((("--out", str(tmp_path / "grid.jpeg")), "must end in .png"),
                         (("--out", str(tmp_path)), "must end in .png"),
                         (("--classes", "1,a"), "--classes takes integer labels"),
+                        (("--classes", "3,10"), "classes [10] are outside 0..9"),
                         (("--batch_size", "0"), "--batch_size must be >= 1")):
     proc, jax_imported = run_noting_jax("sample.py", "--workdir", workdir, *args)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

@@ -226,7 +226,7 @@ def test_diagnose_fd_part_scores_both_starts_against_unseen_test_images(tiny_run
 
 
 def _fake_run(tmp_path):
-  """A folder load_run_config reads as a run, with no checkpoint: a check that
+  """A folder run_config.load reads as a run, with no checkpoint: a check that
   passes goes on to load_run and fails there ("no checkpoint")."""
   os.makedirs(tmp_path / "run" / "configs")
   (tmp_path / "run" / "configs" / "config.json").write_text('{"model": {}}')

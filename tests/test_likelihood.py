@@ -122,15 +122,14 @@ def _error(proc):
 
 
 def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
-  # the run folder does not exist: each error comes before it is read, and
-  # the flags' errors before JAX starts
+  # the run folder does not exist: each flag's error comes before it is read,
+  # and every error, the missing run's too, before JAX starts
   from tests.test_cli import run_noting_jax
   def run_flags(*args):
     proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path / "none",
                                         *args)
     assert not jax_imported, (args, proc.stderr[-1000:])
     return proc
-  run = lambda *args: _run("bits_per_dim.py", "--workdir", tmp_path / "none", *args)
   for n in (-5, 0):
     proc = run_flags("--data_dir", tmp_path, "--num_images", n)
     assert proc.returncode != 0 and _error(proc) == f"--num_images must be >= 1, got {n}."
@@ -140,9 +139,28 @@ def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
   proc = run_flags()
   assert proc.returncode != 0 and _error(proc).startswith(
       "--source offline needs --data_dir")
-  proc = run("--data_dir", tmp_path)
+  proc = run_flags("--data_dir", tmp_path)
   assert proc.returncode != 0 and "not a run folder made by train.py" in _error(proc)
   assert "Traceback" not in proc.stderr and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "needs a network with parameterization='density'"),
+    ({"network": "unet"}, "needs a network with parameterization='density'"),
+    ({"first_stage": "kl_autoencoder"}, "needs a model that diffuses pixels")])
+def test_bits_per_dim_cli_refuses_a_run_without_a_density_before_jax(tmp_path, overrides,
+                                                                      message):
+  # the run's saved config is enough to refuse it: no JAX start-up, no checkpoint read
+  from tests.test_cli import run_noting_jax
+  config = (mnist_density.get_config("tiny") if overrides.get("first_stage")
+            else mnist.get_config("tiny"))
+  config.model.update(overrides)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "2026-01-01T00-00-00-config.json").write_text(config.to_json())
+  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path,
+                                      "--data_dir", tmp_path)
+  assert proc.returncode != 0 and message in _error(proc) and not jax_imported
+  assert "Traceback" not in proc.stderr and not (tmp_path / "bits_per_dim.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +205,11 @@ def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
   # the default out, <workdir>/bits_per_dim.json
   default = workdir / "bits_per_dim.json"
   default.write_text("kept")
-  proc = run()
+  from tests.test_cli import run_noting_jax  # told before JAX starts
+  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", workdir,
+                                      "--data_dir", data_dir)
   assert proc.returncode != 0 and f"--out {default} exists" in _error(proc)
+  assert not jax_imported
   assert default.read_text() == "kept"
   default.unlink()
   # the result is printed before the write, so a write that fails loses nothing

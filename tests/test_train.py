@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from configs import mnist
-from scoreflow_jax import checkpointing, data, generate, model as model_lib, trainer
+from scoreflow_jax import checkpointing, data, generate, model as model_lib, run_config
+from scoreflow_jax import trainer
 from scoreflow_jax import train_step as ts
 
 
@@ -447,7 +448,7 @@ def test_config_files_order_the_starts_whatever_the_clock(tmp_path):
   path = trainer._write_config(tiny_config(), str(tmp_path))
   assert os.path.basename(path) == "2099-01-01T00-00-00-1-config.json"
   files = os.listdir(cdir)
-  assert max(files, key=generate.start_order) == os.path.basename(path)
+  assert max(files, key=run_config.start_order) == os.path.basename(path)
 
 
 def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
@@ -640,25 +641,23 @@ def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
 
 
 def test_run_config_of_an_older_run_gets_the_legacy_values(tmp_path, monkeypatch):
-  from scoreflow_jax import generate
   config = json.loads(tiny_config().to_json())
-  for field in checkpointing.LEGACY_DEFAULTS["score_flow"]:
+  for field in run_config.LEGACY_DEFAULTS["score_flow"]:
     del config["model"]["score_flow"][field]  # a run written before these existed
   os.makedirs(tmp_path / "configs")
   with open(tmp_path / "configs" / "2026-01-01T00-00-00-config.json", "w") as f:
     json.dump(config, f)
   # also where configs/ is not importable (a script run from elsewhere)
-  for defaults in (generate._defaults, lambda: {}):
-    monkeypatch.setattr(generate, "_defaults", defaults)
-    loaded = generate.load_run_config(str(tmp_path))
-    for field, value in checkpointing.LEGACY_DEFAULTS["score_flow"].items():
+  for defaults in (run_config._defaults, lambda: {}):
+    monkeypatch.setattr(run_config, "_defaults", defaults)
+    loaded = run_config.load(str(tmp_path))
+    for field, value in run_config.LEGACY_DEFAULTS["score_flow"].items():
       assert loaded.model.score_flow[field] == value, field
     assert loaded.model.score_flow.n_flows == config["model"]["score_flow"]["n_flows"]
     model_lib.build_model(loaded)
 
 
 def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
-  from scoreflow_jax import generate
   os.makedirs(tmp_path / "configs")
   for name, steps in [("2026-01-01T00-00-00-config.json", 1),
                       ("2026-01-01T00-00-00-1-config.json", 2),   # same second, later
@@ -667,7 +666,7 @@ def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
     config = tiny_config(num_steps=steps)
     with open(tmp_path / "configs" / name, "w") as f:
       f.write(config.to_json())
-  assert generate.load_run_config(str(tmp_path)).training.num_steps == 3
+  assert run_config.load(str(tmp_path)).training.num_steps == 3
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   """
   import os
   import time
-  from scoreflow_jax import data as data_lib, generate
+  from scoreflow_jax import data as data_lib, generate, run_config
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
   from scoreflow_jax.outputs import check_not_an_input, results_path, write_json
   t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   sigmas = _check_sigmas(sigmas, "sigmas")
   if start_sigmas:
     start_sigmas = _check_sigmas(start_sigmas, "start_sigmas")
-  generate.load_run_config(workdir)  # a run folder, before out is made in it
+  run_config.load(workdir)  # a run folder, before out is made in it
   check_not_an_input(out, [classifier_path] if classifier_path else [])
   out = results_path(out, os.path.join(workdir, "diagnostics.json"), overwrite)
   cparams = (None if classifier_path is None  # a wrong path: found before the loss part
