@@ -1,12 +1,17 @@
 """What a run pays before its first step and what reading checkpoints costs.
 
 python bench/startup.py [--config mnist_conv_mixture] [--workdir logs/<run>]
+                        [--saves N [--orbax_replica_parallel]]
 Times the initial train state built op by op (``model.init`` outside jit, as
 before session 18) and jitted (``train_step.create_train_state``), and checks
 the two are equal bit for bit. With --workdir (a run with kept checkpoints),
 also times one checkpoint's full restore against reading its ``params`` only
 (``Checkpointer.restore(fields=...)``, what --average_from and --posthoc_ema
-do per checkpoint), over up to --n checkpoints. Prints one JSON line.
+do per checkpoint), over up to --n checkpoints. With --saves N, times N
+checkpoint saves (each waited for) of the state replicated on every device,
+the first apart: with --orbax_replica_parallel, orbax's replica-parallel
+save (each device writes a slice of every array), which checkpointing turns
+off in a single process. Prints one JSON line.
 """
 import argparse
 import importlib
@@ -24,6 +29,8 @@ def main():
   p.add_argument("--config", default="mnist_conv_mixture", help="a module in configs/")
   p.add_argument("--workdir", default=None)
   p.add_argument("--n", type=int, default=10, help="checkpoints to read")
+  p.add_argument("--saves", type=int, default=0, help="checkpoint saves to time")
+  p.add_argument("--orbax_replica_parallel", action="store_true")
   a = p.parse_args()
   import jax
   import numpy as np
@@ -46,6 +53,30 @@ def main():
   out["init_op_by_op_s"] = round(time.perf_counter() - t, 2)
   out["bit_for_bit"] = all(np.array_equal(x, y) for x, y in
                            zip(jax.tree.leaves(eager), jax.tree.leaves(state.params)))
+
+  if a.saves:
+    import tempfile
+    import orbax.checkpoint as ocp
+    mesh = ts.make_mesh()
+    times = []
+    with tempfile.TemporaryDirectory() as d:
+      ckpt = checkpointing.Checkpointer(d, max_to_keep=2)
+      if a.orbax_replica_parallel:  # orbax's own default handler, back
+        from orbax.checkpoint._src.metadata.array_metadata_store import Store
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True,
+                                                      array_metadata_store=Store()),
+            override=True)
+      for i in range(a.saves):
+        replicated = ts.replicate(state.replace(step=np.int32(i + 1)), mesh)
+        t = time.perf_counter()
+        ckpt.save(replicated, config)
+        ckpt.wait()
+        times.append(time.perf_counter() - t)
+      ckpt.close()
+    out.update(devices=mesh.size, replica_parallel=a.orbax_replica_parallel,
+               first_save_s=round(times[0], 2),
+               later_save_s=round(float(np.median(times[1:])), 3) if a.saves > 1 else None)
 
   if a.workdir:
     config = run_config.load(a.workdir)

@@ -257,11 +257,17 @@ def test_diagnose_checks_its_inputs_and_output_before_any_work(tmp_path):
   with pytest.raises(FileExistsError, match=r"--out .*mine\.json exists"):
     diagnose(out=str(tmp_path / "mine.json"))
   assert out.read_text() == (tmp_path / "mine.json").read_text() == "kept"
-  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
-              str(tmp_path))
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  # evaluate.py tells each before JAX starts
+  from tests.test_cli import run_noting_jax
+  proc, jax_imported = run_noting_jax("evaluate.py", "--diagnose", "--workdir", workdir,
+                                      "--data_dir", tmp_path)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr and not jax_imported
   assert proc.stderr.strip().endswith("pass --overwrite to replace it, or choose "
                                       "another path. Nothing was written.")
+  proc, jax_imported = run_noting_jax("evaluate.py", "--diagnose", "--workdir",
+                                      tmp_path / "typo", "--data_dir", tmp_path)
+  assert proc.returncode != 0 and "not a run folder made by train.py" in proc.stderr
+  assert not jax_imported and not (tmp_path / "typo").exists()
   proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
               str(tmp_path), "--num_images", "5")
   assert proc.returncode != 0 and "--num_images must be >= 10" in proc.stderr
@@ -291,3 +297,9 @@ def test_diagnose_refuses_a_holdout_read_in_another_sources_order(tiny_run, tmp_
     diagnostics.diagnose_run(copy, data_dir, "offline", num_images=20, sigmas=(1.0,),
                              out=str(tmp_path / "d.json"))
   assert not os.path.exists(tmp_path / "d.json")
+  # the run's saved config tells it: evaluate.py refuses before JAX starts
+  from tests.test_cli import run_noting_jax
+  proc, jax_imported = run_noting_jax("evaluate.py", "--diagnose", "--workdir", copy,
+                                      "--data_dir", data_dir, "--out", tmp_path / "d.json")
+  assert proc.returncode != 0 and "position in its tfds data" in proc.stderr
+  assert not jax_imported and not os.path.exists(tmp_path / "d.json")

@@ -975,23 +975,26 @@ def test_evaluation_of_some_classes_records_the_warning(trained, tmp_path):
 
 # --- what a first stage costs: reconstructions of the floor's own images ------------
 
-def _tiny_vae_file(path, seed=0):
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
   """A randomly initialised 28x28x1 KL autoencoder written as train_autoencoder.py
-  writes one (its ddconfig in the header)."""
+  writes one (its ddconfig in the header): (file, module, params). Tests copy
+  the file into their own folder."""
   import jax
   import jax.numpy as jnp
   from scoreflow_jax import autoencoder_training as aet
   from scoreflow_jax.networks import autoencoder as ae
   module = ae.AutoencoderKL(embed_dim=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                             attn_resolutions=(), resolution=28, in_channels=1, out_ch=1)
-  params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
+  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
   ae.save_safetensors(ae.state_dict_from_params(params), str(path),
                       aet.metadata(module, {"steps": 0}))
-  return module, params
+  return path, module, params
 
 
-def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_path,
-                                                                  monkeypatch):
+def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tiny_vae,
+                                                                  tmp_path, monkeypatch):
   from scoreflow_jax import autoencoder_training as aet
   from scoreflow_jax.eval import autoencoder_floor as af
   params, acc, test_images, test_labels, _ = trained  # 400 test images
@@ -1001,7 +1004,8 @@ def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_p
   clf = tmp_path / "clf.npz"
   classifier_lib.save_classifier(params, clf, test_accuracy=acc)
   vae = tmp_path / "vae.safetensors"
-  module, vae_params = _tiny_vae_file(vae)
+  shutil.copy(tiny_vae[0], vae)
+  module, vae_params = tiny_vae[1:]
   score = lambda n, seeds, out, **kw: af.autoencoder_floor(
       str(vae), str(clf), str(tmp_path), num_samples=n, seeds=seeds,
       out=str(tmp_path / out), log=lambda _: None, **kw)
@@ -1048,11 +1052,11 @@ def test_autoencoder_floor_reconstructs_exactly_the_floors_images(trained, tmp_p
     score(150, [0], "random.json")
 
 
-def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tmp_path):
+def test_evaluate_cli_autoencoder_floor_and_its_errors(trained, tiny_vae, tmp_path):
   params, acc, test_images, test_labels, _ = trained
   clf = _mnist_folder_and_classifier(tmp_path, params, acc, test_images, test_labels)
   vae = tmp_path / "vae.safetensors"
-  _tiny_vae_file(vae)
+  shutil.copy(tiny_vae[0], vae)
   base = ["--autoencoder", vae, "--classifier", clf, "--data_dir", tmp_path]
   proc = _evaluate(*base, "--num_samples", 100)
   assert proc.returncode == 0, proc.stderr

@@ -255,15 +255,21 @@ def test_ctrl_c_interrupts_train_py_unsaved(tmp_path, monkeypatch):
   # train.py records only SIGTERM (a preemption notice): Ctrl-C interrupts at
   # once, as asked, rather than being taken for a preemption, saved and logged.
   _signal_after_step(monkeypatch, signal.SIGINT, 3)
-  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-  workdir, msgs = str(tmp_path / "run"), []
-  with pytest.raises(KeyboardInterrupt):
-    trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10, checkpoint_every=10),
-                               workdir, log=msgs.append)
-  assert not any("received" in m for m in msgs), msgs
-  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   read_only=True).steps() == []
-  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+  # Python's own Ctrl-C handler, also where pytest was started in the
+  # background (a shell starts those with SIGINT ignored)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    workdir, msgs = str(tmp_path / "run"), []
+    with pytest.raises(KeyboardInterrupt):
+      trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
+                                             checkpoint_every=10), workdir, log=msgs.append)
+    assert not any("received" in m for m in msgs), msgs
+    assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     read_only=True).steps() == []
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch):

@@ -15,11 +15,10 @@
 """
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scoreflow_jax import loss as loss_lib, samplers
+# JAX is imported inside the functions: evaluate.py --diagnose checks its
+# run folder and output before JAX starts.
 
 DEFAULT_SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_START_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -35,12 +34,14 @@ def _check_sigmas(sigmas, what):
 
 def _rows(tree, sl):
   """The rows ``sl`` of every leaf of a pytree (None stays None)."""
+  import jax
   return jax.tree.map(lambda a: a[sl], tree)
 
 
-def per_image_noise(key, index, shape, dtype=jnp.float32):
+def per_image_noise(key, index, shape, dtype=np.float32):
   """Unit noise for image ``index`` (B,) of shape ``shape`` (per image):
   image i's noise depends only on (key, i)."""
+  import jax
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape,
                                               dtype))(index)
 
@@ -57,6 +58,9 @@ def loss_at_sigmas(denoise_fn, params, x0, cond, sigmas: Sequence[float], key,
   sigma and in every set (fold_in(key, i)). Returns
   ``(means (S,), standard_errors (S,))`` as numpy float64.
   """
+  import jax
+  import jax.numpy as jnp
+  from scoreflow_jax import loss as loss_lib
   sigmas = _check_sigmas(sigmas, "sigmas")
   n = x0.shape[0]
   if n < 2:
@@ -91,6 +95,9 @@ def renoise(denoise_fn, params, x0, cond, sigma_start: float, key, *,
   to sigma_min (unguided: ``denoise_fn(params, x, sigma, cond)``). Image i's noise
   depends only on (key, i). Returns the images (N, ...), unclipped.
   """
+  import jax
+  import jax.numpy as jnp
+  from scoreflow_jax import samplers
   (sigma_start,) = _check_sigmas([sigma_start], "sigma_start")
   if sigma_start <= sigma_min:
     raise ValueError(f"sigma_start must be > sigma_min = {sigma_min}, got "
@@ -154,8 +161,7 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   """
   import os
   import time
-  from scoreflow_jax import data as data_lib, generate, run_config
-  from scoreflow_jax.eval import classifier as classifier_lib, metrics
+  from scoreflow_jax import data as data_lib, run_config
   from scoreflow_jax.outputs import check_not_an_input, results_path, write_json
   t0 = time.perf_counter()
   bad = [s for s in renoise_from if s not in ("train", "test")]
@@ -164,12 +170,8 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
   sigmas = _check_sigmas(sigmas, "sigmas")
   if start_sigmas:
     start_sigmas = _check_sigmas(start_sigmas, "start_sigmas")
-  run_config.load(workdir)  # a run folder, before out is made in it
-  check_not_an_input(out, [classifier_path] if classifier_path else [])
-  out = results_path(out, os.path.join(workdir, "diagnostics.json"), overwrite)
-  cparams = (None if classifier_path is None  # a wrong path: found before the loss part
-             else classifier_lib.load_classifier(classifier_path)[0])
-  model, state, config = generate.load_run(workdir, step)
+  # what the run's saved config decides, and the output: before JAX starts
+  config = run_config.load(workdir)  # a run folder, before out is made in it
   if start_sigmas and classifier_path is not None:
     too_low = [s for s in start_sigmas if s <= config.sampling.sigma_min]
     if too_low:
@@ -187,6 +189,15 @@ def diagnose_run(workdir: str, data_dir, source: str = "offline",
         f"their position in its {config.data.source} data, and --source {source} "
         "orders MNIST otherwise: its 'train' images would include held-out ones. "
         f"Diagnose it with --source {config.data.source} and that source's --data_dir.")
+  check_not_an_input(out, [classifier_path] if classifier_path else [])
+  out = results_path(out, os.path.join(workdir, "diagnostics.json"), overwrite)
+  import jax
+  import jax.numpy as jnp
+  from scoreflow_jax import generate
+  from scoreflow_jax.eval import classifier as classifier_lib, metrics
+  cparams = (None if classifier_path is None  # a wrong path: found before the loss part
+             else classifier_lib.load_classifier(classifier_path)[0])
+  model, state, config = generate.load_run(workdir, step)
   params = state.ema_params if use_ema else state.params
   n_classes = config.model.conditioner.n_classes
   den = lambda p, x, sigma, cond: model.denoiser(p)(x, sigma, cond)
