@@ -627,6 +627,32 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
   assert os.path.isdir(state_dir)
 
 
+def test_a_single_process_save_of_replicated_arrays_compiles_nothing(tmp_path):
+  # orbax's replica-parallel save slices each replicated array on each device,
+  # one compiled slice per shape and device at the first save (9 s for the
+  # UNet on 4 devices); in one process the arrays are saved whole. Shapes no
+  # other test has, so nothing is in JAX's in-memory caches already; orbax
+  # slices along an axis the device count divides.
+  mesh = ts.make_mesh()
+  assert mesh.size == 4
+  w = np.arange(12 * 7 * 11, dtype=np.float32).reshape(12, 7, 11)
+  state = ts.replicate({"step": np.int32(3), "w": w, "b": np.ones(52, np.float32)}, mesh)
+  lowered = []
+  listen = lambda event, duration, **kw: lowered.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.manager.save(3, args=checkpointing.ocp.args.Composite(
+        state=checkpointing.ocp.args.StandardSave(state)))
+    ckpt.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert not [e for e in lowered if e.startswith("/jax/core/compile/")], lowered
+  restored = ckpt.manager.restore(3)["state"]
+  assert np.array_equal(restored["w"], w) and np.array_equal(restored["b"], np.ones(52))
+  ckpt.close()
+
+
 def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
   config = tiny_config()
   old = json.loads(config.model.to_json())
