@@ -383,3 +383,15 @@ def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
                                         tmp_path / "x.png", *bad)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
     assert not jax_imported, (bad, proc.stderr[-1000:])
+
+
+def test_run_config_classes_are_some_of_the_runs_own():
+  import ml_collections
+  config = ml_collections.ConfigDict({"model": {"conditioner": {"n_classes": 10}}})
+  assert run_config.classes(config) == list(range(10))
+  assert run_config.classes(config, (3, 0, 9)) == [3, 0, 9]
+  # a negative label indexes the embedding table from the end: refused as 10 is
+  with pytest.raises(ValueError, match=r"classes \[-1, 10\] are outside 0..9"):
+    run_config.classes(config, [-1, 3, 10])
+  with pytest.raises(ValueError, match="classes is empty: name at least one class"):
+    run_config.classes(config, [])

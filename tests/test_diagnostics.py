@@ -273,6 +273,33 @@ def test_diagnose_checks_its_inputs_and_output_before_any_work(tmp_path):
   assert proc.returncode != 0 and "--num_images must be >= 10" in proc.stderr
 
 
+def test_diagnose_checks_the_runs_saved_config_before_loading_the_run(tmp_path):
+  # each is told from configs/*.json; a run that passes them all fails at its
+  # missing checkpoint (or the missing classifier file, loaded first)
+  workdir = _fake_run(tmp_path)
+  config = tmp_path / "run" / "configs" / "config.json"
+  diagnose = lambda **kw: diagnostics.diagnose_run(workdir, str(tmp_path), **kw)
+  clf = str(tmp_path / "none.npz")
+  # the run's sampling sigma_min, 0.002 (configs/default.py): a start at or below
+  # it has nothing to denoise
+  with pytest.raises(ValueError, match=r"start_sigmas \[0\.001, 0\.002\] must be > the "
+                                       r"run's sampling sigma_min = 0\.002"):
+    diagnose(classifier_path=clf, start_sigmas=(0.001, 0.002, 0.5))
+  with pytest.raises(FileNotFoundError, match="classifier file"):
+    diagnose(classifier_path=clf, start_sigmas=(0.003,))
+  config.write_text('{"model": {}, "data": {"name": "synthetic"}}')
+  with pytest.raises(ValueError, match="--diagnose needs real data; this run's data is "
+                                       "'synthetic'"):
+    diagnose()
+  config.write_text('{"model": {}, "data": {"name": "cifar10"}}')
+  with pytest.raises(ValueError, match="the FD part needs the MNIST classifier; this run's "
+                                       "data is 'cifar10'"):
+    diagnose(classifier_path=clf)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):  # the loss part: any data
+    diagnose()
+  assert not (tmp_path / "run" / "diagnostics.json").exists()
+
+
 def test_diagnose_cli_names_its_own_data_flags(tiny_run, tmp_path):
   workdir, _ = tiny_run
   proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",

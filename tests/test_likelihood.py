@@ -78,6 +78,29 @@ def test_bits_per_dim_needs_the_density_model():
                             np.zeros(1, np.int32), jax.random.key(0))
 
 
+def test_density_config_check_agrees_with_the_model_check():
+  # a UNet run keeps a score_flow section, here one that says density: the
+  # network it builds has no density all the same
+  for network, first_stage, message in (
+      ("score_flow", "identity", None),
+      ("unet", "identity", "needs a network with parameterization='density'"),
+      ("score_flow", "kl_autoencoder", "needs a model that diffuses pixels")):
+    config = mnist_density.get_config("tiny")
+    config.model.update(network=network, first_stage=first_stage)
+    if message is None:
+      likelihood.check_density_config(config.model)
+    else:
+      with pytest.raises(ValueError, match=re.escape(message)):
+        likelihood.check_density_config(config.model)
+    if first_stage == "identity":  # (a latent model needs its autoencoder's file)
+      model = model_lib.build_model(config)
+      if message is None:
+        likelihood.check_density_model(model)
+      else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+          likelihood.check_density_model(model)
+
+
 def test_density_config_validation():
   config = mnist_density.get_config("tiny")
   config.model.score_flow.flow_type = "joint"
@@ -161,6 +184,21 @@ def test_bits_per_dim_cli_refuses_a_run_without_a_density_before_jax(tmp_path, o
                                       "--data_dir", tmp_path)
   assert proc.returncode != 0 and message in _error(proc) and not jax_imported
   assert "Traceback" not in proc.stderr and not (tmp_path / "bits_per_dim.json").exists()
+
+
+def test_bits_per_dim_cli_refuses_a_run_of_other_images_before_jax(tmp_path):
+  from tests.test_cli import run_noting_jax
+  config = mnist_density.get_config("tiny")  # synthetic data: scored on MNIST
+  config.data.update(image_size=32, channels=3)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "2026-01-01T00-00-00-config.json").write_text(config.to_json())
+  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path,
+                                      "--data_dir", tmp_path)
+  assert proc.returncode != 0 and not jax_imported and "Traceback" not in proc.stderr
+  assert _error(proc) == ("the run was trained on images of shape (32, 32, 3) (synthetic "
+                          "data) and bits/dim scores the mnist test set (28, 28, 1): score "
+                          "a run trained on mnist.")
+  assert not (tmp_path / "bits_per_dim.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -457,6 +457,14 @@ def test_config_files_order_the_starts_whatever_the_clock(tmp_path):
   assert max(files, key=run_config.start_order) == os.path.basename(path)
 
 
+def test_config_files_are_the_ones_train_py_names():
+  for name in ("2026-01-01T00-00-00-config.json", "2026-01-01T00-00-00-12-config.json"):
+    assert run_config.is_config_file(name), name
+  for name in ("config.json", "notes.json", "2026-01-01-config.json",
+               "2026-01-01T00-00-00-config.json.bak", "x2026-01-01T00-00-00-config.json"):
+    assert not run_config.is_config_file(name), name
+
+
 def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
   config = tiny_config(num_steps=40, log_every=1, checkpoint_every=20)
   config.optim.learning_rate = 1e30
@@ -653,6 +661,19 @@ def test_a_single_process_save_of_replicated_arrays_compiles_nothing(tmp_path):
   ckpt.close()
 
 
+def test_replica_parallel_save_stays_orbaxs_across_processes(monkeypatch):
+  registered = []
+  monkeypatch.setattr(checkpointing.ocp.type_handlers, "register_type_handler",
+                      lambda ty, handler, override=False: registered.append((ty, handler)))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  checkpointing._save_replicated_arrays_whole()
+  assert registered == []  # orbax's default: the hosts divide the writing
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  checkpointing._save_replicated_arrays_whole()
+  assert [ty for ty, _ in registered] == [jax.Array]
+  assert registered[0][1]._use_replica_parallel is False
+
+
 def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
   config = tiny_config()
   old = json.loads(config.model.to_json())
@@ -689,6 +710,22 @@ def test_run_config_of_an_older_run_gets_the_legacy_values(tmp_path, monkeypatch
     model_lib.build_model(loaded)
 
 
+def test_run_config_legacy_values_win_over_newer_defaults(tmp_path, monkeypatch):
+  config = json.loads(tiny_config().to_json())
+  del config["model"]["score_flow"]["flow_type"]  # a run from before flow_type
+  del config["sampling"]["sigma_min"]             # and a field with no legacy value
+  os.makedirs(tmp_path / "configs")
+  with open(tmp_path / "configs" / "2026-01-01T00-00-00-config.json", "w") as f:
+    json.dump(config, f)
+  newer = json.loads(tiny_config().to_json())  # defaults that have since changed
+  newer["model"]["score_flow"]["flow_type"] = "conv"
+  newer["sampling"]["sigma_min"] = 0.005
+  monkeypatch.setattr(run_config, "_defaults", lambda: newer)
+  loaded = run_config.load(str(tmp_path))
+  assert loaded.model.score_flow.flow_type == "joint"  # what the run was trained with
+  assert loaded.sampling.sigma_min == 0.005
+
+
 def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
   os.makedirs(tmp_path / "configs")
   for name, steps in [("2026-01-01T00-00-00-config.json", 1),
@@ -699,6 +736,21 @@ def test_run_config_is_the_latest_start_even_within_one_second(tmp_path):
     with open(tmp_path / "configs" / name, "w") as f:
       f.write(config.to_json())
   assert run_config.load(str(tmp_path)).training.num_steps == 3
+
+
+def test_run_config_that_train_py_did_not_write_is_refused(tmp_path):
+  os.makedirs(tmp_path / "configs")
+  path = tmp_path / "configs" / "2026-01-01T00-00-00-config.json"
+  for text in ("[]", '{"data": {}}', '{"model": 3}'):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"is not a config saved by train.py \(no 'model' "
+                                         r"section\); move it out of"):
+      run_config.load(str(tmp_path))
+  path.write_text('{"model": {')  # cut short
+  with pytest.raises(ValueError, match=r"newest saved config, is not valid JSON .* to use "
+                                       "the start before it, or repair it"):
+    run_config.load(str(tmp_path))
+  assert path.read_text() == '{"model": {'  # left as it is
 
 
 @pytest.fixture(scope="module")
