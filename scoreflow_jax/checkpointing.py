@@ -136,12 +136,11 @@ def _save_replicated_arrays_whole():
     return
   try:  # orbax's default handler keeps array metadata in this store
     from orbax.checkpoint._src.metadata.array_metadata_store import Store
-  except ImportError:  # another orbax: its default, which is only slower
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=Store())
+  except (ImportError, TypeError):  # another orbax: its default, only slower
     return
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
-                                                array_metadata_store=Store()),
-      override=True)
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 class Checkpointer:
