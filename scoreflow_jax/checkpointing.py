@@ -104,21 +104,30 @@ def _shape_differences(stored: Optional[dict], wanted: dict, partial: bool) -> l
   return out
 
 
-class _DropReadOnlyNotice(logging.Filter):
+class _DropNotice(logging.Filter):
+  def __init__(self, prefix):
+    super().__init__()
+    self.prefix = prefix
+
   def filter(self, record):
-    return not str(record.msg).startswith("Given directory is read only")
+    return not str(record.msg).startswith(self.prefix)
 
 
 @contextlib.contextmanager
-def _without_read_only_warning():
-  """Hides orbax's warning that a read-only manager's folder is read only (it
-  reads as if something were wrong with the run folder; sample.py printed it)."""
-  logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+def _without_orbax_notice(prefix):
+  """Hides orbax's (absl) log lines starting with ``prefix`` meanwhile."""
+  logger, notice = logging.getLogger("absl"), _DropNotice(prefix)
   logger.addFilter(notice)
   try:
     yield
   finally:
     logger.removeFilter(notice)
+
+
+# orbax's warning that a read-only manager's folder is read only: it reads as
+# if something were wrong with the run folder (sample.py printed it)
+_READ_ONLY_NOTICE = "Given directory is read only"
+_whole_array_handler = None  # registered by _save_replicated_arrays_whole
 
 
 def _save_replicated_arrays_whole():
@@ -134,13 +143,20 @@ def _save_replicated_arrays_whole():
   import jax
   if jax.process_count() > 1:
     return
+  global _whole_array_handler
+  if (_whole_array_handler is not None
+      and ocp.type_handlers.get_type_handler(jax.Array) is _whole_array_handler):
+    return  # once per process
   try:  # orbax's default handler keeps array metadata in this store
     from orbax.checkpoint._src.metadata.array_metadata_store import Store
     handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
                                              array_metadata_store=Store())
   except (ImportError, TypeError):  # another orbax: its default, only slower
     return
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  # (orbax warns of every override, a line in each run's log that says nothing)
+  with _without_orbax_notice("Type handler registry type"):
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  _whole_array_handler = handler
 
 
 class Checkpointer:
@@ -156,7 +172,7 @@ class Checkpointer:
     else:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, keep_period=keep_every or None, create=True)
-    with _without_read_only_warning():
+    with _without_orbax_notice(_READ_ONLY_NOTICE):
       self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self):

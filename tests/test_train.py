@@ -665,6 +665,7 @@ def test_replica_parallel_save_stays_orbaxs_across_processes(monkeypatch):
   registered = []
   monkeypatch.setattr(checkpointing.ocp.type_handlers, "register_type_handler",
                       lambda ty, handler, override=False: registered.append((ty, handler)))
+  monkeypatch.setattr(checkpointing, "_whole_array_handler", None)  # as in a new process
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   checkpointing._save_replicated_arrays_whole()
   assert registered == []  # orbax's default: the hosts divide the writing
@@ -672,6 +673,23 @@ def test_replica_parallel_save_stays_orbaxs_across_processes(monkeypatch):
   checkpointing._save_replicated_arrays_whole()
   assert [ty for ty, _ in registered] == [jax.Array]
   assert registered[0][1]._use_replica_parallel is False
+
+
+def test_whole_array_saves_are_registered_once_and_quietly(tmp_path, monkeypatch, caplog):
+  # orbax warns of each handler override: a line in every run's log before
+  monkeypatch.setattr(checkpointing, "_whole_array_handler", None)  # as in a new process
+  registrations = []
+  register = checkpointing.ocp.type_handlers.register_type_handler
+  monkeypatch.setattr(checkpointing.ocp.type_handlers, "register_type_handler",
+                      lambda *a, **kw: (registrations.append(a), register(*a, **kw)))
+  with caplog.at_level("WARNING"):
+    for name in ("a", "b"):
+      checkpointing.Checkpointer(str(tmp_path / name)).close()
+    # nor does sample.py's read-only reader say its folder is read only
+    checkpointing.Checkpointer(str(tmp_path / "a"), read_only=True).close()
+  assert len(registrations) == 1
+  told = [r.getMessage() for r in caplog.records]
+  assert not [m for m in told if "handler" in m.lower() or "read only" in m], told
 
 
 def test_checkpoint_signature_ignores_other_networks_and_fills_legacy_fields():
