@@ -56,17 +56,12 @@ def main():
 
   if a.saves:
     import tempfile
-    import orbax.checkpoint as ocp
     mesh = ts.make_mesh()
     times = []
     with tempfile.TemporaryDirectory() as d:
       ckpt = checkpointing.Checkpointer(d, max_to_keep=2)
       if a.orbax_replica_parallel:  # orbax's own default handler, back
-        from orbax.checkpoint._src.metadata.array_metadata_store import Store
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=True,
-                                                      array_metadata_store=Store()),
-            override=True)
+        checkpointing.register_array_handler(use_replica_parallel=True)
       for i in range(a.saves):
         replicated = ts.replicate(state.replace(step=np.int32(i + 1)), mesh)
         t = time.perf_counter()

@@ -147,16 +147,25 @@ def _save_replicated_arrays_whole():
   if (_whole_array_handler is not None
       and ocp.type_handlers.get_type_handler(jax.Array) is _whole_array_handler):
     return  # once per process
+  _whole_array_handler = register_array_handler(use_replica_parallel=False)
+
+
+def register_array_handler(use_replica_parallel: bool):
+  """Registers orbax's jax.Array handler as orbax builds its default one, with
+  ``use_replica_parallel`` as given; returns it (None, registering nothing, on
+  an orbax whose handler is built otherwise). bench/startup.py puts orbax's
+  default back with it."""
+  import jax
   try:  # orbax's default handler keeps array metadata in this store
     from orbax.checkpoint._src.metadata.array_metadata_store import Store
-    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=use_replica_parallel,
                                              array_metadata_store=Store())
   except (ImportError, TypeError):  # another orbax: its default, only slower
-    return
+    return None
   # (orbax warns of every override, a line in each run's log that says nothing)
   with _without_orbax_notice("Type handler registry type"):
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-  _whole_array_handler = handler
+  return handler
 
 
 class Checkpointer:
