@@ -167,6 +167,15 @@ def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
   assert "Traceback" not in proc.stderr and not (tmp_path / "none").exists()
 
 
+def _bits_per_dim_of_a_saved_config(folder, config):
+  """bits_per_dim.py on ``folder`` made a run folder holding only ``config``
+  (no checkpoint): (the process, whether JAX was imported)."""
+  from tests.test_cli import run_noting_jax
+  (folder / "configs").mkdir()
+  (folder / "configs" / "2026-01-01T00-00-00-config.json").write_text(config.to_json())
+  return run_noting_jax("bits_per_dim.py", "--workdir", folder, "--data_dir", folder)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({}, "needs a network with parameterization='density'"),
     ({"network": "unet"}, "needs a network with parameterization='density'"),
@@ -174,26 +183,18 @@ def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
 def test_bits_per_dim_cli_refuses_a_run_without_a_density_before_jax(tmp_path, overrides,
                                                                       message):
   # the run's saved config is enough to refuse it: no JAX start-up, no checkpoint read
-  from tests.test_cli import run_noting_jax
   config = (mnist_density.get_config("tiny") if overrides.get("first_stage")
             else mnist.get_config("tiny"))
   config.model.update(overrides)
-  (tmp_path / "configs").mkdir()
-  (tmp_path / "configs" / "2026-01-01T00-00-00-config.json").write_text(config.to_json())
-  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path,
-                                      "--data_dir", tmp_path)
+  proc, jax_imported = _bits_per_dim_of_a_saved_config(tmp_path, config)
   assert proc.returncode != 0 and message in _error(proc) and not jax_imported
   assert "Traceback" not in proc.stderr and not (tmp_path / "bits_per_dim.json").exists()
 
 
 def test_bits_per_dim_cli_refuses_a_run_of_other_images_before_jax(tmp_path):
-  from tests.test_cli import run_noting_jax
   config = mnist_density.get_config("tiny")  # synthetic data: scored on MNIST
   config.data.update(image_size=32, channels=3)
-  (tmp_path / "configs").mkdir()
-  (tmp_path / "configs" / "2026-01-01T00-00-00-config.json").write_text(config.to_json())
-  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", tmp_path,
-                                      "--data_dir", tmp_path)
+  proc, jax_imported = _bits_per_dim_of_a_saved_config(tmp_path, config)
   assert proc.returncode != 0 and not jax_imported and "Traceback" not in proc.stderr
   assert _error(proc) == ("the run was trained on images of shape (32, 32, 3) (synthetic "
                           "data) and bits/dim scores the mnist test set (28, 28, 1): score "
