@@ -46,8 +46,12 @@ def main(argv):
   if classes == []:
     raise app.UsageError("--classes is empty: name at least one class, e.g. 0,3 (or "
                          "leave it out for all)")
-  if FLAGS.batch_size < 1:
-    raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  for name in ("batch_size", "num_per_class", "num_steps"):
+    if FLAGS[name].value is not None and FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
+  for name in ("step", "average_from"):
+    if FLAGS[name].value is not None and FLAGS[name].value < 0:
+      raise app.UsageError(f"--{name} is a checkpoint step, >= 0; got {FLAGS[name].value}")
   interval = None
   if FLAGS.cfg_interval is not None:
     if len(FLAGS.cfg_interval) != 2:
@@ -71,7 +75,10 @@ def main(argv):
   from scoreflow_jax import outputs, run_config
   from scoreflow_jax.usage import usage_errors
   with usage_errors():  # not a run, classes it lacks, files it would replace: before JAX
-    run_config.classes(run_config.load(FLAGS.workdir), classes)
+    config = run_config.load(FLAGS.workdir)
+    run_config.classes(config, classes)
+    if FLAGS.posthoc_ema is not None:
+      run_config.check_posthoc(config)
     outputs.paired_outputs(FLAGS.out, FLAGS.overwrite)
   from scoreflow_jax import generate
   with usage_errors():

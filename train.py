@@ -36,8 +36,9 @@ def main(argv):
   if config is None:  # told before JAX starts
     raise app.UsageError(
         "give --config (e.g. --config configs/mnist.py), or --workdir of a run "
-        "to resume with its own config" + (f" ({FLAGS.workdir} is not one: no "
-        "configs/ inside)" if FLAGS.workdir else ""))
+        "to resume with its own config" + (f" ({FLAGS.workdir} is not one: "
+        + ("no configs/ inside)" if os.path.isdir(FLAGS.workdir) else
+           "it does not exist)") if FLAGS.workdir else ""))
   from scoreflow_jax import distributed, trainer
   from scoreflow_jax.usage import training_errors, usage_errors
   with usage_errors(script_flags=False):
@@ -77,6 +78,37 @@ def with_run_config(argv):
   return argv[:1] + [f"--config={run_py}:{workdir}"] + argv[1:]
 
 
+def check_config_flag(argv):
+  """Refuses, in one line before the flags are parsed, a --config file that
+  is not there (with the configs that are) and a variant of this project's
+  configs they do not take (``:tinyy``; ml_collections would report both as
+  a traceback inside a flags error). Returns ``argv``."""
+  value = _flag_value(argv, "config")
+  if value is None:
+    return argv
+  path, _, variant = value.partition(":")
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+  if not os.path.isfile(path):
+    names = sorted(n for n in os.listdir(here) if n.endswith(".py")
+                   and n not in ("__init__.py", "run.py"))
+    shown = os.path.relpath(here) if not os.path.relpath(here).startswith("..") else here
+    sys.exit(f"FATAL: --config {path}: no such file (from {os.getcwd()}). The "
+             f"configs in {shown}/: {', '.join(names)}; or --workdir RUN alone "
+             "resumes a run with its own config.")
+  if os.path.dirname(os.path.abspath(path)) == here:
+    name = os.path.basename(path)
+    try:
+      if name == "run.py":  # the run's saved config: read it
+        from configs import run  # pylint: disable=g-import-not-at-top
+        run.get_config(variant)
+      elif name != "default.py":
+        from configs import default  # pylint: disable=g-import-not-at-top
+        default.is_tiny(variant)
+    except (OSError, ValueError) as e:
+      sys.exit(f"FATAL: --config {value}: {e}")
+  return argv
+
+
 if __name__ == "__main__":
   from scoreflow_jax import usage
-  usage.run(main, argv=with_run_config(sys.argv))
+  usage.run(main, argv=with_run_config(check_config_flag(sys.argv)))

@@ -202,8 +202,7 @@ def train(module, images, steps: int, batch_size: int = 64, learning_rate: float
   window, first = [], None  # first: when the first (compiling) step ended
   params_finite = True  # of the weights now: those restored were saved finite
   received = []
-  stop_signals = (signal.SIGTERM, signal.SIGINT)
-  with recording_signals(received, stop_signals) if checkpoint else contextlib.nullcontext():
+  with recording_signals(received) if checkpoint else contextlib.nullcontext():
     for step in range(start, steps):
       if received:
         stop(step)

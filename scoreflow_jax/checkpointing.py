@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import orbax.checkpoint as ocp
 
-from scoreflow_jax.run_config import LEGACY_DEFAULTS
+from scoreflow_jax.run_config import LEGACY_DEFAULTS, posthoc_stds
 
 
 class CheckpointError(RuntimeError):
@@ -42,11 +42,6 @@ def _signature(model: dict) -> dict:
 def model_signature(config) -> dict:
   """The config fields a checkpoint's parameters depend on."""
   return _signature(json.loads(config.model.to_json()))
-
-
-def posthoc_stds(config) -> tuple:
-  """``ema.posthoc_stds`` as a tuple of floats (absent in older configs: ())."""
-  return tuple(float(s) for s in config.ema.get("posthoc_stds", ()))
 
 
 def _diff(a, b, prefix="model", describe=None):

@@ -179,7 +179,7 @@ def load_run(workdir: str, step=None, sampler=None, num_steps=None, average_from
 def abstract_train_state(model, config):
   """The shapes and dtypes of ``config``'s train state (what checkpoints are
   restored into), without computing it."""
-  from scoreflow_jax import checkpointing, train_step as ts
+  from scoreflow_jax import train_step as ts
   from scoreflow_jax import data as data_lib
   tx, _ = ts.make_optimizer(config.optim, config.training.num_steps,
                             frozen=model.frozen_module)
@@ -187,7 +187,7 @@ def abstract_train_state(model, config):
   sample = {"jpg": np.zeros((1,) + shape, np.float32), "cls": np.zeros((1,), np.int32)}
   return jax.eval_shape(
       lambda: ts.create_train_state(model, tx, jax.random.key(0), sample,
-                                    checkpointing.posthoc_stds(config)))
+                                    run_config.posthoc_stds(config)))
 
 
 def average_checkpoints(ckpt, abstract_state, config, first: int, last: int, log=print):
@@ -232,13 +232,9 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
   logged: a few percent or less means the snapshots span the target well
   (keep checkpoints more often, ``training.keep_every``, to lower it).
   """
-  from scoreflow_jax import checkpointing, ema as ema_lib
-  stds = checkpointing.posthoc_stds(config)
-  if not stds:
-    raise ValueError("this run tracked no power-function EMAs (its ema.posthoc_stds is "
-                     "empty), so it has nothing to reconstruct a post-hoc EMA from; "
-                     "train with e.g. --config.ema.posthoc_stds='(0.05,0.1)' "
-                     "--config.training.keep_every=K")
+  from scoreflow_jax import ema as ema_lib
+  run_config.check_posthoc(config)
+  stds = run_config.posthoc_stds(config)
   steps = [s for s in ckpt.steps() if 0 < s <= last]
   in_t = np.repeat(np.asarray(steps, np.float64), len(stds))
   in_std = np.tile(np.asarray(stds, np.float64), len(steps))

@@ -28,9 +28,11 @@ def load(workdir: str):
   cdir = os.path.join(workdir, "configs")
   files = [f for f in os.listdir(cdir) if f.endswith(".json")] if os.path.isdir(cdir) else []
   if not files:
+    what = ("does not exist" if not os.path.exists(workdir) else
+            "is a file" if not os.path.isdir(workdir) else "has no configs/*.json")
     raise FileNotFoundError(
-        f"{workdir} has no configs/*.json: it is not a run folder made by train.py "
-        "(pass the folder printed as 'new run ...' when training started)")
+        f"{workdir} {what}: it is not a run folder made by train.py (pass the "
+        "folder printed as 'new run ...' when training started)")
   path = os.path.join(cdir, max(files, key=start_order))
   try:
     with open(path) as f:
@@ -65,6 +67,20 @@ def classes(config, requested=None) -> list:
 
 
 _CONFIG_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json")
+
+
+def posthoc_stds(config) -> tuple:
+  """``ema.posthoc_stds`` as a tuple of floats (absent in older configs: ())."""
+  return tuple(float(s) for s in config.ema.get("posthoc_stds", ()))
+
+
+def check_posthoc(config):
+  """Refuses a post-hoc EMA of a run that tracked no power-function EMAs."""
+  if not posthoc_stds(config):
+    raise ValueError("this run tracked no power-function EMAs (its ema.posthoc_stds is "
+                     "empty), so it has nothing to reconstruct a post-hoc EMA from; "
+                     "train with e.g. --config.ema.posthoc_stds='(0.05,0.1)' "
+                     "--config.training.keep_every=K")
 
 
 def is_config_file(name: str) -> bool:

@@ -20,10 +20,12 @@ def format_duration(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def recording_signals(received: list, signals=(signal.SIGTERM,)):
+def recording_signals(received: list, signals=(signal.SIGTERM, signal.SIGINT)):
   """While in the block, ``signals`` are appended to ``received`` instead of
   ending the process, for the loop to stop at a step boundary and save. A
-  second SIGINT (Ctrl-C twice) still interrupts at once. Nothing is installed
+  second SIGINT (Ctrl-C twice) still interrupts at once. A signal the process
+  ignores stays ignored (a job started with ``&`` from a script or with
+  ``nohup`` ignores Ctrl-C, as the shell means it to). Nothing is installed
   outside the main thread, where Python cannot; the previous handlers are
   restored after (one set outside Python, ``None``, as the default)."""
   if threading.current_thread() is not threading.main_thread():
@@ -36,7 +38,8 @@ def recording_signals(received: list, signals=(signal.SIGTERM,)):
   previous = {}
   try:  # a signal named twice is installed once; one that fails, none left behind
     for s in dict.fromkeys(signals):
-      previous[s] = signal.signal(s, handler)
+      if signal.getsignal(s) is not signal.SIG_IGN:
+        previous[s] = signal.signal(s, handler)
     yield
   finally:
     for s, h in previous.items():

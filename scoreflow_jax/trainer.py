@@ -11,6 +11,7 @@ Run folder (the reference design's layout)::
 import functools
 import json
 import os
+import signal
 import time
 
 import jax
@@ -36,6 +37,14 @@ def _process_0s(tree):
     return tree
   from jax.experimental import multihost_utils
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def _signal_name(signalled):
+  """How the stop's log line names what stopped the run: this process's first
+  signal, or another process's (all stop when any is signalled)."""
+  if not signalled:
+    return "a stop signal to another process"
+  return "Ctrl-C" if signalled[0] == signal.SIGINT else signal.Signals(signalled[0]).name
 
 
 def _any_process(flag: bool) -> bool:
@@ -430,7 +439,21 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   # (cached moments), the Gaussian base's fit and compilation are part of what
   # a run costs (equal-wall-clock comparisons).
   started = _time_limit_clock()
+  fresh = workdir is None or not os.path.exists(workdir)
   workdir = prepare_workdir(config, workdir, logdir)
+  try:
+    return _train(config, workdir, log, model, started)
+  except BaseException:
+    if fresh:  # a start that failed (missing data, Ctrl-C) leaves no empty run
+      try:
+        os.rmdir(workdir)  # only if empty
+      except OSError:
+        pass
+    raise
+
+
+def _train(config, workdir, log, model, started):
+  """train_and_evaluate's work in the run folder ``workdir``."""
   is_writer = jax.process_index() == 0
   t = config.training
   mesh = ts.make_mesh()
@@ -446,7 +469,7 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   # init reads the batch's shapes only
   sample = data_lib.to_model_batch(
       np.zeros((1,) + data_lib.image_shape(config.data), np.uint8), np.zeros(1, np.int32))
-  stds = checkpointing.posthoc_stds(config)
+  stds = run_config.posthoc_stds(config)
   init_state = lambda: ts.create_train_state(model, tx, jax.random.key(config.seed), sample,
                                              stds)
 
@@ -576,9 +599,10 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
   grid_sampler = (generate.make_sampler_fn(model, config.sampling, mesh=mesh)
                   if t.image_every else None)
   step = grid_step = start_step  # grid_step: of the last grid (none at the start)
-  # SIGTERM (a cluster's preemption or time-out notice, `kill`) stops the run
-  # like the time limit: the steps since the last log are logged, checked
-  # and saved, and the run resumes from there.
+  # SIGTERM (a cluster's preemption or time-out notice, `kill`) and Ctrl-C
+  # (SIGINT) stop the run like the time limit: the steps since the last log
+  # are logged, checked and saved, and the run resumes from there. A second
+  # Ctrl-C interrupts at once, unsaved.
   signalled = []
   try:
     with run_logging.recording_signals(signalled):
@@ -645,10 +669,13 @@ def train_and_evaluate(config, workdir=None, logdir="logs", log=print, model=Non
             note = (f" (the cosine schedule was at {float(schedule(step)):.3g} of "
                     f"{config.optim.learning_rate:g}: it decays over training.num_steps="
                     f"{t.num_steps})")
-          log((f"SIGTERM received: stopping at step {step}; saving" if preempted
-               else f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
+          log((f"{_signal_name(signalled)} received: stopping at step {step}; saving"
+               if preempted else
+               f"time limit {t.time_limit_s:g} s reached at step {step}; saving")
               + note + (f" (resume: python train.py --workdir {workdir})" if preempted
-                        else ""))
+                        else "")
+              + ("; Ctrl-C again stops at once, unsaved"
+                 if signal.SIGINT in signalled else ""))
         if at_ckpt:
           t0 = time.perf_counter()
           ckpt.save(state, config)

@@ -164,9 +164,11 @@ def test_posthoc_ema_from_the_command_line(trained_run, tmp_path):
     proc = run("sample.py", "--workdir", workdir, *args, "--out", str(tmp_path / "x.png"),
                check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-  proc = run("sample.py", "--workdir", trained_run[0], "--posthoc_ema", "0.05", "--out",
-             str(tmp_path / "x.png"), check=False)
+  # the run's config decides it: told before JAX starts
+  proc, jax_imported = run_noting_jax("sample.py", "--workdir", trained_run[0],
+                                      "--posthoc_ema", "0.05", "--out", tmp_path / "x.png")
   assert proc.returncode != 0 and "tracked no power-function EMAs" in proc.stderr
+  assert "Traceback" not in proc.stderr and not jax_imported
   assert not os.path.exists(tmp_path / "x.png")
 
 
@@ -215,7 +217,11 @@ def test_sample_output_files_are_checked_first_and_kept(trained_run, tmp_path):
                         (("--out", str(tmp_path)), "must end in .png"),
                         (("--classes", "1,a"), "--classes takes integer labels"),
                         (("--classes", "3,10"), "classes [10] are outside 0..9"),
-                        (("--batch_size", "0"), "--batch_size must be >= 1")):
+                        (("--batch_size", "0"), "--batch_size must be >= 1"),
+                        (("--num_per_class", "0"), "--num_per_class must be >= 1, got 0"),
+                        (("--num_steps", "0"), "--num_steps must be >= 1, got 0"),
+                        (("--step", "-1"), "--step is a checkpoint step, >= 0; got -1"),
+                        (("--average_from", "-2"), "--average_from is a checkpoint step")):
     proc, jax_imported = run_noting_jax("sample.py", "--workdir", workdir, *args)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not jax_imported
@@ -249,7 +255,38 @@ def test_resume_with_the_runs_own_config(tmp_path):
   proc, jax_imported = run_noting_jax("train.py")  # each told before JAX starts
   assert proc.returncode != 0 and "give --config" in proc.stderr and not jax_imported
   proc, jax_imported = run_noting_jax("train.py", "--workdir", tmp_path)
-  assert proc.returncode != 0 and "is not one" in proc.stderr and not jax_imported
+  assert proc.returncode != 0 and "is not one: no configs/ inside" in proc.stderr
+  assert not jax_imported
+  proc, jax_imported = run_noting_jax("train.py", "--workdir", tmp_path / "typo")
+  assert proc.returncode != 0 and "is not one: it does not exist" in proc.stderr
+  assert not jax_imported
+
+
+def test_train_config_file_and_variant_errors_are_one_line(tmp_path):
+  # a mistyped --config path: one line with the configs there are (ml_collections
+  # would say "Configuration is not available because of an earlier failure")
+  for path in ("configs/mnst.py", "configs/mnist"):
+    proc, jax_imported = run_noting_jax("train.py", "--config", path)
+    assert proc.returncode == 1 and not jax_imported
+    assert proc.stderr.strip() == (
+        f"FATAL: --config {path}: no such file (from {ROOT}). The configs in configs/: "
+        + ", ".join(sorted(n for n in os.listdir(os.path.join(ROOT, "configs"))
+                           if n.endswith(".py") and n not in ("__init__.py", "run.py")))
+        + "; or --workdir RUN alone resumes a run with its own config."), proc.stderr
+  # a variant the project's configs do not take, and configs/run.py without a
+  # run: the config's own message, without the traceback around it
+  proc, jax_imported = run_noting_jax("train.py", "--config=configs/mnist.py:tinyy")
+  assert proc.returncode == 1 and not jax_imported
+  assert proc.stderr.strip() == (
+      "FATAL: --config configs/mnist.py:tinyy: unknown config variant 'tinyy': the "
+      "configs take none or ':tiny' (e.g. --config configs/mnist.py:tiny)"), proc.stderr
+  for variant, message in (("", "configs/run.py needs the run folder after a colon"),
+                           (f":{tmp_path}/none", f"{tmp_path}/none does not exist: it "
+                            "is not a run folder made by train.py")):
+    proc, jax_imported = run_noting_jax("train.py", "--config", f"configs/run.py{variant}")
+    assert proc.returncode == 1 and not jax_imported
+    assert proc.stderr.startswith(f"FATAL: --config configs/run.py{variant}: {message}")
+    assert "Traceback" not in proc.stderr
 
 
 def test_train_config_typo_is_refused(tmp_path):

@@ -171,9 +171,14 @@ def test_load_garbage_names_path_and_fix(tmp_path):
   path = tmp_path / "garbage.npz"
   path.write_bytes(b"not a classifier" * 10)
   # the hint names a file of its own, not the one that is something else
-  with pytest.raises(ValueError, match=r"garbage\.npz.*train_classifier\.py"
+  with pytest.raises(ValueError, match=r"garbage\.npz is not a classifier file \(not an"
+                     r" \.npz archive\)\. Make one with: python train_classifier\.py"
                      r" --data_dir .* --out classifier\.npz$"):
     classifier_lib.load_classifier(path)
+  # a folder: said so (not "not found"), and not proposed as --out
+  with pytest.raises(IsADirectoryError, match=r"is a folder: give the \.npz file"
+                     r" train_classifier\.py wrote\..* --out classifier\.npz$"):
+    classifier_lib.load_classifier(tmp_path)
   other = tmp_path / "other.npz"
   np.savez(other, images=np.zeros((2, 28, 28, 1)))
   with pytest.raises(ValueError, match=r"other\.npz.*train_classifier\.py"):

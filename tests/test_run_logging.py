@@ -252,14 +252,28 @@ def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
-def test_recording_signals_default_is_sigterm_only_and_restores_outside_handlers():
-  # train.py's use: SIGTERM recorded, Ctrl-C left to interrupt as usual
+def test_recording_signals_default_and_ignored_signals_and_outside_handlers():
+  # both trainers' use: SIGTERM and a first Ctrl-C recorded
   before, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
   received = []
-  with run_logging.recording_signals(received):
-    assert signal.getsignal(signal.SIGINT) == sigint
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert received == [signal.SIGTERM]
+  signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  try:
+    with run_logging.recording_signals(received):
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGINT)
+      assert received == [signal.SIGTERM, signal.SIGINT]
+    # a job started with `&` from a script (or nohup) ignores Ctrl-C: it stays
+    # ignored, not recorded (the shell's Ctrl-C is not meant for it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    received = []
+    with run_logging.recording_signals(received):
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, sigint)
   assert signal.getsignal(signal.SIGTERM) == before
   # a handler set outside Python (getsignal: None) comes back as the default
   original = signal.signal
@@ -269,7 +283,7 @@ def test_recording_signals_default_is_sigterm_only_and_restores_outside_handlers
     return None if len(calls) == 1 else original(s, h)
   try:
     signal.signal = fake_signal
-    with run_logging.recording_signals([]):
+    with run_logging.recording_signals([], (signal.SIGTERM,)):
       pass
   finally:
     signal.signal = original

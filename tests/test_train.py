@@ -251,25 +251,55 @@ def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch)
                                     workdir, log=lambda s: None)["step"] == 5
 
 
-def test_ctrl_c_interrupts_train_py_unsaved(tmp_path, monkeypatch):
-  # train.py records only SIGTERM (a preemption notice): Ctrl-C interrupts at
-  # once, as asked, rather than being taken for a preemption, saved and logged.
-  _signal_after_step(monkeypatch, signal.SIGINT, 3)
+def test_ctrl_c_stops_and_saves_like_sigterm(tmp_path, monkeypatch):
+  # Ctrl-C (what a user at a terminal presses) saves where the run is, as
+  # SIGTERM and train_autoencoder.py do; the log line says a second one
+  # stops at once, unsaved (tested with recording_signals)
+  make = _signal_after_step(monkeypatch, signal.SIGINT, 3)
   # Python's own Ctrl-C handler, also where pytest was started in the
   # background (a shell starts those with SIGINT ignored)
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     workdir, msgs = str(tmp_path / "run"), []
-    with pytest.raises(KeyboardInterrupt):
-      trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
-                                             checkpoint_every=10), workdir, log=msgs.append)
-    assert not any("received" in m for m in msgs), msgs
+    out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
+                                                 checkpoint_every=10), workdir,
+                                     log=msgs.append)
+    assert out["step"] == 3
+    assert any(m.startswith("Ctrl-C received: stopping at step 3; saving (resume: "
+                            "python train.py --workdir") and
+               m.endswith("; Ctrl-C again stops at once, unsaved") for m in msgs), msgs
     assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     read_only=True).steps() == []
+                                     read_only=True).steps() == [3]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    # a run started in the background from a script ignores Ctrl-C: it trains on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    workdir = str(tmp_path / "background")
+    assert trainer.train_and_evaluate(tiny_config(num_steps=5, log_every=10,
+                                                  checkpoint_every=10), workdir,
+                                      log=lambda s: None)["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   finally:
     signal.signal(signal.SIGINT, previous)
+  monkeypatch.setattr(ts, "make_train_step", make)
+
+
+def test_a_signal_at_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
+  # the stop right after a checkpoint's save saves the same step again:
+  # nothing is lost or refused, and the run resumes from it
+  make = _signal_after_step(monkeypatch, signal.SIGTERM, 10)
+  workdir, msgs = str(tmp_path / "run"), []
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
+                                               checkpoint_every=10), workdir,
+                                   log=msgs.append)
+  assert out["step"] == 10
+  assert any(m.startswith("SIGTERM received: stopping at step 10") for m in msgs), msgs
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == [10]
+  monkeypatch.setattr(ts, "make_train_step", make)
+  assert trainer.train_and_evaluate(tiny_config(num_steps=12, log_every=10,
+                                                checkpoint_every=10), workdir,
+                                    log=lambda s: None)["step"] == 12
 
 
 def test_time_limit_stop_refuses_to_save_non_finite_steps(tmp_path, monkeypatch):
@@ -534,6 +564,16 @@ def test_missing_offline_data_dir(tmp_path):
   config.data.data_dir = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"), log=lambda s: None)
+  assert not (tmp_path / "run").exists()
+  # a failed start leaves no empty stamped run folder behind (one per retry)
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    trainer.train_and_evaluate(config, None, str(tmp_path / "logs"), log=lambda s: None)
+  assert os.listdir(tmp_path / "logs") == []
+  # an empty folder the user made is theirs: left
+  (tmp_path / "mine").mkdir()
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    trainer.train_and_evaluate(config, str(tmp_path / "mine"), log=lambda s: None)
+  assert (tmp_path / "mine").is_dir()
 
 
 def test_workdir_that_is_not_a_run_is_left_alone(tmp_path):

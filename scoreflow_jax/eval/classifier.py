@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+import zipfile
 from typing import Sequence
 
 import flax.linen as nn
@@ -243,11 +244,16 @@ def file_sha256(path, digits=16):
 def load_classifier(path):
   """Returns ``(params, header)`` from a file written by ``save_classifier``."""
   path = os.fspath(path)
+  # another kind of file is there: a classifier goes to a file of its own
+  hint = MAKE_HINT.format(path="classifier.npz")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"classifier file {path} is a folder: give the .npz file"
+                            f" train_classifier.py wrote. {hint}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"classifier file {path} not found. "
                             + MAKE_HINT.format(path=path))
-  # another kind of file is there: a classifier goes to a file of its own
-  hint = MAKE_HINT.format(path="classifier.npz")
+  if not zipfile.is_zipfile(path):  # else np.load takes it for a pickle
+    raise ValueError(f"{path} is not a classifier file (not an .npz archive). {hint}")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
