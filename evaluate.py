@@ -34,13 +34,15 @@ evaluations both hold (mean, range, in how many it is lower). Results scored
 by different classifiers are refused.
 
 Where a run loses quality (scoreflow_jax/eval/diagnostics.py):
-python evaluate.py --diagnose --workdir RUN --data_dir /path/to/mnist_idx \
+python evaluate.py --diagnose --workdir RUN [--data_dir /path/to/mnist_idx] \
   [--classifier classifier.npz] [--num_images 1000] [--step N] [--noema] [--seed 0] \
   [--sigmas 0.01,0.03,...] [--start_sigmas 0.05,0.2,...] [--renoise_from test,train]
 prints the loss at fixed sigmas on the training and the test split (same
 noise) and, with --classifier, the FD of test and of training images noised
 to each start sigma and sampled back to 0 (against the other test images);
 writes RUN/diagnostics.json (or --out; an existing file only with --overwrite).
+The data are read from where the run's came from unless --source or
+--data_dir says otherwise.
 
 What a first stage costs any model diffusing in its latents
 (scoreflow_jax/eval/autoencoder_floor.py):
@@ -58,8 +60,11 @@ flags.DEFINE_list("samples", None, "Samples .npz written by sample.py; several"
                   " (draws of one model, comma-separated) are scored together.")
 flags.DEFINE_string("classifier", None, "Classifier file from train_classifier.py.")
 flags.DEFINE_string("data_dir", None, "Folder of MNIST's four IDX files (offline), "
-                    "or the TFDS data dir (tfds).")
-flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from.")
+                    "or the TFDS data dir (tfds); --diagnose: default, with --source, "
+                    "the run's own.")
+flags.DEFINE_enum("source", "offline", ["offline", "tfds"], "Where MNIST comes from "
+                  "(--diagnose without --source and --data_dir: where the run's came "
+                  "from).")
 flags.DEFINE_integer("num_samples", 10_000, "Samples to evaluate (at most the number "
                      "in the file and 10k); the floor uses as many real images.")
 flags.DEFINE_string("out", None, "Results JSON (default: <samples>_eval.json; "
@@ -134,7 +139,14 @@ def main(argv):
     with usage.usage_errors():
       compare(FLAGS.compare, FLAGS.out, FLAGS.overwrite)
     return
-  usage.check_data_flags(FLAGS.source, FLAGS.data_dir)
+  source, data_dir = FLAGS.source, FLAGS.data_dir
+  if FLAGS.diagnose and FLAGS.workdir:  # the run's own data unless told
+    from scoreflow_jax import run_config
+    with usage.usage_errors():
+      source, data_dir = run_config.data_flags(
+          run_config.load(FLAGS.workdir), source, data_dir,
+          FLAGS["source"].present or FLAGS["data_dir"].present)
+  usage.check_data_flags(source, data_dir)
   try:
     seeds = [int(s) for s in FLAGS.seed]
   except ValueError as e:
@@ -158,7 +170,7 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(f"--sigmas / --start_sigmas must be numbers: {e}")
     with usage.usage_errors():
-      diagnostics.diagnose_run(FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
+      diagnostics.diagnose_run(FLAGS.workdir, data_dir, source,
                                FLAGS.classifier, sigmas, start_sigmas,
                                FLAGS.num_images, FLAGS.renoise_from,
                                step=FLAGS.step, use_ema=FLAGS.ema, seed=seeds[0],

@@ -169,6 +169,7 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2, keep_every: int = 0,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only  # a reader (sampling, evaluation): hints differ
     _save_replicated_arrays_whole()
     if read_only:  # the values orbax would set itself, warning about each one
       options = ocp.CheckpointManagerOptions(
@@ -212,17 +213,24 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for unreadable files
       raise CheckpointError(
           f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). It was "
-          "left as it is. To resume from an earlier checkpoint, move this step's "
-          f"folder out of {self.directory} (steps there: {self.steps()}), or "
-          "start a new run with another --workdir.") from e
+          "left as it is. "
+          + (f"Read another step (steps there: {self.steps()})." if self.read_only else
+             "To resume from an earlier checkpoint, move this step's folder out of "
+             f"{self.directory} (steps there: {self.steps()}), or start a new run "
+             "with another --workdir.")) from e
     diffs = _diff(_signature(meta.get("model", {})), model_signature(config))
     if diffs:
+      run = os.path.dirname(self.directory)
       raise CheckpointError(
           f"the checkpoint in {path} was made with a different model config:\n  "
-          + "\n  ".join(diffs) + "\nResume the run with its own config: python "
-          f"train.py --workdir {os.path.dirname(self.directory)} (with "
-          "--config.* flags to change other fields), or use a new --workdir for "
-          "this config. Nothing was changed.")
+          + "\n  ".join(diffs) + "\n"
+          + (f"The run's own saved config ({run}/configs/) does not fit its "
+             "checkpoints: were configs/ or checkpoints/ copied in from another "
+             "run? Give the folder of the run that made them." if self.read_only else
+             f"Resume the run with its own config: python train.py --workdir {run} "
+             "(with --config.* flags to change other fields), or use a new "
+             "--workdir for this config.")
+          + " Nothing was changed.")
     saved_stds = tuple(meta.get("posthoc_stds", ()))
     if saved_stds != posthoc_stds(config):
       raise CheckpointError(

@@ -465,6 +465,10 @@ def _train(config, workdir, log, model, started):
     config.model.autoencoder.sha256 = model.first_stage.sha256
     config.model.autoencoder.weights = os.path.abspath(
         os.path.expanduser(config.model.autoencoder.weights))
+  if config.data.data_dir and "://" not in config.data.data_dir:
+    # likewise the data's folder: bits_per_dim.py and evaluate.py --diagnose
+    # read the run's data from there when not told (a bucket URL is kept)
+    config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
   tx, schedule = ts.make_optimizer(config.optim, t.num_steps, frozen=model.frozen_module)
   # init reads the batch's shapes only
   sample = data_lib.to_model_batch(

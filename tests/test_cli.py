@@ -432,3 +432,16 @@ def test_run_config_classes_are_some_of_the_runs_own():
     run_config.classes(config, [-1, 3, 10])
   with pytest.raises(ValueError, match="classes is empty: name at least one class"):
     run_config.classes(config, [])
+
+
+def test_run_config_data_flags_default_to_the_runs_own_data():
+  import ml_collections
+  run = lambda name: ml_collections.ConfigDict(
+      {"data": {"name": name, "source": "tfds", "data_dir": "/runs/data"}})
+  # neither flag given: where the run's data came from
+  assert run_config.data_flags(run("mnist"), "offline", None, False) == ("tfds", "/runs/data")
+  # either given: the flags, as they are
+  assert run_config.data_flags(run("mnist"), "offline", "/mine", True) == ("offline", "/mine")
+  assert run_config.data_flags(run("mnist"), "tfds", None, True) == ("tfds", None)
+  # a synthetic run's data are no data set to score on: the flags' defaults
+  assert run_config.data_flags(run("synthetic"), "offline", None, False) == ("offline", None)

@@ -164,9 +164,9 @@ def test_diagnose_cli_on_a_tiny_run(tiny_run, tmp_path):
   assert "renoise" not in res  # no classifier, no FD part
   assert "test / train" in proc.stdout
   raw = str(tmp_path / "diag_raw.json")
-  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--data_dir",
-              data_dir, "--num_images", "20", "--sigmas", "0.1,1", "--out", raw,
-              "--noema", "--step", "2")
+  # without --data_dir (and --source): the run's own data, from its saved config
+  proc = _run("evaluate.py", "--diagnose", "--workdir", workdir, "--num_images", "20",
+              "--sigmas", "0.1,1", "--out", raw, "--noema", "--step", "2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   res_raw = json.load(open(raw))
   assert res_raw["weights"] == "raw" and res["weights"] == "ema" and res_raw["step"] == 2

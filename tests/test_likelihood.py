@@ -159,12 +159,11 @@ def test_bits_per_dim_cli_checks_its_flags_before_loading_the_run(tmp_path):
   proc = run_flags("--data_dir", tmp_path, "--sigma", 0)
   assert proc.returncode != 0 and _error(proc).startswith("--sigma must be finite and > 0")
   assert "log(sigma)" in _error(proc)
-  proc = run_flags()
-  assert proc.returncode != 0 and _error(proc).startswith(
-      "--source offline needs --data_dir")
-  proc = run_flags("--data_dir", tmp_path)
-  assert proc.returncode != 0 and "not a run folder made by train.py" in _error(proc)
-  assert "Traceback" not in proc.stderr and not (tmp_path / "none").exists()
+  for args in ((), ("--data_dir", tmp_path)):  # without: the run's data, so the run first
+    proc = run_flags(*args)
+    assert proc.returncode != 0 and _error(proc).startswith(
+        f"{tmp_path / 'none'} does not exist: it is not a run folder made by train.py")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "none").exists()
 
 
 def _bits_per_dim_of_a_saved_config(folder, config):
@@ -241,10 +240,21 @@ def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   second = json.loads(out.read_text())
   assert second["sigma"] == 0.1 and second["bits_per_dim"] != first["bits_per_dim"]
+  # without --source and --data_dir: the run's own data (from its saved config)
+  proc = _run("bits_per_dim.py", "--workdir", workdir, "--num_images", 7, "--out",
+              tmp_path / "own.json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((tmp_path / "own.json").read_text()) == first
+  # --source alone is the user's choice: offline then needs --data_dir
+  from tests.test_cli import run_noting_jax
+  proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", workdir,
+                                      "--source", "offline")
+  assert proc.returncode != 0 and not jax_imported
+  assert _error(proc).startswith("--source offline needs --data_dir")
   # the default out, <workdir>/bits_per_dim.json
   default = workdir / "bits_per_dim.json"
   default.write_text("kept")
-  from tests.test_cli import run_noting_jax  # told before JAX starts
+  # told before JAX starts
   proc, jax_imported = run_noting_jax("bits_per_dim.py", "--workdir", workdir,
                                       "--data_dir", data_dir)
   assert proc.returncode != 0 and f"--out {default} exists" in _error(proc)

@@ -576,6 +576,19 @@ def test_missing_offline_data_dir(tmp_path):
   assert (tmp_path / "mine").is_dir()
 
 
+def test_the_runs_data_folder_is_saved_absolute(tmp_path, monkeypatch):
+  # bits_per_dim.py and evaluate.py --diagnose read the run's data from its
+  # saved config, from any folder; a bucket URL is kept as it is
+  monkeypatch.chdir(tmp_path)
+  for given, saved in (("rel/mnist", str(tmp_path / "rel" / "mnist")),
+                       ("gs://bucket/tfds", "gs://bucket/tfds")):
+    config = tiny_config(num_steps=1)  # synthetic: the folder is not read
+    config.data.data_dir = given
+    workdir = str(tmp_path / given.replace("/", "_").replace(":", ""))
+    trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+    assert run_config.load(workdir).data.data_dir == saved
+
+
 def test_workdir_that_is_not_a_run_is_left_alone(tmp_path):
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("precious")
@@ -656,8 +669,18 @@ def test_mismatched_config_is_refused_and_checkpoint_untouched(tmp_path):
   before = _tree_snapshot(os.path.join(workdir, "checkpoints"))
   config = tiny_config(num_steps=10)
   config.model.score_flow.model_channels = 32
-  with pytest.raises(checkpointing.CheckpointError, match="model_channels"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"(?s)model_channels.*Resume the run with its own config"):
     trainer.train_and_evaluate(config, workdir, log=lambda s: None)
+  assert _tree_snapshot(os.path.join(workdir, "checkpoints")) == before
+  # a reader (sample.py, evaluate.py) of a folder whose config and checkpoints
+  # disagree is not told to train: they were put together from two runs
+  reader = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  abstract = generate.abstract_train_state(model_lib.build_model(config), config)
+  with pytest.raises(checkpointing.CheckpointError) as err:
+    reader.restore(abstract, config)
+  assert "model_channels" in str(err.value) and "train.py" not in str(err.value)
+  assert "copied in from another run" in str(err.value)
   assert _tree_snapshot(os.path.join(workdir, "checkpoints")) == before
 
 

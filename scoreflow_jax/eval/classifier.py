@@ -195,7 +195,7 @@ def train_classifier(images, labels, test_images=None, test_labels=None,
 
   rng = np.random.default_rng(seed)
   perm, pos = rng.permutation(images.shape[0]), 0
-  t0, losses = time.perf_counter(), []
+  t0, losses, first = time.perf_counter(), [], None  # first: when step 1 ended
   for step in range(steps):
     if pos + batch_size > perm.shape[0]:
       perm, pos = rng.permutation(images.shape[0]), 0
@@ -204,11 +204,16 @@ def train_classifier(images, labels, test_images=None, test_labels=None,
     params, opt_state, loss = train_step(params, opt_state, images[idx],
                                          labels[idx], step)
     losses.append(loss)
-    if (step + 1) % log_every == 0 or step + 1 == steps:
-      elapsed = time.perf_counter() - t0
-      rate = (step + 1) / max(elapsed, 1e-9)
-      log(f"step {step + 1}/{steps}: loss {float(np.mean(losses)):.4f} | {rate:.1f} "
-          f"steps/s | {elapsed:.0f} s, ETA {format_duration((steps - step - 1) / rate)}")
+    if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
+      loss = float(np.mean(losses))  # waits for the step
+      now = time.perf_counter()
+      if first is None:  # the first line comes at once: the steps have begun
+        first, speed = now, "compiled"
+      else:  # the rate after the first (compiling) step
+        rate = step / max(now - first, 1e-9)
+        speed = (f"{rate:.1f} steps/s | ETA "
+                 f"{format_duration((steps - step - 1) / rate)}")
+      log(f"step {step + 1}/{steps}: loss {loss:.4f} | {speed} | {now - t0:.0f} s")
       losses = []
   params = jax.device_get(params)
   test_accuracy = None
