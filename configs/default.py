@@ -50,6 +50,7 @@ def get_config():
   sf.conv_channels = 64                  # conv flow only: width of the coupling CNNs
   sf.conv_blocks = 2                     # conv flow only: residual blocks per coupling CNN
   sf.conv_global = False                 # conv flow only: FiLM also sees the image's spatial mean
+  sf.conv_scale_shift_norm = False       # conv flow only: FiLM after the block's second GroupNorm (sgm's use_scale_shift_norm); False: before it, which normalises away the FiLM's part common to a group's channels (flows.ConvCouplingNet)
   sf.max_log_scale = 1.0                 # coupling log-scales bounded by m tanh(raw / m) (1: the reference design)
   sf.energy_scale = False                # learnt per-(sigma, class) temperature exp(tau) of the energy (not with density)
   sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)

@@ -73,12 +73,13 @@ def power_ema_update(shadows, params, step, stds):
   t = jnp.asarray(step, jnp.float32)
   out = []
   for shadow, gamma in zip(shadows, std_to_exp(np.asarray(stds, np.float64))):
-    # (1 - 1/t)^(gamma + 1) through log1p: exact 0 at t = 1, precise for large t
-    beta = jnp.exp((float(gamma) + 1.0) * jnp.log1p(-1.0 / t))
+    # the step's weight 1 - beta = -expm1((gamma + 1) log1p(-1/t)): exactly 1 at
+    # t = 1, and to float32's relative precision at any t (1 - beta rounded
+    # in float32 was off by 0.1% at t = 1.2e6 and 2.4% at 1e7)
+    weight = -jnp.expm1((float(gamma) + 1.0) * jnp.log1p(-1.0 / t))
 
-    def update(s, p, beta=beta):
-      b = beta.astype(s.dtype)
-      return s - (1.0 - b) * (s - p)
+    def update(s, p, weight=weight):
+      return s - weight.astype(s.dtype) * (s - p)
 
     out.append(jax.tree.map(update, shadow, params))
   return tuple(out)

@@ -187,12 +187,18 @@ def channel_split(channels: int, index: int):
 class ConvCouplingNet(nn.Module):
   """CNN a, context -> (log_s, t) per pixel and channel; zero-initialised output.
 
-  conv3x3 -> ``num_blocks`` residual blocks (GroupNorm, act, conv3x3, FiLM by
-  the context, act, conv3x3) -> act -> conv3x3. GroupNorm is per sample, so
-  samples stay independent and per-sample scores stay exact. With
-  ``global_context`` the FiLM of each block also sees the block input's
-  spatial mean (per sample), so every position gets the whole image's
-  summary, not only its receptive field.
+  conv3x3 -> ``num_blocks`` residual blocks -> act -> conv3x3. A block is
+  GroupNorm, act, conv3x3, FiLM by the context, GroupNorm, act, conv3x3; with
+  ``scale_shift_norm`` the FiLM comes after the second GroupNorm (sgm's
+  ResBlock with ``use_scale_shift_norm``: out_norm(h) * (1 + scale) + shift).
+  Before it, that GroupNorm removes the part of the FiLM common to the
+  channels of a group (constant over space, it is normalised away): all of
+  it where a group holds one channel (a width of 8 or less), the mean over 3
+  (width 24) or 8 (width 64) channels otherwise. The parameters are the same
+  either way. GroupNorm is per sample, so samples stay independent and
+  per-sample scores stay exact. With ``global_context`` the FiLM of each
+  block also sees the block input's spatial mean (per sample), so every
+  position gets the whole image's summary, not only its receptive field.
   """
   hidden: int
   num_blocks: int = 2
@@ -200,6 +206,7 @@ class ConvCouplingNet(nn.Module):
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
   global_context: bool = False
+  scale_shift_norm: bool = False
 
   @nn.compact
   def __call__(self, a, context, out_channels: int):
@@ -212,12 +219,17 @@ class ConvCouplingNet(nn.Module):
       parts = [] if context is None else [context]
       if self.global_context:
         parts.append(jnp.mean(h, axis=(1, 2)).astype(a.dtype))  # (B, hidden)
+      film = lambda r: r
       if parts:
-        film = nn.Dense(2 * self.hidden, dtype=self.dtype)(
-            jnp.concatenate(parts, axis=-1))  # (B, 2 hidden)
-        scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
-        r = r * (1.0 + scale) + shift
-      r = conv(self.hidden)(act(nn.GroupNorm(groups, dtype=self.dtype)(r)))
+        scale, shift = jnp.split(nn.Dense(2 * self.hidden, dtype=self.dtype)(
+            jnp.concatenate(parts, axis=-1))[:, None, None, :], 2, axis=-1)
+        film = lambda r, scale=scale, shift=shift: r * (1.0 + scale) + shift
+      norm = nn.GroupNorm(groups, dtype=self.dtype)
+      if self.scale_shift_norm:  # sgm: out_norm(h) * (1 + scale) + shift
+        r = film(norm(r))
+      else:  # the norm removes the FiLM's part common to a group's channels
+        r = norm(film(r))
+      r = conv(self.hidden)(act(r))
       h = h + r
     raw = conv(2 * out_channels, kernel_init=nn.initializers.zeros,
                bias_init=nn.initializers.zeros)(act(h))
@@ -240,10 +252,12 @@ class ConvAffineCoupling(nn.Module):
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
   global_context: bool = False
+  scale_shift_norm: bool = False
 
   def setup(self):
     self.net = ConvCouplingNet(self.hidden, self.num_blocks, self.activation, self.dtype,
-                               self.max_log_scale, self.global_context)
+                               self.max_log_scale, self.global_context,
+                               self.scale_shift_norm)
 
   def _apply(self, x, context, sign):
     x = jnp.asarray(x)  # numpy input too (model init passes the batch as is)
@@ -277,12 +291,13 @@ class ConvCouplingFlow(nn.Module):
   dtype: Optional[Any] = None
   max_log_scale: float = 1.0
   global_context: bool = False
+  scale_shift_norm: bool = False
 
   def setup(self):
     _check_flow(self.n_layers, self.max_log_scale)
     self.layers = [ConvAffineCoupling(i, self.hidden, self.num_blocks,
                                       self.activation, self.dtype, self.max_log_scale,
-                                      self.global_context)
+                                      self.global_context, self.scale_shift_norm)
                    for i in range(self.n_layers)]
 
   def forward_and_log_det(self, x, context=None):

@@ -172,7 +172,7 @@ def build_model(config) -> DiffusionModel:
         sigma_data=m.sigma_data, parameterization=sf.parameterization,
         score_head=sf.score_head, flow_type=sf.flow_type,
         conv_channels=sf.conv_channels, conv_blocks=sf.conv_blocks,
-        conv_global=sf.conv_global,
+        conv_global=sf.conv_global, conv_scale_shift_norm=sf.conv_scale_shift_norm,
         max_log_scale=sf.max_log_scale, energy_scale=sf.energy_scale,
         energy_weights=sf.energy_weights, energy_linear=sf.energy_linear,
         gaussian_base=sf.gaussian_base, gaussian_rank=sf.gaussian_rank,
@@ -199,10 +199,11 @@ def build_model(config) -> DiffusionModel:
       raise ValueError("config.model.score_flow.energy_scale / energy_weights / "
                        "energy_linear break the normalisation of parameterization "
                        "'density'; set them False")
-    if sf.conv_global and sf.flow_type != "conv":
-      raise ValueError("config.model.score_flow.conv_global is an option of flow_type "
-                       f"'conv' (its FiLM sees the image's spatial mean); with "
-                       f"{sf.flow_type!r} set it False")
+    for name, what in (("conv_global", "its FiLM sees the image's spatial mean"),
+                       ("conv_scale_shift_norm", "where its FiLM comes")):
+      if sf[name] and sf.flow_type != "conv":
+        raise ValueError(f"config.model.score_flow.{name} is an option of flow_type "
+                         f"'conv' ({what}); with {sf.flow_type!r} set it False")
     if sf.flow_type == "conv" and (sf.conv_channels < 1 or sf.conv_blocks < 0):
       raise ValueError("config.model.score_flow.conv_channels must be >= 1 and "
                        f"conv_blocks >= 0, got {sf.conv_channels} and {sf.conv_blocks}")

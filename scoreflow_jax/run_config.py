@@ -14,6 +14,7 @@ import re
 # (``load``; checkpointing's model signature).
 LEGACY_DEFAULTS = {"score_flow": {"flow_type": "joint", "conv_channels": 64,
                                   "conv_blocks": 2, "conv_global": False,
+                                  "conv_scale_shift_norm": False,
                                   "max_log_scale": 1.0,
                                   "energy_scale": False, "energy_weights": False,
                                   "energy_linear": False, "gaussian_base": False,
@@ -67,6 +68,16 @@ def classes(config, requested=None) -> list:
 
 
 _CONFIG_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d)(?:-(\d+))?-config\.json")
+
+
+def data_flags(config, source, data_dir, given: bool):
+  """The ``(source, data_dir)`` a script reads a run's data set with: its
+  --source/--data_dir when ``given`` (either flag on the command line), else
+  the run's own ``data.source`` and ``data.data_dir`` (kept absolute by
+  train.py; a run on synthetic data has none: the flags' defaults)."""
+  if given or config.data.name == "synthetic":
+    return source, data_dir
+  return config.data.source, config.data.get("data_dir")
 
 
 def posthoc_stds(config) -> tuple:

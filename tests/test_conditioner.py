@@ -112,3 +112,17 @@ def test_each_embedder_draws_its_own_dropout():
     drop_a, drop_b = np.all(v[:, :4] == 0, 1), np.all(v[:, 4:] == 0, 1)
     assert 0.35 < drop_a.mean() < 0.65 and 0.35 < drop_b.mean() < 0.65
     assert not np.array_equal(drop_a, drop_b)  # independent draws
+
+
+def test_unconditional_embeds_batch_uc():
+  # sgm: uc = self(batch_c if batch_uc is None else batch_uc, ...)
+  cond = cm.class_conditioner(embed_dim=4, n_classes=10, ucg_rate=0.5, class_index=True)
+  batch_c, batch_uc = {"cls": jnp.asarray([1, 2, 3])}, {"cls": jnp.asarray([7, 0, 9])}
+  params = cond.init(jax.random.key(0), batch_c)
+  table = np.asarray(params["params"]["embedders_0"]["embedding"]["embedding"])
+  c, uc = cond.apply(params, batch_c, batch_uc, method="unconditional")
+  np.testing.assert_array_equal(c["vector"], table[[1, 2, 3]])
+  np.testing.assert_array_equal(uc["vector"], table[[7, 0, 9]])
+  np.testing.assert_array_equal(uc["class_index"], [7, 0, 9])
+  _, uc_same = cond.apply(params, batch_c, method="unconditional")
+  np.testing.assert_array_equal(uc_same["vector"], table[[1, 2, 3]])

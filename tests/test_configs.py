@@ -122,6 +122,8 @@ def test_bad_gaussian_base_values_are_named(field, value):
     # settings that would do nothing
     ("model.score_flow.gaussian_covariance_prior", 30.0, "does nothing without"),
     ("model.score_flow.conv_global", True, "conv_global is an option of flow_type 'conv'"),
+    ("model.score_flow.conv_scale_shift_norm", True,
+     "conv_scale_shift_norm is an option of flow_type 'conv'"),
 ])
 def test_bad_or_idle_model_values_are_named(field, value, match):
   # NaN passed the old "<= 0" checks and inf gave max_log_scale * tanh(raw / inf)
@@ -164,12 +166,13 @@ def test_build_model_applies_each_loss_and_network_field():
   config.model.sigma_data = 0.6
   sf = config.model.score_flow
   sf.max_log_scale, sf.conv_global, sf.conv_channels, sf.conv_blocks = 2.5, True, 12, 0
+  sf.conv_scale_shift_norm = True
   m = model_lib.build_model(config)
   assert (m.loss_sigma_data, m.p_mean, m.p_std, m.loss_type, m.sigma_data) == (
       0.7, -0.4, 0.9, "l1", 0.6)
   net = m.network
   assert (net.max_log_scale, net.conv_global, net.conv_channels, net.conv_blocks,
-          net.sigma_data) == (2.5, True, 12, 0, 0.6)
+          net.sigma_data, net.conv_scale_shift_norm) == (2.5, True, 12, 0, 0.6, True)
   config = mnist_unet.get_config("tiny")
   u = config.model.unet
   u.transformer_depth, u.disable_middle_transformer = 2, True

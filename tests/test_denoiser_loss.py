@@ -156,3 +156,61 @@ def test_per_sample_noise_is_unit_normal_and_independent_of_sigma():
   assert np.all(np.abs(corr) < 5 / np.sqrt(n)), np.abs(corr).max()
   # and no two samples share noise
   assert np.abs(np.corrcoef(noise[:64])[np.triu_indices(64, 1)]).max() < 0.9
+
+
+def test_loss_weight_uses_sigma_data():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    x0, noise = rng.normal(size=(3, 2, 2, 1)), rng.normal(size=(3, 2, 2, 1))
+    sigma = np.array([0.1, 0.7, 5.0])
+    den = lambda x, s: 0.3 * x + jnp.reshape(s, (-1, 1, 1, 1))
+    got = loss.diffusion_loss(den, x0, sigma, noise, "l2", sigma_data=0.7)
+    s = sigma.reshape(-1, 1, 1, 1)
+    w = (s**2 + 0.49) / (s * 0.7) ** 2  # EDM's lambda(sigma) for sigma_data 0.7
+    ref = (w * (0.3 * (x0 + s * noise) + s - x0) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def _sample_and_loss_draws(**kwargs):
+  """Calls sample_and_loss eagerly on x0 = 0 with D = 0.2 x, recording the noisy
+  input: returns (loss, sigma, noise) with noise = x_noisy / sigma."""
+  n = 2048
+  x0 = jnp.zeros((n, 2, 2, 1))
+  seen = {}
+
+  def den(x, s):
+    seen["x"] = np.asarray(x)
+    return 0.2 * x
+
+  per, sigma = loss.sample_and_loss(den, x0, jax.random.key(7), **kwargs)
+  sigma = np.asarray(sigma)
+  return np.asarray(per), sigma, seen["x"] / sigma[:, None, None, None]
+
+
+def test_sample_and_loss_passes_its_options_through():
+  per, sigma, noise = _sample_and_loss_draws(loss_type="l1", sigma_data=0.7,
+                                             p_mean=0.8, p_std=0.3)
+  n = sigma.shape[0]
+  log_s = np.log(sigma)
+  assert abs(log_s.mean() - 0.8) < 5 * 0.3 / np.sqrt(n)
+  assert abs(log_s.std() - 0.3) < 5 * 0.3 / np.sqrt(2 * n)
+  # l1 with sigma_data 0.7: D - x0 = 0.2 sigma noise
+  w = (sigma**2 + 0.49) / (sigma * 0.7) ** 2
+  ref = w * np.abs(0.2 * sigma[:, None] * noise.reshape(n, -1)).mean(1)
+  np.testing.assert_allclose(per, ref, rtol=1e-5)
+
+
+def test_sample_and_loss_noise_is_not_sigmas_draw():
+  # noise from sigma's own key reuses its normals (the first n noise values
+  # are the n standard normals behind log sigma); independent keys share none
+  _, sigma, noise = _sample_and_loss_draws()
+  rand = (np.log(sigma) + 1.2) / 1.2
+  flat = noise.reshape(-1)
+  assert abs(flat.mean()) < 5 / np.sqrt(flat.size)
+  assert abs(flat.std() - 1) < 5 / np.sqrt(2 * flat.size)
+  # the fraction of log-sigma normals that reappear (to float32 round-off) in the noise
+  srt = np.sort(flat)
+  pos = np.clip(np.searchsorted(srt, rand), 1, srt.size - 1)
+  nearest = np.minimum(np.abs(srt[pos] - rand), np.abs(srt[pos - 1] - rand))
+  reused = np.mean(nearest < 2e-6)
+  assert reused < 0.1, reused  # ~0.01 by chance for independent draws; 1 when reused

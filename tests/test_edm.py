@@ -85,3 +85,13 @@ class EdmTest(chex.TestCase):
       for a, b in zip(jax.tree.leaves(ints), jax.tree.leaves(floats)):
         self.assertEqual(a.dtype, jnp.float32)
         np.testing.assert_array_equal(a, b)
+
+
+def test_sigma_sampling_and_discretization_keep_the_asked_dtype():
+  for dtype in (jnp.bfloat16, jnp.float16):
+    sigma = edm.edm_sigma_sampling(jax.random.key(0), 4, dtype=dtype)
+    assert sigma.dtype == dtype, sigma.dtype
+  with jax.enable_x64(True):
+    assert edm.edm_sigma_sampling(jax.random.key(0), 4, dtype=jnp.float32).dtype == jnp.float32
+  s = edm.edm_discretization(5, dtype=np.float32)
+  assert s.dtype == np.float32 and s[-1] == 0.0

@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 from scipy import integrate
@@ -484,3 +485,87 @@ class ApiTest(X64TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+_SHAPE = (2, 3, 3, 1)
+_SCHEDULE = dict(sigma_min=0.01, sigma_max=10.0, rho=3.0)
+
+
+def _np_edm_sigmas(n, sigma_min, sigma_max, rho):
+  i = np.arange(n)
+  s = (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho)
+                                                - sigma_max ** (1 / rho))) ** rho
+  return np.append(s, 0.0)
+
+
+def _record(name, num_steps, z, **options):
+  """Runs sampler ``name`` (jitted) and returns the (sigma, x[0, 0, 0, 0]) of
+  every denoiser call, in order."""
+  calls = []
+
+  def den(x, sigma):
+    jax.debug.callback(lambda s, v: calls.append((float(s[0]), float(v))),
+                       sigma, x[0, 0, 0, 0], ordered=True)
+    return 0.5 * x / (1.0 + sigma[:, None, None, None] ** 2)
+
+  draws = samplers.num_noise_draws(name, num_steps, **_SCHEDULE, **options)
+  noise = np.random.default_rng(1).standard_normal((draws,) + _SHAPE)
+  fn = functools.partial(samplers.get_sampler(name), den, num_steps=num_steps,
+                         **_SCHEDULE, **options)
+  out = jax.jit(fn)(z, noise=noise)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  return calls
+
+
+# name, options, the schedule index of each call's sigma (None: an in-between sigma)
+_ONE_CALL_PER_STEP = [("euler_edm", {}), ("euler_ancestral", {}), ("dpmpp_2m", {}),
+                      ("lms", {})]
+
+
+@pytest.mark.parametrize("name,options", _ONE_CALL_PER_STEP + [
+    ("heun_edm", {}), ("dpmpp_2s_ancestral", {})])
+def test_schedule_options_reach_the_sampler(name, options):
+  with jax.enable_x64(True):
+    n = 5
+    z = jnp.asarray(np.random.default_rng(0).standard_normal(_SHAPE))
+    calls = _record(name, n, z, **options)
+    want = _np_edm_sigmas(n, **_SCHEDULE)
+    got = np.array([s for s, _ in calls])
+    if (name, options) in _ONE_CALL_PER_STEP:
+      np.testing.assert_allclose(got, want[:-1], rtol=1e-12)
+    elif name == "heun_edm":  # sigma_0, then sigma_i twice: step i-1's corrector, step i
+      np.testing.assert_allclose(got, np.repeat(want[:-1], 2)[1:], rtol=1e-12)
+    else:  # dpmpp_2s: sigma_i and the midpoint sqrt(sigma_i sigma_down_i), then sigma_{n-1}
+      np.testing.assert_allclose(got[0::2], want[:-1], rtol=1e-12)
+      up = np.minimum(want[1:-1], np.sqrt(want[1:-1] ** 2 * (want[:-2] ** 2 - want[1:-1] ** 2)
+                                          / want[:-2] ** 2))
+      down = np.sqrt(want[1:-1] ** 2 - up ** 2)
+      np.testing.assert_allclose(got[1::2], np.sqrt(want[:-2] * down), rtol=1e-12)
+    # sgm's prepare_sampling_loop: x_T = z sqrt(1 + sigma_max^2)
+    np.testing.assert_allclose(calls[0][1], float(z[0, 0, 0, 0]) * math.sqrt(1 + 10.0 ** 2),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+def test_denoiser_answering_in_another_dtype(name):
+  # A float32 network fed bfloat16 x returns float32 (flax promotes to its
+  # params' dtype); the samplers cast D to x's dtype (sampling.py's _denoise),
+  # so the scan carry keeps z's dtype. Checked for values with a float64 D on
+  # float32 z, which must give the float32 run's result.
+  def den(x, sigma, dtype):
+    return (0.5 * x / (1.0 + sigma[:, None, None, None] ** 2)).astype(dtype)
+
+  z = np.random.default_rng(0).standard_normal(_SHAPE)
+  noise = np.random.default_rng(1).standard_normal(
+      (samplers.num_noise_draws(name, 3),) + _SHAPE)
+  fn = functools.partial(samplers.get_sampler(name), num_steps=3)
+  out = fn(functools.partial(den, dtype=jnp.float32), jnp.asarray(z, jnp.bfloat16),
+           noise=noise.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
+  with jax.enable_x64(True):
+    z32, noise32 = jnp.asarray(z, jnp.float32), jnp.asarray(noise, jnp.float32)
+    out = fn(functools.partial(den, dtype=jnp.float64), z32, noise=noise32)
+    ref = fn(functools.partial(den, dtype=jnp.float32), z32, noise=noise32)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

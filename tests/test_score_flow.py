@@ -55,6 +55,7 @@ def test_timestep_embedding_matches_sgm():
     ("preconditioned", "joint_context", dict(energy_linear=True)),
     ("preconditioned", "conv", dict(energy_linear=True)),
     ("preconditioned", "conv", dict(conv_global=True)), ("density", "conv", dict(conv_global=True)),
+    ("density", "conv", dict(conv_scale_shift_norm=True)),
     ("seed", None, dict(energy_linear=True)),
     ("preconditioned", "joint_context", {}), ("seed", "joint_context", {})])
 def test_score_is_finite_difference_of_energy(x64, parameterization, flow_type, kw):
@@ -93,6 +94,8 @@ def test_seed_head_changes_output(x64):
                                          ("joint", dict(energy_weights=True)),
                                          ("conv", dict(energy_linear=True)),
                                          ("conv", dict(conv_global=True)),
+                                         ("conv", dict(conv_scale_shift_norm=True,
+                                                       conv_global=True)),
                                          ("joint_context", dict(energy_linear=True,
                                                                 energy_weights=True))])
 def test_preconditioned_is_exactly_conservative(x64, flow_type, kw):
@@ -318,3 +321,63 @@ def test_energy_linear_starts_at_the_reference_energy_and_adds_its_coefficients(
   with pytest.raises(ValueError, match="normalisation"):
     ScoreFlowNetwork(parameterization="density", flow_type="conditional",
                      energy_linear=True).init(jax.random.key(0), x, jnp.zeros(4), cond)
+
+
+def _net(flow_type, parameterization="preconditioned", **kw):
+  net = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=10,
+                         parameterization=parameterization, flow_type=flow_type, **kw)
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2), jnp.float64)
+  cond = {"vector": jax.random.normal(jax.random.key(1), (4, 6), jnp.float64)}
+  params = jax.tree.map(lambda p: p.astype(jnp.float64),
+                        net.init(jax.random.key(2), x, jnp.zeros(4), cond))
+  return net, params, x, cond
+
+
+def _perturbed(tree, key, scale=0.2):
+  leaves, td = jax.tree.flatten(tree)
+  ks = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(td, [l + scale * jax.random.normal(k, l.shape, l.dtype)
+                                 for l, k in zip(leaves, ks)])
+
+
+def _flow_z(net, params, u, context):
+  return net.apply(params, u, context, method=lambda m, u, c: m._flow_z(m.flow, u, c))
+
+
+@pytest.mark.parametrize("flow_type,first_sees_context", [
+    ("joint", False), ("joint_context", True), ("conditional", True)])
+def test_which_couplings_see_the_context(x64, flow_type, first_sees_context):
+  """With only layer i perturbed (the others zero-initialised: reversals),
+  "joint_context" and "conditional" feed the context to every coupling
+  network, so the log-det moves with it for every i; in "joint" the layers
+  that see u's first half (the even ones, 18 + 16 features) never see it."""
+  net, params, x, _ = _net(flow_type)
+  u = x * 0.7
+  ctx = jax.random.normal(jax.random.key(4), (4, 16), jnp.float64)
+  for i in range(3):
+    p = jax.tree.map(lambda a: a, params)
+    p["params"]["flow"][f"layers_{i}"] = _perturbed(p["params"]["flow"][f"layers_{i}"],
+                                                  jax.random.key(10 + i))
+    _, ld = _flow_z(net, p, u, ctx)
+    _, ld2 = _flow_z(net, p, u, ctx + 1.0)
+    moved = np.abs(np.asarray(ld2 - ld))
+    if i % 2 == 0 and not first_sees_context:
+      np.testing.assert_allclose(moved, 0.0, atol=1e-13)
+    else:
+      assert np.all(moved > 1e-4), (flow_type, i, moved)
+
+
+def test_seed_score_head_sees_the_context(x64):
+  """The reference design's head is MLP([score, sigma_emb, class_emb]): its
+  first layer takes the D score features and the 2 x 8 context features, and
+  the context rows change the network's output."""
+  net, params, x, cond = _net("joint", "seed", score_head=True)
+  params = _perturbed(params, jax.random.key(3))
+  kernel = params["params"]["head"]["Dense_0"]["kernel"]
+  assert kernel.shape[0] == x[0].size + 16, kernel.shape
+  c_noise = jnp.log(jnp.asarray([0.3, 1.0, 2.0, 5.0])) / 4
+  f = net.apply(params, x * 0.5, c_noise, cond)
+  p2 = jax.tree.map(lambda a: a, params)
+  p2["params"]["head"]["Dense_0"]["kernel"] = kernel.at[x[0].size:].add(0.5)
+  f2 = net.apply(p2, x * 0.5, c_noise, cond)
+  assert float(jnp.max(jnp.abs(f2 - f))) > 1e-3

@@ -125,6 +125,10 @@ class ScoreFlowNetwork(nn.Module):
     conv_blocks: "conv" only: residual blocks per coupling CNN.
     conv_global: "conv" only: each residual block's FiLM also sees the
       spatial mean of its input (a global summary of the image per sample).
+    conv_scale_shift_norm: "conv" only: FiLM after the block's second
+      GroupNorm, as sgm's use_scale_shift_norm (False: before it, where the
+      norm removes the FiLM's part common to a group's channels; see
+      ``flows.ConvCouplingNet``).
     max_log_scale: bound m of each coupling's log-scale, m tanh(raw / m)
       (1: the reference design's tanh, scales in [1/e, e] per layer).
     energy_scale: multiply phi by exp(tau(sigma, class)), tau a learnt linear
@@ -178,6 +182,7 @@ class ScoreFlowNetwork(nn.Module):
   conv_channels: int = 64
   conv_blocks: int = 2
   conv_global: bool = False
+  conv_scale_shift_norm: bool = False
   max_log_scale: float = 1.0
   energy_scale: bool = False
   energy_weights: bool = False
@@ -220,7 +225,7 @@ class ScoreFlowNetwork(nn.Module):
     if self.flow_type == "conv":
       self.flow = ConvCouplingFlow(self.n_flows, self.conv_channels, self.conv_blocks,
                                    self.activation, self.dtype, self.max_log_scale,
-                                   self.conv_global)
+                                   self.conv_global, self.conv_scale_shift_norm)
     else:
       self.flow = CouplingFlow(self.n_flows, mc, self.activation, self.dtype,
                                self.max_log_scale)
