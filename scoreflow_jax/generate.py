@@ -252,12 +252,17 @@ def posthoc_ema_params(ckpt, abstract_state, config, std: float, last: int, log=
   return params
 
 
+# Columns (images per class) of sample_from_run's PNG grid at most.
+GRID_COLUMNS = 32
+
+
 def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=None,
                     cfg_scale=None, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
                     average_from=None, posthoc_ema=None, overwrite=False,
                     **sampler_options):
-  """Loads a run's checkpoint and writes a PNG grid (a row per class) and an .npz.
+  """Loads a run's checkpoint and writes a PNG grid (a row per class, at most
+  ``GRID_COLUMNS`` images each) and an .npz of every image.
 
   ``out`` names either; the other goes beside it (``outputs.paired_outputs``).
   The .npz holds ``images`` (N, H, W, C) float32 in [-1, 1], ``labels`` (N,),
@@ -303,8 +308,12 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
       batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
       progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
-  grid = image_grid(images, rows=len(classes))
-  save_png(grid, png)
+  # the grid shows at most GRID_COLUMNS per class (10k samples would make a
+  # 30,000-pixel-wide PNG); the .npz holds them all
+  shown = min(num_per_class, GRID_COLUMNS)
+  per_class = images.reshape((len(classes), num_per_class) + images.shape[1:])
+  save_png(image_grid(per_class[:, :shown].reshape((-1,) + images.shape[1:]),
+                      rows=len(classes)), png)
   weights = ("EMA weights" if use_ema
              else f"raw weights averaged from step {average_from}" if average_from is not None
              else f"post-hoc EMA, sigma_rel {posthoc_ema:g}" if posthoc_ema is not None
@@ -327,5 +336,6 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "
-      f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}, {npz}")
+      f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}"
+      f"{f' (the first {shown} per class)' if shown < num_per_class else ''}, {npz}")
   return images

@@ -383,6 +383,19 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   # a label outside the run's classes is refused (it embeds as NaN)
   with pytest.raises(ValueError, match=r"classes \[10\] are outside 0..9"):
     generate.sample_from_run(workdir, str(tmp_path / "bad.png"), **dict(kw, classes=[10]))
+  # the grid shows at most GRID_COLUMNS per class, the first ones; the .npz all
+  monkeypatch.setattr(generate, "GRID_COLUMNS", 1)
+  msgs = []
+  out = generate.sample_from_run(workdir, str(tmp_path / "cap.png"), **dict(kw, log=msgs.append))
+  np.testing.assert_allclose(out, gen(state.ema_params), atol=1e-4)
+  with np.load(tmp_path / "cap.npz") as f:
+    assert f["images"].shape == (4, 28, 28, 1)
+  grid = np.asarray(Image.open(tmp_path / "cap.png"))
+  assert grid.shape[:2] == (2 * 30, 30)  # 2 classes x 1 column
+  np.testing.assert_array_equal(grid.reshape(2 * 30, 30, -1)[:, :, :1],
+                                generate.image_grid(out[::2], rows=2))
+  assert "(the first 1 per class)" in msgs[-1], msgs
+  monkeypatch.undo()
   # an .npz write cut short keeps the old file and leaves no part behind
   (tmp_path / "keep.npz").write_bytes(b"10k samples")
   def cut_short(f, **arrays):
