@@ -985,8 +985,8 @@ def test_autoencoder_stop_before_the_first_step_of_a_resume_saves(tmp_path, monk
   real = aet.recording_signals
 
   @contextlib.contextmanager
-  def signalled_at_once(received, signals):  # a SIGTERM before any step is run
-    with real(received, signals):
+  def signalled_at_once(received, *signals):  # a SIGTERM before any step is run
+    with real(received, *signals):
       received.append(signal.SIGTERM)
       yield
   monkeypatch.setattr(aet, "recording_signals", signalled_at_once)
