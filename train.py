@@ -91,7 +91,8 @@ def check_config_flag(argv):
   if not os.path.isfile(path):
     names = sorted(n for n in os.listdir(here) if n.endswith(".py")
                    and n not in ("__init__.py", "run.py"))
-    shown = os.path.relpath(here) if not os.path.relpath(here).startswith("..") else here
+    rel = os.path.relpath(here)
+    shown = here if rel.startswith("..") else rel
     sys.exit(f"FATAL: --config {path}: no such file (from {os.getcwd()}). The "
              f"configs in {shown}/: {', '.join(names)}; or --workdir RUN alone "
              "resumes a run with its own config.")

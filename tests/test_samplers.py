@@ -518,7 +518,7 @@ def _record(name, num_steps, z, **options):
   return calls
 
 
-# name, options, the schedule index of each call's sigma (None: an in-between sigma)
+# samplers that call the denoiser once per step, at the schedule's sigmas
 _ONE_CALL_PER_STEP = [("euler_edm", {}), ("euler_ancestral", {}), ("dpmpp_2m", {}),
                       ("lms", {})]
 
@@ -550,7 +550,7 @@ def test_schedule_options_reach_the_sampler(name, options):
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
 def test_denoiser_answering_in_another_dtype(name):
   # A float32 network fed bfloat16 x returns float32 (flax promotes to its
-  # params' dtype); the samplers cast D to x's dtype (sampling.py's _denoise),
+  # params' dtype); the samplers cast D to x's dtype (samplers._denoise),
   # so the scan carry keeps z's dtype. Checked for values with a float64 D on
   # float32 z, which must give the float32 run's result.
   def den(x, sigma, dtype):
