@@ -371,6 +371,9 @@ def test_compare_evaluations_pairs_by_file_and_seed():
   assert rows[3]["paired"]["lower"] == 0  # a tie is not lower
   text = metrics.format_comparison(rows)
   assert "-1.500 (-4.000 to +0.500), lower in 3 of 4" in text and "99.50%" in text
+  single_line = text.splitlines()[4]
+  assert single_line.split()[:4] == ["single", "19.000", "-", "1"]  # no sd of one FD
+  assert text.splitlines()[2].split()[2] == f"{rows[1]['fd_sd']:.3f}"
   none = metrics.compare_evaluations({"base": base, "x": _combined({(0, 5): 1.0, (0, 6): 2.0})})
   assert none[1]["paired"] is None
   assert "no (file, seed) pair in common" in metrics.format_comparison(none)

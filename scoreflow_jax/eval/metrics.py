@@ -444,7 +444,9 @@ def format_comparison(rows):
            f"  paired with {base}: FD - {base} (mean, range), lower in"]
   for row in rows:
     acc = "" if row["class_accuracy"] is None else f"{100 * row['class_accuracy']:.2f}%"
-    line = (f"{row['name']:<{w}} {row['fd']:8.3f} {row['fd_sd']:6.3f}"
+    # one evaluation has no spread: "-", not an sd of 0
+    sd = f"{row['fd_sd']:6.3f}" if row["num_evaluations"] > 1 else f"{'-':>6}"
+    line = (f"{row['name']:<{w}} {row['fd']:8.3f} {sd}"
             f" {row['num_evaluations']:3d} {row['fd_floor']:7.3f} {acc:>7}")
     p = row.get("paired", "base")
     if p is None:
