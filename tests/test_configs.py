@@ -75,19 +75,23 @@ def test_conv_mixture_is_a_small_conv_flow_on_the_mixture_base():
   assert (sf.n_flows, sf.conv_channels, sf.conv_blocks) == (4, 24, 1)
   assert (config.optim.learning_rate, config.optim.warmup_steps) == (2e-3, 200)
   # nothing else differs from configs/mnist_conv_gauss.py
-  for field in ("gaussian_components", "gaussian_rank", "n_flows", "conv_channels", "conv_blocks"):
+  assert sf.conv_scale_shift_norm and not conv.model.score_flow.conv_scale_shift_norm
+  for field in ("gaussian_components", "gaussian_rank", "n_flows", "conv_channels", "conv_blocks",
+                "conv_scale_shift_norm"):
     conv.model.score_flow[field] = sf[field]
   conv.optim.learning_rate = config.optim.learning_rate
   conv.run_name = config.run_name
   assert config.to_dict() == conv.to_dict()
   tiny = mnist_conv_mixture.get_config("tiny").model.score_flow
   assert tiny.gaussian_components == 50 and tiny.conv_channels == 8
+  assert tiny.conv_scale_shift_norm
 
 
 def test_latent_configs_are_their_pixel_networks_on_a_kl_first_stage():
   # mnist_latent.py: mnist_mixture.py in 7x7x4 latents; mnist_latent_conv.py:
   # mnist_conv_mixture.py in 14x14x1 latents (the conv flow's squeeze needs
-  # even sides). Only the first stage and the network's channels differ.
+  # even sides). Only the first stage and the network's channels differ, and
+  # mnist_latent_conv.py keeps the FiLM before the GroupNorm, as measured.
   from configs import mnist_conv_mixture, mnist_latent, mnist_latent_conv, mnist_mixture
   for latent, pixel, ch_mult, channels in ((mnist_latent, mnist_mixture, (1, 2, 2), 4),
                                            (mnist_latent_conv, mnist_conv_mixture, (1, 2), 1)):
@@ -100,6 +104,10 @@ def test_latent_configs_are_their_pixel_networks_on_a_kl_first_stage():
       assert "latent" in config.run_name
       base.model.first_stage, base.model.autoencoder = "kl_autoencoder", a
       base.model.score_flow.in_channels, base.run_name = channels, config.run_name
+      if latent is mnist_latent_conv:
+        assert base.model.score_flow.conv_scale_shift_norm
+        assert not config.model.score_flow.conv_scale_shift_norm
+        base.model.score_flow.conv_scale_shift_norm = False
       assert config.to_dict() == base.to_dict()
 
 
