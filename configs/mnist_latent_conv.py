@@ -7,7 +7,8 @@ become 14x14x1 latents (196 numbers, as configs/mnist_latent.py's 7x7x4),
 whose even sides the conv flow's squeeze needs. The best model measured on the
 2-core CPU: 2k mean FD 12.6 / 99.4% unguided (Heun, 18 steps) after 20
 minutes (12.4 after 40: converged), against 14.0 for configs/mnist_latent.py
-and 14.9 for configs/mnist_conv_mixture.py on pixels after 44 minutes; the
+and 14.9 for configs/mnist_conv_mixture.py on pixels after 44 minutes (its
+legacy block; 14.4 with the block it has since session 34); the
 MLP flow on these latents gives 22.8 (docs/results.md, "Latent diffusion").
 With the latents centred (shift_factor, session 26) a 4,000-step VAE gave
 12.8 at 6,331 steps where the same run without the shift gave 14.9.
