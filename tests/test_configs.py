@@ -90,8 +90,7 @@ def test_conv_mixture_is_a_small_conv_flow_on_the_mixture_base():
 def test_latent_configs_are_their_pixel_networks_on_a_kl_first_stage():
   # mnist_latent.py: mnist_mixture.py in 7x7x4 latents; mnist_latent_conv.py:
   # mnist_conv_mixture.py in 14x14x1 latents (the conv flow's squeeze needs
-  # even sides). Only the first stage and the network's channels differ, and
-  # mnist_latent_conv.py keeps the FiLM before the GroupNorm, as measured.
+  # even sides). Only the first stage and the network's channels differ.
   from configs import mnist_conv_mixture, mnist_latent, mnist_latent_conv, mnist_mixture
   for latent, pixel, ch_mult, channels in ((mnist_latent, mnist_mixture, (1, 2, 2), 4),
                                            (mnist_latent_conv, mnist_conv_mixture, (1, 2), 1)):
@@ -104,10 +103,9 @@ def test_latent_configs_are_their_pixel_networks_on_a_kl_first_stage():
       assert "latent" in config.run_name
       base.model.first_stage, base.model.autoencoder = "kl_autoencoder", a
       base.model.score_flow.in_channels, base.run_name = channels, config.run_name
-      if latent is mnist_latent_conv:
-        assert base.model.score_flow.conv_scale_shift_norm
-        assert not config.model.score_flow.conv_scale_shift_norm
-        base.model.score_flow.conv_scale_shift_norm = False
+      if latent is mnist_latent_conv:  # FiLM after the GroupNorm (session 36)
+        assert config.model.score_flow.conv_scale_shift_norm
+        assert (a.scale_factor, a.shift_factor) == (0.15969, 0.98408)
       assert config.to_dict() == base.to_dict()
 
 
