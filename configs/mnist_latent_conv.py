@@ -41,7 +41,7 @@ def get_config(arg=None):
   config = mnist_conv_mixture.get_config(arg)
   config.run_name = config.run_name.replace("mnist-conv-mixture", "mnist-latent-conv", 1)
   # What train_autoencoder.py printed for these flags (seed 0, 2,000 steps:
-  # latent std 3.131, mean 0.98408; sessions 21 and 36, the same to the last
-  # digit); other weights: set the values it prints.
+  # latent std 3.131 in sessions 21 and 36 alike; the mean, 0.98408, was first
+  # recorded in session 36); other weights: set the values it prints.
   return mnist_latent.with_mnist_autoencoder(config, ch_mult=(1, 2), embed_dim=1,
                                              scale_factor=0.15969, shift_factor=0.98408)
