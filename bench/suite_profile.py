@@ -101,12 +101,14 @@ def pytest_sessionfinish(session):
     json.dump({test: dict(row) for test, row in _tests.items()}, f)
 
 
-_COLUMNS = ("total", "trace", "lower", "compile", "subprocess", "cache_saved")
+# (field, heading, width) of the printed table
+_COLUMNS = (("total", "total s", 8), ("trace", "trace", 6), ("lower", "lower", 6),
+            ("compile", "compile", 7), ("subprocess", "subproc", 7), ("cache_saved", "saved", 6))
 
 
 def summarise(folder, top=30):
   tests = collections.defaultdict(collections.Counter)
-  names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+  names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
   if not names:
     sys.exit(f"no <pid>.json files in {folder}: run pytest with -p suite_profile first")
   for name in names:
@@ -117,10 +119,10 @@ def summarise(folder, top=30):
   files = collections.defaultdict(collections.Counter)
   for test, row in tests.items():
     files[test.split("::")[0]].update(row)
-  header = f"{'total s':>8} {'trace':>6} {'lower':>6} {'compile':>7} {'subproc':>7} {'saved':>6}"
+  header = " ".join(f"{heading:>{width}}" for _, heading, width in _COLUMNS)
 
   def line(row, name):
-    return " ".join(f"{row[c]:{w}.1f}" for c, w in zip(_COLUMNS, (8, 6, 6, 7, 7, 6))) + f"  {name}"
+    return " ".join(f"{row[field]:{width}.1f}" for field, _, width in _COLUMNS) + f"  {name}"
 
   print(header + "  file")
   for name, row in sorted(files.items(), key=lambda kv: -kv[1]["total"]):
