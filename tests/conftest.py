@@ -34,3 +34,16 @@ def x64():
   """Runs a test with 64-bit floats (tight numerical checks), restoring after."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture
+def terminal_sigint():
+  """Python's own Ctrl-C handler for a test that sends SIGINT, restored after:
+  a shell starts background jobs (``pytest ... &`` in a script) with SIGINT
+  ignored, and the trainers rightly leave an ignored Ctrl-C ignored."""
+  import signal
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -546,7 +546,8 @@ def test_autoencoder_training_learns_and_reports(tmp_path):
       aet.train(module, images, steps=1, learning_rate=rate)
 
 
-def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path, monkeypatch):
+def test_autoencoder_training_stops_saves_and_resumes_exactly(tmp_path, monkeypatch,
+                                                              terminal_sigint):
   # SIGTERM, then SIGINT, stops training at a step boundary, saved; the
   # resumed run's weights are bit for bit those of a run never stopped (same
   # batches: 24 images in batches of 8 cross epochs; same keys, Adam state).

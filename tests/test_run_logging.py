@@ -226,7 +226,7 @@ def test_a_figure_cut_short_keeps_the_old_png(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["c.png", "metrics.jsonl"]
 
 
-def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts():
+def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts(terminal_sigint):
   # SIGTERM and a first SIGINT are recorded (training stops at the next step,
   # saved); a second Ctrl-C interrupts at once (a hung step can be left);
   # the handlers are restored after.

@@ -251,36 +251,30 @@ def test_sigterm_stops_logs_and_saves_like_the_time_limit(tmp_path, monkeypatch)
                                     workdir, log=lambda s: None)["step"] == 5
 
 
-def test_ctrl_c_stops_and_saves_like_sigterm(tmp_path, monkeypatch):
+def test_ctrl_c_stops_and_saves_like_sigterm(tmp_path, monkeypatch, terminal_sigint):
   # Ctrl-C (what a user at a terminal presses) saves where the run is, as
   # SIGTERM and train_autoencoder.py do; the log line says a second one
   # stops at once, unsaved (tested with recording_signals)
   make = _signal_after_step(monkeypatch, signal.SIGINT, 3)
-  # Python's own Ctrl-C handler, also where pytest was started in the
-  # background (a shell starts those with SIGINT ignored)
-  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    workdir, msgs = str(tmp_path / "run"), []
-    out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
-                                                 checkpoint_every=10), workdir,
-                                     log=msgs.append)
-    assert out["step"] == 3
-    assert any(m.startswith("Ctrl-C received: stopping at step 3; saving (resume: "
-                            "python train.py --workdir") and
-               m.endswith("; Ctrl-C again stops at once, unsaved") for m in msgs), msgs
-    assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     read_only=True).steps() == [3]
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
-    # a run started in the background from a script ignores Ctrl-C: it trains on
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    workdir = str(tmp_path / "background")
-    assert trainer.train_and_evaluate(tiny_config(num_steps=5, log_every=10,
-                                                  checkpoint_every=10), workdir,
-                                      log=lambda s: None)["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-  finally:
-    signal.signal(signal.SIGINT, previous)
+  handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  workdir, msgs = str(tmp_path / "run"), []
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=10,
+                                               checkpoint_every=10), workdir,
+                                   log=msgs.append)
+  assert out["step"] == 3
+  assert any(m.startswith("Ctrl-C received: stopping at step 3; saving (resume: "
+                          "python train.py --workdir") and
+             m.endswith("; Ctrl-C again stops at once, unsaved") for m in msgs), msgs
+  assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   read_only=True).steps() == [3]
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+  # a run started in the background from a script ignores Ctrl-C: it trains on
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  workdir = str(tmp_path / "background")
+  assert trainer.train_and_evaluate(tiny_config(num_steps=5, log_every=10,
+                                                checkpoint_every=10), workdir,
+                                    log=lambda s: None)["step"] == 5
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   monkeypatch.setattr(ts, "make_train_step", make)
 
 
