@@ -31,7 +31,8 @@ configs/mnist_conv_mixture.py moved to in session 34, FiLM after the norm
 (conv_scale_shift_norm=True): with the 2,000-step VAE, its shift, seed 0 and
 6,331 steps, 2k mean FD 12.39 / 99.40% against the legacy block's 12.70 /
 99.35%, lower in 6 of 6 paired evaluations (-0.32, range -0.42 to -0.23;
-docs/results.md). --config.model.score_flow.conv_scale_shift_norm=False
+docs/results.md); at training seed 1 (session 38, another VAE of the same
+command) 11.84 against 12.16, again 6 of 6 (-0.31). --config.model.score_flow.conv_scale_shift_norm=False
 gives the legacy block back.
 """
 from configs import mnist_conv_mixture, mnist_latent
