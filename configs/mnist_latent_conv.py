@@ -33,10 +33,12 @@ configs/mnist_conv_mixture.py moved to in session 34, FiLM after the norm
 99.35%, lower in 6 of 6 paired evaluations (-0.32, range -0.42 to -0.23;
 docs/results.md); at training seed 1 (session 38, another VAE of the same
 command) 11.84 against 12.16, again 6 of 6 (-0.31).
+--config.model.score_flow.conv_scale_shift_norm=False gives the legacy block
+back.
+
 Guided sampling (`sample.py --cfg_scale 1.25`, at every sigma) lowered
 that seed-1 run's FD from 11.84 to 9.80 (12 of 12 paired evaluations over
-two sets of draws, session 38); CFG 3 on (2, 80] raised it to 16.4. --config.model.score_flow.conv_scale_shift_norm=False
-gives the legacy block back.
+two sets of draws, session 38); CFG 3 on (2, 80] raised it to 16.4.
 """
 from configs import mnist_conv_mixture, mnist_latent
 
