@@ -252,28 +252,25 @@ def test_stop_signals_are_recorded_and_a_second_ctrl_c_interrupts(terminal_sigin
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
-def test_recording_signals_default_and_ignored_signals_and_outside_handlers():
-  # both trainers' use: SIGTERM and a first Ctrl-C recorded
-  before, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+def test_recording_signals_default_and_ignored_signals_and_outside_handlers(terminal_sigint):
+  # both trainers' use: SIGTERM and a first Ctrl-C recorded (Ctrl-C as in a
+  # terminal: the fixture installs Python's handler and restores it after)
+  before = signal.getsignal(signal.SIGTERM)
   received = []
-  signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
-  try:
-    with run_logging.recording_signals(received):
-      os.kill(os.getpid(), signal.SIGTERM)
-      os.kill(os.getpid(), signal.SIGINT)
-      assert received == [signal.SIGTERM, signal.SIGINT]
-    # a job started with `&` from a script (or nohup) ignores Ctrl-C: it stays
-    # ignored, not recorded (the shell's Ctrl-C is not meant for it)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    received = []
-    with run_logging.recording_signals(received):
-      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGTERM)
-      assert received == [signal.SIGTERM]
+  with run_logging.recording_signals(received):
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert received == [signal.SIGTERM, signal.SIGINT]
+  # a job started with `&` from a script (or nohup) ignores Ctrl-C: it stays
+  # ignored, not recorded (the shell's Ctrl-C is not meant for it)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  received = []
+  with run_logging.recording_signals(received):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-  finally:
-    signal.signal(signal.SIGINT, sigint)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert received == [signal.SIGTERM]
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   assert signal.getsignal(signal.SIGTERM) == before
   # a handler set outside Python (getsignal: None) comes back as the default
   original = signal.signal
