@@ -1,4 +1,5 @@
 """Guiders: how a conditional denoiser is combined with its unconditional twin."""
+import jax
 import jax.numpy as jnp
 
 
@@ -22,13 +23,23 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
 
   ``sigma_interval=(lo, hi)`` guides only where lo < sigma <= hi and returns
   the conditional output x_c elsewhere (guidance in a limited interval,
-  Kynkaanniemi et al. 2024); None guides at every sigma, as sgm does.
+  Kynkaanniemi et al. 2024); None guides at every sigma, as sgm does. When
+  no sample of the batch is inside (the samplers give every sample the same
+  sigma), one ``lax.cond`` makes a single conditional call on the batch
+  instead of the doubled one: the unconditional half is not evaluated where
+  it would be discarded.
   """
   if sigma_interval is not None:
     lo, hi = (float(v) for v in sigma_interval)
     if not 0.0 <= lo < hi:
       raise ValueError(f"sigma_interval must be (lo, hi) with 0 <= lo < hi, got "
                        f"{tuple(sigma_interval)}")
+
+  def doubled(x, sigma, cond, uncond):
+    x_in = jnp.concatenate([x, x], axis=0)
+    s_in = jnp.concatenate([sigma, sigma], axis=0)
+    c_in = {k: jnp.concatenate([uncond[k], cond[k]], axis=0) for k in cond}
+    return jnp.split(denoise_fn(x_in, s_in, c_in), 2, axis=0)
 
   def guided(x, sigma, cond, uncond):
     if uncond is None:
@@ -39,16 +50,17 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
     if missing:
       raise ValueError(f"uncond lacks the conditioning keys {sorted(missing)}; "
                        "build it with GeneralConditioner.unconditional(...)")
-    x_in = jnp.concatenate([x, x], axis=0)
-    s_in = jnp.concatenate([sigma, sigma], axis=0)
-    c_in = {k: jnp.concatenate([uncond[k], cond[k]], axis=0) for k in cond}
-    out = denoise_fn(x_in, s_in, c_in)
-    x_u, x_c = jnp.split(out, 2, axis=0)
-    s = scale
-    if sigma_interval is not None:  # per sample: scale inside, 1 (x_c) outside
-      s = jnp.where((sigma > lo) & (sigma <= hi), scale, 1.0).astype(out.dtype)
-      s = s.reshape((-1,) + (1,) * (x.ndim - 1))
-    return x_u + s * (x_c - x_u)
+    if sigma_interval is None:
+      x_u, x_c = doubled(x, sigma, cond, uncond)
+      return x_u + scale * (x_c - x_u)
+    inside = (sigma > lo) & (sigma <= hi)
+
+    def guide_inside():  # per sample: guided inside, x_c outside
+      x_u, x_c = doubled(x, sigma, cond, uncond)
+      where = inside.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.where(where, x_u + scale * (x_c - x_u), x_c)
+
+    return jax.lax.cond(jnp.any(inside), guide_inside, lambda: denoise_fn(x, sigma, cond))
 
   return guided
 

@@ -81,6 +81,29 @@ class GuiderTest(chex.TestCase):
     with pytest.raises(ValueError, match="sigma_interval"):
       guiders.vanilla_cfg(den, 3.0, (5.0, 0.2))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cfg_interval_skips_the_unconditional_half_outside(self):
+    # what runs (not what is traced: lax.cond traces both branches) is recorded
+    # by a callback: outside the interval one conditional call on B samples,
+    # inside one call on the doubled batch
+    ran = []
+
+    def den(x, s, c):
+      jax.debug.callback(lambda: ran.append(x.shape[0]))
+      return x * c["vector"][:, :1] + s[:, None]
+
+    x = jnp.ones((3, 2))
+    cond, uncond = {"vector": jnp.full((3, 1), 2.0)}, {"vector": jnp.full((3, 1), -1.0)}
+    fn = self.variant(lambda x, s: guiders.vanilla_cfg(den, 3.0, (0.2, 5.0))(
+        x, s, cond, uncond))
+    for sigma, expected_batch, guided in ((0.1, 3, False), (5.0, 6, True), (6.0, 3, False)):
+      ran.clear()
+      out = jax.block_until_ready(fn(x, jnp.full((3,), sigma)))
+      jax.effects_barrier()
+      self.assertEqual(ran, [expected_batch])
+      x_c, x_u = 2.0 + sigma, -1.0 + sigma
+      np.testing.assert_allclose(out, x_u + 3.0 * (x_c - x_u) if guided else x_c, rtol=1e-6)
+
   def test_cfg_missing_uncond_key(self):
     den = lambda x, s, c: x
     with pytest.raises(ValueError, match="uncond"):
