@@ -17,7 +17,8 @@ flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's confi
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (1: none; "
                    "default: the run's config, 1 in every config here).")
 flags.DEFINE_list("cfg_interval", None, "lo,hi: guide only where lo < sigma <= hi "
-                  "(default: every sigma).")
+                  "(default: every sigma); outside it each step makes one network "
+                  "call, not two.")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
