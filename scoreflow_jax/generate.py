@@ -31,7 +31,8 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
   CFG (scale != 1) makes one denoiser call on the doubled batch per step with
   zeroed class embeddings as the unconditional half (sgm's MNIST sampling);
-  ``cfg_interval=(lo, hi)`` guides only where lo < sigma <= hi.
+  ``cfg_interval=(lo, hi)`` guides only where lo < sigma <= hi (elsewhere one
+  call on the batch, not the doubled one).
   With a ``mesh``, the batch is split over its devices (B must divide).
   """
   sc = sampling_config
