@@ -8,18 +8,22 @@ from scoreflow_jax import data, generate, model as model_lib, samplers
 from scoreflow_jax import train_step as ts
 
 
+def _noisy_params(model, scale):
+  """The model's initial weights plus ``scale`` * N(0, 1): this moves the
+  zero-initialised coupling outputs so class and sigma matter."""
+  images, labels = data.make_synthetic(8)
+  params = model.init(jax.random.key(0), data.to_model_batch(images, labels))
+  leaves, tree = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
+                                   for l, k in zip(leaves, ks)])
+
+
 @pytest.fixture(scope="module")
 def tiny():
   config = mnist.get_config("tiny")
   model = model_lib.build_model(config)
-  images, labels = data.make_synthetic(8)
-  params = model.init(jax.random.key(0), data.to_model_batch(images, labels))
-  # move the zero-initialised coupling outputs so class and sigma matter
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
-                                     for l, k in zip(leaves, ks)])
-  return config, model, params
+  return config, model, _noisy_params(model, 0.05)
 
 
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
@@ -118,11 +122,7 @@ def test_cfg_interval_reaches_the_guider_and_progress_counts_batches(tiny):
   # samples computed by two differently compiled programs (a lax.cond around
   # the conditional call, the doubled batch) part by up to 2. Init + 0.005 noise
   # keeps that at about 1e-4 while guidance still moves the samples by ~0.8.
-  init = model.init(jax.random.key(0), data.to_model_batch(*data.make_synthetic(8)))
-  leaves, tree = jax.tree.flatten(init)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  mild = jax.tree.unflatten(tree, [l + 0.005 * jax.random.normal(k, l.shape)
-                                   for l, k in zip(leaves, ks)])
+  mild = _noisy_params(model, 0.005)
   plain, guided = gen(mild, cfg_scale=1.0), gen(mild, cfg_scale=3.0)
   assert np.abs(guided - plain).max() > 0.1
   # an interval above sigma_max (80) guides no step: the unguided samples
