@@ -23,26 +23,36 @@
 # a warm machine would otherwise resume the first call's runs.
 # NPC=N samples per class per draw (default 200: 2,000 per draw); EVAL=0 skips
 # the evaluation on the device (score the .npz files afterwards).
+# CFG="1 1.5" draws every seed (and WEIGHTS) at each classifier-free guidance
+# scale too, at every sigma: 1 is unguided (NAME_2k.npz), S another draw,
+# NAME_cfgS_2k.npz, scored as the model NAME_cfgS. A guided draw makes two
+# network calls per step: raise RUN_EXTRA for it.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
 SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
 WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as NAME_raw_2k*.npz
+CFG=${CFG:-1}  # guidance scales per seed: 1 unguided, S as NAME_cfgS_2k*.npz
 BUDGET=${BUDGET:-0}; RUN_EXTRA=${RUN_EXTRA:-90}  # BUDGET 0: no deadline
 t0=$(date +%s)
 left() { echo $(( t0 + BUDGET - $(date +%s) )); }  # seconds to the deadline
 fits() { [ "$BUDGET" = 0 ] || [ "$(left)" -ge "$1" ]; }  # fits SECONDS
-draws=$(( $# * $(wc -w <<< "$SEEDS") * $(wc -w <<< "$WEIGHTS") ))
+draws=$(( $# * $(wc -w <<< "$SEEDS") * $(wc -w <<< "$WEIGHTS") * $(wc -w <<< "$CFG") ))
 if [ $draws -gt 7 ]; then  # the device tool brings back at most 8 files
-  echo "gpu_quality: $draws draws of 2k samples (runs x SEEDS x WEIGHTS) would not come back:"\
-    "at most 7 .npz files and results.tgz do. Name fewer runs, SEEDS or WEIGHTS." >&2
+  echo "gpu_quality: $draws draws of 2k samples (runs x SEEDS x WEIGHTS x CFG) would not come back:"\
+    "at most 7 .npz files and results.tgz do. Name fewer runs, SEEDS, WEIGHTS or CFG scales." >&2
   exit 2
 fi
+for scale in $CFG; do  # a typo here would otherwise surface as failed draws after training
+  python3 -c "import sys; float(sys.argv[1]) > 0 or sys.exit(1)" "$scale" 2>/dev/null || {
+    echo "gpu_quality: CFG scale '$scale' is not a positive number (e.g. CFG=\"1 1.5\")" >&2; exit 2; }
+done
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results/$t0}; mkdir -p $R
 [ -z "${RESULTS:-}" ] && ln -sfn $R /tmp/results/latest
 echo "results in $R"
 draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
+tag() { [ "$2" = 1 ] && echo $1 || echo ${1}_cfg$2; }  # NAME SCALE -> the model it scores
 pack() {  # a timeout during the pack leaves the last whole archive
   (cd $R && tar czf $OUT/results.tgz.part --exclude='*.npz' --exclude='latent_moments.npy*' \
     --exclude=checkpoints . ) && mv -f $OUT/results.tgz.part $OUT/results.tgz
@@ -51,7 +61,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__)"
 DATA="--config.data.source=offline --config.data.data_dir=$CARRY/mnist"
-names=(); evals=()  # evals: the names scored, with NAME_raw after NAME under WEIGHTS="ema raw"
+names=(); evals=()  # evals: the draws' models scored: NAME, then NAME_cfgS, NAME_raw, ...
 for run in "$@"; do
   name=${run%%=*}; spec=${run#*=}; cfg=${spec%%,*}
   overrides=(); [ "$spec" != "$cfg" ] && IFS=, read -ra overrides <<< "${spec#*,}"
@@ -60,31 +70,36 @@ for run in "$@"; do
     echo "== $name skipped: $(left) s left, it needs $((T + RUN_EXTRA)) (BUDGET=$BUDGET)"
     continue
   fi
-  names+=($name); evals+=($name)
+  names+=($name)
   echo "== $name: $path ${overrides[*]} ($(( $(date +%s) - t0 )) s)"
   timeout $((T + 120)) python3 train.py --config $path --workdir $R/$name $DATA \
     --config.training.time_limit_s=$T --config.training.image_every=0 \
     --config.training.log_every=250 --config.training.checkpoint_every=1000000 --config.training.keep_every=0 \
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for weights in $WEIGHTS; do
-    tag=$name; flag=--ema; [ "$weights" = raw ] && tag=${name}_raw && flag=--noema
-    fits 120 || { echo "== $tag draws skipped: $(left) s left"; continue; }
+    base=$name; flag=--ema; [ "$weights" = raw ] && base=${name}_raw && flag=--noema
+    tags=(); for scale in $CFG; do tags+=($(tag $base $scale)); done
+    evals+=("${tags[@]}")
+    fits 120 || { echo "== ${tags[*]} draws skipped: $(left) s left"; continue; }
     # side by side (one compile's wait for all; without preallocation, which
     # would give the first process 75% of the GPU's memory)
-    for seed in $SEEDS; do
-      out=$(draw $tag $seed)
-      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
-        --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1 &
+    for scale in $CFG; do
+      for seed in $SEEDS; do
+        out=$(draw $(tag $base $scale) $seed)
+        XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
+          --cfg_scale $scale --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1 &
+      done
     done
     wait
-    for seed in $SEEDS; do
-      out=$(draw $tag $seed)
-      tail -n 1 $R/$out.sample.log
-      cp $R/$out.npz $OUT/ 2>/dev/null
+    for t in "${tags[@]}"; do
+      for seed in $SEEDS; do
+        out=$(draw $t $seed)
+        tail -n 1 $R/$out.sample.log
+        cp $R/$out.npz $OUT/ 2>/dev/null
+      done
     done
     pack
   done
-  [ "$WEIGHTS" != ema ] && evals+=(${name}_raw)
 done
 # The runs' loss curves against step and wall clock in one picture each (the
 # metrics.jsonl files are in results.tgz too: the same command redraws them
