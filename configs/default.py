@@ -81,6 +81,10 @@ def get_config():
   loss.sigma_data = 0.5                  # EDMWeighting(sigma_data)
   loss.p_mean = -1.2                     # EDMSampling: log sigma ~ N(p_mean, p_std^2)
   loss.p_std = 1.2
+  loss.nll_weight = 0.0                  # > 0: add this times the exact bits/dim of the
+                                         # dequantised batch under q(x | nll_sigma, c) to
+                                         # each sample's loss (parameterization 'density' only)
+  loss.nll_sigma = 0.002                 # the noise level of that density (bits_per_dim.py's --sigma)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4             # AdamW peak learning rate (sgm's base_learning_rate)

@@ -65,6 +65,7 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
   """
   import jax
   import jax.numpy as jnp
+  from scoreflow_jax import loss as loss_lib
   network = model.network
   check_density_model(model)
   check_sigma(sigma)
@@ -97,8 +98,7 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
     cond = model.condition(params, {"cls": labels})
     s = jnp.full((x.shape[0],), sigma, x.dtype)
     logq = network.apply({"params": params["network"]}, x, s, cond, method="log_prob")
-    d = math.prod(x.shape[1:])
-    return (-(logq - d * math.log(127.5))) / (d * math.log(2.0))
+    return loss_lib.bits_per_dim(logq, math.prod(x.shape[1:]))
 
   out = []
   for i in range(0, len(images_uint8), batch_size):

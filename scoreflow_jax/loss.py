@@ -1,4 +1,6 @@
 """sgm's StandardDiffusionLoss with EDMWeighting and EDMSampling."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -55,3 +57,9 @@ def sample_and_loss(denoise_fn, x0, key, loss_type="l2", sigma_data=0.5,
   noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
   loss = diffusion_loss(denoise_fn, x0, sigma, noise, loss_type, sigma_data)
   return loss, sigma
+
+
+def bits_per_dim(log_q, num_dims: int):
+  """Bits/dim of 8-bit data from the log-density ``log_q`` of its dequantised
+  values in [-1, 1] (bins of width 1 / 127.5): -(log_q - D log 127.5) / (D log 2)."""
+  return -(log_q - num_dims * math.log(127.5)) / (num_dims * math.log(2.0))

@@ -33,6 +33,10 @@ class DiffusionModel:
   loss_sigma_data: float = 0.5
   p_mean: float = -1.2
   p_std: float = 1.2
+  # weight of the exact negative log-likelihood term (bits/dim of dequantised
+  # 8-bit data under q(x | nll_sigma, c)) added to each sample's loss; 0: none
+  nll_weight: float = 0.0
+  nll_sigma: float = 0.002
   # name of a parameter submodule that is never trained (the optimizer leaves
   # it alone: train_step.make_optimizer(frozen=...)), or None
   frozen_module: Optional[str] = None
@@ -65,8 +69,15 @@ class DiffusionModel:
         {"params": params["network"]}, x_in, c_noise, cond)
     return lambda x, sigma, cond: denoise(net, x, sigma, cond, self.sigma_data)
 
-  def per_sample_loss(self, params, batch, keys, first_stage_params=None):
+  def per_sample_loss(self, params, batch, keys, first_stage_params=None,
+                      terms=False):
     """Training loss (B,) and sigma (B,) with one typed key per sample.
+
+    The loss is the EDM denoising loss plus, with ``nll_weight`` > 0, that
+    weight times the exact bits/dim of the dequantised batch
+    (:meth:`dequantized_bits_per_dim`). ``terms=True`` also returns a dict of
+    the parts, (B,) each: ``"diffusion"`` and, with the NLL term,
+    ``"bits_per_dim"`` (what the train step logs).
 
     Each sample's key gives its sigma, its noise, its label dropout and (with
     a KL first stage) its posterior draw, so the result for a global batch
@@ -104,7 +115,25 @@ class DiffusionModel:
     per_sample = loss_lib.diffusion_loss(
         lambda x, s: den(x, s, cond), x0, sigma, noise, self.loss_type,
         self.loss_sigma_data)
-    return per_sample, sigma
+    parts = {"diffusion": per_sample}
+    if self.nll_weight:
+      nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
+      parts["bits_per_dim"] = self.dequantized_bits_per_dim(
+          params, x0, cond, nll_keys, self.nll_sigma)
+      per_sample = per_sample + self.nll_weight * parts["bits_per_dim"]
+    return (per_sample, sigma, parts) if terms else (per_sample, sigma)
+
+  def dequantized_bits_per_dim(self, params, x0, cond, keys, sigma):
+    """-log2 q(x0 + u | sigma, cond) / D + log2 127.5, (B,): x0 are 8-bit images
+    p / 127.5 - 1 and u is uniform over pixel p's bin, one draw per sample from
+    its key (likelihood.py's bound, exact in one forward pass; a
+    parameterization='density' network only)."""
+    u = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], x0.dtype))(keys)
+    x = x0 + (u - 0.5) / 127.5
+    s = jnp.full((x.shape[0],), sigma, x.dtype)
+    log_q = self.network.apply({"params": params["network"]}, x, s, cond,
+                               method="log_prob")
+    return loss_lib.bits_per_dim(log_q, math.prod(x.shape[1:]))
 
 
 def _build_unet(u) -> UNetModel:
@@ -139,6 +168,17 @@ def build_model(config) -> DiffusionModel:
   if not _positive(config.loss.p_std) or not math.isfinite(config.loss.p_mean):
     raise ValueError("config.loss.p_std must be finite and > 0 and p_mean finite, got "
                      f"{config.loss.p_std} and {config.loss.p_mean}")
+  nll_weight, nll_sigma = config.loss.get("nll_weight", 0.0), config.loss.get("nll_sigma", 0.002)
+  if not (math.isfinite(nll_weight) and nll_weight >= 0) or not _positive(nll_sigma):
+    raise ValueError("config.loss.nll_weight must be finite and >= 0 and nll_sigma "
+                     f"finite and > 0, got {nll_weight} and {nll_sigma}")
+  if nll_weight and (m.network != "score_flow"
+                     or m.score_flow.parameterization != "density"
+                     or m.first_stage != "identity"):
+    raise ValueError("config.loss.nll_weight > 0 trains the exact bits/dim of 8-bit "
+                     "images, which needs a normalised density of pixels: "
+                     "network 'score_flow' with parameterization 'density' and "
+                     "first_stage 'identity' (configs/mnist_density.py); or set it to 0")
   c = m.conditioner
   gaussian = m.network == "score_flow" and m.score_flow.gaussian_base
   cond = conditioner_lib.class_conditioner(c.embed_dim, c.n_classes, c.ucg_rate,
@@ -214,5 +254,5 @@ def build_model(config) -> DiffusionModel:
       first_stage=first_stage_lib.get_first_stage(m),
       sigma_data=m.sigma_data, loss_type=config.loss.type,
       loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
-      p_std=config.loss.p_std,
+      p_std=config.loss.p_std, nll_weight=float(nll_weight), nll_sigma=float(nll_sigma),
       frozen_module=gaussian_lib.MODULE_NAME if gaussian else None)

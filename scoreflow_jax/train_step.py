@@ -136,13 +136,18 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
         first + jnp.arange(local_b))
 
     def loss_fn(params):
-      per_sample, sigma = model.per_sample_loss(params, batch, keys, first_stage_params)
-      return jnp.mean(per_sample), (per_sample, sigma)
+      per_sample, sigma, parts = model.per_sample_loss(
+          params, batch, keys, first_stage_params, terms=True)
+      return jnp.mean(per_sample), (sigma, parts)
 
-    (loss, (per_sample, sigma)), grads = jax.value_and_grad(
+    (objective, (sigma, parts)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
-    loss = jax.lax.pmean(loss, AXIS)
+    objective = jax.lax.pmean(objective, AXIS)
+    # "loss" is the denoising loss, comparable across runs; with an NLL term
+    # (model.nll_weight) the objective adds its weight times "bits_per_dim"
+    per_sample = parts["diffusion"]
+    loss = jax.lax.pmean(jnp.mean(per_sample), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_n = ema_update(state.ema_params, params,
@@ -155,10 +160,12 @@ def make_train_step(model, tx, schedule, mesh: Mesh, ema_decay: float,
         "loss": loss,
         "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
-        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        "finite": jnp.isfinite(objective) & jnp.isfinite(grad_norm),
         "loss_bin_sum": jax.lax.psum(bin_sum, AXIS),
         "loss_bin_count": jax.lax.psum(bin_count, AXIS),
     }
+    if "bits_per_dim" in parts:
+      metrics["bits_per_dim"] = jax.lax.pmean(jnp.mean(parts["bits_per_dim"]), AXIS)
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, ema_params=ema_params,
                               ema_num_updates=ema_n, phema_params=phema_params)

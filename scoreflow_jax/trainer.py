@@ -336,6 +336,8 @@ def _summarize(metrics_list):
       "train/grad_norm": float(np.mean([x["grad_norm"] for x in m])),
       "train/learning_rate": float(m[-1]["learning_rate"]),
   }
+  if "bits_per_dim" in m[0]:  # loss.nll_weight > 0: the NLL term, apart from the loss
+    out["train/bits_per_dim"] = float(np.mean([x["bits_per_dim"] for x in m]))
   sums = np.sum([x["loss_bin_sum"] for x in m], 0)
   counts = np.sum([x["loss_bin_count"] for x in m], 0)
   lo = 0.0

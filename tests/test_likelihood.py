@@ -331,3 +331,93 @@ def test_bits_per_dim_cli_scores_the_ema_or_raw_weights_asked_for(density_run, t
     # after 2 steps the two differ little: nearer its own than the other by far
     assert abs(result["bits_per_dim"] - by_hand[weights]) < 0.01 * abs(
         result["bits_per_dim"] - other), (result, by_hand)
+
+
+def _perturbed_density_model(nll_weight=0.0, n=9):
+  config = mnist_density.get_config("tiny")
+  config.loss.nll_weight = nll_weight
+  model = model_lib.build_model(config)
+  images, labels = data.make_synthetic(n, seed=1)
+  params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
+  leaves, tree = jax.tree.flatten(params)
+  ks = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
+                                     for l, k in zip(leaves, ks)])
+  return model, params, images, labels
+
+
+def test_training_bits_per_dim_is_the_evaluated_one():
+  # The loss's NLL term and bits_per_dim.py score the same bound: with the
+  # same keys (fold_in(key, i)) they dequantise alike and agree per image.
+  model, params, images, labels = _perturbed_density_model()
+  key = jax.random.key(7)
+  _, expected = likelihood.bits_per_dim(model, params, images, labels, key, sigma=0.01)
+  x0 = data.to_model_batch(images, labels)["jpg"]
+  cond = model.condition(params, {"cls": labels})
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(len(images)))
+  got = model.dequantized_bits_per_dim(params, x0, cond, keys, 0.01)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_nll_weight_adds_the_exact_bits_per_dim_to_each_sample():
+  model, params, images, labels = _perturbed_density_model()
+  weighted, _, _, _ = _perturbed_density_model(nll_weight=0.3)
+  batch = data.to_model_batch(images, labels)
+  keys = jax.random.split(jax.random.key(3), len(images))
+  plain, sigma = model.per_sample_loss(params, batch, keys)
+  both, sigma_w = weighted.per_sample_loss(params, batch, keys)
+  np.testing.assert_array_equal(sigma_w, sigma)  # the DSM draws are unchanged
+  # the term's own keys (fold_in(k, 3)) and the conditioner's label dropout
+  # (the first of split(k)): rebuilt here by hand
+  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  cond = model.condition(params, batch, sub[:, 0])
+  bpd = model.dequantized_bits_per_dim(
+      params, batch["jpg"], cond, jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys), 0.002)
+  assert np.all(bpd > 1.0)  # a real bits/dim, not a zero term
+  np.testing.assert_allclose(both, plain + 0.3 * bpd, rtol=1e-5)
+
+
+def test_nll_term_trains_the_bits_per_dim_down():
+  # A few Adam steps with the NLL term weighted up lower the evaluated bits/dim
+  # at sigma 0.002 well below where the denoising loss alone takes it from the
+  # same start: the term's gradient reaches the flow with the right sign.
+  import optax
+  model, params, images, labels = _perturbed_density_model(nll_weight=10.0, n=16)
+  plain, _, _, _ = _perturbed_density_model(n=16)
+  batch = data.to_model_batch(images, labels)
+  evaluate = lambda p: likelihood.bits_per_dim(model, p, images, labels,
+                                               jax.random.key(7))[0]
+
+  def train(m, p, steps=30):
+    tx = optax.adam(1e-2)
+    opt = tx.init(p)
+
+    @jax.jit
+    def step(p, opt, k):
+      keys = jax.random.split(k, len(images))
+      g = jax.grad(lambda p: m.per_sample_loss(p, batch, keys)[0].mean())(p)
+      updates, opt = tx.update(g, opt, p)
+      return optax.apply_updates(p, updates), opt
+
+    for i in range(steps):
+      p, opt = step(p, opt, jax.random.key(i))
+    return p
+
+  start = evaluate(params)
+  with_nll, without = evaluate(train(model, params)), evaluate(train(plain, params))
+  # measured: 8.45 at the start, 7.60 with the term, 8.23 without
+  assert with_nll < start - 0.3 and with_nll < without - 0.3, (start, with_nll, without)
+
+
+@pytest.mark.parametrize("config_name,field,value,match", [
+    ("mnist_density", "nll_weight", -1.0, "nll_weight must be finite and >= 0"),
+    ("mnist_density", "nll_weight", float("nan"), "nll_weight must be finite and >= 0"),
+    ("mnist_density", "nll_sigma", 0.0, "nll_sigma finite and > 0"),
+    ("mnist", "nll_weight", 1.0, "needs a normalised density of pixels"),
+])
+def test_nll_weight_values_are_checked(config_name, field, value, match):
+  from configs import mnist as plain_config
+  config = (mnist_density if config_name == "mnist_density" else plain_config).get_config("tiny")
+  config.loss[field] = value
+  with pytest.raises(ValueError, match=match):
+    model_lib.build_model(config)

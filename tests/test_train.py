@@ -89,6 +89,38 @@ def test_step_matches_direct_gradient():
       rtol=1e-5, atol=1e-7)
 
 
+def test_step_with_the_nll_term_logs_it_apart_from_the_loss():
+  # loss.nll_weight > 0 (density models): the step descends the denoising
+  # loss plus w * bits/dim, logs "loss" (the denoising part, comparable with
+  # other runs, and the only part in the sigma bins) and "bits_per_dim"; on 2
+  # devices as on one computation.
+  from configs import mnist_density
+  config = mnist_density.get_config("tiny")
+  config.loss.nll_weight = 0.5
+  model, tx, batch, state, mesh, step = _setup(config, 2)
+  params0 = jax.device_get(state.params)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(16))
+  total, _, parts = jax.jit(lambda p: model.per_sample_loss(p, batch, keys, terms=True))(params0)
+  np.testing.assert_allclose(total, parts["diffusion"] + 0.5 * parts["bits_per_dim"], rtol=1e-6)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.per_sample_loss(p, batch, keys)[0])))(params0)
+  updates, _ = tx.update(grads, tx.init(params0), params0)
+  new_state, metrics = step(state, ts.global_batch(batch, mesh))
+  np.testing.assert_allclose(metrics["loss"], np.mean(parts["diffusion"]), rtol=1e-5)
+  np.testing.assert_allclose(metrics["bits_per_dim"], np.mean(parts["bits_per_dim"]), rtol=1e-5)
+  assert float(metrics["bits_per_dim"]) > 1.0  # about 8 at the start, not a zero term
+  np.testing.assert_allclose(np.sum(metrics["loss_bin_sum"]), np.sum(parts["diffusion"]), rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(new_state.params),
+                              optax.apply_updates(params0, updates), rtol=1e-5, atol=1e-6)
+  out, finite = trainer._summarize([metrics])
+  assert finite and out["train/bits_per_dim"] == pytest.approx(float(metrics["bits_per_dim"]))
+  # without the term, no such metric
+  _, _, pbatch, pstate, pmesh, pstep = _setup(tiny_config(), 1)
+  plain_metrics = pstep(pstate, ts.global_batch(pbatch, pmesh))[1]
+  assert "bits_per_dim" not in plain_metrics
+  assert "train/bits_per_dim" not in trainer._summarize([plain_metrics])[0]
+
+
 def _losses(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   return {r["step"]: r["train/loss"] for r in rows}
