@@ -632,10 +632,13 @@ def _train(config, workdir, log, model, started):
             progress.restart(step + 1)
           else:
             state, metrics = step_fn(state, ts.global_batch(next(batches), mesh))
-            if t.time_limit_s and pending:
-              # Asynchronous dispatch would let the host queue many steps ahead and
-              # overrun the time limit; waiting for the previous step keeps one
-              # step in flight (the device stays busy) and the overrun to one step.
+            if pending:
+              # Asynchronous dispatch would let the host queue up to log_every
+              # steps ahead, all of which run before a stop can save: a time
+              # limit overran, and a SIGTERM's save waited for them (93 steps,
+              # over 3 minutes, on a busy CPU in session 40; a preemption's
+              # grace is often 30 s). Waiting for the previous step keeps one
+              # step in flight (the device stays busy) and the delay to one step.
               jax.block_until_ready(pending[-1])
           pending.append(metrics)
           step += 1

@@ -310,6 +310,35 @@ def test_ctrl_c_stops_and_saves_like_sigterm(tmp_path, monkeypatch, terminal_sig
   monkeypatch.setattr(ts, "make_train_step", make)
 
 
+def test_the_host_waits_for_the_previous_step(tmp_path, monkeypatch):
+  # Asynchronous dispatch let the host queue up to log_every steps ahead of
+  # the device when no time limit was set, and a SIGTERM's save then waited
+  # for all of them (93 steps, over 3 minutes, on a busy CPU). Each step is
+  # made slow on the device here (a chain of matmuls on its loss); when each
+  # step is dispatched, at most one earlier one may still be unfinished.
+  make, issued, most = ts.make_train_step, [], [0]
+
+  @jax.jit
+  def slow(metrics):
+    a = jnp.eye(192) * (1.0 + 0.0 * metrics["loss"])
+    a = jax.lax.fori_loop(0, 30, lambda i, a: a @ a / jnp.linalg.norm(a), a)
+    return {**metrics, "loss": metrics["loss"] + 0.0 * a[0, 0]}
+
+  def make_slow(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+    def step(state, batch, **kw):
+      state, metrics = step_fn(state, batch, **kw)
+      most[0] = max(most[0], sum(not m["loss"].is_ready() for m in issued))
+      issued.append(slow(metrics))
+      return state, issued[-1]
+    return step
+  monkeypatch.setattr(ts, "make_train_step", make_slow)
+  out = trainer.train_and_evaluate(tiny_config(num_steps=20, log_every=20, checkpoint_every=20),
+                                   str(tmp_path / "run"), log=lambda s: None)
+  assert out["step"] == 20 and len(issued) == 20
+  assert most[0] <= 1, most[0]
+
+
 def test_a_signal_at_a_checkpoint_step_saves_once(tmp_path, monkeypatch):
   # the stop right after a checkpoint's save saves the same step again:
   # nothing is lost or refused, and the run resumes from it
