@@ -110,7 +110,9 @@ class Progress:
     plots) out of the current interval's rate."""
     self.excluded += seconds
 
-  def line(self, step: int, loss: float):
+  def line(self, step: int, loss: float, bits_per_dim: Optional[float] = None):
+    """The progress line and steps/s since the last line; ``bits_per_dim``
+    (a run with loss.nll_weight) is shown after the loss."""
     now = time.perf_counter()
     if step == self.last_step and self.before is not None:
       self.last_step, self.last_time, self.excluded = self.before
@@ -122,7 +124,8 @@ class Progress:
     limit = ""
     if self.time_left is not None and self.time_left() < eta:
       eta, limit = max(self.time_left(), 0.0), " (time limit)"
-    text = (f"step {step}/{self.total} | loss {loss:.4f} | {steps_per_s:.2f} steps/s "
+    nll = "" if bits_per_dim is None else f" | bits/dim {bits_per_dim:.3f}"
+    text = (f"step {step}/{self.total} | loss {loss:.4f}{nll} | {steps_per_s:.2f} steps/s "
             f"{steps_per_s * self.batch:.0f} img/s | ETA {format_duration(eta)}{limit}")
     return text, steps_per_s
 

@@ -664,7 +664,8 @@ def _train(config, workdir, log, model, started):
                    "no checkpoint was written yet: start again (the same --workdir "
                    "will do) with ")
                 + "a lower --config.optim.learning_rate" + clip + ".")
-          text, steps_per_s = progress.line(step, scalars["train/loss"])
+          text, steps_per_s = progress.line(step, scalars["train/loss"],
+                                            scalars.get("train/bits_per_dim"))
           scalars["train/steps_per_s"] = steps_per_s
           scalars["train/images_per_s"] = steps_per_s * t.batch_size
           scalars["train/wall_s"] = wall_before + time.perf_counter() - started

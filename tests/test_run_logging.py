@@ -78,6 +78,13 @@ def test_progress_eta_counts_down_to_a_time_limit_that_comes_first(monkeypatch):
   assert text.endswith("| ETA 0:16:20"), text
   text, _ = run_logging.Progress(20, 1000, 8).line(30, 0.5)  # no limit
   assert text.endswith("| ETA 0:16:10"), text
+  assert "bits/dim" not in text
+
+
+def test_progress_shows_the_nll_terms_bits_per_dim():
+  # a run with loss.nll_weight: its bits/dim after the loss
+  text, _ = run_logging.Progress(20, 1000, 8).line(30, 0.5, bits_per_dim=4.2346)
+  assert text.startswith("step 30/1000 | loss 0.5000 | bits/dim 4.235 | "), text
 
 
 def test_progress_rate_leaves_out_the_first_step_and_other_work(monkeypatch):
