@@ -9,8 +9,9 @@ Trained by the denoising loss alone its likelihood is poor: 11.26 bits/dim
 at sigma 0.002 after 20,000 steps (7.38 at 0.1), and 21.70 with
 model.score_flow.max_log_scale=3. With the bits/dim as a training term,
 --config.loss.nll_weight=1, it gets 5.98, and 4.23 with max_log_scale=3,
-at the cost of its samples (FD 723 / 831 against 553 at 1k; session 40,
-docs/results.md "Training the likelihood itself").
+at the cost of its samples (FD 723 / 831 against 553 at 1k); nll_weight=0.1
+with max_log_scale=3 gives 4.50 and FD 641 (session 40, docs/results.md
+"Training the likelihood itself").
 """
 from configs import default, mnist
 
