@@ -126,8 +126,8 @@ class DiffusionModel:
   def dequantized_bits_per_dim(self, params, x0, cond, keys, sigma):
     """-log2 q(x0 + u | sigma, cond) / D + log2 127.5, (B,): x0 are 8-bit images
     p / 127.5 - 1 and u is uniform over pixel p's bin, one draw per sample from
-    its key (likelihood.py's bound, exact in one forward pass; a
-    parameterization='density' network only)."""
+    its key: the bound bits_per_dim.py reports (likelihood.bits_per_dim calls
+    this), exact in one forward pass; a parameterization='density' network only."""
     u = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], x0.dtype))(keys)
     x = x0 + (u - 0.5) / 127.5
     s = jnp.full((x.shape[0],), sigma, x.dtype)
