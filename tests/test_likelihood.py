@@ -36,17 +36,26 @@ def test_bits_per_dim_of_the_initial_gaussian(sigma):
   assert abs(mean - per_image.mean()) < 1e-9
 
 
-def test_bits_per_dim_per_image_label_and_batch_size():
-  # A trained-looking flow (perturbed parameters): each image's value depends on
-  # its own label only, and not on how the images are batched.
+def _perturbed_density_model(nll_weight=0.0, n=9):
+  """The tiny density model (``loss.nll_weight``), init + 0.05 noise (a
+  trained-looking flow), and n synthetic images and labels."""
   config = mnist_density.get_config("tiny")
+  config.loss.nll_weight = nll_weight
   model = model_lib.build_model(config)
-  images, labels = data.make_synthetic(9, seed=1)
+  images, labels = data.make_synthetic(n, seed=1)
   params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
   leaves, tree = jax.tree.flatten(params)
   ks = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
                                      for l, k in zip(leaves, ks)])
+  return model, params, images, labels
+
+
+
+def test_bits_per_dim_per_image_label_and_batch_size():
+  # A trained-looking flow (perturbed parameters): each image's value depends on
+  # its own label only, and not on how the images are batched.
+  model, params, images, labels = _perturbed_density_model()
   bpd = lambda labels, batch_size=4: likelihood.bits_per_dim(
       model, params, images, labels, jax.random.key(7), sigma=0.1,
       batch_size=batch_size)[1]
@@ -333,22 +342,10 @@ def test_bits_per_dim_cli_scores_the_ema_or_raw_weights_asked_for(density_run, t
         result["bits_per_dim"] - other), (result, by_hand)
 
 
-def _perturbed_density_model(nll_weight=0.0, n=9):
-  config = mnist_density.get_config("tiny")
-  config.loss.nll_weight = nll_weight
-  model = model_lib.build_model(config)
-  images, labels = data.make_synthetic(n, seed=1)
-  params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
-                                     for l, k in zip(leaves, ks)])
-  return model, params, images, labels
-
-
 def test_training_bits_per_dim_is_the_evaluated_one():
-  # The loss's NLL term and bits_per_dim.py score the same bound: with the
-  # same keys (fold_in(key, i)) they dequantise alike and agree per image.
+  # The loss's NLL term and bits_per_dim.py score the same bound (one method):
+  # given uint8 pixels and the same keys (fold_in(key, i)), the loss's float
+  # images dequantise alike and agree per image.
   model, params, images, labels = _perturbed_density_model()
   key = jax.random.key(7)
   _, expected = likelihood.bits_per_dim(model, params, images, labels, key, sigma=0.01)
