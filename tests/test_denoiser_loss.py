@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scoreflow_jax import denoiser, edm, loss
+from tests.perturb import perturb
 
 
 def _np_scalings(s, sd):
@@ -95,10 +96,7 @@ def test_training_loss_draws_sigma_noise_and_label_dropout_per_sample():
   images, labels = data.make_synthetic(n)
   batch = data.to_model_batch(images, labels)
   params = model.init(jax.random.key(0), batch)
-  leaves, tree = jax.tree.flatten(params)  # move zero-initialised outputs: the class matters
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
-                                     for l, k in zip(leaves, ks)])
+  params = perturb(params, jax.random.key(1), 0.05)  # the class matters
   keys = jax.random.split(jax.random.key(2), n)
   per_sample, sigma = jax.jit(model.per_sample_loss)(params, batch, keys)
   log_sigma = np.log(np.asarray(sigma))

@@ -5,14 +5,12 @@ import numpy as np
 import pytest
 
 from scoreflow_jax import flows
+from tests.perturb import perturb
 
 
 def _randomize(params, key, scale=0.3):
   """Non-zero output layers, so the test flow is not the identity."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [
-      l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+  return perturb(params, key, scale)
 
 
 @pytest.mark.parametrize("context_dim", [None, 3])

@@ -11,6 +11,7 @@ from scoreflow_jax import data, trainer
 from scoreflow_jax.denoiser import denoise
 from scoreflow_jax.networks import ScoreFlowNetwork
 from scoreflow_jax.networks import gaussian_base as gaussian_lib
+from tests.perturb import perturb
 
 SIGMA = np.array([0.002, 0.3, 5.0, 80.0])
 
@@ -96,10 +97,7 @@ def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(
   np.testing.assert_allclose(den(params), base.reshape(x.shape), rtol=1e-9, atol=1e-9)
   # perturbed flow: D = x + sigma^2 grad_x E still holds exactly, and moves away
   p2 = jax.tree.map(lambda a: a, params)
-  leaves, tree = jax.tree.flatten(p2["params"]["flow"])
-  keys = jax.random.split(jax.random.key(6), len(leaves))
-  p2["params"]["flow"] = jax.tree.unflatten(
-      tree, [l + 0.2 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+  p2["params"]["flow"] = perturb(p2["params"]["flow"], jax.random.key(6), 0.2)
   grad_e = jax.grad(lambda xx: jnp.sum(net.apply(p2, xx, sigma, cond, method="energy")))(x)
   np.testing.assert_allclose(den(p2), x + sigma[:, None, None, None] ** 2 * grad_e,
                              rtol=1e-9, atol=1e-9)

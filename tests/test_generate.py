@@ -6,17 +6,15 @@ import pytest
 from configs import mnist
 from scoreflow_jax import data, generate, model as model_lib, samplers
 from scoreflow_jax import train_step as ts
+from tests.perturb import perturb
 
 
 def _noisy_params(model, scale):
-  """The model's initial weights plus ``scale`` * N(0, 1): this moves the
-  zero-initialised coupling outputs so class and sigma matter."""
+  """The model's initial weights plus ``scale`` * N(0, 1), so class and sigma
+  matter."""
   images, labels = data.make_synthetic(8)
   params = model.init(jax.random.key(0), data.to_model_batch(images, labels))
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
-                                   for l, k in zip(leaves, ks)])
+  return perturb(params, jax.random.key(1), scale)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from configs import mnist, mnist_density
 from scoreflow_jax import data, likelihood, model as model_lib
+from tests.perturb import perturb
 
 
 @pytest.mark.parametrize("sigma", [0.002, 0.5])
@@ -44,11 +45,7 @@ def _perturbed_density_model(nll_weight=0.0, n=9):
   model = model_lib.build_model(config)
   images, labels = data.make_synthetic(n, seed=1)
   params = model.init(jax.random.key(0), data.to_model_batch(images[:2], labels[:2]))
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape)
-                                     for l, k in zip(leaves, ks)])
-  return model, params, images, labels
+  return model, perturb(params, jax.random.key(1), 0.05), images, labels
 
 
 

@@ -7,6 +7,7 @@ import pytest
 from scoreflow_jax.denoiser import denoise
 from scoreflow_jax.edm import edm_scaling
 from scoreflow_jax.networks import ScoreFlowNetwork, timestep_embedding
+from tests.perturb import perturb
 
 SIGMA = np.array([0.002, 0.3, 5.0, 80.0])
 
@@ -25,15 +26,7 @@ def _setup(parameterization, score_head=True, dtype=jnp.float64, channels=2,
   cond = {"vector": jax.random.normal(jax.random.key(1), (4, 6), dtype)}
   params = net.init(jax.random.key(2), x, jnp.zeros(4, dtype), cond)
   # perturb the zero-initialised coupling outputs so the flow is not trivial
-  return net, _perturb(params, jax.random.key(3), 0.2, dtype), x, cond
-
-
-def _perturb(params, key, scale, dtype):
-  """params + scale * N(0, 1), cast to dtype."""
-  leaves, tree = jax.tree.flatten(params)
-  ks = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [(l + scale * jax.random.normal(k, l.shape)).astype(dtype)
-                                   for l, k in zip(leaves, ks)])
+  return net, perturb(params, jax.random.key(3), 0.2, dtype), x, cond
 
 
 def test_timestep_embedding_matches_sgm():
@@ -206,7 +199,7 @@ def test_density_is_normalised(x64, sigma):
                          parameterization="density", flow_type="conditional")
   cond = {"vector": jnp.ones((1, 6))}
   params = net.init(jax.random.key(0), jnp.zeros((1, 1, 1, 2)), jnp.zeros(1), cond)
-  params = _perturb(params, jax.random.key(1), 0.15, jnp.float64)
+  params = perturb(params, jax.random.key(1), 0.15, jnp.float64)
   scale = np.sqrt(sigma**2 + 0.25)  # q is about N(0, scale^2) before training
   g = np.linspace(-9 * scale, 9 * scale, 601)
   xx, yy = np.meshgrid(g, g, indexing="ij")
@@ -240,7 +233,7 @@ def test_conv_density_is_normalised(x64):
                          conv_channels=4, conv_blocks=1)
   cond = {"vector": jnp.ones((1, 6))}
   params = net.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), jnp.zeros(1), cond)
-  params = _perturb(params, jax.random.key(1), 0.15, jnp.float64)
+  params = perturb(params, jax.random.key(1), 0.15, jnp.float64)
   scale = np.sqrt(sigma**2 + 0.25)
   g = np.linspace(-7 * scale, 7 * scale, 21)  # Riemann sums of smooth, fast-decaying
   pts = np.stack(np.meshgrid(g, g, g, g, indexing="ij"), -1).reshape(-1, 2, 2, 1)
@@ -333,13 +326,6 @@ def _net(flow_type, parameterization="preconditioned", **kw):
   return net, params, x, cond
 
 
-def _perturbed(tree, key, scale=0.2):
-  leaves, td = jax.tree.flatten(tree)
-  ks = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(td, [l + scale * jax.random.normal(k, l.shape, l.dtype)
-                                 for l, k in zip(leaves, ks)])
-
-
 def _flow_z(net, params, u, context):
   return net.apply(params, u, context, method=lambda m, u, c: m._flow_z(m.flow, u, c))
 
@@ -356,8 +342,8 @@ def test_which_couplings_see_the_context(x64, flow_type, first_sees_context):
   ctx = jax.random.normal(jax.random.key(4), (4, 16), jnp.float64)
   for i in range(3):
     p = jax.tree.map(lambda a: a, params)
-    p["params"]["flow"][f"layers_{i}"] = _perturbed(p["params"]["flow"][f"layers_{i}"],
-                                                  jax.random.key(10 + i))
+    p["params"]["flow"][f"layers_{i}"] = perturb(p["params"]["flow"][f"layers_{i}"],
+                                                jax.random.key(10 + i), 0.2)
     _, ld = _flow_z(net, p, u, ctx)
     _, ld2 = _flow_z(net, p, u, ctx + 1.0)
     moved = np.abs(np.asarray(ld2 - ld))
@@ -372,7 +358,7 @@ def test_seed_score_head_sees_the_context(x64):
   first layer takes the D score features and the 2 x 8 context features, and
   the context rows change the network's output."""
   net, params, x, cond = _net("joint", "seed", score_head=True)
-  params = _perturbed(params, jax.random.key(3))
+  params = perturb(params, jax.random.key(3), 0.2)
   kernel = params["params"]["head"]["Dense_0"]["kernel"]
   assert kernel.shape[0] == x[0].size + 16, kernel.shape
   c_noise = jnp.log(jnp.asarray([0.3, 1.0, 2.0, 5.0])) / 4
