@@ -195,8 +195,11 @@ def test_documented_config_values():
                        mnist_unet)
   assert mnist.get_config().training.num_steps == 60_000
   for arg in (None, "tiny"):  # a flow of the image alone, sigma and class as context
-    sf = mnist_density.get_config(arg).model.score_flow
+    config = mnist_density.get_config(arg)
+    sf = config.model.score_flow
     assert (sf.parameterization, sf.flow_type) == ("density", "conditional")
+    # a little of the likelihood itself in the loss (session 41)
+    assert (config.loss.nll_weight, config.loss.nll_sigma, sf.max_log_scale) == (0.003, 0.002, 3.0)
   sf = cifar10.get_config().model.score_flow
   assert (sf.in_channels, sf.model_channels, sf.n_flows) == (3, 256, 4)
   u = mnist_unet.get_config().model.unet  # sgm's mnist_cond.yaml

@@ -93,6 +93,8 @@ def test_density_config_check_agrees_with_the_model_check():
       ("score_flow", "kl_autoencoder", "needs a model that diffuses pixels")):
     config = mnist_density.get_config("tiny")
     config.model.update(network=network, first_stage=first_stage)
+    if message is not None:  # (else the config's bits/dim term is refused first)
+      config.loss.nll_weight = 0.0
     if message is None:
       likelihood.check_density_config(config.model)
     else:
@@ -408,10 +410,14 @@ def test_nll_term_trains_the_bits_per_dim_down():
     ("mnist_density", "nll_weight", float("nan"), "nll_weight must be finite and >= 0"),
     ("mnist_density", "nll_sigma", 0.0, "nll_sigma finite and > 0"),
     ("mnist", "nll_weight", 1.0, "needs a normalised density of pixels"),
+    ("mnist_density", "network", "unet", "needs a normalised density of pixels"),
 ])
 def test_nll_weight_values_are_checked(config_name, field, value, match):
   from configs import mnist as plain_config
   config = (mnist_density if config_name == "mnist_density" else plain_config).get_config("tiny")
-  config.loss[field] = value
+  if field == "network":  # mnist_density.py's own term, on a network without a density
+    config.model.network = value
+  else:
+    config.loss[field] = value
   with pytest.raises(ValueError, match=match):
     model_lib.build_model(config)
