@@ -8,11 +8,6 @@ from scoreflow_jax import flows
 from tests.perturb import perturb
 
 
-def _randomize(params, key, scale=0.3):
-  """Non-zero output layers, so the test flow is not the identity."""
-  return perturb(params, key, scale)
-
-
 @pytest.mark.parametrize("context_dim", [None, 3])
 def test_inverse_and_log_det(x64, context_dim):
   flow = flows.CouplingFlow(n_layers=3, hidden=8, activation="softplus")
@@ -25,7 +20,7 @@ def test_inverse_and_log_det(x64, context_dim):
   y0, ld0 = flow.apply(params, x, ctx, method="forward_and_log_det")
   np.testing.assert_allclose(ld0, 0.0)
   np.testing.assert_allclose(np.sort(y0, 1), np.sort(x, 1))
-  params = _randomize(params, jax.random.key(3))
+  params = perturb(params, jax.random.key(3), 0.3)
   y, log_det = flow.apply(params, x, ctx, method="forward_and_log_det")
   x_back, inv_log_det = flow.apply(params, y, ctx, method="inverse_and_log_det")
   np.testing.assert_allclose(x_back, x, rtol=1e-12, atol=1e-12)
@@ -43,8 +38,7 @@ def test_inverse_and_log_det(x64, context_dim):
     assert np.all(np.sum(np.abs(np.asarray(jac)) > 1e-12, axis=1) >= 2), jac
   # one coupling keeps its first half and moves the rest, then reverses
   layer = flows.AffineCoupling(hidden=8)
-  lp = _randomize(jax.tree.map(lambda p: p.astype(jnp.float64),
-                               layer.init(jax.random.key(4), x, ctx)), jax.random.key(5))
+  lp = perturb(layer.init(jax.random.key(4), x, ctx), jax.random.key(5), 0.3, jnp.float64)
   y1, _ = layer.apply(lp, x, ctx)
   np.testing.assert_array_equal(y1[:, ::-1][:, :3], x[:, :3])
   assert np.all(np.abs(y1[:, ::-1][:, 3:] - x[:, 3:]) > 1e-6)
@@ -56,8 +50,7 @@ def test_inverse_and_log_det(x64, context_dim):
 def test_layers_do_not_mix_samples(x64):
   flow = flows.CouplingFlow(n_layers=2, hidden=8)
   x = jax.random.normal(jax.random.key(0), (5, 6), jnp.float64)
-  params = _randomize(jax.tree.map(lambda p: p.astype(jnp.float64),
-                                   flow.init(jax.random.key(1), x)), jax.random.key(2))
+  params = perturb(flow.init(jax.random.key(1), x), jax.random.key(2), 0.3, jnp.float64)
   y_all, _ = flow.apply(params, x)
   y_one, _ = flow.apply(params, x[2:3])
   np.testing.assert_allclose(y_all[2:3], y_one, rtol=1e-13)
@@ -109,7 +102,7 @@ def test_conv_flow_inverse_and_log_det(x64, context_dim, global_context, scale_s
   y0, ld0 = flow.apply(params, x, ctx)
   np.testing.assert_allclose(y0, x)  # zero-initialised outputs: the identity
   np.testing.assert_allclose(ld0, 0.0)
-  params = _randomize(params, jax.random.key(3))
+  params = perturb(params, jax.random.key(3), 0.3)
   y, log_det = flow.apply(params, x, ctx, method="forward_and_log_det")
   x_back, inv_log_det = flow.apply(params, y, ctx, method="inverse_and_log_det")
   np.testing.assert_allclose(x_back, x, rtol=1e-12, atol=1e-12)
@@ -138,7 +131,7 @@ def test_log_scale_bound(max_log_scale):
   """Huge coupling outputs saturate at |log_s| = m per transformed feature."""
   flow = flows.CouplingFlow(n_layers=2, hidden=8, max_log_scale=max_log_scale)
   x = jax.random.normal(jax.random.key(0), (3, 6))
-  params = _randomize(flow.init(jax.random.key(1), x), jax.random.key(2), scale=300.0)
+  params = perturb(flow.init(jax.random.key(1), x), jax.random.key(2), 300.0)
   _, log_det = flow.apply(params, x)
   bound = max_log_scale * 2 * 3  # 2 layers x 3 transformed features
   assert np.all(np.abs(log_det) <= bound + 1e-4)
@@ -165,7 +158,7 @@ def test_conv_film_placement_and_what_groupnorm_leaves_of_it(x64, hidden):
   def outputs(scale_shift_norm, film_gain):
     net = flows.ConvCouplingNet(hidden, num_blocks=1, scale_shift_norm=scale_shift_norm)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), net.init(jax.random.key(2), x, ctx, 2))
-    params = _randomize(params, jax.random.key(3))  # the output conv too
+    params = perturb(params, jax.random.key(3), 0.3)  # the output conv too
     dense = params["params"]["Dense_0"]
     dense["kernel"] = dense["kernel"] * film_gain  # small FiLMs: 1 + scale > 0
     dense["bias"] = dense["bias"] * film_gain
@@ -182,7 +175,7 @@ def test_conv_film_placement_and_what_groupnorm_leaves_of_it(x64, hidden):
   # within-group differences: one scale and shift for every channel is lost
   net = flows.ConvCouplingNet(hidden, num_blocks=1)
   params = jax.tree.map(lambda p: p.astype(jnp.float64), net.init(jax.random.key(2), x, ctx, 2))
-  params = _randomize(params, jax.random.key(3))
+  params = perturb(params, jax.random.key(3), 0.3)
   dense = params["params"]["Dense_0"]
   k = dense["kernel"]  # (3, 2 hidden): the same column for every channel
   dense["kernel"] = jnp.concatenate([jnp.tile(0.05 * k[:, :1], (1, hidden)),
@@ -204,7 +197,7 @@ def test_coupling_output_is_the_bounded_scale_and_the_unbounded_shift(x64):
   x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
   params = jax.tree.map(lambda p: p.astype(jnp.float64),
                         layer.init(jax.random.key(1), x))
-  params = _randomize(params, jax.random.key(2))
+  params = perturb(params, jax.random.key(2), 0.3)
   raw = jnp.asarray([2.0, -0.5, 0.1])   # 3 transformed features (5 - 5 // 2)
   t = jnp.asarray([4.0, -6.0, 2.5])     # well beyond m: must pass through as is
   out = params["params"]["net"]["Dense_2"]
@@ -231,8 +224,8 @@ def test_context_reaches_every_coupling(x64, context_dim):
   base = jax.tree.map(lambda p: p.astype(jnp.float64), flow.init(jax.random.key(2), x, ctx))
   for i in range(n):
     params = jax.tree.map(lambda a: a, base)
-    params["params"][f"layers_{i}"] = _randomize(params["params"][f"layers_{i}"],
-                                                 jax.random.key(10 + i))
+    params["params"][f"layers_{i}"] = perturb(params["params"][f"layers_{i}"],
+                                              jax.random.key(10 + i), 0.3)
     y, ld = flow.apply(params, x, ctx)
     y2, ld2 = flow.apply(params, x, ctx + 1.0)
     assert np.all(np.abs(np.asarray(y2 - y)).max(axis=1) > 1e-3), i
@@ -244,7 +237,7 @@ def _conv_net(hidden, key=jax.random.key(2)):
   a = jax.random.normal(jax.random.key(0), (2, 4, 4, 2), jnp.float64)
   ctx = jax.random.normal(jax.random.key(1), (2, 3), jnp.float64)
   params = jax.tree.map(lambda p: p.astype(jnp.float64), net.init(key, a, ctx, 2))
-  return net, _randomize(params, jax.random.key(5)), a, ctx
+  return net, perturb(params, jax.random.key(5), 0.3), a, ctx
 
 
 def _jit_apply(net):
