@@ -48,7 +48,6 @@ def _perturbed_density_model(nll_weight=0.0, n=9):
   return model, perturb(params, jax.random.key(1), 0.05), images, labels
 
 
-
 def test_bits_per_dim_per_image_label_and_batch_size():
   # A trained-looking flow (perturbed parameters): each image's value depends on
   # its own label only, and not on how the images are batched.
@@ -93,11 +92,10 @@ def test_density_config_check_agrees_with_the_model_check():
       ("score_flow", "kl_autoencoder", "needs a model that diffuses pixels")):
     config = mnist_density.get_config("tiny")
     config.model.update(network=network, first_stage=first_stage)
-    if message is not None:  # (else the config's bits/dim term is refused first)
-      config.loss.nll_weight = 0.0
     if message is None:
       likelihood.check_density_config(config.model)
     else:
+      config.loss.nll_weight = 0.0  # (else the config's bits/dim term is refused first)
       with pytest.raises(ValueError, match=re.escape(message)):
         likelihood.check_density_config(config.model)
     if first_stage == "identity":  # (a latent model needs its autoencoder's file)
@@ -406,18 +404,16 @@ def test_nll_term_trains_the_bits_per_dim_down():
 
 
 @pytest.mark.parametrize("config_name,field,value,match", [
-    ("mnist_density", "nll_weight", -1.0, "nll_weight must be finite and >= 0"),
-    ("mnist_density", "nll_weight", float("nan"), "nll_weight must be finite and >= 0"),
-    ("mnist_density", "nll_sigma", 0.0, "nll_sigma finite and > 0"),
-    ("mnist", "nll_weight", 1.0, "needs a normalised density of pixels"),
-    ("mnist_density", "network", "unet", "needs a normalised density of pixels"),
+    ("mnist_density", "loss.nll_weight", -1.0, "nll_weight must be finite and >= 0"),
+    ("mnist_density", "loss.nll_weight", float("nan"), "nll_weight must be finite and >= 0"),
+    ("mnist_density", "loss.nll_sigma", 0.0, "nll_sigma finite and > 0"),
+    ("mnist", "loss.nll_weight", 1.0, "needs a normalised density of pixels"),
+    # mnist_density.py's own term, on a network without a density
+    ("mnist_density", "model.network", "unet", "needs a normalised density of pixels"),
 ])
 def test_nll_weight_values_are_checked(config_name, field, value, match):
   from configs import mnist as plain_config
   config = (mnist_density if config_name == "mnist_density" else plain_config).get_config("tiny")
-  if field == "network":  # mnist_density.py's own term, on a network without a density
-    config.model.network = value
-  else:
-    config.loss[field] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
     model_lib.build_model(config)
