@@ -86,6 +86,8 @@ def get_config():
                                          # each sample's loss (parameterization 'density' only;
                                          # mnist_density.py: 0.003)
   loss.nll_sigma = 0.002                 # the noise level of that density (bits_per_dim.py's --sigma)
+  loss.nll_sigma_max = 0.0               # > nll_sigma: each sample's term at its own sigma,
+                                         # log-uniform over [nll_sigma, nll_sigma_max] (0: off)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4             # AdamW peak learning rate (sgm's base_learning_rate)

@@ -37,6 +37,9 @@ class DiffusionModel:
   # 8-bit data under q(x | nll_sigma, c)) added to each sample's loss; 0: none
   nll_weight: float = 0.0
   nll_sigma: float = 0.002
+  # > nll_sigma: each sample's term is at its own sigma, log-uniform over
+  # [nll_sigma, nll_sigma_max] (drawn from the sample's key); 0: nll_sigma alone
+  nll_sigma_max: float = 0.0
   # name of a parameter submodule that is never trained (the optimizer leaves
   # it alone: train_step.make_optimizer(frozen=...)), or None
   frozen_module: Optional[str] = None
@@ -77,7 +80,8 @@ class DiffusionModel:
     weight times the exact bits/dim of the dequantised batch
     (:meth:`dequantized_bits_per_dim`). ``terms=True`` also returns a dict of
     the parts, (B,) each: ``"diffusion"`` and, with the NLL term,
-    ``"bits_per_dim"`` (what the train step logs).
+    ``"bits_per_dim"`` (what the train step logs) and ``"nll_sigma"``, the
+    noise level of each sample's density in that term.
 
     Each sample's key gives its sigma, its noise, its label dropout and (with
     a KL first stage) its posterior draw, so the result for a global batch
@@ -118,19 +122,31 @@ class DiffusionModel:
     parts = {"diffusion": per_sample}
     if self.nll_weight:
       nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
+      parts["nll_sigma"] = self.nll_sigmas(keys, x0.dtype)
       parts["bits_per_dim"] = self.dequantized_bits_per_dim(
-          params, x0, cond, nll_keys, self.nll_sigma)
+          params, x0, cond, nll_keys, parts["nll_sigma"])
       per_sample = per_sample + self.nll_weight * parts["bits_per_dim"]
     return (per_sample, sigma, parts) if terms else (per_sample, sigma)
+
+  def nll_sigmas(self, keys, dtype=jnp.float32):
+    """(B,) noise levels of the NLL term, one per sample key: ``nll_sigma``, or
+    log-uniform over [nll_sigma, nll_sigma_max] from the key's fourth stream
+    (fold_in(k, 4)) when ``nll_sigma_max`` > ``nll_sigma``."""
+    if self.nll_sigma_max <= self.nll_sigma:
+      return jnp.full((keys.shape[0],), self.nll_sigma, dtype)
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4), (), dtype))(keys)
+    lo, hi = math.log(self.nll_sigma), math.log(self.nll_sigma_max)
+    return jnp.exp(lo + u * (hi - lo))
 
   def dequantized_bits_per_dim(self, params, x0, cond, keys, sigma):
     """-log2 q(x0 + u | sigma, cond) / D + log2 127.5, (B,): x0 are 8-bit images
     p / 127.5 - 1 and u is uniform over pixel p's bin, one draw per sample from
     its key: the bound bits_per_dim.py reports (likelihood.bits_per_dim calls
-    this), exact in one forward pass; a parameterization='density' network only."""
+    this), exact in one forward pass; a parameterization='density' network only.
+    ``sigma``: one noise level, or (B,), one per image."""
     u = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], x0.dtype))(keys)
     x = x0 + (u - 0.5) / 127.5
-    s = jnp.full((x.shape[0],), sigma, x.dtype)
+    s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
     log_q = self.network.apply({"params": params["network"]}, x, s, cond,
                                method="log_prob")
     return loss_lib.bits_per_dim(log_q, math.prod(x.shape[1:]))
@@ -172,6 +188,10 @@ def build_model(config) -> DiffusionModel:
   if not (math.isfinite(nll_weight) and nll_weight >= 0) or not _positive(nll_sigma):
     raise ValueError("config.loss.nll_weight must be finite and >= 0 and nll_sigma "
                      f"finite and > 0, got {nll_weight} and {nll_sigma}")
+  nll_sigma_max = config.loss.get("nll_sigma_max", 0.0)
+  if not (nll_sigma_max == 0 or (_positive(nll_sigma_max) and nll_sigma_max >= nll_sigma)):
+    raise ValueError("config.loss.nll_sigma_max must be 0 (the term at nll_sigma alone) "
+                     f"or a finite value >= nll_sigma ({nll_sigma}), got {nll_sigma_max}")
   if nll_weight and (m.network != "score_flow"
                      or m.score_flow.parameterization != "density"
                      or m.first_stage != "identity"):
@@ -255,4 +275,5 @@ def build_model(config) -> DiffusionModel:
       sigma_data=m.sigma_data, loss_type=config.loss.type,
       loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
       p_std=config.loss.p_std, nll_weight=float(nll_weight), nll_sigma=float(nll_sigma),
+      nll_sigma_max=float(nll_sigma_max),
       frozen_module=gaussian_lib.MODULE_NAME if gaussian else None)

@@ -371,6 +371,44 @@ def test_nll_weight_adds_the_exact_bits_per_dim_to_each_sample():
   np.testing.assert_allclose(both, plain + 0.3 * bpd, rtol=1e-5)
 
 
+def test_nll_sigma_max_puts_each_samples_term_at_its_own_sigma():
+  # loss.nll_sigma_max: each sample's term is the exact bits/dim at its own
+  # sigma, log-uniform over [nll_sigma, nll_sigma_max]; the DSM draws and the
+  # term's dequantisation noise are those of the single-sigma term.
+  config = mnist_density.get_config("tiny")
+  config.loss.nll_sigma, config.loss.nll_sigma_max = 0.002, 0.3
+  ranged = model_lib.build_model(config)
+  single, params, images, labels = _perturbed_density_model(nll_weight=0.003)
+  batch = data.to_model_batch(images, labels)
+  keys = jax.random.split(jax.random.key(3), len(images))
+  _, sigma_1, parts_1 = single.per_sample_loss(params, batch, keys, terms=True)
+  both, sigma_r, parts = ranged.per_sample_loss(params, batch, keys, terms=True)
+  np.testing.assert_array_equal(sigma_r, sigma_1)
+  np.testing.assert_allclose(parts_1["nll_sigma"], 0.002, rtol=1e-6)
+  s = np.asarray(parts["nll_sigma"])
+  assert np.all((s >= 0.002) & (s <= 0.3)) and np.ptp(np.log(s)) > 1.0, s
+  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  cond = ranged.condition(params, batch, sub[:, 0])
+  nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
+  for i in range(3):  # each image alone, at its own sigma (a scalar)
+    one = ranged.dequantized_bits_per_dim(
+        params, batch["jpg"][i:i + 1], jax.tree.map(lambda c: c[i:i + 1], cond),
+        nll_keys[i:i + 1], float(s[i]))
+    np.testing.assert_allclose(parts["bits_per_dim"][i], one[0], rtol=1e-5)
+  # the term moved with the sigmas (this flow's density depends little on
+  # sigma: 0.0005-0.09 bits/dim apart, float32 resolves 1e-6)
+  moved = np.abs(parts["bits_per_dim"] - parts_1["bits_per_dim"])[s > 0.004]
+  assert moved.size and np.all(moved > 1e-4), (moved, s)
+  np.testing.assert_allclose(both, parts["diffusion"] + 0.003 * parts["bits_per_dim"],
+                             rtol=1e-6)
+  # log-uniform: the logs of many draws are uniform over [log 0.002, log 0.3]
+  many = np.log(np.asarray(ranged.nll_sigmas(jax.random.split(jax.random.key(5), 4000))))
+  lo, hi = np.log(0.002), np.log(0.3)
+  assert lo <= many.min() and many.max() <= hi
+  hist = np.histogram(many, bins=5, range=(lo, hi))[0]
+  assert np.all(np.abs(hist - 800) < 100), hist  # +-3.5 binomial std of 800
+
+
 def test_nll_term_trains_the_bits_per_dim_down():
   # A few Adam steps with the NLL term weighted up lower the evaluated bits/dim
   # at sigma 0.002 well below where the denoising loss alone takes it from the
@@ -407,6 +445,9 @@ def test_nll_term_trains_the_bits_per_dim_down():
     ("mnist_density", "loss.nll_weight", -1.0, "nll_weight must be finite and >= 0"),
     ("mnist_density", "loss.nll_weight", float("nan"), "nll_weight must be finite and >= 0"),
     ("mnist_density", "loss.nll_sigma", 0.0, "nll_sigma finite and > 0"),
+    ("mnist_density", "loss.nll_sigma_max", 0.001, "nll_sigma_max must be 0"),
+    ("mnist_density", "loss.nll_sigma_max", -1.0, "nll_sigma_max must be 0"),
+    ("mnist_density", "loss.nll_sigma_max", float("inf"), "nll_sigma_max must be 0"),
     ("mnist", "loss.nll_weight", 1.0, "needs a normalised density of pixels"),
     # mnist_density.py's own term, on a network without a density
     ("mnist_density", "model.network", "unet", "needs a normalised density of pixels"),
