@@ -88,6 +88,8 @@ def get_config():
   loss.nll_sigma = 0.002                 # the noise level of that density (bits_per_dim.py's --sigma)
   loss.nll_sigma_max = 0.0               # > nll_sigma: each sample's term at its own sigma,
                                          # log-uniform over [nll_sigma, nll_sigma_max] (0: off)
+  loss.nll_noisy = False                 # the term scores x + u + sigma * noise, the noisy data
+                                         # q(. | sigma) models (False: the clean x + u)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4             # AdamW peak learning rate (sgm's base_learning_rate)

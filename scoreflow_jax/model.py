@@ -40,6 +40,9 @@ class DiffusionModel:
   # > nll_sigma: each sample's term is at its own sigma, log-uniform over
   # [nll_sigma, nll_sigma_max] (drawn from the sample's key); 0: nll_sigma alone
   nll_sigma_max: float = 0.0
+  # score the noised data, x0 + u + sigma * eps, the points q(. | sigma, c)
+  # models, instead of the clean x0 + u (False: bits_per_dim.py's bound)
+  nll_noisy: bool = False
   # name of a parameter submodule that is never trained (the optimizer leaves
   # it alone: train_step.make_optimizer(frozen=...)), or None
   frozen_module: Optional[str] = None
@@ -123,8 +126,10 @@ class DiffusionModel:
     if self.nll_weight:
       nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
       parts["nll_sigma"] = self.nll_sigmas(keys, x0.dtype)
+      noise_keys = (jax.vmap(lambda k: jax.random.fold_in(k, 5))(keys)
+                    if self.nll_noisy else None)
       parts["bits_per_dim"] = self.dequantized_bits_per_dim(
-          params, x0, cond, nll_keys, parts["nll_sigma"])
+          params, x0, cond, nll_keys, parts["nll_sigma"], noise_keys)
       per_sample = per_sample + self.nll_weight * parts["bits_per_dim"]
     return (per_sample, sigma, parts) if terms else (per_sample, sigma)
 
@@ -138,15 +143,20 @@ class DiffusionModel:
     lo, hi = math.log(self.nll_sigma), math.log(self.nll_sigma_max)
     return jnp.exp(lo + u * (hi - lo))
 
-  def dequantized_bits_per_dim(self, params, x0, cond, keys, sigma):
+  def dequantized_bits_per_dim(self, params, x0, cond, keys, sigma, noise_keys=None):
     """-log2 q(x0 + u | sigma, cond) / D + log2 127.5, (B,): x0 are 8-bit images
     p / 127.5 - 1 and u is uniform over pixel p's bin, one draw per sample from
     its key: the bound bits_per_dim.py reports (likelihood.bits_per_dim calls
     this), exact in one forward pass; a parameterization='density' network only.
-    ``sigma``: one noise level, or (B,), one per image."""
+    ``sigma``: one noise level, or (B,), one per image. ``noise_keys`` (B,):
+    score x0 + u + sigma * eps instead, eps ~ N(0, I) from these keys (the
+    noisy data whose density q(. | sigma) models; the loss's ``nll_noisy``)."""
     u = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], x0.dtype))(keys)
     x = x0 + (u - 0.5) / 127.5
     s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
+    if noise_keys is not None:
+      eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
+      x = x + s.reshape((-1,) + (1,) * (x.ndim - 1)) * eps
     log_q = self.network.apply({"params": params["network"]}, x, s, cond,
                                method="log_prob")
     return loss_lib.bits_per_dim(log_q, math.prod(x.shape[1:]))
@@ -275,5 +285,5 @@ def build_model(config) -> DiffusionModel:
       sigma_data=m.sigma_data, loss_type=config.loss.type,
       loss_sigma_data=config.loss.sigma_data, p_mean=config.loss.p_mean,
       p_std=config.loss.p_std, nll_weight=float(nll_weight), nll_sigma=float(nll_sigma),
-      nll_sigma_max=float(nll_sigma_max),
+      nll_sigma_max=float(nll_sigma_max), nll_noisy=bool(config.loss.get("nll_noisy", False)),
       frozen_module=gaussian_lib.MODULE_NAME if gaussian else None)

@@ -409,6 +409,40 @@ def test_nll_sigma_max_puts_each_samples_term_at_its_own_sigma():
   assert np.all(np.abs(hist - 800) < 100), hist  # +-3.5 binomial std of 800
 
 
+def test_nll_noisy_scores_the_noised_data_by_hand():
+  # loss.nll_noisy: the term is -log2 q(x0 + u + sigma * eps | sigma, c) / D +
+  # log2 127.5, eps from fold_in(k, 5), u the single-sigma term's own draw;
+  # rebuilt here from the network's log_prob.
+  config = mnist_density.get_config("tiny")
+  config.loss.nll_sigma, config.loss.nll_noisy = 0.1, True
+  noisy = model_lib.build_model(config)
+  config.loss.nll_noisy = False
+  clean = model_lib.build_model(config)
+  _, params, images, labels = _perturbed_density_model()
+  batch = data.to_model_batch(images, labels)
+  keys = jax.random.split(jax.random.key(3), len(images))
+  _, sigma_c, parts_c = clean.per_sample_loss(params, batch, keys, terms=True)
+  both, sigma_n, parts = noisy.per_sample_loss(params, batch, keys, terms=True)
+  np.testing.assert_array_equal(sigma_n, sigma_c)  # the DSM draws are unchanged
+  np.testing.assert_array_equal(parts["diffusion"], parts_c["diffusion"])
+  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  cond = noisy.condition(params, batch, sub[:, 0])
+  x0 = np.asarray(batch["jpg"])
+  u = np.stack([jax.random.uniform(jax.random.fold_in(k, 3), x0.shape[1:]) for k in keys])
+  eps = np.stack([jax.random.normal(jax.random.fold_in(k, 5), x0.shape[1:]) for k in keys])
+  x = x0 + (u - 0.5) / 127.5 + 0.1 * eps
+  log_q = noisy.network.apply({"params": params["network"]}, x,
+                              np.full(len(x), 0.1, np.float32), cond, method="log_prob")
+  dims = x0[0].size
+  expected = -np.asarray(log_q) / (dims * np.log(2.0)) + np.log2(127.5)
+  np.testing.assert_allclose(parts["bits_per_dim"], expected, rtol=1e-5)
+  # and not the clean images' value (0.1 of noise per pixel moves it)
+  assert np.all(np.abs(parts["bits_per_dim"] - parts_c["bits_per_dim"]) > 1e-3), (
+      parts["bits_per_dim"], parts_c["bits_per_dim"])
+  np.testing.assert_allclose(both, parts["diffusion"] + 0.003 * parts["bits_per_dim"],
+                             rtol=1e-6)
+
+
 def test_nll_term_trains_the_bits_per_dim_down():
   # A few Adam steps with the NLL term weighted up lower the evaluated bits/dim
   # at sigma 0.002 well below where the denoising loss alone takes it from the
