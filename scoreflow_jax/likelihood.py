@@ -56,12 +56,15 @@ def check_sigma(sigma):
 
 
 def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
-                 batch_size=500):
+                 batch_size=500, noisy=False):
   """Mean bits/dim (class-conditional) and per-image values, numpy.
 
   ``images_uint8``: (N, H, W, C) uint8 pixels; ``labels``: (N,) in [0,
   n_classes). Image i's dequantisation noise comes from ``fold_in(key, i)``, so
-  the values do not depend on ``batch_size``.
+  the values do not depend on ``batch_size``. ``noisy``: score x + u + sigma *
+  eps instead (eps from ``fold_in(fold_in(key, i), 1)``), the noised test set
+  whose density q(. | sigma) models: its cross-entropy in the same units, not
+  the data's bits/dim (the loss's ``nll_noisy`` term).
   """
   import jax
   import jax.numpy as jnp
@@ -93,9 +96,10 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
     # the training values p / 127.5 - 1, each dequantised over its centred bin
     # by the model (the same bound its loss.nll_weight term trains)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if noisy else None
     x0 = pix.astype(jnp.float32) / 127.5 - 1.0
     cond = model.condition(params, {"cls": labels})
-    return model.dequantized_bits_per_dim(params, x0, cond, keys, sigma)
+    return model.dequantized_bits_per_dim(params, x0, cond, keys, sigma, noise_keys)
 
   out = []
   for i in range(0, len(images_uint8), batch_size):

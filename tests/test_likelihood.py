@@ -246,6 +246,12 @@ def test_bits_per_dim_cli_replaces_no_result_unasked(density_run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   second = json.loads(out.read_text())
   assert second["sigma"] == 0.1 and second["bits_per_dim"] != first["bits_per_dim"]
+  assert not first["noisy"] and not second["noisy"]
+  proc = run("--out", tmp_path / "noisy.json", "--sigma", 0.1, "--noisy")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  noisy = json.loads((tmp_path / "noisy.json").read_text())
+  assert noisy["noisy"] and noisy["sigma"] == 0.1
+  assert np.isfinite(noisy["bits_per_dim"]) and noisy["bits_per_dim"] != second["bits_per_dim"]
   # without --source and --data_dir: the run's own data (from its saved config)
   proc = _run("bits_per_dim.py", "--workdir", workdir, "--num_images", 7, "--out",
               tmp_path / "own.json")
@@ -351,6 +357,14 @@ def test_training_bits_per_dim_is_the_evaluated_one():
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(len(images)))
   got = model.dequantized_bits_per_dim(params, x0, cond, keys, 0.01)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # noisy=True: the same images plus 0.1 * eps, eps from fold_in(fold_in(key, i), 1)
+  _, noisy = likelihood.bits_per_dim(model, params, images, labels, key, sigma=0.1,
+                                     noisy=True)
+  noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  got = model.dequantized_bits_per_dim(params, x0, cond, keys, 0.1, noise_keys)
+  np.testing.assert_allclose(got, noisy, rtol=1e-5)
+  clean = model.dequantized_bits_per_dim(params, x0, cond, keys, 0.1)
+  assert np.all(np.abs(noisy - clean) > 1e-3), (noisy, clean)
 
 
 def test_nll_weight_adds_the_exact_bits_per_dim_to_each_sample():
