@@ -118,10 +118,12 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
 
 
 def image_grid(images, rows: int) -> np.ndarray:
-  """(N, H, W, C) in [-1, 1] -> uint8 grid (rows*(H+2), cols*(W+2), C), 2px gaps."""
+  """(N, H, W, C) in [-1, 1] -> uint8 grid (rows*(H+2), cols*(W+2), C), 2px gaps;
+  NaN pixels (a diverged sample) are black."""
   n, h, w, c = images.shape
   cols = math.ceil(n / rows)
   grid = np.full((rows * (h + 2), cols * (w + 2), c), 255, np.uint8)
+  images = np.nan_to_num(images, nan=-1.0, posinf=1.0, neginf=-1.0)
   pix = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
   for i in range(n):
     r, col = divmod(i, cols)
@@ -309,6 +311,13 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
       batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
       progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
+  diverged = np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))
+  if diverged.size:  # kept as they are: the file says what the sampler gave
+    log(f"warning: {diverged.size} of {len(images)} samples have NaN or infinite "
+        f"pixels (the sampler diverged on them): indices "
+        f"{diverged[:10].tolist()}{' ...' if diverged.size > 10 else ''}, classes "
+        f"{sorted(set(labels[diverged].tolist()))}. They are black in the grid and "
+        "kept in the .npz; evaluate.py refuses such a file.")
   # the grid shows at most GRID_COLUMNS per class (10k samples would make a
   # 30,000-pixel-wide PNG); the .npz holds them all
   shown = min(num_per_class, GRID_COLUMNS)

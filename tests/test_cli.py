@@ -395,6 +395,24 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   np.testing.assert_array_equal(grid.reshape(2 * 30, 30, -1)[:, :, :1],
                                 generate.image_grid(out[::2], rows=2))
   assert "(the first 1 per class)" in msgs[-1], msgs
+  assert not [m for m in msgs if "NaN" in m], msgs
+  monkeypatch.undo()
+  # a sampler that diverged on some samples: said, kept in the .npz, black in the grid
+  real = generate.generate_images
+  def diverging(*args, **kwargs):
+    images = real(*args, **kwargs)
+    images[1, 3, 4, 0], images[2] = np.nan, np.inf
+    return images
+  monkeypatch.setattr(generate, "generate_images", diverging)
+  msgs = []
+  out = generate.sample_from_run(workdir, str(tmp_path / "nan.png"), **dict(kw, log=msgs.append))
+  warned = [m for m in msgs if m.startswith("warning:")]
+  assert len(warned) == 1 and "2 of 4 samples have NaN or infinite pixels" in warned[0], msgs
+  assert "indices [1, 2], classes [1, 3]" in warned[0], warned
+  with np.load(tmp_path / "nan.npz") as f:
+    assert np.isnan(f["images"][1, 3, 4, 0]) and np.isposinf(f["images"][2]).all()
+  grid = generate.image_grid(out, rows=2)
+  assert grid[1 + 3, 30 + 1 + 4, 0] == 0  # sample 1 is class 3's second: row 0, column 1
   monkeypatch.undo()
   # an .npz write cut short keeps the old file and leaves no part behind
   (tmp_path / "keep.npz").write_bytes(b"10k samples")
