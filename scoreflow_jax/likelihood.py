@@ -68,6 +68,7 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
   """
   import jax
   import jax.numpy as jnp
+  from scoreflow_jax import model as model_lib
   network = model.network
   check_density_model(model)
   check_sigma(sigma)
@@ -96,7 +97,7 @@ def bits_per_dim(model, params, images_uint8, labels, key, sigma=0.002,
     # the training values p / 127.5 - 1, each dequantised over its centred bin
     # by the model (the same bound its loss.nll_weight term trains)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if noisy else None
+    noise_keys = model_lib.fold_keys(keys, 1) if noisy else None
     x0 = pix.astype(jnp.float32) / 127.5 - 1.0
     cond = model.condition(params, {"cls": labels})
     return model.dequantized_bits_per_dim(params, x0, cond, keys, sigma, noise_keys)

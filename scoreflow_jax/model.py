@@ -23,6 +23,13 @@ NETWORKS = ("score_flow", "unet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def fold_keys(keys, stream: int):
+  """(B,) keys, each folded with ``stream``: one of a per-sample key's
+  independent streams (per_sample_loss: 2 the posterior draw, 3 the NLL term's
+  dequantisation, 4 its sigma, 5 its noise; likelihood.bits_per_dim: 1)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
   network: nn.Module
@@ -98,7 +105,7 @@ class DiffusionModel:
     """
     # A third stream for the posterior draw; the identity stage draws nothing,
     # so pixel-space runs keep the keys they always had.
-    draw_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+    draw_keys = fold_keys(keys, 2)
     if "moments" in batch:  # a KL first stage's cached posterior parameters
       if not hasattr(self.first_stage, "encode_moments"):
         raise ValueError("the batch holds 'moments' (a KL first stage's cached "
@@ -124,10 +131,9 @@ class DiffusionModel:
         self.loss_sigma_data)
     parts = {"diffusion": per_sample}
     if self.nll_weight:
-      nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
+      nll_keys = fold_keys(keys, 3)
       parts["nll_sigma"] = self.nll_sigmas(keys, x0.dtype)
-      noise_keys = (jax.vmap(lambda k: jax.random.fold_in(k, 5))(keys)
-                    if self.nll_noisy else None)
+      noise_keys = fold_keys(keys, 5) if self.nll_noisy else None
       parts["bits_per_dim"] = self.dequantized_bits_per_dim(
           params, x0, cond, nll_keys, parts["nll_sigma"], noise_keys)
       per_sample = per_sample + self.nll_weight * parts["bits_per_dim"]
@@ -139,7 +145,7 @@ class DiffusionModel:
     (fold_in(k, 4)) when ``nll_sigma_max`` > ``nll_sigma``."""
     if self.nll_sigma_max <= self.nll_sigma:
       return jnp.full((keys.shape[0],), self.nll_sigma, dtype)
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 4), (), dtype))(keys)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), dtype))(fold_keys(keys, 4))
     lo, hi = math.log(self.nll_sigma), math.log(self.nll_sigma_max)
     return jnp.exp(lo + u * (hi - lo))
 
