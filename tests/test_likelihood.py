@@ -48,6 +48,13 @@ def _perturbed_density_model(nll_weight=0.0, n=9):
   return model, perturb(params, jax.random.key(1), 0.05), images, labels
 
 
+def _loss_cond(model, params, batch, keys):
+  """per_sample_loss's conditioning, rebuilt by hand: each sample's label
+  dropout draws from the first of split(k)."""
+  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  return model.condition(params, batch, sub[:, 0])
+
+
 def test_bits_per_dim_per_image_label_and_batch_size():
   # A trained-looking flow (perturbed parameters): each image's value depends on
   # its own label only, and not on how the images are batched.
@@ -377,8 +384,7 @@ def test_nll_weight_adds_the_exact_bits_per_dim_to_each_sample():
   np.testing.assert_array_equal(sigma_w, sigma)  # the DSM draws are unchanged
   # the term's own keys (fold_in(k, 3)) and the conditioner's label dropout
   # (the first of split(k)): rebuilt here by hand
-  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-  cond = model.condition(params, batch, sub[:, 0])
+  cond = _loss_cond(model, params, batch, keys)
   bpd = model.dequantized_bits_per_dim(
       params, batch["jpg"], cond, jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys), 0.002)
   assert np.all(bpd > 1.0)  # a real bits/dim, not a zero term
@@ -401,8 +407,7 @@ def test_nll_sigma_max_puts_each_samples_term_at_its_own_sigma():
   np.testing.assert_allclose(parts_1["nll_sigma"], 0.002, rtol=1e-6)
   s = np.asarray(parts["nll_sigma"])
   assert np.all((s >= 0.002) & (s <= 0.3)) and np.ptp(np.log(s)) > 1.0, s
-  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-  cond = ranged.condition(params, batch, sub[:, 0])
+  cond = _loss_cond(ranged, params, batch, keys)
   nll_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
   for i in range(3):  # each image alone, at its own sigma (a scalar)
     one = ranged.dequantized_bits_per_dim(
@@ -439,8 +444,7 @@ def test_nll_noisy_scores_the_noised_data_by_hand():
   both, sigma_n, parts = noisy.per_sample_loss(params, batch, keys, terms=True)
   np.testing.assert_array_equal(sigma_n, sigma_c)  # the DSM draws are unchanged
   np.testing.assert_array_equal(parts["diffusion"], parts_c["diffusion"])
-  sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-  cond = noisy.condition(params, batch, sub[:, 0])
+  cond = _loss_cond(noisy, params, batch, keys)
   x0 = np.asarray(batch["jpg"])
   u = np.stack([jax.random.uniform(jax.random.fold_in(k, 3), x0.shape[1:]) for k in keys])
   eps = np.stack([jax.random.normal(jax.random.fold_in(k, 5), x0.shape[1:]) for k in keys])
