@@ -133,6 +133,13 @@ class CouplingFlow(nn.Module):
   def inverse_and_log_det(self, y, context=None):
     return _compose(self.layers, y, context, inverse=True)
 
+  def to_input_order(self, z):
+    """z (B, D) with its features in x's order: each coupling reverses them, so
+    an odd number of layers leaves z reversed (a permutation, log-det 0). The
+    flow composed with this is the identity at initialisation, which a base
+    distribution other than N(0, I) needs."""
+    return z[..., ::-1] if self.n_layers % 2 else z
+
   def __call__(self, x, context=None):
     return self.forward_and_log_det(x, context)
 
@@ -307,6 +314,10 @@ class ConvCouplingFlow(nn.Module):
   def inverse_and_log_det(self, y, context=None):
     h, log_det = _compose(self.layers, squeeze(y), context, inverse=True)
     return unsqueeze(h), log_det
+
+  def to_input_order(self, z):
+    """z unchanged: the couplings keep the channel order (see CouplingFlow's)."""
+    return z
 
   def __call__(self, x, context=None):
     return self.forward_and_log_det(x, context)

@@ -221,12 +221,12 @@ def build_model(config) -> DiffusionModel:
                                            class_index=gaussian)
   if m.network == "score_flow":
     sf = m.score_flow
-    if sf.gaussian_base and (sf.parameterization != "preconditioned"
+    if sf.gaussian_base and (sf.parameterization not in ("preconditioned", "density")
                              or sf.gaussian_rank < 1 or sf.gaussian_components < 1):
       raise ValueError("config.model.score_flow.gaussian_base needs parameterization "
-                       "'preconditioned', gaussian_rank >= 1 and gaussian_components"
-                       f" >= 1, got {sf.parameterization!r}, {sf.gaussian_rank} and "
-                       f"{sf.gaussian_components}")
+                       "'preconditioned' or 'density', gaussian_rank >= 1 and "
+                       f"gaussian_components >= 1, got {sf.parameterization!r}, "
+                       f"{sf.gaussian_rank} and {sf.gaussian_components}")
     if not (math.isfinite(sf.gaussian_covariance_prior)
             and sf.gaussian_covariance_prior >= 0):
       raise ValueError("config.model.score_flow.gaussian_covariance_prior must be finite"

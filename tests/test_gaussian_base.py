@@ -55,6 +55,23 @@ def test_base_denoiser_is_the_gaussian_posterior_mean(x64, rank, max_slots, monk
     np.testing.assert_allclose(den[i], expected, rtol=2e-5, atol=2e-5)
 
 
+def test_base_log_density_is_the_normalised_gaussian_log_density(x64):
+  x0, labels = _data(seed=9)
+  stats = gaussian_lib.fit(x0, labels, 2, 2)
+  x = jnp.asarray(np.random.default_rng(10).normal(size=(4, 6)) * 2)
+  sigma, index = jnp.asarray(SIGMA), jnp.asarray([0, 1, 2, 1])
+  _, log_density = _apply_base(stats, x, sigma, index)
+  for i, slot in enumerate(np.asarray(index)):
+    v = stats["basis"][slot].astype(np.float64)
+    v, _ = np.linalg.qr(v)  # the fitted float32 basis, orthonormal in float64
+    cov = (v @ np.diag(stats["variances"][slot]) @ v.T
+           + stats["residual"][slot] * (np.eye(6) - v @ v.T) + SIGMA[i] ** 2 * np.eye(6))
+    d = np.asarray(x[i]) - stats["mean"][slot]
+    expected = -0.5 * (d @ np.linalg.solve(cov, d) + np.linalg.slogdet(cov)[1]
+                       + 6 * np.log(2 * np.pi))
+    np.testing.assert_allclose(log_density[i], expected, rtol=1e-5)
+
+
 def test_base_denoiser_is_tweedie_of_its_log_density(x64):
   x0, labels = _data(seed=2)
   stats = gaussian_lib.fit(x0, labels, 2, 3)
@@ -106,11 +123,77 @@ def test_network_starts_at_the_gaussian_denoiser_and_stays_an_energy_gradient(
   assert not np.allclose(den(p2), den(params))
 
 
+@pytest.mark.parametrize("flow_type,components", [("conditional", 1), ("conv", 1),
+                                                  ("conditional", 2), ("conv", 2)])
+def test_density_flow_starts_at_its_base_and_stays_tweedie_of_its_log_prob(
+    x64, flow_type, components):
+  net, params, x, cond = _network(flow_type, components, parameterization="density")
+  sigma = jnp.asarray(SIGMA)
+  den = lambda p: denoise(lambda a, b, c: net.apply(p, a, b, c), x, sigma, cond, 0.5)
+  log_prob = lambda p, xx: net.apply(p, xx, sigma, cond, method="log_prob")
+  stats = {k: np.asarray(v) for k, v in params["params"][gaussian_lib.MODULE_NAME].items()}
+  apply = _apply_base if components == 1 else _apply_mixture
+  base, base_log_density = apply(stats, x.reshape(4, -1), sigma, cond["class_index"])
+  # identity flow: q is the base's noisy density and D its posterior mean
+  np.testing.assert_allclose(den(params), base.reshape(x.shape), rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(log_prob(params, x), base_log_density, rtol=1e-12)
+  p2 = jax.tree.map(lambda a: a, params)
+  p2["params"]["flow"] = perturb(p2["params"]["flow"], jax.random.key(6), 0.2)
+  grad = jax.grad(lambda xx: jnp.sum(log_prob(p2, xx)))(x)
+  np.testing.assert_allclose(den(p2), x + sigma[:, None, None, None] ** 2 * grad,
+                             rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(net.apply(p2, x, sigma, cond, method="score"), grad,
+                             rtol=1e-9, atol=1e-9)
+  assert np.max(np.abs(np.asarray(log_prob(p2, x) - base_log_density))) > 0.1
+
+
+@pytest.mark.parametrize("sigma", [0.05, 1.0])
+@pytest.mark.parametrize("components", [1, 2])
+def test_density_flow_on_the_base_is_normalised(x64, sigma, components):
+  """log q(x | sigma, c) of a perturbed flow on a fitted base integrates to 1 per
+  class and without one: a 2-D case on a grid."""
+  rng = np.random.default_rng(11)
+  labels = rng.integers(0, 2, 4000)
+  centres = np.array([[[-1.0, 0.0], [0.0, 1.0]], [[1.0, -0.5], [1.5, 0.5]]])
+  x0 = (centres[labels, rng.integers(0, 2, 4000)]
+        + rng.normal(size=(4000, 2)) * [0.3, 0.2])
+  stats = (gaussian_lib.fit(x0, labels, 2, 1) if components == 1 else
+           gaussian_lib.fit_mixture(x0, labels, 2, components, 1))
+  net = ScoreFlowNetwork(in_channels=2, model_channels=8, n_flows=3, num_classes=2,
+                         parameterization="density", flow_type="conditional",
+                         gaussian_base=True, gaussian_rank=1,
+                         gaussian_components=components)
+  one = {"vector": jnp.ones((1, 6)), "class_index": jnp.zeros(1, jnp.int32)}
+  params = net.init(jax.random.key(0), jnp.zeros((1, 1, 1, 2)), jnp.zeros(1), one)
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  params["params"]["flow"] = perturb(params["params"]["flow"], jax.random.key(1), 0.15)
+  params["params"][gaussian_lib.MODULE_NAME] = {k: jnp.asarray(v, jnp.float64)
+                                               for k, v in stats.items()}
+  g = np.linspace(-10, 10, 801)  # (the perturbed flow carries mass past +-5)
+  pts = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 1, 1, 2)
+  n = len(pts)
+  log_prob = jax.jit(lambda c: net.apply(params, jnp.asarray(pts), jnp.full((n,), sigma),
+                                         c, method="log_prob"))
+  base_apply = _apply_base if components == 1 else _apply_mixture
+  for index in (0, 1, 2):  # 2: no label
+    vector = np.zeros((n, 6)) if index == 2 else np.full((n, 6), index + 0.5)
+    cond = {"vector": jnp.asarray(vector), "class_index": jnp.full((n,), index)}
+    logq = log_prob(cond)
+    np.testing.assert_allclose(float(jnp.sum(jnp.exp(logq))) * (g[1] - g[0]) ** 2, 1.0,
+                               atol=1e-6)
+    _, base = base_apply(stats, jnp.asarray(pts.reshape(n, 2)), jnp.full((n,), sigma),
+                         cond["class_index"])
+    assert np.max(np.abs(np.asarray(logq - base))) > 0.1  # the flow moved it
+
+
 def test_network_needs_the_class_index_and_preconditioned(x64):
   net, params, x, cond = _network()
   with pytest.raises(ValueError, match="class_index"):
     net.apply(params, x, jnp.zeros(4), {"vector": cond["vector"]})
-  with pytest.raises(ValueError, match="preconditioned"):
+  net, params, x, cond = _network("conditional", parameterization="density")
+  with pytest.raises(ValueError, match="class_index"):
+    net.apply(params, x, jnp.ones(4), {"vector": cond["vector"]}, method="log_prob")
+  with pytest.raises(ValueError, match="preconditioned' or 'density"):
     ScoreFlowNetwork(parameterization="seed", gaussian_base=True).init(
         jax.random.key(0), x, jnp.zeros(4), cond)
 
@@ -207,8 +290,8 @@ def test_mixture_denoiser_and_density_are_the_mixture_posterior_mean_and_density
     mean, log_p = _mixture_by_hand(stats, np.asarray(x[i]), float(sigma[i]) ** 2,
                                    int(index[i]), 3)
     np.testing.assert_allclose(den[i], mean, rtol=1e-6, atol=1e-6)
-    # the module drops only the -D/2 log(2 pi) of every component
-    np.testing.assert_allclose(log_density[i] - 3 * np.log(2 * np.pi), log_p, rtol=1e-8)
+    # normalised: the density flow's base needs every constant
+    np.testing.assert_allclose(log_density[i], log_p, rtol=1e-8)
   # Tweedie: D = x + sigma^2 grad_x log p_sigma(x), from the module's own density
   grad = jax.grad(lambda xx: jnp.sum(_apply_mixture(stats, xx, sigma, index)[1]))(x)
   np.testing.assert_allclose(den, x + sigma[:, None] ** 2 * grad, rtol=1e-9, atol=1e-11)

@@ -18,6 +18,7 @@ leaves them alone (train_step.make_optimizer(frozen=...)). They start as zeros
 this at the start of a new run).
 """
 import functools
+import math
 import time
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MODULE_NAME = "gaussian_stats"
+_LOG_2PI = math.log(2 * math.pi)
 
 
 class GaussianBase(nn.Module):
@@ -43,10 +45,11 @@ class GaussianBase(nn.Module):
 
   @nn.compact
   def __call__(self, x_flat, sigma, index):
-    """(D_G(x) (B, D), log N(x; m, S + sigma^2 I) up to a constant in x (B,)).
+    """(D_G(x) (B, D), log N(x; m, S + sigma^2 I) (B,), normalised).
 
     x_flat (B, D), sigma (B,), index (B,) int slot per sample."""
     mean, basis, variances, residual = self._stats(x_flat.shape[-1])
+    features, rank = x_flat.shape[-1], basis.shape[-1]
     m, w, r = mean[index], variances[index], residual[index]
     s2 = (sigma**2)[:, None]
     span, coords = _projections(basis, index, x_flat.dtype)  # V a, V^T a per sample
@@ -55,7 +58,10 @@ class GaussianBase(nn.Module):
     rest = d - span(proj)                               # (I - V V^T) d
     r2 = r[:, None] + s2
     log_density = -0.5 * (jnp.sum(proj**2 / (w + s2), axis=-1)
-                          + jnp.sum(rest**2, axis=-1) / r2[:, 0])
+                          + jnp.sum(rest**2, axis=-1) / r2[:, 0]
+                          + jnp.sum(jnp.log(w + s2), axis=-1)
+                          + (features - rank) * jnp.log(r2[:, 0])
+                          + features * _LOG_2PI)
     # x + sigma^2 grad_x log_density, written out; for orthonormal V it is the
     # formula in the module doc, and it stays the exact gradient when V is
     # orthonormal only to float32 precision.
@@ -157,7 +163,7 @@ class MixtureBase(nn.Module):
 
   @nn.compact
   def __call__(self, x_flat, sigma, index):
-    """(D_M(x) (B, D), log p_sigma(x) up to a constant in x (B,)).
+    """(D_M(x) (B, D), log p_sigma(x) (B,), normalised).
 
     x_flat (B, D), sigma (B,), index (B,) int: the class, n_classes = none."""
     mean, basis, variances, residual, log_weight, class_log_prior = self._stats(
@@ -174,7 +180,7 @@ class MixtureBase(nn.Module):
     r2 = residual[None] + s2                                  # (B, M)
     log_normal = -0.5 * (jnp.sum(proj**2 * (1.0 / w2 - 1.0 / r2[..., None]), -1)
                          + dist2 / r2 + jnp.sum(jnp.log(w2), -1)
-                         + (features - rank) * jnp.log(r2))
+                         + (features - rank) * jnp.log(r2) + features * _LOG_2PI)
     unconditional = (index == self.n_classes)[:, None]
     allowed = unconditional | (jnp.asarray(owner)[None] == index[:, None])
     prior = log_weight[None] + jnp.where(unconditional, class_log_prior[owner][None], 0.0)

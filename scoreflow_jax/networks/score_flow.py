@@ -23,6 +23,11 @@ D = c_skip x + c_out F):
   D log c_in (normalised in x) and D = x + sigma^2 grad_x log q exactly
   (Tweedie). With the identity flow at initialisation, q = N(0, (sigma^2 +
   sd^2) I) and D = c_skip x: EDM's denoiser for data N(0, sd^2 I).
+  With ``gaussian_base`` the flow's base is the fitted Gaussian (mixture) of
+  the data noised at sigma instead of N(0, I): log q(x | sigma, c) =
+  log p_sigma(f(c_in x) / c_in | c) + log|det df/du|, still normalised, and at
+  initialisation q is that noisy Gaussian (mixture) and D its exact posterior
+  mean.
 
 Flow types: ``"joint"`` (the reference design: an MLP coupling flow over
 [u_flat, context]), ``"joint_context"`` (the same flow and energy, the
@@ -149,7 +154,7 @@ class ScoreFlowNetwork(nn.Module):
       translations inside the flow; with this term the energy has it
       directly. Its gradient b is constant in x: the score stays exact. Not
       with "density".
-    gaussian_base: "preconditioned" only: the denoiser is the exact
+    gaussian_base: "preconditioned" or "density". "preconditioned": the denoiser is the exact
       posterior mean D_G of a per-class Gaussian model of the data
       (networks/gaussian_base.py; statistics fitted to the training set,
       never trained) plus c_out times the gradient of a *residual* flow
@@ -168,6 +173,9 @@ class ScoreFlowNetwork(nn.Module):
       clusters of each class, fitted when a run starts, never trained); D_G
       is then the mixture's exact posterior mean and E's base term the log of
       its noisy density. 1: one Gaussian per class (GaussianBase).
+      "density": the normalised noisy density of that model is the flow's
+      base distribution (see the module doc), so the flow starts at the
+      model's exact posterior mean and log q stays exactly normalised.
   """
   in_channels: int = 1
   model_channels: int = 128
@@ -206,9 +214,9 @@ class ScoreFlowNetwork(nn.Module):
         self.energy_scale or self.energy_weights or self.energy_linear):
       raise ValueError("energy_scale / energy_weights / energy_linear are not allowed with "
                        "parameterization='density': they break the normalisation")
-    if self.gaussian_base and self.parameterization != "preconditioned":
-      raise ValueError("gaussian_base needs parameterization='preconditioned', got "
-                       f"{self.parameterization!r}")
+    if self.gaussian_base and self.parameterization not in ("preconditioned", "density"):
+      raise ValueError("gaussian_base needs parameterization='preconditioned' or "
+                       f"'density', got {self.parameterization!r}")
     if self.gaussian_base and (self.num_classes is None or self.gaussian_rank < 1
                                or self.gaussian_components < 1):
       raise ValueError("gaussian_base needs num_classes, gaussian_rank >= 1 and "
@@ -270,20 +278,25 @@ class ScoreFlowNetwork(nn.Module):
                                             context)
     return z.reshape(z.shape[0], -1), log_det
 
-  def _phi(self, flow, u, context, weights=None, linear=None):
+  def _phi(self, flow, u, context, weights=None, linear=None, base=None):
     """The flow energy per sample (B,) of u (B, H, W, C).
 
     ``weights`` (B, features of z) replaces the unit weights of |z|^2;
-    ``linear`` (B, H W C) adds <linear, u>."""
+    ``linear`` (B, H W C) adds <linear, u>; ``base`` (a function z_flat ->
+    log-density (B,), :meth:`_density_base`) replaces N(0, I) as the
+    flow's base distribution."""
     z, log_det = self._flow_z(flow, u, context)
     sq = jnp.sum((1.0 if weights is None else weights) * z**2, axis=-1)
-    if self.flow_type in JOINT:
+    if base is not None:  # (the order in which the identity flow is the identity)
+      phi = base(flow.to_input_order(z)) + log_det
+    elif self.flow_type in JOINT:
       phi = -sq
     else:
       phi = -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
     if linear is not None:
       phi = phi + jnp.sum(linear * u.reshape(u.shape[0], -1), axis=-1)
-    if self.gaussian_base:  # the residual energy: minus the identity flow's
+    if self.gaussian_base and self.parameterization == "preconditioned":
+      # the residual energy: minus the identity flow's
       sq_u = jnp.sum(u.reshape(u.shape[0], -1) ** 2, axis=-1)
       phi = phi + (sq_u if self.flow_type in JOINT else 0.5 * sq_u)
     return phi
@@ -297,6 +310,23 @@ class ScoreFlowNetwork(nn.Module):
     den, log_density = getattr(self, gaussian_lib.MODULE_NAME)(
         flat, sigma, cond["class_index"])
     return den.reshape(x_noisy.shape), log_density
+
+  def _density_base(self, sigma, cond, c_in):
+    """"density" with ``gaussian_base``: the flow's base log-density in u's units,
+    z_flat (B, D) -> log p_sigma(z / c_in | c) - D log c_in (B,), normalised;
+    None otherwise (the base is N(0, I)). c_in: EDM's c_in, any shape with B first."""
+    if not (self.gaussian_base and self.parameterization == "density"):
+      return None
+    if cond is None or "class_index" not in cond:
+      raise ValueError("gaussian_base needs cond['class_index'] (build the "
+                       "conditioner with class_index=True)")
+    module, index = getattr(self, gaussian_lib.MODULE_NAME), cond["class_index"]
+    c_in = c_in.reshape(c_in.shape[0], -1)[:, :1]  # (B, 1)
+
+    def log_density(z_flat):
+      return (module(z_flat / c_in, sigma, index)[1]
+              - z_flat.shape[-1] * jnp.log(c_in[:, 0]))
+    return log_density
 
   def _energy_weights(self, u, context):
     """1 + W context (B, features of z), or None without ``energy_weights``."""
@@ -319,13 +349,13 @@ class ScoreFlowNetwork(nn.Module):
       return None
     return jnp.exp(self.temperature(context)[:, 0])
 
-  def _phi_and_grad(self, u, context):
+  def _phi_and_grad(self, u, context, base=None):
     """phi(u) (B,) and grad_u phi (u's shape), the gradient by jax.grad."""
     weights = self._energy_weights(u, context)
     linear = self._energy_linear(u, context)
 
     def summed_phi(flow, u):
-      phi = self._phi(flow, u, context, weights, linear)
+      phi = self._phi(flow, u, context, weights, linear, base)
       return jnp.sum(phi), phi
 
     (_, phi), grad = nn.value_and_grad(summed_phi, self.flow, u, has_aux=True)
@@ -338,21 +368,17 @@ class ScoreFlowNetwork(nn.Module):
   def __call__(self, x_in, c_noise, cond):
     """sgm network call: x_in = c_in x_noisy (B, ...), c_noise (B,) -> F."""
     context = self._context(c_noise, cond)
-    _, grad_u = self._phi_and_grad(x_in, context)
+    sigma = jnp.exp(c_noise / 0.25)
+    c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim), self.sigma_data)
+    _, grad_u = self._phi_and_grad(x_in, context, self._density_base(sigma, cond, c_in))
     if self.parameterization == "preconditioned" and self.gaussian_base:
       # F = (D_G - c_skip x) / c_out + grad_u phi_res
-      sigma = jnp.exp(c_noise / 0.25)
-      c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim),
-                                           self.sigma_data)
       x_noisy = x_in / c_in
       den, _ = self._gaussian(x_noisy, sigma, cond)
       return (den - c_skip * x_noisy) / c_out + grad_u
     if self.parameterization == "preconditioned":
       return grad_u
     # "seed" and "density": x0 = x_noisy + sigma^2 score, returned as F.
-    sigma = jnp.exp(c_noise / 0.25)
-    c_skip, c_out, c_in, _ = edm_scaling(append_dims(sigma, x_in.ndim),
-                                         self.sigma_data)
     score = c_in * grad_u
     if self.parameterization == "seed" and self.score_head:
       flat = score.reshape(score.shape[0], -1)
@@ -376,7 +402,7 @@ class ScoreFlowNetwork(nn.Module):
     context = self._context(c_noise.reshape(sigma.shape), cond)
     u = c_in * x_noisy
     phi = self._phi(self.flow, u, context, self._energy_weights(u, context),
-                    self._energy_linear(u, context))
+                    self._energy_linear(u, context), self._density_base(sigma, cond, c_in))
     scale = self._energy_scale(context)
     if scale is not None:
       phi = scale * phi
@@ -404,7 +430,8 @@ class ScoreFlowNetwork(nn.Module):
     """grad_x energy(x, sigma, cond), exact (jax.grad, no score head)."""
     c_skip, c_out, c_in, c_noise = self._scalings(x_noisy, sigma)
     context = self._context(c_noise.reshape(sigma.shape), cond)
-    _, grad_u = self._phi_and_grad(c_in * x_noisy, context)
+    _, grad_u = self._phi_and_grad(c_in * x_noisy, context,
+                                   self._density_base(sigma, cond, c_in))
     if self.parameterization in ("seed", "density"):
       return c_in * grad_u
     sigma_b = append_dims(sigma, x_noisy.ndim)
