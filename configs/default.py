@@ -55,7 +55,7 @@ def get_config():
   sf.energy_scale = False                # learnt per-(sigma, class) temperature exp(tau) of the energy (not with density)
   sf.energy_weights = False              # signed per-feature weights a(sigma, class) of |z|^2 in the energy (not with density)
   sf.energy_linear = False               # linear term <b(sigma, class), x> in the energy (not with density)
-  sf.gaussian_base = False               # preconditioned only: denoiser = per-class Gaussian posterior mean (fitted to the data) + residual flow energy gradient
+  sf.gaussian_base = False               # preconditioned: denoiser = per-class Gaussian posterior mean (fitted to the data) + residual flow energy gradient; density: that noisy Gaussian (mixture) is the flow's base distribution
   sf.gaussian_rank = 64                  # gaussian_base: principal directions per class (per component)
   sf.gaussian_components = 1             # gaussian_base: k-means mixture components per class (1: one Gaussian)
   sf.gaussian_covariance_prior = 0.0     # gaussian_components > 1: pseudo-observations of the class's pooled covariance in each component's (0: none; 30 lowered the held-out loss and raised FD: docs/results.md)

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import mnist
+from configs import mnist, mnist_density
 from scoreflow_jax import conditioner as conditioner_lib
-from scoreflow_jax import data, trainer
+from scoreflow_jax import data, likelihood, trainer
+from scoreflow_jax import model as model_lib
 from scoreflow_jax.denoiser import denoise
 from scoreflow_jax.networks import ScoreFlowNetwork
 from scoreflow_jax.networks import gaussian_base as gaussian_lib
@@ -214,9 +215,10 @@ def test_conditioner_class_index_marks_dropped_labels():
       params, batch, jax.random.key(1))
 
 
-@pytest.mark.parametrize("components", [1, 3])
-def test_trainer_fits_the_base_and_never_trains_it(tmp_path, components):
-  config = mnist.get_config("tiny")
+@pytest.mark.parametrize("components,density", [(1, False), (3, False), (3, True)])
+def test_trainer_fits_the_base_and_never_trains_it(tmp_path, components, density):
+  # density: the flow's base, trained through its bits/dim term too
+  config = (mnist_density if density else mnist).get_config("tiny")
   config.training.image_every = 0
   config.training.num_steps = 4
   config.model.score_flow.gaussian_base = True
@@ -233,6 +235,11 @@ def test_trainer_fits_the_base_and_never_trains_it(tmp_path, components):
     got = params["network"][gaussian_lib.MODULE_NAME]
     for k, v in expected.items():  # unchanged by 4 AdamW steps with weight decay
       np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6)
+  if density:
+    model = model_lib.build_model(config)
+    bpd, per_image = likelihood.bits_per_dim(model, state.ema_params, images[:8],
+                                             labels[:8], jax.random.key(0))
+    assert per_image.shape == (8,) and np.all(np.isfinite(per_image)), per_image
 
 
 # The mixture base (gaussian_components > 1).
