@@ -191,8 +191,8 @@ def test_build_model_applies_each_loss_and_network_field():
 def test_documented_config_values():
   # Values the configs' docstrings and docs quote (a change here is a change
   # of the documented design, made on purpose).
-  from configs import (cifar10, mnist, mnist_density, mnist_density_conv, mnist_latent,
-                       mnist_latent_conv, mnist_unet)
+  from configs import (cifar10, mnist, mnist_density, mnist_density_conv,
+                       mnist_density_mixture, mnist_latent, mnist_latent_conv, mnist_unet)
   assert mnist.get_config().training.num_steps == 60_000
   for arg in (None, "tiny"):  # a flow of the image alone, sigma and class as context
     config = mnist_density.get_config(arg)
@@ -207,6 +207,13 @@ def test_documented_config_values():
           sf.conv_scale_shift_norm, sf.max_log_scale) == ("density", "conv", 4, 24, 1, True, 3.0)
   assert (config.loss.nll_weight, config.optim.grad_clip_norm, config.optim.learning_rate,
           config.optim.warmup_steps, config.training.num_steps) == (1.0, 1.0, 1e-3, 200, 4_500)
+  # the density flow on the mixture base, clipped (session 44)
+  config = mnist_density_mixture.get_config()
+  sf = config.model.score_flow
+  assert (sf.parameterization, sf.flow_type, sf.gaussian_base, sf.gaussian_components,
+          sf.gaussian_rank) == ("density", "conditional", True, 50, 16)
+  assert (config.loss.nll_weight, config.optim.grad_clip_norm,
+          config.training.num_steps) == (0.003, 1.0, 20_000)
   sf = cifar10.get_config().model.score_flow
   assert (sf.in_channels, sf.model_channels, sf.n_flows) == (3, 256, 4)
   u = mnist_unet.get_config().model.unet  # sgm's mnist_cond.yaml
