@@ -9,12 +9,16 @@ log q(x | sigma, c) = log p_sigma(f(c_in x) / c_in | c) + log|det df/du|,
 still exactly normalised, and D = x + sigma^2 grad_x log q exactly. At
 initialisation q is the noisy mixture and D its exact posterior mean, so
 the model starts where the mixture alone is (FD 60.2 at 1k, 99.6%, 6.87
-bits/dim at sigma 0.002) instead of at EDM's D = c_skip x. Global-norm
-gradient clipping at 1.0: without it the run spiked at step 13,700 (bits/dim
-term 5.3 -> 13.6), which the EMA still carried at step 20,000 (6.84 bits/dim
-against 5.23 for the raw weights; session 44). 20,000 steps, about 42
-minutes on 2 CPU cores (the base's products and their second derivatives
-make a step about 6x slower than mnist_density.py's).
+bits/dim at sigma 0.002) instead of at EDM's D = c_skip x. Measured at its
+20,000 steps (39 minutes on 2 CPU cores; docs/results.md, "The density flow
+on the mixture base", session 44): 4.87 bits/dim at sigma 0.002 (EMA, 2,000
+test images; mnist_density.py on N(0, I): 5.38) and lower at every sigma up
+to 0.3, and samples that are digits: FD 55.6 at 1k, 99.8% class accuracy
+(mnist_density.py: 509.9, 52.3%). Global-norm gradient clipping at 1.0:
+without it the same run spiked at step 13,700 (bits/dim term 5.3 -> 13.6),
+which the EMA still carried at step 20,000 (6.84 bits/dim). A step is about
+6x slower than mnist_density.py's (the base's products and their second
+derivatives in the loss's gradient).
 """
 from configs import default, mnist_density
 
