@@ -221,7 +221,8 @@ def build_model(config) -> DiffusionModel:
                                            class_index=gaussian)
   if m.network == "score_flow":
     sf = m.score_flow
-    if sf.gaussian_base and (sf.parameterization not in ("preconditioned", "density")
+    from scoreflow_jax.networks.score_flow import BASE_PARAMETERIZATIONS
+    if sf.gaussian_base and (sf.parameterization not in BASE_PARAMETERIZATIONS
                              or sf.gaussian_rank < 1 or sf.gaussian_components < 1):
       raise ValueError("config.model.score_flow.gaussian_base needs parameterization "
                        "'preconditioned' or 'density', gaussian_rank >= 1 and "

@@ -48,6 +48,8 @@ from scoreflow_jax.networks import gaussian_base as gaussian_lib
 
 PARAMETERIZATIONS = ("preconditioned", "seed", "density")
 FLOW_TYPES = ("joint", "joint_context", "conditional", "conv")
+# the parameterizations a gaussian_base can serve (see ScoreFlowNetwork.gaussian_base)
+BASE_PARAMETERIZATIONS = ("preconditioned", "density")
 JOINT = ("joint", "joint_context")
 
 
@@ -214,7 +216,7 @@ class ScoreFlowNetwork(nn.Module):
         self.energy_scale or self.energy_weights or self.energy_linear):
       raise ValueError("energy_scale / energy_weights / energy_linear are not allowed with "
                        "parameterization='density': they break the normalisation")
-    if self.gaussian_base and self.parameterization not in ("preconditioned", "density"):
+    if self.gaussian_base and self.parameterization not in BASE_PARAMETERIZATIONS:
       raise ValueError("gaussian_base needs parameterization='preconditioned' or "
                        f"'density', got {self.parameterization!r}")
     if self.gaussian_base and (self.num_classes is None or self.gaussian_rank < 1
