@@ -288,13 +288,12 @@ class ScoreFlowNetwork(nn.Module):
     log-density (B,), :meth:`_density_base`) replaces N(0, I) as the
     flow's base distribution."""
     z, log_det = self._flow_z(flow, u, context)
-    sq = jnp.sum((1.0 if weights is None else weights) * z**2, axis=-1)
     if base is not None:  # (the order in which the identity flow is the identity)
       phi = base(flow.to_input_order(z)) + log_det
-    elif self.flow_type in JOINT:
-      phi = -sq
     else:
-      phi = -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det
+      sq = jnp.sum((1.0 if weights is None else weights) * z**2, axis=-1)
+      phi = (-sq if self.flow_type in JOINT else
+             -0.5 * sq - 0.5 * z.shape[-1] * math.log(2 * math.pi) + log_det)
     if linear is not None:
       phi = phi + jnp.sum(linear * u.reshape(u.shape[0], -1), axis=-1)
     if self.gaussian_base and self.parameterization == "preconditioned":
