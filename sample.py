@@ -31,6 +31,14 @@ flags.DEFINE_float("posthoc_ema", None, "Sample the power-function EMA of this r
                    "snapshots of a run trained with ema.posthoc_stds (EDM2's post-hoc "
                    "EMA; replaces --ema).")
 flags.DEFINE_integer("batch_size", 256, "Images per sampler call.")
+flags.DEFINE_string("low_noise_workdir", None, "Another run whose denoiser (its EMA "
+                    "weights) takes over at sigma <= --switch_sigma: which noise range "
+                    "a model's samples are made or lost in (same image shape and "
+                    "classes, pixel runs).")
+flags.DEFINE_integer("low_noise_step", None, "--low_noise_workdir's checkpoint step "
+                     "(default: its latest).")
+flags.DEFINE_float("switch_sigma", None, "With --low_noise_workdir: that run's "
+                   "denoiser at sigma <= this, --workdir's above.")
 flags.DEFINE_string("out", "grid.png", "Output PNG (or .npz); the other goes beside it.")
 flags.DEFINE_bool("overwrite", False, "Replace existing output files (else refused).")
 flags.mark_flags_as_required(["workdir"])
@@ -50,7 +58,12 @@ def main(argv):
   for name in ("batch_size", "num_per_class", "num_steps"):
     if FLAGS[name].value is not None and FLAGS[name].value < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
-  for name in ("step", "average_from"):
+  if (FLAGS.low_noise_workdir is None) != (FLAGS.switch_sigma is None):
+    raise app.UsageError("--low_noise_workdir and --switch_sigma go together: the other "
+                         "run's denoiser at sigma <= --switch_sigma")
+  if FLAGS.low_noise_step is not None and FLAGS.low_noise_workdir is None:
+    raise app.UsageError("--low_noise_step is a step of --low_noise_workdir; pass that run")
+  for name in ("step", "average_from", "low_noise_step"):
     if FLAGS[name].value is not None and FLAGS[name].value < 0:
       raise app.UsageError(f"--{name} is a checkpoint step, >= 0; got {FLAGS[name].value}")
   interval = None
@@ -78,6 +91,10 @@ def main(argv):
   with usage_errors():  # not a run, classes it lacks, files it would replace: before JAX
     config = run_config.load(FLAGS.workdir)
     run_config.classes(config, classes)
+    if FLAGS.low_noise_workdir is not None:
+      low = run_config.load(FLAGS.low_noise_workdir)
+      run_config.check_low_noise_run(config, low, FLAGS.switch_sigma, FLAGS.low_noise_workdir)
+      run_config.classes(low, classes)
     if FLAGS.posthoc_ema is not None:
       run_config.check_posthoc(config)
     outputs.paired_outputs(FLAGS.out, FLAGS.overwrite)
@@ -89,7 +106,9 @@ def main(argv):
         num_per_class=FLAGS.num_per_class, seed=FLAGS.seed,
         use_ema=FLAGS.ema and not replaced, batch_size=FLAGS.batch_size,
         cfg_interval=interval, average_from=FLAGS.average_from,
-        posthoc_ema=FLAGS.posthoc_ema, overwrite=FLAGS.overwrite)
+        posthoc_ema=FLAGS.posthoc_ema, overwrite=FLAGS.overwrite,
+        low_noise_workdir=FLAGS.low_noise_workdir, low_noise_step=FLAGS.low_noise_step,
+        switch_sigma=FLAGS.switch_sigma)
 
 
 if __name__ == "__main__":

@@ -26,28 +26,36 @@ def padded_size(batch: int, n_devices: int) -> int:
 
 
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
-                    mesh=None, cfg_interval=None, **sampler_options):
+                    mesh=None, cfg_interval=None, low_noise=None, **sampler_options):
   """Returns jitted ``fn(params, labels (B,), key) -> images (B, H, W, C)``.
 
   CFG (scale != 1) makes one denoiser call on the doubled batch per step with
   zeroed class embeddings as the unconditional half (sgm's MNIST sampling);
   ``cfg_interval=(lo, hi)`` guides only where lo < sigma <= hi (elsewhere one
   call on the batch, not the doubled one).
+  ``low_noise=(model_b, params_b, sigma_switch)``: model_b's denoiser (its
+  own conditioning, the same guidance) at sigma <= sigma_switch, this
+  model's above (``guiders.switch``); both must denoise in the same space.
   With a ``mesh``, the batch is split over its devices (B must divide).
   """
   sc = sampling_config
   scale = sc.cfg_scale if cfg_scale is None else cfg_scale
   sampler = samplers.get_sampler(sc.sampler)
 
-  def generate(params, first_stage_params, labels, z, key_data):
-    key = jax.random.wrap_key_data(key_data)
-    batch = {"cls": labels}
-    cond, uncond = model.unconditional(params, batch)
-    den = model.denoiser(params)
+  def closed(m, params, batch):
+    cond, uncond = m.unconditional(params, batch)
+    den = m.denoiser(params)
     guided = (guiders.identity_guider(den) if scale == 1.0
               else guiders.vanilla_cfg(den, scale, cfg_interval))
-    x = sampler(guiders.close_over(guided, cond, uncond), z,
-                num_steps=sc.num_steps, sigma_min=sc.sigma_min,
+    return guiders.close_over(guided, cond, uncond)
+
+  def generate(params, first_stage_params, labels, z, key_data, low_params):
+    key = jax.random.wrap_key_data(key_data)
+    batch = {"cls": labels}
+    den = closed(model, params, batch)
+    if low_noise is not None:
+      den = guiders.switch(den, closed(low_noise[0], low_params, batch), low_noise[2])
+    x = sampler(den, z, num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                 sigma_max=sc.sigma_max, rho=sc.rho, key=key, **sampler_options)
     return model.first_stage.decode(first_stage_params, x)
 
@@ -56,7 +64,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
     place = lambda x, spec: x
   else:
     rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-    jitted = jax.jit(generate, in_shardings=(rep, rep, shard, shard, rep),
+    jitted = jax.jit(generate, in_shardings=(rep, rep, shard, shard, rep, rep),
                      out_shardings=shard)
 
     def place(x, spec):
@@ -68,16 +76,20 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
   # The first stage's frozen weights are an argument of the sampler, placed once.
   fs_params = model.first_stage.params
-  if fs_params is not None and mesh is not None:
+  low_params = None if low_noise is None else low_noise[1]
+  if mesh is not None:
     from scoreflow_jax.train_step import replicate
-    fs_params = replicate(fs_params, mesh)
+    if fs_params is not None:
+      fs_params = replicate(fs_params, mesh)
+    if low_params is not None:
+      low_params = replicate(low_params, mesh)
 
   def fn(params, labels, key, image_shape):
     k_z, k_s = jax.random.split(key)
     shape = model.first_stage.latent_shape(image_shape)
     z = np.asarray(jax.random.normal(k_z, (len(labels),) + tuple(shape), jnp.float32))
     out = jitted(params, fs_params, place(np.asarray(labels, np.int32), P(AXIS)),
-                 place(z, P(AXIS)), place(jax.random.key_data(k_s), P()))
+                 place(z, P(AXIS)), place(jax.random.key_data(k_s), P()), low_params)
     if not out.is_fully_addressable:
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
@@ -88,7 +100,8 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 
 def generate_images(model, params, sampling_config, labels: Sequence[int], key,
                     image_shape, batch_size: int = 256, cfg_scale=None, mesh=None,
-                    progress=None, cfg_interval=None, sampler_fn=None, **sampler_options):
+                    progress=None, cfg_interval=None, sampler_fn=None, low_noise=None,
+                    **sampler_options):
   """Generates one image per label in batches; returns numpy (N, H, W, C) in [-1, 1].
 
   Batches of ``min(batch_size, N)`` labels, batch b with fold_in(key, b),
@@ -98,12 +111,13 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   under JAX's default ``jax_threefry_partitionable``). ``sampler_fn``: what
   ``make_sampler_fn`` returned for these settings and ``mesh``, kept by a
   caller that samples again (the trainer's grids), so that it compiles once
-  per run instead of once per call.
+  per run instead of once per call. ``low_noise``: another model below a
+  sigma (``make_sampler_fn``).
   """
   batch_size = effective_batch_size(batch_size, len(labels))
   rows = padded_size(batch_size, 1 if mesh is None else mesh.size)
   fn = sampler_fn or make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
-                                     **sampler_options)
+                                     low_noise, **sampler_options)
   labels = np.asarray(labels, np.int32)
   out = []
   num_batches = math.ceil(len(labels) / batch_size)
@@ -263,6 +277,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
                     cfg_scale=None, classes=None, num_per_class=10, seed=0,
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
                     average_from=None, posthoc_ema=None, overwrite=False,
+                    low_noise_workdir=None, low_noise_step=None, switch_sigma=None,
                     **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class, at most
   ``GRID_COLUMNS`` images each) and an .npz of every image.
@@ -276,7 +291,11 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   ``config.sampling``. ``average_from``: sample the average of the raw weights kept at steps
   ``average_from`` .. ``step`` (``average_checkpoints``) instead of the EMA or
   raw weights; ``posthoc_ema``: sample the power-function EMA of that sigma_rel
-  (``posthoc_ema_params``); ``use_ema`` must then be False. Returns the images.
+  (``posthoc_ema_params``); ``use_ema`` must then be False.
+  ``low_noise_workdir`` (with ``switch_sigma``): that run's denoiser, its EMA
+  weights at ``low_noise_step`` (default latest), at sigma <= switch_sigma,
+  this run's above (``run_config.check_low_noise_run`` says which runs can
+  be joined); the .npz records both. Returns the images.
   """
   if average_from is not None and use_ema:
     raise ValueError("average_from averages the raw weights of several checkpoints; "
@@ -291,8 +310,22 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   png, npz = outputs.paired_outputs(out, overwrite)
   classes = run_config.classes(run_config.load(workdir), classes)
+  if (low_noise_workdir is None) != (switch_sigma is None):
+    raise ValueError("low_noise_workdir and switch_sigma go together: the other run's "
+                     "denoiser at sigma <= switch_sigma")
+  if low_noise_step is not None and low_noise_workdir is None:
+    raise ValueError("low_noise_step is a step of low_noise_workdir; pass that run too")
+  if low_noise_workdir is not None:
+    run_config.check_low_noise_run(run_config.load(workdir),
+                                   run_config.load(low_noise_workdir), switch_sigma,
+                                   low_noise_workdir)
+    run_config.classes(run_config.load(low_noise_workdir), classes)
   model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
                                   posthoc_ema)
+  low_noise = None
+  if low_noise_workdir is not None:
+    low_model, low_state, _ = load_run(low_noise_workdir, low_noise_step, log=log)
+    low_noise = (low_model, low_state.ema_params, float(switch_sigma))
   if cfg_scale is None:  # like sampler and num_steps: the run's own
     cfg_scale = float(config.sampling.cfg_scale)
   if cfg_interval is not None and cfg_scale == 1.0:
@@ -309,7 +342,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   images = generate_images(
       model, params, config.sampling, labels, jax.random.key(seed), shape,
       batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
-      progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
+      low_noise=low_noise, progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
   diverged = np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))
   if diverged.size:  # kept as they are: the file says what the sampler gave
@@ -342,10 +375,16 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
              # request capped at the sample count (until session 26 rounded up to
              # a multiple of the devices, which made the images depend on them)
              batch_size=np.int64(effective_batch_size(batch_size, len(labels))),
-             num_devices=np.int64(mesh.size))
+             num_devices=np.int64(mesh.size),
+             # another run's denoiser at sigma <= switch_sigma (sample.py --low_noise_workdir)
+             **({} if low_noise is None else dict(
+                 low_noise_workdir=np.str_(os.path.abspath(low_noise_workdir)),
+                 low_noise_step=np.int64(low_state.step),
+                 switch_sigma=np.float64(switch_sigma))))
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
-      f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}: "
+      f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}"
+      f"{'' if low_noise is None else f', at sigma <= {switch_sigma:g}: {low_noise_workdir} step {int(low_state.step)} (EMA weights)'}: "
       f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}"
       f"{f' (the first {shown} per class)' if shown < num_per_class else ''}, {npz}")
   return images

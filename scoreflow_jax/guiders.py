@@ -68,3 +68,17 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
 def close_over(guided, cond, uncond=None):
   """Binds conditioning: returns ``denoise_fn(x, sigma)`` for the samplers."""
   return lambda x, sigma: guided(x, sigma, cond, uncond)
+
+
+def switch(high, low, sigma_switch: float):
+  """Two closed-over denoisers as one: ``high(x, sigma)`` where sigma >
+  ``sigma_switch``, ``low(x, sigma)`` at or below it (sample.py
+  ``--low_noise_workdir``: which noise range of a model its samples are made
+  or lost in). For the samplers, which call with one sigma broadcast to (B,):
+  one branch runs per call (``jax.lax.cond`` on ``sigma[0]``)."""
+  import jax
+
+  def denoise(x, sigma):
+    return jax.lax.cond(sigma[0] > sigma_switch, high, low, x, sigma)
+
+  return denoise

@@ -94,6 +94,30 @@ def check_posthoc(config):
                      "--config.training.keep_every=K")
 
 
+def check_low_noise_run(config, low_config, switch_sigma, low_workdir="the other run"):
+  """Raises ValueError unless ``low_config``'s run can denoise below ``switch_sigma``
+  in a sampler run of ``config``'s: the same image shape and classes, both in
+  pixel space (two latent runs' autoencoders would have to agree too; not
+  checked, so refused), and 0 < switch_sigma."""
+  from scoreflow_jax import data as data_lib
+  if not switch_sigma > 0:
+    raise ValueError(f"switch_sigma must be > 0 (the other run at sigma <= it), got "
+                     f"{switch_sigma}")
+  shape, low_shape = data_lib.image_shape(config.data), data_lib.image_shape(low_config.data)
+  if tuple(shape) != tuple(low_shape):
+    raise ValueError(f"{low_workdir} makes images of shape {tuple(low_shape)}, this run "
+                     f"{tuple(shape)}: a sampler can only pass one run's images to the other's")
+  n, low_n = config.model.conditioner.n_classes, low_config.model.conditioner.n_classes
+  if n != low_n:
+    raise ValueError(f"{low_workdir} has {low_n} classes, this run {n}: their labels differ")
+  latent = [w for w, c in (("this run", config), (low_workdir, low_config))
+            if c.model.first_stage != "identity"]
+  if latent:
+    raise ValueError(f"{' and '.join(latent)} sample(s) in an autoencoder's latents; a "
+                     "low-noise run is joined in pixel space only (two latent runs "
+                     "would need the same autoencoder)")
+
+
 def is_config_file(name: str) -> bool:
   """Whether ``name`` is a configs/ file train.py writes."""
   return _CONFIG_NAME.fullmatch(name) is not None

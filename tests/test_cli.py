@@ -426,6 +426,57 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
 
 
+def test_sample_with_another_run_below_a_sigma(trained_run, tmp_path):
+  # --low_noise_workdir: the other run's EMA denoiser at sigma <= switch_sigma. Here
+  # the same run's EMA weights below the raw ones above (two different denoisers):
+  # a switch above sigma_max is the low run alone, one below sigma_min this run
+  # alone, and one between is neither; the .npz records the other run.
+  workdir, _ = trained_run
+  kw = dict(num_steps=3, classes=[3, 1], num_per_class=2, seed=1, batch_size=4,
+            log=lambda s: None)
+  raw = generate.sample_from_run(workdir, str(tmp_path / "raw.png"), use_ema=False, **kw)
+  ema = generate.sample_from_run(workdir, str(tmp_path / "ema.png"), **kw)
+  differ = lambda a, b: np.abs(a - b).max() > 0.05
+  assert differ(raw, ema)  # 10 steps: the EMA still lags
+  hybrid = lambda s, name: generate.sample_from_run(
+      workdir, str(tmp_path / name), use_ema=False, low_noise_workdir=workdir,
+      switch_sigma=s, **kw)
+  # (1e-3: another program, float32 sums in another order along a chaotic sampler)
+  np.testing.assert_allclose(hybrid(80.0, "all_low.png"), ema, atol=1e-3)
+  np.testing.assert_allclose(hybrid(1e-3, "all_high.png"), raw, atol=1e-3)
+  mid = hybrid(1.0, "mid.png")
+  assert differ(mid, raw) and differ(mid, ema)
+  with np.load(tmp_path / "mid.npz") as f:
+    assert str(f["low_noise_workdir"]) == os.path.abspath(workdir)
+    assert int(f["low_noise_step"]) == 10 and float(f["switch_sigma"]) == 1.0
+  with np.load(tmp_path / "raw.npz") as f:
+    assert "switch_sigma" not in f.files
+  with pytest.raises(ValueError, match="low_noise_workdir and switch_sigma go together"):
+    generate.sample_from_run(workdir, str(tmp_path / "x.png"), low_noise_workdir=workdir, **kw)
+  # and from the command line, the same images, the other run named in the last line
+  proc = run("sample.py", "--workdir", workdir, "--noema", "--num_steps", "3",
+             "--classes", "3,1", "--num_per_class", "2", "--seed", "1", "--batch_size", "4",
+             "--low_noise_workdir", workdir, "--switch_sigma", "1", "--out",
+             str(tmp_path / "cli.png"))
+  np.testing.assert_allclose(np.load(str(tmp_path / "cli.npz"))["images"], mid, atol=1e-3)
+  assert f"at sigma <= 1: {workdir} step 10 (EMA weights)" in proc.stdout, proc.stdout
+
+
+def test_check_low_noise_run_names_what_differs():
+  from configs import cifar10, mnist, mnist_latent
+  base = mnist.get_config()
+  run_config.check_low_noise_run(base, mnist.get_config(), 0.3)  # the same kind: fine
+  other = mnist.get_config()
+  other.model.conditioner.n_classes = 5
+  for low, switch, message in (
+      (mnist.get_config(), 0.0, "switch_sigma must be > 0"),
+      (cifar10.get_config(), 0.3, "makes images of shape (32, 32, 3), this run (28, 28, 1)"),
+      (other, 0.3, "has 5 classes, this run 10"),
+      (mnist_latent.get_config(), 0.3, "in an autoencoder's latents")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+      run_config.check_low_noise_run(base, low, switch, "B")
+
+
 def run_noting_jax(script, *args):
   """Runs ``script`` as ``python script args`` does and returns the process
   and whether JAX had been imported by its exit."""
@@ -446,7 +497,9 @@ def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
                        (["--classes="], "--classes is empty"),
                        (["--batch_size", "0"], "--batch_size must be >= 1"),
                        (["--cfg_interval=5,0.3"], "0 <= lo < hi"),
-                       (["--average_from", "5", "--ema"], "drop --ema")):
+                       (["--average_from", "5", "--ema"], "drop --ema"),
+                       (["--switch_sigma", "0.3"], "--low_noise_workdir and --switch_sigma go together"),
+                       (["--low_noise_step", "5"], "--low_noise_step is a step of --low_noise_workdir")):
     proc, jax_imported = run_noting_jax("sample.py", "--workdir", tmp_path, "--out",
                                         tmp_path / "x.png", *bad)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]

@@ -118,6 +118,14 @@ class GuiderTest(chex.TestCase):
     g = guiders.close_over(guiders.identity_guider(den), {"vector": jnp.ones((2, 1))})
     np.testing.assert_allclose(g(jnp.zeros((2, 1)), jnp.ones(2)), 1.0)
 
+  def test_switch_takes_the_low_denoiser_at_and_below_its_sigma(self):
+    high = lambda x, s: x + 1.0
+    low = lambda x, s: x - 1.0
+    den = jax.jit(guiders.switch(high, low, 0.3))
+    x = jnp.zeros((2, 1))
+    for sigma, want in ((80.0, 1.0), (0.31, 1.0), (0.3, -1.0), (0.002, -1.0)):
+      np.testing.assert_allclose(den(x, jnp.full((2,), sigma)), want, err_msg=str(sigma))
+
 
 def _impulse_responses(update, num_steps, snapshot_every):
   """Weights of each step's raw parameters in the shadows: params at step tau
