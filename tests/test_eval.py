@@ -209,6 +209,9 @@ def test_real_samples_score_near_floor_and_noise_far(trained):
   assert bad["fd"] > 20.0 * bad["fd_floor"]
   assert bad["fd_floor"] == real["fd_floor"]  # same seed, same real subsets
   assert bad["class_accuracy"] < 0.5
+  # grain: uniform noise is rough, real images far less, and R is the same set
+  assert bad["roughness"] > 3 * real["roughness"] > 0
+  assert bad["reference_roughness"] == real["reference_roughness"] > 0
   # a file of another size, scored at the same n: the same reference and floor
   # images (they drew others before session 23, and compare could not pair them)
   more = metrics.evaluate_samples(params, np.concatenate([noise, noise[:37]]),
@@ -330,9 +333,11 @@ def test_combine_evaluations_known_numbers():
   assert res["per_class_accuracy"] == [pytest.approx(0.5), None]
   assert [r["seed"] for r in res["fd_runs"]] == [0, 1, 2, 3]
   assert [r["fd"] for r in res["fd_runs"]] == [1.0, 2.0, 3.0, 6.0]
-  both = metrics.combine_evaluations([dict(ev(1.0, 0.9, None, 0), reference_class_accuracy=0.9),
-                                      dict(ev(2.0, 0.8, None, 1), reference_class_accuracy=1.0)])
+  both = metrics.combine_evaluations([
+      dict(ev(1.0, 0.9, None, 0), reference_class_accuracy=0.9, roughness=0.4),
+      dict(ev(2.0, 0.8, None, 1), reference_class_accuracy=1.0, roughness=0.6)])
   assert both["reference_class_accuracy"] == pytest.approx(0.95)
+  assert both["roughness"] == pytest.approx(0.5)
   one = metrics.combine_evaluations([ev(4.0, 0.5, None, 0)])
   assert (one["fd"], one["fd_sd"], one["per_class_accuracy"]) == (4.0, 0.0, None)
   with pytest.raises(ValueError, match="same num_samples"):
@@ -562,6 +567,25 @@ def test_results_against_other_references_do_not_compare():
   with pytest.raises(ValueError, match=r"different data.holdout.*'a': 5000, 'b': 10000"):
     metrics.compare_evaluations({"a": dict(a, reference="validation", holdout=5000),
                                  "b": dict(b, holdout=10000)})
+
+
+def test_roughness_known_inputs():
+  # flat images: 0; a +-1 checkerboard: |4 x - 4 (-x)| = 8 at every interior pixel
+  assert metrics.roughness(np.full((2, 5, 5, 1), 0.3)) == 0.0
+  board = np.where(np.add.outer(np.arange(6), np.arange(6)) % 2 == 0, 1.0, -1.0)
+  assert metrics.roughness(board[None, :, :, None]) == pytest.approx(8.0)
+  # a linear ramp has no curvature; uint8 is read as [-1, 1] (255 -> 1, 0 -> -1)
+  ramp = np.tile(np.linspace(-1, 1, 7), (7, 1))[None, :, :, None]
+  assert metrics.roughness(ramp) == pytest.approx(0.0, abs=1e-6)  # float32 pixels
+  as_uint8 = ((board + 1) * 127.5).astype(np.uint8)[None, :, :, None]
+  assert metrics.roughness(as_uint8) == pytest.approx(8.0)
+  # one spike of height 2 in a 5 x 5 image of -1: 8 at it and 2 at each of its 4
+  # neighbours, over the 9 interior pixels; batches change nothing
+  spike = np.full((3, 5, 5, 1), -1.0)
+  spike[:, 2, 2] = 1.0
+  assert metrics.roughness(spike, batch_size=2) == pytest.approx((8 + 4 * 2) / 9)
+  with pytest.raises(ValueError, match="H, W >= 3"):
+    metrics.roughness(np.zeros((1, 2, 5, 1)))
 
 
 def test_nearest_distances_known_inputs():

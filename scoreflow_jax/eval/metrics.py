@@ -147,6 +147,27 @@ def reference_indices(seed, n, num_ref, num_floor_images=None):
       " Pass floor_images (e.g. the train split) or a smaller n.")
 
 
+def roughness(images, batch_size=1000):
+  """Mean |discrete Laplacian| per interior pixel (4 x - its 4 neighbours), in
+  [-1, 1] pixel units, over ``images`` (N, H, W, C), uint8 or [-1, 1]: how much
+  fine grain a set of images has. 0 for flat images, 8 inside a +-1
+  checkerboard; MNIST's test images score about 0.39 (docs/results.md: the
+  samples of two models on one base differed in FD by 13 and in this by 7%)."""
+  from scoreflow_jax.eval import classifier as classifier_lib
+  images = np.asarray(images)
+  if images.ndim != 4 or min(images.shape[1:3]) < 3 or not len(images):
+    raise ValueError(f"roughness needs (N, H, W, C) images with N > 0 and H, W >= 3, "
+                     f"got {images.shape}")
+  total = 0.0
+  for i in range(0, len(images), batch_size):
+    x = classifier_lib.to_inputs(images[i:i + batch_size]).astype(np.float64)
+    lap = (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1]
+           - x[:, 1:-1, :-2] - x[:, 1:-1, 2:])
+    total += np.abs(lap).sum()
+  n, h, w, c = images.shape
+  return float(total / (n * (h - 2) * (w - 2) * c))
+
+
 def evaluate_samples(classifier_params, sample_images, sample_labels,
                      ref_images, ref_labels=None, n=10_000, floor_images=None,
                      seed=0, cache=None):
@@ -163,6 +184,8 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   is the classifier's accuracy on R (with ``ref_labels``), its ceiling.
   ``cache``, a ``ClassifierCache`` of these params, reuses the classifier's
   outputs across calls on the same arrays (several seeds, several files).
+  ``roughness`` / ``reference_roughness``: :func:`roughness` of the ``n``
+  samples and of R (grain that FD's features see and a loss may not).
   """
   from scoreflow_jax.eval import classifier as classifier_lib
   if cache is None:
@@ -192,6 +215,8 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
       "num_samples": int(n),
       "class_accuracy": None,
       "per_class_accuracy": None,
+      "roughness": roughness(sample_images[pick]),
+      "reference_roughness": roughness(ref_images[ref_idx]),
   }
   num_classes = classifier_lib.classifier_from_params(
       classifier_params).num_classes
@@ -294,7 +319,8 @@ def combine_evaluations(evaluations):
       fd_runs=[{k: e[k] for k in ("draw", "seed", "fd", "fd_floor",
                                   "class_accuracy") if k in e}
                for e in evaluations])
-  for key in ("class_accuracy", "reference_class_accuracy"):
+  for key in ("class_accuracy", "reference_class_accuracy", "roughness",
+              "reference_roughness"):
     values = [e.get(key) for e in evaluations]
     if all(v is not None for v in values):
       out[key] = float(np.mean(values))
@@ -722,6 +748,10 @@ def format_results(results):
     lines.append("per class: " + " | ".join(
         f"{k} {'-' if a is None else f'{a:.3f}'}"
         for k, a in enumerate(results["per_class_accuracy"])))
+  if results.get("roughness") is not None:
+    ref = results.get("reference_roughness")
+    lines.append(f"roughness (mean |Laplacian|, [-1, 1] pixels) {results['roughness']:.4f}"
+                 + ("" if ref is None else f" (real images: {ref:.4f})"))
   lines += results.get("warnings", [])
   mem = results.get("memorisation")
   if mem:
