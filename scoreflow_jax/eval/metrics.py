@@ -151,7 +151,7 @@ def roughness(images, batch_size=1000):
   """Mean |discrete Laplacian| per interior pixel (4 x - its 4 neighbours), in
   [-1, 1] pixel units, over ``images`` (N, H, W, C), uint8 or [-1, 1]: how much
   fine grain a set of images has. 0 for flat images, 8 inside a +-1
-  checkerboard; MNIST's test images score about 0.39 (docs/results.md: the
+  checkerboard; MNIST's test images score 0.40 (docs/results.md: the
   samples of two models on one base differed in FD by 13 and in this by 7%)."""
   from scoreflow_jax.eval import classifier as classifier_lib
   images = np.asarray(images)
