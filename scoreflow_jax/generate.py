@@ -309,17 +309,17 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   png, npz = outputs.paired_outputs(out, overwrite)
-  classes = run_config.classes(run_config.load(workdir), classes)
+  run = run_config.load(workdir)
+  classes = run_config.classes(run, classes)
   if (low_noise_workdir is None) != (switch_sigma is None):
     raise ValueError("low_noise_workdir and switch_sigma go together: the other run's "
                      "denoiser at sigma <= switch_sigma")
   if low_noise_step is not None and low_noise_workdir is None:
     raise ValueError("low_noise_step is a step of low_noise_workdir; pass that run too")
   if low_noise_workdir is not None:
-    run_config.check_low_noise_run(run_config.load(workdir),
-                                   run_config.load(low_noise_workdir), switch_sigma,
-                                   low_noise_workdir)
-    run_config.classes(run_config.load(low_noise_workdir), classes)
+    low_run = run_config.load(low_noise_workdir)
+    run_config.check_low_noise_run(run, low_run, switch_sigma, low_noise_workdir)
+    run_config.classes(low_run, classes)
   model, state, config = load_run(workdir, step, sampler, num_steps, average_from, log,
                                   posthoc_ema)
   low_noise = None
@@ -342,7 +342,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   images = generate_images(
       model, params, config.sampling, labels, jax.random.key(seed), shape,
       batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
-      low_noise=low_noise, progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
+      low_noise=low_noise,
+      progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
   diverged = np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))
   if diverged.size:  # kept as they are: the file says what the sampler gave
