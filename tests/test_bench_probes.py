@@ -1,0 +1,87 @@
+"""The sampling probes in bench/: what they change in the denoiser, and only there."""
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mnist, mnist_density
+from scoreflow_jax import data, model as model_lib
+from scoreflow_jax.networks import gaussian_base as gaussian_lib
+from tests.perturb import perturb
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+import latent_temperature_sampling as latent  # noqa: E402
+import score_scale_sampling as score_scale  # noqa: E402
+
+
+def _density_model(gaussian_base=False):
+  """The tiny density model (N(0, I) base, or a 2-component mixture base fitted
+  to synthetic images), its flow perturbed, and 4 noisy images at 4 sigmas."""
+  config = mnist_density.get_config("tiny")
+  images, labels = data.make_synthetic(40, seed=1)
+  if gaussian_base:
+    sf = config.model.score_flow
+    sf.gaussian_base, sf.gaussian_components, sf.gaussian_rank = True, 2, 3
+  model = model_lib.build_model(config)
+  batch = data.to_model_batch(images[:4], labels[:4])
+  params = model.init(jax.random.key(0), batch)
+  if gaussian_base:
+    x0 = data.to_model_images(images)
+    stats = gaussian_lib.fit_mixture(x0, labels, 10, 2, 3, seed=0)
+    params["network"][model.frozen_module] = jax.tree.map(jnp.asarray, stats)
+  params["network"]["flow"] = perturb(params["network"]["flow"], jax.random.key(1), 0.05)
+  sigma = jnp.asarray([0.05, 0.3, 0.9, 5.0])
+  x = batch["jpg"] + sigma[:, None, None, None] * jax.random.normal(
+      jax.random.key(2), batch["jpg"].shape)
+  cond = model.condition(params, batch)
+  return model, params, x, sigma, cond
+
+
+@pytest.mark.parametrize("gaussian_base", [False, True], ids=["normal_base", "mixture_base"])
+def test_latent_temperature_weights_the_base_term_and_the_log_det_apart(gaussian_base):
+  model, params, x, sigma, cond = _density_model(gaussian_base)
+  own = model.denoiser(params)(x, sigma, cond)
+  d = lambda a, b, lo=0.0, hi=100.0: latent.TemperedDensity(model, a, b, lo, hi).denoiser(
+      params)(x, sigma, cond)
+  # A = B = 1 is the run's own denoiser; A = B = kappa the score times kappa
+  np.testing.assert_allclose(d(1.0, 1.0), own, rtol=1e-5, atol=1e-5)
+  scaled = score_scale.ScaledScore(model, 1.5, 0.0, 100.0).denoiser(params)(x, sigma, cond)
+  np.testing.assert_allclose(d(1.5, 1.5), scaled, rtol=1e-5, atol=1e-5)
+  # the score is A times the base term's plus B times the log-det's
+  base, log_det = d(1.0, 0.0) - x, d(0.0, 1.0) - x
+  np.testing.assert_allclose(base + log_det, own - x, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(d(2.0, 0.5) - x, 2.0 * base + 0.5 * log_det,
+                             rtol=1e-4, atol=1e-5)
+  # the log-det's share is not nothing (the flow is not the identity)
+  assert np.max(np.abs(np.asarray(log_det))) > 1e-3
+  # only inside (lo, hi]: sigma 0.3 and 0.9 of the four
+  mixed = d(2.0, 1.0, 0.1, 1.0)
+  inside = np.asarray([False, True, True, False])
+  np.testing.assert_allclose(mixed[inside], d(2.0, 1.0)[inside], rtol=1e-6)
+  np.testing.assert_allclose(mixed[~inside], own[~inside], rtol=1e-6)
+  assert not np.allclose(mixed[inside], own[inside], atol=1e-4)
+
+
+def test_latent_temperature_refuses_a_model_without_a_density():
+  config = mnist.get_config("tiny")
+  model = model_lib.build_model(config)
+  with pytest.raises(ValueError, match="parameterization='density'"):
+    latent.TemperedDensity(model, 2.0, 1.0, 0.1, 1.0)
+  with pytest.raises(ValueError, match="parameterization='density'"):
+    latent.TemperedDensity(types.SimpleNamespace(), 2.0, 1.0, 0.1, 1.0)
+
+
+def test_latent_temperature_gaussian_base_matches_a_sharper_base_at_the_identity_flow():
+  # identity flow (zero couplings): log q = the base's noisy log-density, so A
+  # times it is the score of that density raised to A: D' - x = A (D - x)
+  model, params, x, sigma, cond = _density_model(gaussian_base=True)
+  params = dict(params)
+  params["network"] = dict(params["network"])
+  params["network"]["flow"] = jax.tree.map(jnp.zeros_like, params["network"]["flow"])
+  own = model.denoiser(params)(x, sigma, cond)
+  tempered = latent.TemperedDensity(model, 3.0, 1.0, 0.0, 100.0).denoiser(params)(x, sigma, cond)
+  np.testing.assert_allclose(tempered - x, 3.0 * (own - x), rtol=1e-4, atol=1e-5)
