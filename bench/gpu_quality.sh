@@ -27,32 +27,53 @@
 # scale too, at every sigma: 1 is unguided (NAME_2k.npz), S another draw,
 # NAME_cfgS_2k.npz, scored as the model NAME_cfgS. A guided draw makes two
 # network calls per step: raise RUN_EXTRA for it.
+# SCORE_SCALES="2" draws every seed (and WEIGHTS) unguided with the score
+# times 2 where sigma is in SCORE_SCALE_INTERVAL (default 0.1,1; sample.py
+# --score_scale), NAME_ss2_2k.npz, scored as the model NAME_ss2 (session 46:
+# a third off the flows' FD on this CPU; whether the UNet gains as much is
+# what a GPU call would say). No extra network call per step.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
 SEEDS=${SEEDS:-0}  # sample seeds per run; seed 0 -> NAME_2k.npz, seed s -> NAME_2k_sS.npz
 WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as NAME_raw_2k*.npz
 CFG=${CFG:-1}  # guidance scales per seed: 1 unguided, S as NAME_cfgS_2k*.npz
+SCORE_SCALES=${SCORE_SCALES:-}  # unguided draws with the score times K, as NAME_ssK_2k*.npz
+SCORE_SCALE_INTERVAL=${SCORE_SCALE_INTERVAL:-0.1,1}
+VARIANTS="$CFG"; for k in $SCORE_SCALES; do VARIANTS+=" ss$k"; done  # one draw each
 BUDGET=${BUDGET:-0}; RUN_EXTRA=${RUN_EXTRA:-90}  # BUDGET 0: no deadline
 t0=$(date +%s)
 left() { echo $(( t0 + BUDGET - $(date +%s) )); }  # seconds to the deadline
 fits() { [ "$BUDGET" = 0 ] || [ "$(left)" -ge "$1" ]; }  # fits SECONDS
-draws=$(( $# * $(wc -w <<< "$SEEDS") * $(wc -w <<< "$WEIGHTS") * $(wc -w <<< "$CFG") ))
+draws=$(( $# * $(wc -w <<< "$SEEDS") * $(wc -w <<< "$WEIGHTS") * $(wc -w <<< "$VARIANTS") ))
 if [ $draws -gt 7 ]; then  # the device tool brings back at most 8 files
-  echo "gpu_quality: $draws draws of 2k samples (runs x SEEDS x WEIGHTS x CFG) would not come back:"\
-    "at most 7 .npz files and results.tgz do. Name fewer runs, SEEDS, WEIGHTS or CFG scales." >&2
+  echo "gpu_quality: $draws draws of 2k samples (runs x SEEDS x WEIGHTS x (CFG + SCORE_SCALES)) would"\
+    "not come back: at most 7 .npz files and results.tgz do. Name fewer runs, SEEDS, WEIGHTS, CFG"\
+    "or SCORE_SCALES." >&2
   exit 2
 fi
+positive() { python3 -c "import sys; float(sys.argv[1]) > 0 or sys.exit(1)" "$1" 2>/dev/null; }
 for scale in $CFG; do  # a typo here would otherwise surface as failed draws after training
-  python3 -c "import sys; float(sys.argv[1]) > 0 or sys.exit(1)" "$scale" 2>/dev/null || {
+  positive "$scale" || {
     echo "gpu_quality: CFG scale '$scale' is not a positive number (e.g. CFG=\"1 1.5\")" >&2; exit 2; }
 done
+for k in $SCORE_SCALES; do
+  positive "$k" || {
+    echo "gpu_quality: SCORE_SCALES entry '$k' is not a positive number (e.g. SCORE_SCALES=2)" >&2; exit 2; }
+done
+python3 -c "import sys; lo, hi = map(float, sys.argv[1].split(',')); 0 <= lo < hi or sys.exit(1)" \
+  "$SCORE_SCALE_INTERVAL" 2>/dev/null || {
+  echo "gpu_quality: SCORE_SCALE_INTERVAL '$SCORE_SCALE_INTERVAL' is not lo,hi with 0 <= lo < hi" >&2; exit 2; }
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results/$t0}; mkdir -p $R
 [ -z "${RESULTS:-}" ] && ln -sfn $R /tmp/results/latest
 echo "results in $R"
 draw() { [ "$2" = 0 ] && echo ${1}_2k || echo ${1}_2k_s$2; }  # NAME SEED -> file stem
-tag() { [ "$2" = 1 ] && echo $1 || echo ${1}_cfg$2; }  # NAME SCALE -> the model it scores
+tag() {  # NAME VARIANT -> the model it scores: 1 -> NAME, S -> NAME_cfgS, ssK -> NAME_ssK
+  if [ "$2" = 1 ]; then echo $1; elif [[ $2 == ss* ]]; then echo ${1}_$2; else echo ${1}_cfg$2; fi; }
+sampling() {  # VARIANT -> sample.py's flags for it
+  if [[ $1 == ss* ]]; then echo "--cfg_scale 1 --score_scale ${1#ss} --score_scale_interval $SCORE_SCALE_INTERVAL"
+  else echo "--cfg_scale $1"; fi; }
 pack() {  # a timeout during the pack leaves the last whole archive
   (cd $R && tar czf $OUT/results.tgz.part --exclude='*.npz' --exclude='latent_moments.npy*' \
     --exclude=checkpoints . ) && mv -f $OUT/results.tgz.part $OUT/results.tgz
@@ -78,16 +99,16 @@ for run in "$@"; do
     "${overrides[@]}" 2>&1 | tee $R/$name.train.log
   for weights in $WEIGHTS; do
     base=$name; flag=--ema; [ "$weights" = raw ] && base=${name}_raw && flag=--noema
-    tags=(); for scale in $CFG; do tags+=($(tag $base $scale)); done
+    tags=(); for scale in $VARIANTS; do tags+=($(tag $base $scale)); done
     evals+=("${tags[@]}")
     fits 120 || { echo "== ${tags[*]} draws skipped: $(left) s left"; continue; }
     # side by side (one compile's wait for all; without preallocation, which
     # would give the first process 75% of the GPU's memory)
-    for scale in $CFG; do
+    for scale in $VARIANTS; do
       for seed in $SEEDS; do
         out=$(draw $(tag $base $scale) $seed)
         XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 python3 sample.py --workdir $R/$name $flag --sampler heun_edm --num_steps 18 \
-          --cfg_scale $scale --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1 &
+          $(sampling $scale) --num_per_class $NPC --batch_size 1000 --seed $seed --out $R/$out.png > $R/$out.sample.log 2>&1 &
       done
     done
     wait

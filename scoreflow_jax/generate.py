@@ -26,7 +26,8 @@ def padded_size(batch: int, n_devices: int) -> int:
 
 
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
-                    mesh=None, cfg_interval=None, low_noise=None, **sampler_options):
+                    mesh=None, cfg_interval=None, low_noise=None, score_scale=None,
+                    **sampler_options):
   """Returns jitted ``fn(params, labels (B,), key) -> images (B, H, W, C)``.
 
   CFG (scale != 1) makes one denoiser call on the doubled batch per step with
@@ -36,11 +37,15 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
   ``low_noise=(model_b, params_b, sigma_switch)``: model_b's denoiser (its
   own conditioning, the same guidance) at sigma <= sigma_switch, this
   model's above (``guiders.switch``); both must denoise in the same space.
+  ``score_scale=(scale, (lo, hi))``: the (guided, switched) denoiser's score
+  times ``scale`` where lo < sigma <= hi (``guiders.score_scale``).
   With a ``mesh``, the batch is split over its devices (B must divide).
   """
   sc = sampling_config
   scale = sc.cfg_scale if cfg_scale is None else cfg_scale
   sampler = samplers.get_sampler(sc.sampler)
+  if score_scale is not None:  # its errors before tracing
+    guiders.score_scale(None, *score_scale)
 
   def closed(m, params, batch):
     cond, uncond = m.unconditional(params, batch)
@@ -55,6 +60,8 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
     den = closed(model, params, batch)
     if low_noise is not None:
       den = guiders.switch(den, closed(low_noise[0], low_params, batch), low_noise[2])
+    if score_scale is not None:
+      den = guiders.score_scale(den, *score_scale)
     x = sampler(den, z, num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                 sigma_max=sc.sigma_max, rho=sc.rho, key=key, **sampler_options)
     return model.first_stage.decode(first_stage_params, x)
@@ -101,7 +108,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
 def generate_images(model, params, sampling_config, labels: Sequence[int], key,
                     image_shape, batch_size: int = 256, cfg_scale=None, mesh=None,
                     progress=None, cfg_interval=None, sampler_fn=None, low_noise=None,
-                    **sampler_options):
+                    score_scale=None, **sampler_options):
   """Generates one image per label in batches; returns numpy (N, H, W, C) in [-1, 1].
 
   Batches of ``min(batch_size, N)`` labels, batch b with fold_in(key, b),
@@ -112,12 +119,12 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   ``make_sampler_fn`` returned for these settings and ``mesh``, kept by a
   caller that samples again (the trainer's grids), so that it compiles once
   per run instead of once per call. ``low_noise``: another model below a
-  sigma (``make_sampler_fn``).
+  sigma; ``score_scale``: (scale, (lo, hi)) (both ``make_sampler_fn``).
   """
   batch_size = effective_batch_size(batch_size, len(labels))
   rows = padded_size(batch_size, 1 if mesh is None else mesh.size)
   fn = sampler_fn or make_sampler_fn(model, sampling_config, cfg_scale, mesh, cfg_interval,
-                                     low_noise, **sampler_options)
+                                     low_noise, score_scale, **sampler_options)
   labels = np.asarray(labels, np.int32)
   out = []
   num_batches = math.ceil(len(labels) / batch_size)
@@ -278,7 +285,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
                     use_ema=True, batch_size=256, log=print, cfg_interval=None,
                     average_from=None, posthoc_ema=None, overwrite=False,
                     low_noise_workdir=None, low_noise_step=None, switch_sigma=None,
-                    **sampler_options):
+                    score_scale=None, **sampler_options):
   """Loads a run's checkpoint and writes a PNG grid (a row per class, at most
   ``GRID_COLUMNS`` images each) and an .npz of every image.
 
@@ -295,7 +302,10 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   ``low_noise_workdir`` (with ``switch_sigma``): that run's denoiser, its EMA
   weights at ``low_noise_step`` (default latest), at sigma <= switch_sigma,
   this run's above (``run_config.check_low_noise_run`` says which runs can
-  be joined); the .npz records both. Returns the images.
+  be joined); the .npz records both. ``score_scale=(scale, (lo, hi))``: the
+  score times ``scale`` where lo < sigma <= hi (``guiders.score_scale``; a
+  lower temperature in a noise band), recorded in the .npz. Returns the
+  images.
   """
   if average_from is not None and use_ema:
     raise ValueError("average_from averages the raw weights of several checkpoints; "
@@ -308,6 +318,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if score_scale is not None:
+    guiders.score_scale(None, *score_scale)  # its errors before loading anything
   png, npz = outputs.paired_outputs(out, overwrite)
   run = run_config.load(workdir)
   classes = run_config.classes(run, classes)
@@ -342,7 +354,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   images = generate_images(
       model, params, config.sampling, labels, jax.random.key(seed), shape,
       batch_size, cfg_scale=cfg_scale, mesh=mesh, cfg_interval=cfg_interval,
-      low_noise=low_noise,
+      low_noise=low_noise, score_scale=score_scale,
       progress=lambda b, n: log(f"batch {b}/{n} ({time.perf_counter() - t0:.1f} s)"),
       **sampler_options)
   diverged = np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))
@@ -378,6 +390,10 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
              batch_size=np.int64(effective_batch_size(batch_size, len(labels))),
              num_devices=np.int64(mesh.size),
              # another run's denoiser at sigma <= switch_sigma (sample.py --low_noise_workdir)
+             # the score times score_scale where lo < sigma <= hi (sample.py --score_scale)
+             score_scale=np.float64(1.0 if score_scale is None else score_scale[0]),
+             score_scale_interval=np.asarray(() if score_scale is None else score_scale[1],
+                                             np.float64),
              **({} if low_noise is None else dict(
                  low_noise_workdir=np.str_(os.path.abspath(low_noise_workdir)),
                  low_noise_step=np.int64(low_state.step),
@@ -385,6 +401,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}"
+      f"{'' if score_scale is None else f', score x {score_scale[0]:g} for sigma in {tuple(score_scale[1])}'}"
       f"{'' if low_noise is None else f', at sigma <= {switch_sigma:g}: {low_noise_workdir} step {int(low_state.step)} (EMA weights)'}: "
       f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}"
       f"{f' (the first {shown} per class)' if shown < num_per_class else ''}, {npz}")

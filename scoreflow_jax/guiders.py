@@ -1,4 +1,7 @@
-"""Guiders: how a conditional denoiser is combined with its unconditional twin."""
+"""Guiders: how a conditional denoiser is combined with its unconditional twin,
+and what a sampler may do to the combined denoiser (a score scale, a switch)."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -63,6 +66,37 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
     return jax.lax.cond(jnp.any(inside), guide_inside, lambda: denoise_fn(x, sigma, cond))
 
   return guided
+
+
+def score_scale(denoise, scale: float, sigma_interval):
+  """A closed-over denoiser ``denoise(x, sigma)`` whose score is ``scale``
+  times its own where lo < sigma <= hi: x + scale (D(x) - x) there, D
+  elsewhere (per sample).
+
+  D = x + sigma^2 grad E gives x + sigma^2 grad(scale E): still the exact
+  gradient of an energy, the noisy density raised to the power ``scale`` (a
+  temperature 1 / scale), no extra network call. ``sigma_interval`` is
+  required: on MNIST (docs/results.md, session 46) scale 2 in (0.1, 1]
+  lowers every model's FD by a third, while at every sigma it ruins the
+  samples (FD 41 -> 194).
+  """
+  scale = float(scale)
+  if sigma_interval is None or len(sigma_interval) != 2:
+    raise ValueError("a score scale needs its sigma_interval (lo, hi): where to scale; "
+                     f"got {sigma_interval!r}")
+  lo, hi = (float(v) for v in sigma_interval)
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"score scale must be a finite number > 0, got {scale}")
+  if not 0.0 <= lo < hi:
+    raise ValueError(f"score scale's sigma_interval must be (lo, hi) with 0 <= lo < hi, "
+                     f"got {tuple(sigma_interval)}")
+
+  def scaled(x, sigma):
+    d = denoise(x, sigma)
+    inside = ((sigma > lo) & (sigma <= hi)).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(inside, x + scale * (d - x), d)
+
+  return scaled
 
 
 def close_over(guided, cond, uncond=None):

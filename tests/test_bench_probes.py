@@ -1,4 +1,4 @@
-"""The sampling probes in bench/: what they change in the denoiser, and only there."""
+"""bench/latent_temperature_sampling.py: what it changes in the denoiser, and only there."""
 import os
 import sys
 import types
@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from configs import mnist, mnist_density
-from scoreflow_jax import data, model as model_lib
+from scoreflow_jax import data, guiders, model as model_lib
 from scoreflow_jax.networks import gaussian_base as gaussian_lib
 from tests.perturb import perturb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 import latent_temperature_sampling as latent  # noqa: E402
-import score_scale_sampling as score_scale  # noqa: E402
 
 
 def _density_model(gaussian_base=False):
@@ -49,7 +48,8 @@ def test_latent_temperature_weights_the_base_term_and_the_log_det_apart(gaussian
       params)(x, sigma, cond)
   # A = B = 1 is the run's own denoiser; A = B = kappa the score times kappa
   np.testing.assert_allclose(d(1.0, 1.0), own, rtol=1e-5, atol=1e-5)
-  scaled = score_scale.ScaledScore(model, 1.5, 0.0, 100.0).denoiser(params)(x, sigma, cond)
+  scaled = guiders.score_scale(lambda xx, ss: model.denoiser(params)(xx, ss, cond), 1.5,
+                               (0.0, 100.0))(x, sigma)
   np.testing.assert_allclose(d(1.5, 1.5), scaled, rtol=1e-5, atol=1e-5)
   # the score is A times the base term's plus B times the log-det's
   base, log_det = d(1.0, 0.0) - x, d(0.0, 1.0) - x

@@ -94,6 +94,18 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
       1, "euler_ancestral", 3)
   assert (float(npz["cfg_scale"]), str(npz["weights"]), npz["cfg_interval"].size,
           int(npz["batch_size"])) == (2.0, "EMA weights", 0, 4)
+  assert (float(npz["score_scale"]), npz["score_scale_interval"].size) == (1.0, 0)
+  # --score_scale reaches the sampler (other images, same noise) and is recorded
+  proc = run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral",
+             "--num_steps", "3", "--cfg_scale", "2.0", "--classes", "3,1,4",
+             "--num_per_class", "3", "--seed", "1", "--batch_size", "4",
+             "--score_scale", "1.5", "--score_scale_interval", "0.5,1000",
+             "--out", str(tmp_path / "sharp.png"))
+  assert "score x 1.5 for sigma in (0.5, 1000.0)" in proc.stdout, proc.stdout
+  with np.load(str(tmp_path / "sharp.npz")) as f:
+    assert float(f["score_scale"]) == 1.5
+    np.testing.assert_array_equal(f["score_scale_interval"], [0.5, 1000.0])
+    assert np.abs(f["images"] - npz["images"]).mean() > 0.01
   # the same seed gives the same images
   out2 = str(tmp_path / "grid2.png")
   run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral", "--num_steps", "3",
@@ -380,6 +392,24 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   with np.load(tmp_path / "iv.npz") as f:
     np.testing.assert_array_equal(f["cfg_interval"], [1e3, 2e3])
     assert int(f["batch_size"]) == 4
+  # a score scale above sigma_max scales no step; inside, the library's images
+  out = generate.sample_from_run(workdir, str(tmp_path / "ss0.png"),
+                                 score_scale=(2.0, (1e3, 2e3)), **kw)
+  np.testing.assert_allclose(out, gen(state.ema_params), atol=1e-4)
+  out = generate.sample_from_run(workdir, str(tmp_path / "ss.png"),
+                                 score_scale=(1.5, (0.0, 1e3)), **kw)
+  sharp = generate.generate_images(
+      model, state.ema_params, config.sampling, np.repeat([3, 1], 2), jax.random.key(1),
+      (28, 28, 1), batch_size=4, cfg_scale=1.0, mesh=ts.make_mesh(),
+      score_scale=(1.5, (0.0, 1e3)))
+  np.testing.assert_allclose(out, sharp, atol=1e-4)
+  assert np.abs(out - gen(state.ema_params)).mean() > 0.01
+  with np.load(tmp_path / "ss.npz") as f:
+    assert float(f["score_scale"]) == 1.5
+    np.testing.assert_array_equal(f["score_scale_interval"], [0.0, 1e3])
+  with pytest.raises(ValueError, match="needs its sigma_interval"):
+    generate.sample_from_run(workdir, str(tmp_path / "ss1.png"), score_scale=(2.0, None), **kw)
+  assert not os.path.exists(tmp_path / "ss1.npz")
   # a label outside the run's classes is refused (it embeds as NaN)
   with pytest.raises(ValueError, match=r"classes \[10\] are outside 0..9"):
     generate.sample_from_run(workdir, str(tmp_path / "bad.png"), **dict(kw, classes=[10]))
@@ -497,6 +527,12 @@ def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
                        (["--classes="], "--classes is empty"),
                        (["--batch_size", "0"], "--batch_size must be >= 1"),
                        (["--cfg_interval=5,0.3"], "0 <= lo < hi"),
+                       (["--score_scale", "2"], "--score_scale and --score_scale_interval go together"),
+                       (["--score_scale_interval=0.1,1"], "go together"),
+                       (["--score_scale", "0", "--score_scale_interval=0.1,1"],
+                        "--score_scale must be a finite number > 0"),
+                       (["--score_scale", "2", "--score_scale_interval=1,0.1"],
+                        "--score_scale_interval needs 0 <= lo < hi"),
                        (["--average_from", "5", "--ema"], "drop --ema"),
                        (["--switch_sigma", "0.3"], "--low_noise_workdir and --switch_sigma go together"),
                        (["--low_noise_step", "5"], "--low_noise_step is a step of --low_noise_workdir")):

@@ -235,6 +235,46 @@ class ConvergenceTest(X64TestCase):
     self.assertGreater(ratios[-1], 30)
 
 
+class ScoreScaleTest(X64TestCase):
+  """guiders.score_scale on Gaussian data: the PF-ODE with the score times k
+  where lo < sigma <= hi has dx/dsigma = k sigma (x - mu) / (s^2 + sigma^2)
+  there, so |x - mu| shrinks by ((s^2 + lo^2) / (s^2 + hi^2))^(k / 2) across
+  the band instead of the power 1 / 2: the sample against the unscaled one's,
+  on the same noise, is mu + that ratio^(k - 1) (x - mu)."""
+
+  @chex.variants(with_jit=True)
+  @parameterized.parameters((2.0, 0.1, 1.0), (1.5, 0.3, 5.0), (0.5, 0.05, 2.0))
+  def test_sample_moves_by_the_band_s_exact_factor(self, scale, lo, hi):
+    from scoreflow_jax import guiders
+    scaled = guiders.score_scale(gaussian_denoiser, scale, (lo, hi))
+    errors = []
+    for steps in (100, 400):
+      plain = self.run_sampler("heun_edm", gaussian_denoiser, self.z, steps)
+      got = self.run_sampler("heun_edm", scaled, self.z, steps)
+      mu = _data_mean(np)
+      s2 = DATA_STD**2
+      factor = ((s2 + lo**2) / (s2 + hi**2)) ** ((scale - 1.0) / 2)
+      errors.append(np.abs((np.asarray(got) - mu) / (np.asarray(plain) - mu) / factor - 1).max())
+    # the band's edges fall between the schedule's sigmas: first order in the step
+    self.assertLess(errors[1], 0.01, errors)
+    self.assertLess(errors[1], errors[0] / 2.5, errors)
+
+  def test_scale_is_exact_energy_gradient_only_inside_and_checks_its_arguments(self):
+    from scoreflow_jax import guiders
+    x = jnp.asarray(self.z)
+    den = guiders.score_scale(wiggly_denoiser, 3.0, (0.1, 1.0))
+    sigma = jnp.asarray([0.1, 0.5])  # 0.1 is outside (lo < sigma), 0.5 inside
+    out, own = den(x, sigma), wiggly_denoiser(x, sigma)
+    np.testing.assert_allclose(out[0], own[0], rtol=1e-12)
+    np.testing.assert_allclose(out[1], x[1] + 3.0 * (own[1] - x[1]), rtol=1e-12)
+    for scale, interval, message in ((0.0, (0.1, 1.0), "finite number > 0"),
+                                     (float("nan"), (0.1, 1.0), "finite number > 0"),
+                                     (2.0, (1.0, 0.1), "0 <= lo < hi"),
+                                     (2.0, None, "needs its sigma_interval")):
+      with self.assertRaisesRegex(ValueError, message):
+        guiders.score_scale(wiggly_denoiser, scale, interval)
+
+
 class ReferenceTest(X64TestCase):
   """Each sampler matches a numpy float64 transcription of sgm, step by step."""
 
