@@ -13,7 +13,9 @@ with Rademacher probes, jax.jvp through the whole denoiser) and their ratio:
 1 for a calibrated denoiser, below 1 for one whose D moves less with x than
 its errors warrant (it contracts noise more than its own posterior would).
 --kappa K measures the sharpened denoiser x + K (D(x) - x) instead (the
-score times K, as bench/score_scale_sampling.py samples it). MNIST (IDX
+score times K, as sample.py --score_scale samples it): its implied variance
+(1 - K) sigma^2 + K sigma^2 tr(dD/dx) / d turns negative once K is large
+enough, so the ratio stops being a calibration (no posterior mean has it). MNIST (IDX
 files, the offline source) only. docs/results.md, sessions 45 and 46.
 """
 import argparse
