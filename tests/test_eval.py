@@ -212,6 +212,14 @@ def test_real_samples_score_near_floor_and_noise_far(trained):
   # grain: uniform noise is rough, real images far less, and R is the same set
   assert bad["roughness"] > 3 * real["roughness"] > 0
   assert bad["reference_roughness"] == real["reference_roughness"] > 0
+  # diversity: real images spread as R does, the floor's set too; one image
+  # copied 200 times not at all
+  assert 0.7 < real["feature_spread"] < 1.4 and 0.7 < real["floor_feature_spread"] < 1.4
+  copies = metrics.evaluate_samples(params, np.repeat(held_out[:1], 200, axis=0), None,
+                                    test_images, n=200)
+  assert copies["feature_spread"] == pytest.approx(0.0, abs=1e-9)
+  assert copies["floor_feature_spread"] == real["floor_feature_spread"]
+  assert "feature spread" in metrics.format_results(real)
   # a file of another size, scored at the same n: the same reference and floor
   # images (they drew others before session 23, and compare could not pair them)
   more = metrics.evaluate_samples(params, np.concatenate([noise, noise[:37]]),
@@ -338,6 +346,11 @@ def test_combine_evaluations_known_numbers():
       dict(ev(2.0, 0.8, None, 1), reference_class_accuracy=1.0, roughness=0.6)])
   assert both["reference_class_accuracy"] == pytest.approx(0.95)
   assert both["roughness"] == pytest.approx(0.5)
+  spread = metrics.combine_evaluations([
+      dict(ev(1.0, 0.9, None, 0), feature_spread=0.8, floor_feature_spread=1.0),
+      dict(ev(2.0, 0.8, None, 1), feature_spread=0.9, floor_feature_spread=1.1)])
+  assert spread["feature_spread"] == pytest.approx(0.85)
+  assert spread["floor_feature_spread"] == pytest.approx(1.05)
   one = metrics.combine_evaluations([ev(4.0, 0.5, None, 0)])
   assert (one["fd"], one["fd_sd"], one["per_class_accuracy"]) == (4.0, 0.0, None)
   with pytest.raises(ValueError, match="same num_samples"):
@@ -567,6 +580,22 @@ def test_results_against_other_references_do_not_compare():
   with pytest.raises(ValueError, match=r"different data.holdout.*'a': 5000, 'b': 10000"):
     metrics.compare_evaluations({"a": dict(a, reference="validation", holdout=5000),
                                  "b": dict(b, holdout=10000)})
+
+
+def test_feature_spread_known_inputs():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(500, 8))
+  assert metrics.feature_spread(ref, ref) == pytest.approx(1.0)
+  assert metrics.feature_spread(0.5 * ref, ref) == pytest.approx(0.25)  # variances
+  assert metrics.feature_spread(ref + 3.0, ref) == pytest.approx(1.0)  # not the mean
+  # only two of eight directions: about 2 / 8 of the total variance
+  flat = ref * np.r_[1.0, 1.0, np.zeros(6)]
+  assert metrics.feature_spread(flat, ref) == pytest.approx(
+      np.var(ref[:, :2], axis=0, ddof=1).sum() / np.var(ref, axis=0, ddof=1).sum())
+  with pytest.raises(ValueError, match=">= 2 feature rows"):
+    metrics.feature_spread(ref[:1], ref)
+  with pytest.raises(ValueError, match="all equal"):
+    metrics.feature_spread(ref, np.ones((5, 8)))
 
 
 def test_roughness_known_inputs():

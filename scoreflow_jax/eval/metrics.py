@@ -186,6 +186,10 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
   outputs across calls on the same arrays (several seeds, several files).
   ``roughness`` / ``reference_roughness``: :func:`roughness` of the ``n``
   samples and of R (grain that FD's features see and a loss may not).
+  ``feature_spread``: :func:`feature_spread` of the samples against R (1: as
+  spread out in the classifier's features as real images, below: less
+  diverse); ``floor_feature_spread`` the same for the floor's real images,
+  what 1 looks like at this n.
   """
   from scoreflow_jax.eval import classifier as classifier_lib
   if cache is None:
@@ -206,11 +210,13 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
       seed, n, num_ref, None if floor_images is None else len(floor_images))
   floor_set = ref_images if floor_source == "reference" else np.asarray(floor_images)
   ref_feats = cache.get("features", ref_images, ref_idx)
+  sample_feats = cache.get("features", sample_images, pick)
+  floor_feats = cache.get("features", floor_set, floor_idx)
   results = {
-      "fd": frechet_distance(cache.get("features", sample_images, pick),
-                             ref_feats),
-      "fd_floor": frechet_distance(cache.get("features", floor_set, floor_idx),
-                                   ref_feats),
+      "fd": frechet_distance(sample_feats, ref_feats),
+      "fd_floor": frechet_distance(floor_feats, ref_feats),
+      "feature_spread": feature_spread(sample_feats, ref_feats),
+      "floor_feature_spread": feature_spread(floor_feats, ref_feats),
       "floor_source": floor_source,
       "num_samples": int(n),
       "class_accuracy": None,
@@ -231,6 +237,21 @@ def evaluate_samples(classifier_params, sample_images, sample_labels,
     results["reference_class_accuracy"] = class_accuracy(
         logits, np.asarray(ref_labels)[ref_idx], num_classes)[0]
   return results
+
+
+def feature_spread(feats, ref_feats):
+  """tr Cov(feats) / tr Cov(ref_feats): how spread out a set of features is
+  against a reference set's (1: as much, 0: one point). FD mixes a lack of
+  diversity with the distance of the means; this ratio is the first alone
+  (e.g. whether a lower sampling temperature narrowed the samples)."""
+  feats, ref_feats = np.asarray(feats, np.float64), np.asarray(ref_feats, np.float64)
+  if len(feats) < 2 or len(ref_feats) < 2:
+    raise ValueError("feature_spread needs >= 2 feature rows in each set")
+  total = lambda f: float(np.sum(np.var(f, axis=0, ddof=1)))
+  ref = total(ref_feats)
+  if ref == 0:
+    raise ValueError("feature_spread: the reference features are all equal")
+  return total(feats) / ref
 
 
 def _nan_to_none(x):
@@ -320,7 +341,7 @@ def combine_evaluations(evaluations):
                                   "class_accuracy") if k in e}
                for e in evaluations])
   for key in ("class_accuracy", "reference_class_accuracy", "roughness",
-              "reference_roughness"):
+              "reference_roughness", "feature_spread", "floor_feature_spread"):
     values = [e.get(key) for e in evaluations]
     if all(v is not None for v in values):
       out[key] = float(np.mean(values))
@@ -752,6 +773,11 @@ def format_results(results):
     ref = results.get("reference_roughness")
     lines.append(f"roughness (mean |Laplacian|, [-1, 1] pixels) {results['roughness']:.4f}"
                  + ("" if ref is None else f" (real images: {ref:.4f})"))
+  if results.get("feature_spread") is not None:
+    ref = results.get("floor_feature_spread")
+    lines.append(f"feature spread (trace of the features' covariance over the real "
+                 f"images') {results['feature_spread']:.3f}"
+                 + ("" if ref is None else f" (other real images: {ref:.3f})"))
   lines += results.get("warnings", [])
   mem = results.get("memorisation")
   if mem:
