@@ -27,8 +27,9 @@ flags.DEFINE_float("score_scale", None, "Multiply the (guided) score by this whe
                    "raised to this power: a lower temperature there, still an exact "
                    "energy gradient, no extra network call; 1: none).")
 flags.DEFINE_list("score_scale_interval", None, "lo,hi for --score_scale (required with "
-                  "it). On MNIST 2 in 0.1,1 lowered every model's FD by about a third; "
-                  "at every sigma it ruins the samples (docs/results.md, session 46).")
+                  "it). On MNIST 2 in 0.1,1 lowered every trained flow's FD by about "
+                  "a third; at every sigma it ruins the samples (docs/results.md, "
+                  "session 46).")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")

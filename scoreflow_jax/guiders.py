@@ -77,8 +77,8 @@ def score_scale(denoise, scale: float, sigma_interval):
   gradient of an energy, the noisy density raised to the power ``scale`` (a
   temperature 1 / scale), no extra network call. ``sigma_interval`` is
   required: on MNIST (docs/results.md, session 46) scale 2 in (0.1, 1]
-  lowers every model's FD by a third, while at every sigma it ruins the
-  samples (FD 41 -> 194).
+  lowers every trained flow's FD by about a third, while at every sigma it
+  ruins the samples (FD 41 -> 194).
   """
   scale = float(scale)
   if sigma_interval is None or len(sigma_interval) != 2:
