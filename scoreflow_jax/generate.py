@@ -389,11 +389,11 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
              # a multiple of the devices, which made the images depend on them)
              batch_size=np.int64(effective_batch_size(batch_size, len(labels))),
              num_devices=np.int64(mesh.size),
-             # another run's denoiser at sigma <= switch_sigma (sample.py --low_noise_workdir)
              # the score times score_scale where lo < sigma <= hi (sample.py --score_scale)
              score_scale=np.float64(1.0 if score_scale is None else score_scale[0]),
              score_scale_interval=np.asarray(() if score_scale is None else score_scale[1],
                                              np.float64),
+             # another run's denoiser at sigma <= switch_sigma (sample.py --low_noise_workdir)
              **({} if low_noise is None else dict(
                  low_noise_workdir=np.str_(os.path.abspath(low_noise_workdir)),
                  low_noise_step=np.int64(low_state.step),

@@ -33,10 +33,7 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
   it would be discarded.
   """
   if sigma_interval is not None:
-    lo, hi = (float(v) for v in sigma_interval)
-    if not 0.0 <= lo < hi:
-      raise ValueError(f"sigma_interval must be (lo, hi) with 0 <= lo < hi, got "
-                       f"{tuple(sigma_interval)}")
+    lo, hi = _interval(sigma_interval, "")
 
   def doubled(x, sigma, cond, uncond):
     x_in = jnp.concatenate([x, x], axis=0)
@@ -68,6 +65,16 @@ def vanilla_cfg(denoise_fn, scale, sigma_interval=None):
   return guided
 
 
+def _interval(sigma_interval, owner):
+  """(lo, hi) as floats; ValueError unless 0 <= lo < hi (``owner`` prefixes the
+  message, e.g. "score scale's ")."""
+  lo, hi = (float(v) for v in sigma_interval)
+  if not 0.0 <= lo < hi:
+    raise ValueError(f"{owner}sigma_interval must be (lo, hi) with 0 <= lo < hi, got "
+                     f"{tuple(sigma_interval)}")
+  return lo, hi
+
+
 def score_scale(denoise, scale: float, sigma_interval):
   """A closed-over denoiser ``denoise(x, sigma)`` whose score is ``scale``
   times its own where lo < sigma <= hi: x + scale (D(x) - x) there, D
@@ -84,12 +91,9 @@ def score_scale(denoise, scale: float, sigma_interval):
   if sigma_interval is None or len(sigma_interval) != 2:
     raise ValueError("a score scale needs its sigma_interval (lo, hi): where to scale; "
                      f"got {sigma_interval!r}")
-  lo, hi = (float(v) for v in sigma_interval)
   if not (math.isfinite(scale) and scale > 0):
     raise ValueError(f"score scale must be a finite number > 0, got {scale}")
-  if not 0.0 <= lo < hi:
-    raise ValueError(f"score scale's sigma_interval must be (lo, hi) with 0 <= lo < hi, "
-                     f"got {tuple(sigma_interval)}")
+  lo, hi = _interval(sigma_interval, "score scale's ")
 
   def scaled(x, sigma):
     d = denoise(x, sigma)
@@ -110,7 +114,6 @@ def switch(high, low, sigma_switch: float):
   ``--low_noise_workdir``: which noise range of a model its samples are made
   or lost in). For the samplers, which call with one sigma broadcast to (B,):
   one branch runs per call (``jax.lax.cond`` on ``sigma[0]``)."""
-  import jax
 
   def denoise(x, sigma):
     return jax.lax.cond(sigma[0] > sigma_switch, high, low, x, sigma)
