@@ -3,7 +3,7 @@
 python sample.py --workdir logs/<run> [--step N] --sampler heun_edm --num_steps 18 \
   --cfg_scale 1.0 [--cfg_interval 0.3,5] --classes 0,1,2 --num_per_class 10 --seed 0 --out grid.png
   [--noema | --average_from M | --posthoc_ema SIGMA_REL]
-  [--score_scale 2 --score_scale_interval 0.1,1]
+  [--score_scale 2 [--score_scale_interval 0.1,1]]
 Writes grid.png (a row per class) and grid.npz (images in [-1, 1], labels);
 --out may name either. Existing files are kept unless --overwrite.
 """
@@ -25,11 +25,12 @@ flags.DEFINE_list("cfg_interval", None, "lo,hi: guide only where lo < sigma <= h
 flags.DEFINE_float("score_scale", None, "Multiply the (guided) score by this where "
                    "lo < sigma <= hi of --score_scale_interval (the noisy densities "
                    "raised to this power: a lower temperature there, still an exact "
-                   "energy gradient, no extra network call; 1: none).")
-flags.DEFINE_list("score_scale_interval", None, "lo,hi for --score_scale (required with "
-                  "it). On MNIST 2 in 0.1,1 lowered every trained flow's FD by about "
-                  "a third; at every sigma it ruins the samples (docs/results.md, "
-                  "session 46).")
+                   "energy gradient, no extra network call; 1: none; default: the "
+                   "run's sampling.score_scale, 1 in every config here).")
+flags.DEFINE_list("score_scale_interval", None, "lo,hi for the score scale (default: the "
+                  "run's sampling.score_scale_interval, 0.1,1). On MNIST 2 in 0.1,1 "
+                  "lowered every trained flow's FD by about a third; at every sigma it "
+                  "ruins the samples (docs/results.md, session 46).")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -95,17 +96,11 @@ def main(argv):
     if FLAGS[name].value is not None and FLAGS[name].value < 0:
       raise app.UsageError(f"--{name} is a checkpoint step, >= 0; got {FLAGS[name].value}")
   interval = _interval("cfg_interval", "guidance", "guide")
-  score_scale = None
-  if FLAGS.score_scale is not None or FLAGS.score_scale_interval is not None:
-    if FLAGS.score_scale is None or FLAGS.score_scale_interval is None:
-      raise app.UsageError("--score_scale and --score_scale_interval go together: the "
-                           "score times S where lo < sigma <= hi (e.g. --score_scale 2 "
-                           "--score_scale_interval 0.1,1; at every sigma a scale of 2 "
-                           "ruins the samples)")
-    if not (math.isfinite(FLAGS.score_scale) and FLAGS.score_scale > 0):
-      raise app.UsageError(f"--score_scale must be a finite number > 0 (1: none), got "
-                           f"{FLAGS.score_scale}")
-    score_scale = (FLAGS.score_scale, _interval("score_scale_interval", "the scale", "scale"))
+  if FLAGS.score_scale is not None and not (math.isfinite(FLAGS.score_scale)
+                                            and FLAGS.score_scale > 0):
+    raise app.UsageError(f"--score_scale must be a finite number > 0 (1: none), got "
+                         f"{FLAGS.score_scale}")
+  scale_interval = _interval("score_scale_interval", "the scale", "scale")
   if FLAGS.average_from is not None and FLAGS["ema"].present and FLAGS.ema:
     raise app.UsageError("--average_from averages the raw weights; drop --ema")
   if FLAGS.posthoc_ema is not None and FLAGS["ema"].present and FLAGS.ema:
@@ -126,6 +121,15 @@ def main(argv):
     if FLAGS.posthoc_ema is not None:
       run_config.check_posthoc(config)
     outputs.paired_outputs(FLAGS.out, FLAGS.overwrite)
+  score_scale = None  # the run's sampling.score_scale (1, none, in every config here)
+  if FLAGS.score_scale is not None or scale_interval is not None:
+    if FLAGS.score_scale is None and float(config.sampling.score_scale) == 1.0:
+      raise app.UsageError("--score_scale_interval says where to scale the score, but the "
+                           "run's sampling.score_scale is 1 (none): pass --score_scale S "
+                           "too (e.g. --score_scale 2 --score_scale_interval 0.1,1)")
+    score_scale = (config.sampling.score_scale if FLAGS.score_scale is None
+                   else FLAGS.score_scale,
+                   scale_interval or tuple(config.sampling.score_scale_interval))
   from scoreflow_jax import generate
   with usage_errors():
     generate.sample_from_run(

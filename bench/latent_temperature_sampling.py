@@ -103,7 +103,8 @@ def main():
   labels = np.repeat(np.asarray(classes, np.int32), args.num_per_class)
   images = generate.generate_images(
       tempered, state.ema_params, config.sampling, labels, jax.random.key(args.seed),
-      data_lib.image_shape(config.data), args.batch_size, cfg_scale=1.0)
+      data_lib.image_shape(config.data), args.batch_size, cfg_scale=1.0,
+      score_scale=generate.NO_SCORE_SCALE)  # its own tempering only, not the run's
   np.savez(args.out, images=images.astype(np.float32), labels=labels,
            step=np.int64(state.step), base_scale=np.float64(args.base_scale),
            logdet_scale=np.float64(args.logdet_scale), interval=np.asarray([lo, hi]))

@@ -131,6 +131,12 @@ def get_config():
   sampling.sigma_max = 80.0
   sampling.rho = 7.0
   sampling.cfg_scale = 1.0               # 1.0: no guidance (one denoiser call per step)
+  sampling.score_scale = 1.0             # the score times this where lo < sigma <= hi of
+                                         # score_scale_interval: a lower temperature there,
+                                         # still an exact energy gradient (1.0: none; 2.0 on
+                                         # (0.1, 1] lowered every trained flow's FD by about a
+                                         # third, docs/results.md session 46; sample.py --score_scale)
+  sampling.score_scale_interval = (0.1, 1.0)
   sampling.batch_size = 256              # images per sampler call
   return config
 

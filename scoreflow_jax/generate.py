@@ -25,6 +25,25 @@ def padded_size(batch: int, n_devices: int) -> int:
   return -(-batch // n_devices) * n_devices
 
 
+NO_SCORE_SCALE = (1.0, ())
+
+
+def resolve_score_scale(sampling_config, score_scale=None):
+  """The score scale to sample with, as ``(scale, (lo, hi))``, or
+  ``NO_SCORE_SCALE``: ``score_scale`` when given, else the config's
+  ``sampling.score_scale`` on ``sampling.score_scale_interval`` (1 in every
+  config here). A scale of 1 is none, whatever its interval; otherwise the
+  interval is checked (``guiders.score_scale``'s errors)."""
+  if score_scale is None:
+    score_scale = (sampling_config.get("score_scale", 1.0),
+                   sampling_config.get("score_scale_interval", None))
+  scale, interval = score_scale
+  if float(scale) == 1.0:
+    return NO_SCORE_SCALE
+  guiders.score_scale(None, scale, interval)
+  return float(scale), tuple(float(v) for v in interval)
+
+
 def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
                     mesh=None, cfg_interval=None, low_noise=None, score_scale=None,
                     **sampler_options):
@@ -38,14 +57,14 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
   own conditioning, the same guidance) at sigma <= sigma_switch, this
   model's above (``guiders.switch``); both must denoise in the same space.
   ``score_scale=(scale, (lo, hi))``: the (guided, switched) denoiser's score
-  times ``scale`` where lo < sigma <= hi (``guiders.score_scale``).
+  times ``scale`` where lo < sigma <= hi (``guiders.score_scale``); None: the
+  config's ``sampling.score_scale`` (``resolve_score_scale``; scale 1: none).
   With a ``mesh``, the batch is split over its devices (B must divide).
   """
   sc = sampling_config
   scale = sc.cfg_scale if cfg_scale is None else cfg_scale
   sampler = samplers.get_sampler(sc.sampler)
-  if score_scale is not None:  # its errors before tracing
-    guiders.score_scale(None, *score_scale)
+  score_scale = resolve_score_scale(sc, score_scale)  # its errors before tracing
 
   def closed(m, params, batch):
     cond, uncond = m.unconditional(params, batch)
@@ -60,7 +79,7 @@ def make_sampler_fn(model, sampling_config, cfg_scale: Optional[float] = None,
     den = closed(model, params, batch)
     if low_noise is not None:
       den = guiders.switch(den, closed(low_noise[0], low_params, batch), low_noise[2])
-    if score_scale is not None:
+    if score_scale != NO_SCORE_SCALE:  # scale 1 adds no op: the images stay bit-exact
       den = guiders.score_scale(den, *score_scale)
     x = sampler(den, z, num_steps=sc.num_steps, sigma_min=sc.sigma_min,
                 sigma_max=sc.sigma_max, rho=sc.rho, key=key, **sampler_options)
@@ -119,7 +138,8 @@ def generate_images(model, params, sampling_config, labels: Sequence[int], key,
   ``make_sampler_fn`` returned for these settings and ``mesh``, kept by a
   caller that samples again (the trainer's grids), so that it compiles once
   per run instead of once per call. ``low_noise``: another model below a
-  sigma; ``score_scale``: (scale, (lo, hi)) (both ``make_sampler_fn``).
+  sigma; ``score_scale``: (scale, (lo, hi)), None the config's (both
+  ``make_sampler_fn``).
   """
   batch_size = effective_batch_size(batch_size, len(labels))
   rows = padded_size(batch_size, 1 if mesh is None else mesh.size)
@@ -304,8 +324,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   this run's above (``run_config.check_low_noise_run`` says which runs can
   be joined); the .npz records both. ``score_scale=(scale, (lo, hi))``: the
   score times ``scale`` where lo < sigma <= hi (``guiders.score_scale``; a
-  lower temperature in a noise band), recorded in the .npz. Returns the
-  images.
+  lower temperature in a noise band), None the run's ``sampling.score_scale``
+  (``resolve_score_scale``), recorded in the .npz. Returns the images.
   """
   if average_from is not None and use_ema:
     raise ValueError("average_from averages the raw weights of several checkpoints; "
@@ -318,8 +338,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if score_scale is not None:
-    guiders.score_scale(None, *score_scale)  # its errors before loading anything
+  if score_scale is not None:  # its errors before loading anything
+    resolve_score_scale(None, score_scale)
   png, npz = outputs.paired_outputs(out, overwrite)
   run = run_config.load(workdir)
   classes = run_config.classes(run, classes)
@@ -340,6 +360,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     low_noise = (low_model, low_state.ema_params, float(switch_sigma))
   if cfg_scale is None:  # like sampler and num_steps: the run's own
     cfg_scale = float(config.sampling.cfg_scale)
+  score_scale = resolve_score_scale(config.sampling, score_scale)
   if cfg_interval is not None and cfg_scale == 1.0:
     raise ValueError(f"cfg_interval {tuple(cfg_interval)} limits guidance, but the "
                      "scale is 1 (no guidance; the run's sampling.cfg_scale unless "
@@ -390,9 +411,8 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
              batch_size=np.int64(effective_batch_size(batch_size, len(labels))),
              num_devices=np.int64(mesh.size),
              # the score times score_scale where lo < sigma <= hi (sample.py --score_scale)
-             score_scale=np.float64(1.0 if score_scale is None else score_scale[0]),
-             score_scale_interval=np.asarray(() if score_scale is None else score_scale[1],
-                                             np.float64),
+             score_scale=np.float64(score_scale[0]),
+             score_scale_interval=np.asarray(score_scale[1], np.float64),
              # another run's denoiser at sigma <= switch_sigma (sample.py --low_noise_workdir)
              **({} if low_noise is None else dict(
                  low_noise_workdir=np.str_(os.path.abspath(low_noise_workdir)),
@@ -401,7 +421,7 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
   log(f"step {int(state.step)} ({weights}), "
       f"{config.sampling.sampler} {config.sampling.num_steps} steps, cfg {cfg_scale}"
       f"{'' if cfg_interval is None else f' for sigma in {tuple(cfg_interval)}'}"
-      f"{'' if score_scale is None else f', score x {score_scale[0]:g} for sigma in {tuple(score_scale[1])}'}"
+      f"{'' if score_scale == NO_SCORE_SCALE else f', score x {score_scale[0]:g} for sigma in {score_scale[1]}'}"
       f"{'' if low_noise is None else f', at sigma <= {switch_sigma:g}: {low_noise_workdir} step {int(low_state.step)} (EMA weights)'}: "
       f"{len(images)} images in {time.perf_counter() - t0:.1f} s -> {png}"
       f"{f' (the first {shown} per class)' if shown < num_per_class else ''}, {npz}")

@@ -99,6 +99,12 @@ def validate_config(config):
     problems.append(f"sampling.rho must be > 0, got {sc.rho}")
   if sc.batch_size < 1:
     problems.append(f"sampling.batch_size must be >= 1, got {sc.batch_size}")
+  try:  # the training grids sample with it; sample.py's default
+    generate.resolve_score_scale(sc)
+  except (TypeError, ValueError) as e:
+    problems.append(f"sampling.score_scale / score_scale_interval: {e} (e.g. "
+                    f"--config.sampling.score_scale=2 --config.sampling.score_scale_interval="
+                    f"'(0.1,1)'; 1: none)")
   if not 0.0 <= config.ema.decay < 1.0:
     problems.append(f"ema.decay must be in [0, 1), got {config.ema.decay}")
   stds = config.ema.get("posthoc_stds", ())

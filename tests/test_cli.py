@@ -106,6 +106,13 @@ def test_sample_writes_grid_and_npz(trained_run, tmp_path):
     assert float(f["score_scale"]) == 1.5
     np.testing.assert_array_equal(f["score_scale_interval"], [0.5, 1000.0])
     assert np.abs(f["images"] - npz["images"]).mean() > 0.01
+  # --score_scale alone scales on the run's sampling.score_scale_interval
+  proc = run("sample.py", "--workdir", workdir, "--num_steps", "3", "--classes", "3",
+             "--num_per_class", "1", "--score_scale", "1.5", "--out", str(tmp_path / "own.png"))
+  assert "score x 1.5 for sigma in (0.1, 1.0)" in proc.stdout, proc.stdout
+  with np.load(str(tmp_path / "own.npz")) as f:
+    assert float(f["score_scale"]) == 1.5
+    np.testing.assert_array_equal(f["score_scale_interval"], [0.1, 1.0])
   # the same seed gives the same images
   out2 = str(tmp_path / "grid2.png")
   run("sample.py", "--workdir", workdir, "--sampler", "euler_ancestral", "--num_steps", "3",
@@ -410,6 +417,19 @@ def test_sample_from_run_raw_weights_interval_classes_and_atomic_npz(trained_run
   with pytest.raises(ValueError, match="needs its sigma_interval"):
     generate.sample_from_run(workdir, str(tmp_path / "ss1.png"), score_scale=(2.0, None), **kw)
   assert not os.path.exists(tmp_path / "ss1.npz")
+  # the config's sampling.score_scale when none is passed (the training grids'
+  # sampler too); a scale of 1 is none: the plain images, bit for bit
+  scaled_config = config.sampling.copy_and_resolve_references()
+  scaled_config.score_scale, scaled_config.score_scale_interval = 1.5, (0.0, 1e3)
+  own = generate.generate_images(
+      model, state.ema_params, scaled_config, np.repeat([3, 1], 2), jax.random.key(1),
+      (28, 28, 1), batch_size=4, cfg_scale=1.0, mesh=ts.make_mesh())
+  np.testing.assert_array_equal(own, sharp)
+  for none in ((1.0, (0.0, 1e3)), (1.0, None), generate.NO_SCORE_SCALE):
+    plain = generate.generate_images(
+        model, state.ema_params, scaled_config, np.repeat([3, 1], 2), jax.random.key(1),
+        (28, 28, 1), batch_size=4, cfg_scale=1.0, mesh=ts.make_mesh(), score_scale=none)
+    np.testing.assert_array_equal(plain, gen(state.ema_params))
   # a label outside the run's classes is refused (it embeds as NaN)
   with pytest.raises(ValueError, match=r"classes \[10\] are outside 0..9"):
     generate.sample_from_run(workdir, str(tmp_path / "bad.png"), **dict(kw, classes=[10]))
@@ -527,8 +547,6 @@ def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
                        (["--classes="], "--classes is empty"),
                        (["--batch_size", "0"], "--batch_size must be >= 1"),
                        (["--cfg_interval=5,0.3"], "0 <= lo < hi"),
-                       (["--score_scale", "2"], "--score_scale and --score_scale_interval go together"),
-                       (["--score_scale_interval=0.1,1"], "go together"),
                        (["--score_scale", "0", "--score_scale_interval=0.1,1"],
                         "--score_scale must be a finite number > 0"),
                        (["--score_scale", "2", "--score_scale_interval=1,0.1"],
@@ -540,6 +558,19 @@ def test_sample_flags_are_checked_before_jax_is_imported(tmp_path):
                                         tmp_path / "x.png", *bad)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1000:]
     assert not jax_imported, (bad, proc.stderr[-1000:])
+
+
+def test_sample_score_scale_interval_alone_is_refused_before_jax_on_an_unscaled_run(tmp_path):
+  # the interval says where the run's scale applies; the run's scale is 1 (none)
+  import json
+  os.makedirs(tmp_path / "run" / "configs")
+  with open(tmp_path / "run" / "configs" / "2026-12-05T00-00-00-config.json", "w") as f:
+    json.dump({"model": {}}, f)
+  proc, jax_imported = run_noting_jax("sample.py", "--workdir", tmp_path / "run", "--out",
+                                      tmp_path / "x.png", "--score_scale_interval=0.1,1")
+  assert proc.returncode != 0 and not jax_imported
+  assert "the run's sampling.score_scale is 1 (none): pass --score_scale S" in proc.stderr, (
+      proc.stderr[-1000:])
 
 
 def test_run_config_classes_are_some_of_the_runs_own():

@@ -145,6 +145,25 @@ def test_bad_or_idle_model_values_are_named(field, value, match):
     trainer.validate_config(config)
 
 
+@pytest.mark.parametrize("scale,interval,match", [
+    (0.0, (0.1, 1.0), "score scale must be a finite number > 0"),
+    (float("nan"), (0.1, 1.0), "score scale must be a finite number > 0"),
+    (2.0, (1.0, 0.1), r"0 <= lo < hi, got \(1.0, 0.1\)"),
+    (2.0, (0.1,), r"needs its sigma_interval \(lo, hi\)"),
+])
+def test_bad_score_scale_values_are_named(scale, interval, match):
+  from configs import mnist_gauss
+  config = mnist_gauss.get_config("tiny")
+  config.sampling.score_scale, config.sampling.score_scale_interval = scale, interval
+  with pytest.raises(ValueError, match=r"sampling.score_scale / score_scale_interval: .*"
+                                       + match):
+    trainer.validate_config(config)
+  config.sampling.score_scale = 1.0  # none: its interval is not used
+  trainer.validate_config(config)
+  config.sampling.score_scale, config.sampling.score_scale_interval = 2.0, (0.1, 1.0)
+  trainer.validate_config(config)
+
+
 def test_bench_overrides_are_typed_and_locked():
   import sys
   sys.path.insert(0, str(CONFIG_DIR.parent / "bench"))
