@@ -1,5 +1,8 @@
-"""bench/latent_temperature_sampling.py: what it changes in the denoiser, and only there."""
+"""bench/latent_temperature_sampling.py: what it changes in the denoiser, and only
+there; bench/score_scale_sweep.py: its settings and a sweep as a user runs it."""
+import json
 import os
+import subprocess
 import sys
 import types
 
@@ -15,6 +18,7 @@ from tests.perturb import perturb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 import latent_temperature_sampling as latent  # noqa: E402
+import score_scale_sweep as sweep  # noqa: E402
 
 
 def _density_model(gaussian_base=False):
@@ -85,3 +89,57 @@ def test_latent_temperature_gaussian_base_matches_a_sharper_base_at_the_identity
   own = model.denoiser(params)(x, sigma, cond)
   tempered = latent.TemperedDensity(model, 3.0, 1.0, 0.0, 100.0).denoiser(params)(x, sigma, cond)
   np.testing.assert_allclose(tempered - x, 3.0 * (own - x), rtol=1e-4, atol=1e-5)
+
+
+def test_score_scale_sweep_settings_draw_scale_1_once():
+  assert sweep.parse_intervals("0.1:1,0.03:1") == [(0.1, 1.0), (0.03, 1.0)]
+  for bad, message in (("0.1-1", "lo:hi"), ("1:0.1", "0 <= lo < hi"),
+                       ("0.1:1,0.1:1", "repeated")):
+    with pytest.raises(ValueError, match=message):
+      sweep.parse_intervals(bad)
+  assert sweep.settings([1.0, 2.0, 1.5], [(0.1, 1.0), (0.0, 3.0)]) == [
+      (1.0, None), (2.0, (0.1, 1.0)), (2.0, (0.0, 3.0)), (1.5, (0.1, 1.0)), (1.5, (0.0, 3.0))]
+  assert sweep.settings([2.0], [(0.1, 1.0)]) == [(2.0, (0.1, 1.0))]
+
+
+def test_score_scale_sweep_scores_each_setting_from_the_same_noise(tmp_path):
+  # a tiny run, a tiny classifier and MNIST-format files, as a user has them
+  from scoreflow_jax.eval import classifier as classifier_lib
+  from tests.test_eval import _write_mnist
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=600)
+  workdir = str(tmp_path / "run")
+  proc = run("train.py", "--config", "configs/mnist.py:tiny", "--workdir", workdir,
+             "--config.training.num_steps=4", "--config.training.image_every=0")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  test_images, test_labels = data.make_synthetic(60, seed=1)
+  _write_mnist(tmp_path, test_images, test_labels, "t10k")
+  _write_mnist(tmp_path, *data.make_synthetic(20, seed=4), "train")
+  params, _ = classifier_lib.train_classifier(
+      *data.make_synthetic(100, seed=0), steps=2, seed=0, log=lambda s: None,
+      widths=(8, 16, 16), hidden=32, dropout=0.0, batch_size=32)
+  classifier_lib.save_classifier(params, str(tmp_path / "clf.npz"))
+  out = str(tmp_path / "sweep.json")
+  args = ("bench/score_scale_sweep.py", "--workdir", workdir, "--data_dir", str(tmp_path),
+          "--classifier", str(tmp_path / "clf.npz"), "--dataset", "mnist",
+          "--scales", "1,3", "--intervals", "0.1:1,1:100", "--num_per_class", "2",
+          "--out", out)
+  proc = run(*args)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    summary = json.load(f)
+  rows = summary["results"]
+  assert [(r["scale"], r["interval"]) for r in rows] == [
+      (1.0, None), (3.0, [0.1, 1.0]), (3.0, [1.0, 100.0])]
+  assert all(r["num_samples"] == 20 and np.isfinite(r["fd"]) for r in rows)
+  # one reference set for all: the floor is the same number; the scales move the FD
+  assert len({r["fd_floor"] for r in rows}) == 1
+  assert len({round(r["fd"], 6) for r in rows}) == 3
+  assert summary["best"] == min(rows, key=lambda r: r["fd"])
+  assert os.path.exists(str(tmp_path / "sweep.png"))
+  assert "lowest FD" in proc.stdout and "[3/3]" in proc.stdout
+  # nothing is replaced
+  again = run(*args)
+  assert again.returncode != 0 and "exists; choose another --out" in again.stderr
