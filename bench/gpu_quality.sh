@@ -32,6 +32,11 @@
 # --score_scale), NAME_ss2_2k.npz, scored as the model NAME_ss2 (session 46:
 # a third off the flows' FD on this CPU; whether the UNet gains as much is
 # what a GPU call would say). No extra network call per step.
+# SWEEP="1,1.5,2,2.5" (empty: none), after the draws and their scores: each
+# run's FD at 1,000 samples for each of these score scales on each band of
+# SWEEP_INTERVALS (default 0.1:1), all from one noise (bench/score_scale_sweep.py;
+# NAME_sweep.json and .png in results.tgz, no .npz): which scale suits which
+# model, e.g. whether the UNet's best is 1. It needs the carry's classifier.
 set -u
 CARRY=$1; OUT=$2; T=$3; shift 3
 NPC=${NPC:-200}  # samples per class
@@ -40,6 +45,7 @@ WEIGHTS=${WEIGHTS:-ema}  # "ema raw": every seed also with the raw weights, as N
 CFG=${CFG:-1}  # guidance scales per seed: 1 unguided, S as NAME_cfgS_2k*.npz
 SCORE_SCALES=${SCORE_SCALES:-}  # unguided draws with the score times K, as NAME_ssK_2k*.npz
 SCORE_SCALE_INTERVAL=${SCORE_SCALE_INTERVAL:-0.1,1}
+SWEEP=${SWEEP:-}; SWEEP_INTERVALS=${SWEEP_INTERVALS:-0.1:1}  # score scale sweeps after the scores
 VARIANTS="$CFG"; for k in $SCORE_SCALES; do VARIANTS+=" ss$k"; done  # one draw each
 BUDGET=${BUDGET:-0}; RUN_EXTRA=${RUN_EXTRA:-90}  # BUDGET 0: no deadline
 t0=$(date +%s)
@@ -64,6 +70,14 @@ done
 python3 -c "import sys; lo, hi = map(float, sys.argv[1].split(',')); 0 <= lo < hi or sys.exit(1)" \
   "$SCORE_SCALE_INTERVAL" 2>/dev/null || {
   echo "gpu_quality: SCORE_SCALE_INTERVAL '$SCORE_SCALE_INTERVAL' is not lo,hi with 0 <= lo < hi" >&2; exit 2; }
+if [ -n "$SWEEP" ]; then  # its own checks (scales, bands) before any training
+  python3 -c "
+import sys; sys.path.insert(0, 'bench'); import score_scale_sweep as s
+ks = [float(k) for k in sys.argv[1].split(',')]; s.parse_intervals(sys.argv[2])
+assert all(k > 0 for k in ks)" "$SWEEP" "$SWEEP_INTERVALS" 2>/dev/null || {
+    echo "gpu_quality: SWEEP '$SWEEP' / SWEEP_INTERVALS '$SWEEP_INTERVALS' are not scales > 0" \
+      "(e.g. 1,1.5,2) and bands lo:hi with 0 <= lo < hi (e.g. 0.1:1,0.03:1)" >&2; exit 2; }
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 R=${RESULTS:-/tmp/results/$t0}; mkdir -p $R
 [ -z "${RESULTS:-}" ] && ln -sfn $R /tmp/results/latest
@@ -154,5 +168,15 @@ if [ "${EVAL:-1}" = 1 ]; then
     timeout 60 python3 evaluate.py --compare $(IFS=,; echo "${specs[*]}") --out $R/compare.json 2>&1 | tail -n $(( ${#specs[@]} + 2 ))
     pack
   fi
+fi
+if [ -n "$SWEEP" ]; then
+  for name in "${names[@]}"; do
+    fits 90 || { echo "== score scale sweep of $name skipped: $(left) s left"; continue; }
+    echo "== score scale sweep of $name: scales $SWEEP on $SWEEP_INTERVALS ($(( $(date +%s) - t0 )) s)"
+    timeout 300 python3 bench/score_scale_sweep.py --workdir $R/$name --data_dir $CARRY/mnist \
+      --classifier $CARRY/classifier.npz --scales $SWEEP --intervals $SWEEP_INTERVALS \
+      --sampler heun_edm --num_steps 18 --num_per_class 100 --batch_size 1000 --out $R/${name}_sweep.json 2>&1 | grep -v "^ *$" | tail -n 12
+    pack
+  done
 fi
 echo "== done in $(( $(date +%s) - t0 )) s"

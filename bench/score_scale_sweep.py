@@ -2,12 +2,12 @@
 
 python bench/score_scale_sweep.py --workdir RUN --data_dir /path/to/mnist \
   --classifier classifier.npz [--scales 1,1.5,2,2.5] [--intervals 0.1:1,0.03:1,0.1:2] \
-  [--num_per_class 100] [--seed 0] [--cfg_scale 1] [--dataset mnist] --out sweep.json
+  [--num_per_class 100] [--seed 0] [--sampler heun_edm --num_steps 18] --out sweep.json
 
 For every scale k and band (lo, hi]: the run's samples with its score times k
 where lo < sigma <= hi (guiders.score_scale, as sample.py --score_scale),
-the run's sampler and steps, its EMA weights, every setting from the same
-noise (--seed); scale 1 (none) is drawn once. Each is scored against the
+the run's sampler and steps (or --sampler, --num_steps), its EMA weights,
+every setting from the same noise (--seed); scale 1 (none) is drawn once. Each is scored against the
 same test images (evaluate.py's FD at the sample count, seed-0 reference),
 with the real-vs-real floor, class accuracy and feature spread. Prints a
 table, writes the JSON (--out) and a plot beside it (FD against k, a line
@@ -81,12 +81,15 @@ def main():
   ap.add_argument("--data_dir", required=True, help="folder of the data set's files "
                   "(the offline source: MNIST's IDX .gz files)")
   ap.add_argument("--classifier", required=True, help="train_classifier.py's .npz")
-  ap.add_argument("--dataset", default=None, help="whose test split to score against "
-                  "(default: the run's data.name)")
+  ap.add_argument("--dataset", default="mnist", help="whose test split to score against "
+                  "(offline files in --data_dir; the classifier's data set, as evaluate.py)")
   ap.add_argument("--scales", default="1,1.5,2,2.5", help="comma-separated, each > 0")
   ap.add_argument("--intervals", default="0.1:1", help="lo:hi,...: the bands to scale in")
   ap.add_argument("--num_per_class", type=int, default=100)
   ap.add_argument("--seed", type=int, default=0, help="sampling seed (one noise for all)")
+  ap.add_argument("--sampler", default=None, help="default: the run's sampling.sampler")
+  ap.add_argument("--num_steps", type=int, default=None,
+                  help="sampler steps (default: the run's sampling.num_steps)")
   ap.add_argument("--cfg_scale", type=float, default=1.0, help="guidance (1: none)")
   ap.add_argument("--batch_size", type=int, default=500)
   ap.add_argument("--out", required=True, help="a .json that does not exist yet; the plot "
@@ -99,8 +102,8 @@ def main():
     ap.error(f"--scales / --intervals: {e}")
   if not all(np.isfinite(k) and k > 0 for k in scales) or len(set(scales)) != len(scales):
     ap.error(f"--scales must be distinct finite numbers > 0, got {args.scales}")
-  if args.num_per_class < 1 or args.batch_size < 1:
-    ap.error("--num_per_class and --batch_size must be >= 1")
+  if min(args.num_per_class, args.batch_size, args.num_steps or 1) < 1:
+    ap.error("--num_per_class, --batch_size and --num_steps must be >= 1")
   if not args.out.endswith(".json"):
     ap.error(f"--out must end in .json, got {args.out}")
   png = args.out[:-len(".json")] + ".png"
@@ -111,10 +114,11 @@ def main():
   from scoreflow_jax import data as data_lib, generate, run_config
   from scoreflow_jax.eval import classifier as classifier_lib, metrics
 
-  model, state, config = generate.load_run(args.workdir, args.step, log=lambda s: None)
+  model, state, config = generate.load_run(args.workdir, args.step, args.sampler,
+                                           args.num_steps, log=lambda s: None)
   classes = run_config.classes(config)
   labels = np.repeat(np.asarray(classes, np.int32), args.num_per_class)
-  ref, ref_labels = data_lib.load_run_split(args.dataset or config.data.name, "test",
+  ref, ref_labels = data_lib.load_run_split(args.dataset, "test",
                                             "offline", args.data_dir, 0)
   classifier = classifier_lib.load_classifier(args.classifier)[0]
   cache = metrics.ClassifierCache(classifier)

@@ -123,7 +123,7 @@ def test_score_scale_sweep_scores_each_setting_from_the_same_noise(tmp_path):
   classifier_lib.save_classifier(params, str(tmp_path / "clf.npz"))
   out = str(tmp_path / "sweep.json")
   args = ("bench/score_scale_sweep.py", "--workdir", workdir, "--data_dir", str(tmp_path),
-          "--classifier", str(tmp_path / "clf.npz"), "--dataset", "mnist",
+          "--classifier", str(tmp_path / "clf.npz"),
           "--scales", "1,3", "--intervals", "0.1:1,1:100", "--num_per_class", "2",
           "--out", out)
   proc = run(*args)
