@@ -1,5 +1,6 @@
 """bench/latent_temperature_sampling.py: what it changes in the denoiser, and only
-there; bench/score_scale_sweep.py: its settings and a sweep as a user runs it."""
+there; bench/score_scale_sweep.py: its settings and a sweep as a user runs it;
+bench/pixel_histogram.py on known images."""
 import json
 import os
 import subprocess
@@ -143,3 +144,23 @@ def test_score_scale_sweep_scores_each_setting_from_the_same_noise(tmp_path):
   # nothing is replaced
   again = run(*args)
   assert again.returncode != 0 and "exists; choose another --out" in again.stderr
+
+
+def test_pixel_histogram_bins_grey_and_haze_on_known_images():
+  import pixel_histogram as ph
+  x = -np.ones((2, 28, 28, 1), np.float32)
+  np.testing.assert_array_equal(ph.histogram(x), [1, 0, 0, 0, 0, 0, 0])
+  x[0, 10:18, 13:15] = 1.0  # a stroke: 16 pixels, saturated (1.0 in the closed last bin)
+  x[0, 10:18, 15] = 0.2  # its soft edge: 8 grey pixels (> 0: stroke for the haze)
+  x[1, 0, 0] = -0.95  # near-black, not haze (not above -0.9)
+  x[1, 27, 27] = -0.7  # haze: far from any stroke (image 1 has none)
+  s = ph.summary(x, ph.histogram(-np.ones_like(x)))
+  n = x.size
+  np.testing.assert_allclose(s["histogram"], np.array([n - 26, 1, 1, 0, 8, 0, 16]) / n)
+  assert s["grey"] == pytest.approx(9 / n) and s["saturated"] == pytest.approx(16 / n)
+  # far pixels: all of image 1 (784), and image 0's beyond 3 px of its stroke
+  from scipy import ndimage
+  far0 = (ndimage.distance_transform_edt(~(x[0, ..., 0] > 0)) >= 3).sum()
+  assert s["haze"] == pytest.approx(1 / (784 + far0))
+  assert s["tv_to_real"] == pytest.approx(26 / n)
+  assert np.isnan(ph.haze(np.ones((1, 4, 4))))  # no background at all
