@@ -34,7 +34,9 @@ def haze(images, distance=3):
   from scipy import ndimage
   x = np.asarray(images, np.float64)
   x = x.reshape(x.shape[:3]) if x.ndim == 4 else x
-  far = np.stack([ndimage.distance_transform_edt(~(im > 0)) >= distance for im in x])
+  # (an image without a stroke pixel is all background: edt would measure from a corner)
+  far = np.stack([ndimage.distance_transform_edt(~(im > 0)) >= distance if (im > 0).any()
+                  else np.ones(im.shape, bool) for im in x])
   return float(np.mean(x[far] > -0.9)) if far.any() else float("nan")
 
 
