@@ -9,8 +9,9 @@ For each file of images in [-1, 1] (sample.py's .npz) and for the first
 7% in the last), the grey fraction (-0.9 to 0.9: soft stroke edges), and
 the haze: the fraction of background pixels at least 3 pixels from any
 stroke pixel (> 0) that are above -0.9 (0 in real MNIST), with the total
-variation distance of the histogram from the real one. What FD's features
-see as a blur, counted in pixels. docs/results.md, session 47.
+variation distance of the histogram from the real one; then the mean pixel
+value by distance from the nearest stroke pixel (the strokes, their edge,
+a halo). What FD's features see as a blur, counted in pixels. docs/results.md, session 47.
 """
 import argparse
 import os
@@ -31,19 +32,44 @@ def histogram(images):
 def haze(images, distance=3):
   """Of the pixels at least ``distance`` from any pixel > 0 in their image,
   the fraction above -0.9; NaN if there are none."""
-  from scipy import ndimage
-  x = np.asarray(images, np.float64)
-  x = x.reshape(x.shape[:3]) if x.ndim == 4 else x
-  # (an image without a stroke pixel is all background: edt would measure from a corner)
-  far = np.stack([ndimage.distance_transform_edt(~(im > 0)) >= distance if (im > 0).any()
-                  else np.ones(im.shape, bool) for im in x])
+  x = _squeeze(images)
+  far = _distances(x) >= distance
   return float(np.mean(x[far] > -0.9)) if far.any() else float("nan")
+
+
+RINGS = ((0, 1), (1, 2), (2, 3), (3, 5), (5, np.inf))  # px from the nearest stroke pixel
+
+
+def _distances(x):
+  """Per pixel, the distance to its image's nearest stroke pixel (> 0); an image
+  without one is all background (inf: scipy's edt would measure from a corner)."""
+  from scipy import ndimage
+  return np.stack([ndimage.distance_transform_edt(~(im > 0)) if (im > 0).any()
+                   else np.full(im.shape, np.inf) for im in x])
+
+
+def _squeeze(images):
+  x = np.asarray(images, np.float64)
+  return x.reshape(x.shape[:3]) if x.ndim == 4 else x
+
+
+def rings(images):
+  """Mean pixel value by distance from the nearest stroke pixel, one per ``RINGS``
+  ring (0: the strokes; NaN for an empty ring): how sharp the edges are, and
+  whether a faint halo lies around the strokes (real MNIST: -1 from 2 px on)."""
+  x = _squeeze(images)
+  d = _distances(x)
+  out = []
+  for lo, hi in RINGS:
+    ring = (d >= lo) & ((d < hi) | np.isinf(hi))  # the last ring: images without strokes too
+    out.append(float(x[ring].mean()) if ring.any() else float("nan"))
+  return out
 
 
 def summary(images, real_hist=None):
   h = histogram(images)
   out = {"histogram": h.tolist(), "grey": float(h[2:6].sum()), "saturated": float(h[6]),
-         "haze": haze(images)}
+         "haze": haze(images), "rings": rings(images)}
   if real_hist is not None:
     out["tv_to_real"] = float(0.5 * np.abs(h - real_hist).sum())
   return out
@@ -71,6 +97,10 @@ def main():
     tv = r.get("tv_to_real")
     print(f"{name[-24:]:>24} {cells} | {r['grey']:.3f} {r['saturated']:.3f} "
           f"{r['haze']:.4f} {'' if tv is None else f'{tv:.3f}'}")
+  print("\nmean pixel value by distance (px) from the nearest stroke pixel (> 0):")
+  print(f"{'':>24} " + " ".join(f"{f'[{lo:g},{hi:g})':>8}" for lo, hi in RINGS))
+  for name, r in rows:
+    print(f"{name[-24:]:>24} " + " ".join(f"{v:8.4f}" for v in r["rings"]))
 
 
 if __name__ == "__main__":

@@ -164,3 +164,10 @@ def test_pixel_histogram_bins_grey_and_haze_on_known_images():
   assert s["haze"] == pytest.approx(1 / (784 + far0))
   assert s["tv_to_real"] == pytest.approx(26 / n)
   assert np.isnan(ph.haze(np.ones((1, 4, 4))))  # no background at all
+  # by distance from the strokes: the stroke and its edge, then -1 but for
+  # image 1's two pixels above -1, whose 784 pixels are all in the last ring
+  d0 = ndimage.distance_transform_edt(~(x[0, ..., 0] > 0))
+  last = 784 + (d0 >= 5).sum()
+  np.testing.assert_allclose(ph.rings(x), [(16 + 8 * 0.2) / 24, -1, -1, -1,
+                                           (-(last - 2) - 0.95 - 0.7) / last], rtol=1e-7)
+  assert np.isnan(ph.rings(-np.ones((1, 4, 4)))[0])  # no strokes: an empty first ring
