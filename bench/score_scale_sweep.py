@@ -49,7 +49,7 @@ def settings(scales, intervals):
   return out
 
 
-def plot(results, path):
+def plot(results, path, title=""):
   """FD against the scale, a line per band; the unscaled FD dashed."""
   import matplotlib
   matplotlib.use("Agg")
@@ -69,6 +69,8 @@ def plot(results, path):
   ax.set_xlabel("score scale k")
   ax.set_ylabel(f"FD ({results[0]['num_samples']} samples)")
   ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -160,7 +162,8 @@ def main():
     json.dump(summary, f, indent=1, allow_nan=True)
   finite = [r for r in results if np.isfinite(r["fd"])]
   if finite:
-    plot(finite, png)
+    plot(finite, png, f"{os.path.basename(os.path.abspath(args.workdir))} step "
+                      f"{int(state.step)}, {len(labels)} samples, seed {args.seed}")
   if best is not None:
     where = ("unscaled" if best["interval"] is None else
              f"--score_scale {best['scale']:g} --score_scale_interval "
