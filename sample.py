@@ -28,9 +28,11 @@ flags.DEFINE_float("score_scale", None, "Multiply the (guided) score by this whe
                    "energy gradient, no extra network call; 1: none; default: the "
                    "run's sampling.score_scale, 1 in every config here).")
 flags.DEFINE_list("score_scale_interval", None, "lo,hi for the score scale (default: the "
-                  "run's sampling.score_scale_interval, 0.1,1). On MNIST 2 in 0.1,1 "
-                  "lowered every trained flow's FD by about a third; at every sigma it "
-                  "ruins the samples (docs/results.md, session 46).")
+                  "run's sampling.score_scale_interval, 0.1,1). On MNIST in 0.1,1: 1.5-2 "
+                  "lowered the pixel flows' FD by a quarter to a third, 1.5 the latent "
+                  "conv flow's by 1.8 where 2 raised it; at every sigma a scale ruins "
+                  "the samples. Choose it per model: bench/score_scale_sweep.py "
+                  "(docs/results.md, sessions 46-47).")
 flags.DEFINE_list("classes", None, "Comma-separated class labels (default: all).")
 flags.DEFINE_integer("num_per_class", 10, "Images per class (grid columns).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")

@@ -133,9 +133,11 @@ def get_config():
   sampling.cfg_scale = 1.0               # 1.0: no guidance (one denoiser call per step)
   sampling.score_scale = 1.0             # the score times this where lo < sigma <= hi of
                                          # score_scale_interval: a lower temperature there,
-                                         # still an exact energy gradient (1.0: none; 2.0 on
-                                         # (0.1, 1] lowered every trained flow's FD by about a
-                                         # third, docs/results.md session 46; sample.py --score_scale)
+                                         # still an exact energy gradient (1.0: none; on (0.1, 1]
+                                         # 1.5-2 lowered the pixel flows' FD by a quarter to a
+                                         # third, 1.5 the latent conv flow's, where 2 raised it:
+                                         # choose per model, bench/score_scale_sweep.py;
+                                         # docs/results.md sessions 46-47; sample.py --score_scale)
   sampling.score_scale_interval = (0.1, 1.0)
   sampling.batch_size = 256              # images per sampler call
   return config

@@ -83,9 +83,10 @@ def score_scale(denoise, scale: float, sigma_interval):
   D = x + sigma^2 grad E gives x + sigma^2 grad(scale E): still the exact
   gradient of an energy, the noisy density raised to the power ``scale`` (a
   temperature 1 / scale), no extra network call. ``sigma_interval`` is
-  required: on MNIST (docs/results.md, session 46) scale 2 in (0.1, 1]
-  lowers every trained flow's FD by about a third, while at every sigma it
-  ruins the samples (FD 41 -> 194).
+  required: on MNIST (docs/results.md, sessions 46-47) scale 1.5-2 in
+  (0.1, 1] lowers the pixel flows' FD by a quarter to a third and 1.5 the
+  latent conv flow's (where 2 raises it), while at every sigma a scale
+  ruins the samples (FD 41 -> 194). The best scale is the model's.
   """
   scale = float(scale)
   if sigma_interval is None or len(sigma_interval) != 2:
