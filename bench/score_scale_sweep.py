@@ -2,13 +2,16 @@
 
 python bench/score_scale_sweep.py --workdir RUN --data_dir /path/to/mnist \
   --classifier classifier.npz [--scales 1,1.5,2,2.5] [--intervals 0.1:1,0.03:1,0.1:2] \
-  [--num_per_class 100] [--seed 0] [--sampler heun_edm --num_steps 18] --out sweep.json
+  [--num_per_class 100] [--seed 0] [--sampler heun_edm --num_steps 18] \
+  [--reference test|train|validation] --out sweep.json
 
 For every scale k and band (lo, hi]: the run's samples with its score times k
 where lo < sigma <= hi (guiders.score_scale, as sample.py --score_scale),
 the run's sampler and steps (or --sampler, --num_steps), its EMA weights,
 every setting from the same noise (--seed); scale 1 (none) is drawn once. Each is scored against the
-same test images (evaluate.py's FD at the sample count, seed-0 reference),
+same real images (evaluate.py's FD at the sample count, seed-0 reference;
+--reference: the test split, or the run's training or validation images,
+to choose a scale without the test set),
 with the real-vs-real floor, class accuracy and feature spread. Prints a
 table, writes the JSON (--out) and a plot beside it (FD against k, a line
 per band). One draw against one reference set: at 1k samples MNIST FDs
@@ -83,6 +86,11 @@ def main():
   ap.add_argument("--data_dir", required=True, help="folder of the data set's files "
                   "(the offline source: MNIST's IDX .gz files)")
   ap.add_argument("--classifier", required=True, help="train_classifier.py's .npz")
+  ap.add_argument("--reference", default="test", choices=("test", "train", "validation"),
+                  help="the real images to score against: the test split, the run's "
+                  "training images, or its held-out validation split (data.holdout). "
+                  "Choose a scale on train or validation and report it on test, so "
+                  "that the test set does not pick it")
   ap.add_argument("--dataset", default="mnist", help="whose test split to score against "
                   "(offline files in --data_dir; the classifier's data set, as evaluate.py)")
   ap.add_argument("--scales", default="1,1.5,2,2.5", help="comma-separated, each > 0")
@@ -120,15 +128,16 @@ def main():
                                            args.num_steps, log=lambda s: None)
   classes = run_config.classes(config)
   labels = np.repeat(np.asarray(classes, np.int32), args.num_per_class)
-  ref, ref_labels = data_lib.load_run_split(args.dataset, "test",
-                                            "offline", args.data_dir, 0)
+  ref, ref_labels = data_lib.load_run_split(args.dataset, args.reference, "offline",
+                                            args.data_dir, config.data.get("holdout", 0))
   classifier = classifier_lib.load_classifier(args.classifier)[0]
   cache = metrics.ClassifierCache(classifier)
   shape = data_lib.image_shape(config.data)
   todo = settings(scales, intervals)
   print(f"{args.workdir} step {int(state.step)}: {len(todo)} settings x {len(labels)} "
         f"samples ({config.sampling.sampler} {config.sampling.num_steps}, cfg "
-        f"{args.cfg_scale:g}, seed {args.seed})", flush=True)
+        f"{args.cfg_scale:g}, seed {args.seed}) against {len(ref)} {args.reference} images",
+        flush=True)
   results = []
   for i, (k, iv) in enumerate(todo):
     t0 = time.perf_counter()
@@ -156,14 +165,16 @@ def main():
   best = min((r for r in results if np.isfinite(r["fd"])), key=lambda r: r["fd"], default=None)
   summary = {"workdir": os.path.abspath(args.workdir), "step": int(state.step),
              "sampler": config.sampling.sampler, "num_steps": int(config.sampling.num_steps),
-             "cfg_scale": args.cfg_scale, "seed": args.seed, "results": results,
+             "cfg_scale": args.cfg_scale, "seed": args.seed, "reference": args.reference,
+             "results": results,
              "best": best}
   with open(args.out, "w") as f:
     json.dump(summary, f, indent=1, allow_nan=True)
   finite = [r for r in results if np.isfinite(r["fd"])]
   if finite:
     plot(finite, png, f"{os.path.basename(os.path.abspath(args.workdir))} step "
-                      f"{int(state.step)}, {len(labels)} samples, seed {args.seed}")
+                      f"{int(state.step)}, {len(labels)} samples, seed {args.seed}, "
+                      f"against {args.reference}")
   if best is not None:
     where = ("unscaled" if best["interval"] is None else
              f"--score_scale {best['scale']:g} --score_scale_interval "

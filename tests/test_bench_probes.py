@@ -117,7 +117,7 @@ def test_score_scale_sweep_scores_each_setting_from_the_same_noise(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   test_images, test_labels = data.make_synthetic(60, seed=1)
   _write_mnist(tmp_path, test_images, test_labels, "t10k")
-  _write_mnist(tmp_path, *data.make_synthetic(20, seed=4), "train")
+  _write_mnist(tmp_path, *data.make_synthetic(50, seed=4), "train")
   params, _ = classifier_lib.train_classifier(
       *data.make_synthetic(100, seed=0), steps=2, seed=0, log=lambda s: None,
       widths=(8, 16, 16), hidden=32, dropout=0.0, batch_size=32)
@@ -141,9 +141,22 @@ def test_score_scale_sweep_scores_each_setting_from_the_same_noise(tmp_path):
   assert summary["best"] == min(rows, key=lambda r: r["fd"])
   assert os.path.exists(str(tmp_path / "sweep.png"))
   assert "lowest FD" in proc.stdout and "[3/3]" in proc.stdout
+  assert summary["reference"] == "test" and "against 60 test images" in proc.stdout
   # nothing is replaced
   again = run(*args)
   assert again.returncode != 0 and "exists; choose another --out" in again.stderr
+  # against the run's training images (here all 50 of the files' train split):
+  # another floor, the same settings
+  proc = run(*args[:-1], str(tmp_path / "train.json"), "--reference", "train",
+             "--scales", "1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / "train.json") as f:
+    train = json.load(f)
+  assert train["reference"] == "train" and "against 50 train images" in proc.stdout
+  assert [r["fd"] for r in train["results"]] != [rows[0]["fd"]]
+  # validation needs a run that held images out
+  proc = run(*args[:-1], str(tmp_path / "val.json"), "--reference", "validation")
+  assert proc.returncode != 0 and "holdout is 0" in proc.stderr
 
 
 def test_pixel_histogram_bins_grey_and_haze_on_known_images():
