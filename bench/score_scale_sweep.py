@@ -11,7 +11,7 @@ the run's sampler and steps (or --sampler, --num_steps), its EMA weights,
 every setting from the same noise (--seed); scale 1 (none) is drawn once. Each is scored against the
 same real images (evaluate.py's FD at the sample count, seed-0 reference;
 --reference: the test split, or the run's training or validation images;
-see its help for why train is a biased judge),
+its help says how they can disagree),
 with the real-vs-real floor, class accuracy and feature spread. Prints a
 table, writes the JSON (--out) and a plot beside it (FD against k, a line
 per band). One draw against one reference set: at 1k samples MNIST FDs
@@ -89,13 +89,11 @@ def main():
   ap.add_argument("--reference", default="test", choices=("test", "train", "validation"),
                   help="the real images to score against: the test split (default), "
                   "the run's training images, or its held-out validation split "
-                  "(data.holdout). Beware train: the model and the classifier saw "
-                  "those images, and on MNIST FD against them prefers samples like "
-                  "the training set over a better fit to unseen images (real test "
-                  "images score 24 against train where the floor is 10; the latent "
-                  "conv flow's sweep picks 1 there and 1.5 on test, docs/results.md "
-                  "session 47). Validation is clean only with a classifier trained "
-                  "without those images too")
+                  "(data.holdout). The references can disagree: the model and the "
+                  "classifier saw the training images, and on MNIST the latent conv "
+                  "flow's sweep picks 1 against them and 1.5 against test "
+                  "(docs/results.md, session 47). Validation is unseen by the "
+                  "classifier only if it was trained with the same holdout")
   ap.add_argument("--dataset", default="mnist", help="whose test split to score against "
                   "(offline files in --data_dir; the classifier's data set, as evaluate.py)")
   ap.add_argument("--scales", default="1,1.5,2,2.5", help="comma-separated, each > 0")
