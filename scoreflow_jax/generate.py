@@ -338,10 +338,10 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if score_scale is not None:  # its errors before loading anything
-    resolve_score_scale(None, score_scale)
   png, npz = outputs.paired_outputs(out, overwrite)
   run = run_config.load(workdir)
+  # its errors before loading a checkpoint; the run's own when none is passed
+  score_scale = resolve_score_scale(run.sampling, score_scale)
   classes = run_config.classes(run, classes)
   if (low_noise_workdir is None) != (switch_sigma is None):
     raise ValueError("low_noise_workdir and switch_sigma go together: the other run's "
@@ -360,7 +360,6 @@ def sample_from_run(workdir: str, out: str, step=None, sampler=None, num_steps=N
     low_noise = (low_model, low_state.ema_params, float(switch_sigma))
   if cfg_scale is None:  # like sampler and num_steps: the run's own
     cfg_scale = float(config.sampling.cfg_scale)
-  score_scale = resolve_score_scale(config.sampling, score_scale)
   if cfg_interval is not None and cfg_scale == 1.0:
     raise ValueError(f"cfg_interval {tuple(cfg_interval)} limits guidance, but the "
                      "scale is 1 (no guidance; the run's sampling.cfg_scale unless "
